@@ -1,0 +1,206 @@
+"""The ``ctmae`` command line: options -> config -> one call into the library. The only module that prints."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ctmae.checkpoint import CheckpointError, load_checkpoint
+from ctmae.config import MASK_KINDS, MODEL_PRESETS, RunConfig, load_yaml
+from ctmae.io import InputError, find_volumes
+
+app = typer.Typer(
+    help="Self-supervised masked pretraining on CT volumes (3D masked autoencoder).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+# With no INPUTS, `ctmae pretrain` is a short CPU demo on the bundled scan; options given explicitly still win.
+DEMO = {"model": {"size": "tiny"}, "data": {"crop": 64, "crops_per_volume": 4},
+        "train": {"steps": 120, "batch_size": 4, "lr": 1e-3, "log_every": 5}}
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "train.log", "checkpoints", "tensorboard")
+
+
+class UsageError(Exception):
+    """Bad options or paths given by the user: exit code 2."""
+
+
+def sample_data_dir() -> Path:
+    """The bundled sample scans: $CTMAE_SAMPLE_DATA, the repository's sample_data/, or ./sample_data."""
+    candidates = [os.environ.get("CTMAE_SAMPLE_DATA"), Path(__file__).resolve().parent.parent / "sample_data",
+                  Path.cwd() / "sample_data"]
+    for c in candidates:
+        if c and (Path(c) / "ct").is_dir():
+            return Path(c)
+    raise UsageError("no INPUTS given and the bundled sample_data/ folder was not found; pass scans to train on")
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a non-empty RUN_DIR unless resuming or overwriting; --overwrite removes only ctmae's own outputs."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: --out must be a folder, but a file is there")
+    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+        raise UsageError(f"{out}: folder is not empty; pass --resume to continue that run or --overwrite to replace it")
+    if overwrite and not resume and out.is_dir():
+        import shutil
+
+        for name in RUN_OUTPUTS:
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".ctmae-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"{out}: cannot write there ({e.strerror})") from None
+
+
+def _given(**sections: dict) -> dict:
+    """Drop options the user did not give (None), keeping the nested config layout."""
+    return {name: {k: v for k, v in values.items() if v is not None} for name, values in sections.items()}
+
+
+def _run(fn) -> None:
+    """Run a command body: user-facing errors become one line and an exit code, never a traceback."""
+    try:
+        fn()
+    except UsageError as e:
+        errors.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except (InputError, CheckpointError, ValueError) as e:
+        errors.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        errors.print("interrupted")
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception as e:  # a bug, not a user error: still one line, with a way to see more
+        if os.environ.get("CTMAE_DEBUG"):
+            raise
+        errors.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (set CTMAE_DEBUG=1 for the traceback)",
+                     highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _volumes(inputs: list[Path], cfg: RunConfig):
+    """Find and cache the input volumes, reporting skipped ones; exits 1 when none is usable."""
+    from ctmae.data import prepare_cache
+
+    sources, problems = find_volumes([str(p) for p in inputs])
+    with _progress() as progress:
+        task = progress.add_task("preprocessing", total=len(sources), info="")
+        good, bad = prepare_cache(sources, cfg.data, on_volume=lambda: progress.advance(task))
+    for line in problems + bad:
+        errors.print(f"[yellow]skipped:[/yellow] {line}", highlight=False, soft_wrap=True)
+    if not good:
+        raise InputError(f"no usable volume among the inputs ({len(problems) + len(bad)} skipped)")
+    skipped = f", {len(problems) + len(bad)} skipped" if problems or bad else ""
+    console.print(f"{len(good)} volume(s) ready{skipped}; cache: {cfg.data.cache_dir}", highlight=False)
+    return good
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
+
+
+@app.command()
+def pretrain(
+    inputs: Annotated[Optional[list[Path]], typer.Argument(
+        help="Scans: NIfTI/NRRD/MHA files, DICOM series folders, folders (searched recursively) or .txt/.csv lists. "
+             "None: a short demo on the bundled sample_data (tiny model, CPU-sized).", show_default=False)] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder for config, metrics, logs and checkpoints.")] = ...,
+    config: Annotated[Optional[Path], typer.Option(help="YAML file with data/model/mask/train sections (as a run's "
+                                                        "config.yaml); options given here override it.")] = None,
+    model: Annotated[Optional[str], typer.Option(help=f"Size preset: {'|'.join(MODEL_PRESETS)} [default: base]")] = None,
+    crop: Annotated[Optional[int], typer.Option(help="Cubic crop edge in voxels [default: 96]")] = None,
+    patch: Annotated[Optional[int], typer.Option(help="Cubic patch edge in voxels [default: 16]")] = None,
+    mask: Annotated[Optional[str], typer.Option(help=f"Corruption: {'|'.join(MASK_KINDS)} [default: block]")] = None,
+    mask_ratio: Annotated[Optional[float], typer.Option(help="Share of patches hidden [default: 0.75]")] = None,
+    block: Annotated[Optional[int], typer.Option(help="Block edge in patches for --mask block [default: 2]")] = None,
+    noise_std: Annotated[Optional[float], typer.Option(help="Noise std for --mask noise [default: 0.1]")] = None,
+    spacing: Annotated[Optional[float], typer.Option(help="Isotropic target spacing in mm [default: 1.5]")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimiser steps [default: 1000]")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Passes over all crops, instead of --steps")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Crops per step [default: 2]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate [default: 1.5e-4]")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for weights, data order, crops, masks [default: 0]")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto|cpu|cuda [default: auto]")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto|bf16|fp16|fp32; auto = bf16 on GPU, fp32 on CPU")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Data loader processes [default: 2]")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Preprocessing cache [default: ~/.cache/ctmae]")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from RUN_DIR/checkpoints/last.pt (fresh if none yet).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace ctmae's outputs in a non-empty RUN_DIR.")] = False,
+    stop_at: Annotated[Optional[int], typer.Option(help="Checkpoint and stop after this step (e.g. the end of a job's "
+                                                        "time slot); --resume continues.")] = None,
+) -> None:
+    """Pretrain a 3D masked autoencoder on CT scans."""
+
+    def body() -> None:
+        from ctmae.engine import pretrain as run_pretrain
+
+        prepare_run_dir(out, resume, overwrite)
+        scans = inputs or [sample_data_dir() / "ct"]
+        cfg = RunConfig()
+        if not inputs:
+            cfg = RunConfig.from_dict(DEMO)
+        last = out / "checkpoints" / "last.pt"
+        if resume and last.is_file():
+            cfg = load_checkpoint(last)["config"]
+        if config is not None:
+            cfg = load_yaml(config, base=cfg)
+        cfg = cfg.replace(**_given(
+            model={"size": model, "patch": patch},
+            data={"crop": crop, "workers": workers, "cache_dir": str(cache_dir) if cache_dir else None,
+                  "spacing": (spacing,) * 3 if spacing else None},
+            mask={"kind": mask, "ratio": mask_ratio, "block": block, "noise_std": noise_std},
+            train={"steps": steps, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+                   "device": device, "precision": precision},
+        ))
+        if epochs is not None and steps is None:
+            cfg = cfg.replace(train={"steps": None})
+        sources = _volumes(scans, cfg)
+        with _progress() as progress:
+            task = progress.add_task("pretraining", total=None, info="")
+
+            def started(info: dict) -> None:
+                progress.update(task, total=info["total_steps"], completed=info["start_step"])
+                console.print(f"training on {info['device']} ({info['precision']}), "
+                              f"{cfg.model.size} model, mask {cfg.mask.kind}", highlight=False)
+
+            def stepped(info: dict) -> None:
+                if info["loss"] is not None:
+                    rate = progress.tasks[task].speed or 0.0
+                    progress.update(task, info=f"loss {info['loss']:.4f}  {rate * cfg.train.batch_size:.1f} crops/s")
+                progress.update(task, completed=info["step"])
+
+            result = run_pretrain(cfg, sources, out, resume=resume, stop_at=stop_at, on_start=started,
+                                  on_step=stepped)
+        table = Table(title="pretraining summary", show_header=False)
+        for key in ("start_step", "steps", "total_steps", "first_loss", "last_loss", "crops_per_s", "device",
+                    "precision", "checkpoint"):
+            value = result[key]
+            table.add_row(key.replace("_", " "), f"{value:.4f}" if isinstance(value, float) else str(value))
+        console.print(table)
+
+    _run(body)
+
+
+def main() -> None:
+    app(prog_name="ctmae")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

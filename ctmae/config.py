@@ -1,0 +1,212 @@
+"""Run configuration: data, model, masking and optimisation settings, stored in every checkpoint.
+
+Each section is a frozen dataclass; ``RunConfig.to_dict`` / ``RunConfig.from_dict`` give the plain-dict form that
+``config.yaml`` and checkpoints hold. ``from_dict`` names the offending key on an unknown key or a wrong type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Encoder/decoder sizes, one entry per preset. Sin-cos position embeddings work for any width; head_dim = dim / heads.
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(dim=96, depth=4, heads=4, dec_dim=64, dec_depth=1, dec_heads=4),  # CPU tests and demos
+    "small": dict(dim=384, depth=12, heads=6, dec_dim=256, dec_depth=2, dec_heads=8),
+    "base": dict(dim=768, depth=12, heads=12, dec_dim=384, dec_depth=4, dec_heads=12),  # ViT-B; MONAI MAE's decoder
+    "large": dict(dim=1024, depth=24, heads=16, dec_dim=512, dec_depth=4, dec_heads=16),
+}
+MASK_KINDS = ("block", "random", "none", "noise")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+FORMAT_VERSION = 1  # bump when checkpoint or config layout changes incompatibly
+
+
+def default_cache_dir() -> str:
+    """The preprocessing cache shared by all runs of this user: ``$XDG_CACHE_HOME/ctmae`` or ``~/.cache/ctmae``."""
+    return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ctmae")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)  # target voxel size in mm along RAS x, y, z
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)  # HU clipped to this range, then scaled to 0..1
+    crop: int = 96  # edge of the cubic training crop in voxels; a multiple of the patch size
+    crops_per_volume: int = 4  # random crops drawn each time a cached volume is read
+    cache_dir: str = field(default_factory=default_cache_dir)  # preprocessed volumes, keyed by file and settings
+    workers: int = 2  # DataLoader worker processes (0: load in the training process)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    size: str = "base"  # preset name the widths below came from (informative)
+    img_size: int = 96  # crop edge the position embeddings are built for
+    patch: int = 16  # edge of the cubic, non-overlapping patches
+    in_chans: int = 1  # CT has one channel
+    dim: int = 768  # encoder width
+    depth: int = 12  # encoder blocks
+    heads: int = 12  # encoder attention heads
+    dec_dim: int = 384  # decoder width
+    dec_depth: int = 4  # decoder blocks
+    dec_heads: int = 12  # decoder attention heads
+    mlp_ratio: float = 4.0  # MLP hidden width / model width
+    qkv_bias: bool = True  # bias on the fused q/k/v projection (MONAI's ViT must be built with the same value)
+    norm_pix_loss: bool = False  # normalise each target patch to zero mean, unit variance (MAE's option)
+
+    @property
+    def grid(self) -> int:
+        """Patches along each axis of a crop."""
+        return self.img_size // self.patch
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    kind: str = "block"  # block | random | none (identity, plain autoencoder) | noise (denoising autoencoder)
+    ratio: float = 0.75  # share of tokens hidden from the encoder (block and random)
+    block: int = 2  # block masking hides cuboids of block x block x block patches
+    noise_std: float = 0.1  # std of the gaussian added to every voxel (noise), in scaled 0..1 intensity units
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int | None = None  # optimiser steps; None: from epochs, or 1000 when neither is given
+    epochs: float | None = None  # passes over all crops (volumes x crops_per_volume); used when steps is None
+    batch_size: int = 2  # crops per optimiser step (per process)
+    lr: float = 1.5e-4  # peak learning rate, AdamW
+    min_lr: float = 0.0  # learning rate at the end of the cosine decay
+    warmup: float = 0.05  # share of steps with linear warm-up
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    seed: int = 0  # seeds weights, data order, crops and masks
+    device: str = "auto"  # auto picks CUDA when present
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    log_every: int = 10  # steps between metrics.jsonl lines
+    ckpt_every: int = 500  # steps between periodic checkpoints (last.pt is refreshed at each)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), as written to config.yaml and checkpoints."""
+        return _plain(dataclasses.asdict(self))
+
+    @staticmethod
+    def from_dict(d: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
+        """Build a config from a (possibly partial) nested dict over ``base``; raises ValueError naming a bad key."""
+        base = base or RunConfig()
+        if not isinstance(d, dict):
+            raise ValueError(f"config must be a mapping of sections, got {type(d).__name__}")
+        d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+        model = d.get("model") or {}
+        if isinstance(model, dict) and "size" in model:  # a preset name brings its widths; other keys refine it
+            if model["size"] not in MODEL_PRESETS:
+                raise ValueError(f"unknown model size {model['size']!r}; choose one of {', '.join(MODEL_PRESETS)}")
+            base = dataclasses.replace(base, model=dataclasses.replace(base.model, **MODEL_PRESETS[model["size"]]))
+        data = d.get("data") or {}
+        if isinstance(data, dict) and "crop" in data and isinstance(model, dict):  # one crop size for both
+            d["model"] = {"img_size": data["crop"], **model}
+        sections = {}
+        for f in dataclasses.fields(RunConfig):
+            sections[f.name] = _section(getattr(base, f.name), d.get(f.name) or {}, f.name)
+        unknown = set(d) - set(sections)
+        if unknown:
+            raise ValueError(f"unknown config section {sorted(unknown)[0]!r}; known: {', '.join(sections)}")
+        return RunConfig(**sections)
+
+    def replace(self, **sections: dict[str, Any]) -> RunConfig:
+        """Copy with some fields changed, e.g. ``cfg.replace(train={"steps": 5})``."""
+        return RunConfig.from_dict(sections, base=self)
+
+
+def load_yaml(path: str | os.PathLike, base: RunConfig | None = None) -> RunConfig:
+    """Read a config file (same layout as a run's config.yaml) over ``base``; ValueError names the file and key."""
+    try:
+        d = yaml.safe_load(Path(path).read_text()) or {}
+        return RunConfig.from_dict(d, base)
+    except (OSError, yaml.YAMLError, ValueError) as e:
+        raise ValueError(f"{path}: {str(e).splitlines()[0]}") from None
+
+
+def save_yaml(cfg: RunConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def check(cfg: RunConfig) -> None:
+    """Cross-field checks; ValueError with what was given."""
+    m, d, k, t = cfg.model, cfg.data, cfg.mask, cfg.train
+    if m.patch < 1 or m.img_size % m.patch:
+        raise ValueError(f"crop {m.img_size} must be a positive multiple of the patch size {m.patch}")
+    if d.crop != m.img_size:
+        raise ValueError(f"data.crop ({d.crop}) and model.img_size ({m.img_size}) must be equal")
+    if m.dim % m.heads or m.dec_dim % m.dec_heads:
+        raise ValueError(f"widths must divide by heads: dim {m.dim}/{m.heads}, dec_dim {m.dec_dim}/{m.dec_heads}")
+    if k.kind not in MASK_KINDS:
+        raise ValueError(f"unknown mask kind {k.kind!r}; choose one of {', '.join(MASK_KINDS)}")
+    if k.kind in ("block", "random") and not 0.0 < k.ratio < 1.0:
+        raise ValueError(f"mask ratio must be between 0 and 1 (exclusive), got {k.ratio}")
+    if k.block < 1 or k.noise_std < 0:
+        raise ValueError(f"block must be >= 1 and noise_std >= 0, got {k.block} and {k.noise_std}")
+    if t.precision not in PRECISIONS or t.device not in DEVICES:
+        raise ValueError(f"precision must be one of {PRECISIONS} and device one of {DEVICES}")
+    if t.batch_size < 1 or d.crops_per_volume < 1 or d.workers < 0:
+        raise ValueError("batch_size and crops_per_volume must be >= 1, workers >= 0")
+    if (t.steps is not None and t.steps < 1) or (t.epochs is not None and t.epochs <= 0):
+        raise ValueError(f"steps and epochs must be positive, got steps={t.steps} epochs={t.epochs}")
+    if d.hu_window[0] >= d.hu_window[1] or min(d.spacing) <= 0:
+        raise ValueError(f"hu_window must be (low, high) with low < high and spacing positive, got {d}")
+
+
+def _section(base: Any, d: dict[str, Any], name: str) -> Any:
+    if not isinstance(d, dict):
+        raise ValueError(f"config section {name!r} must be a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(type(base))
+    values = {}
+    for key, value in d.items():
+        if key not in hints:
+            raise ValueError(f"unknown config key '{name}.{key}'; known: {', '.join(hints)}")
+        values[key] = _coerce(value, hints[key], f"{name}.{key}")
+    return dataclasses.replace(base, **values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a field's type hint; ints are accepted for floats, lists for tuples."""
+    args = typing.get_args(hint)
+    if type(None) in args:  # Optional[X]
+        return None if value is None else _coerce(value, next(a for a in args if a is not type(None)), key)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"config key '{key}' must be a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[hint]
+    if not ok:
+        raise ValueError(f"config key '{key}' must be {hint.__name__}, got {value!r}")
+    return float(value) if hint is float else value
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x

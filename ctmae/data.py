@@ -1,0 +1,196 @@
+"""Preprocessing (MONAI dictionary transforms), the on-disk volume cache, and the seeded stream of training crops.
+
+The deterministic part — load, orientation to RAS, resampling, HU window, foreground crop, padding to the crop
+size — runs once per volume and is cached as an uncompressed float32 ``.npy`` (read back memory-mapped). Random
+crops are drawn from the cache: volume visit ``v`` of the endless schedule is epoch ``v // V``, slot ``v % V`` of
+that epoch's seeded permutation, and its crops come from a generator seeded by ``(seed, v)``. Any step's data is
+thus a pure function of the seed, which makes ``--resume`` exact without saving loader state.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    LoadImaged,
+    Orientationd,
+    RandSpatialCropSamplesd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+from torch.utils.data import DataLoader, Dataset
+
+from ctmae.config import DataConfig
+from ctmae.io import CTReader, InputError, VolumeSource
+
+CACHE_VERSION = 1  # bump when the preprocessing code changes what it produces
+BODY_HU = -500.0  # voxels above this HU count as foreground (body) for the foreground crop
+
+
+def preprocess_transforms(cfg: DataConfig) -> Compose:
+    """The deterministic chain: {"image": files} -> {"image": MetaTensor (1, X, Y, Z) float32 in 0..1, RAS}."""
+    lo, hi = cfg.hu_window
+    body = min(max((BODY_HU - lo) / (hi - lo), 0.0), 0.99)  # the body threshold in scaled units
+    return Compose(
+        [
+            LoadImaged("image", reader=CTReader(), image_only=True),
+            EnsureChannelFirstd("image", channel_dim="no_channel"),
+            Orientationd("image", axcodes="RAS"),
+            Spacingd("image", pixdim=cfg.spacing, mode="bilinear", dtype=torch.float32),
+            ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
+            CropForegroundd("image", source_key="image", select_fn=functools.partial(torch.gt, other=body)),
+            SpatialPadd("image", spatial_size=(cfg.crop,) * 3, value=0.0),
+        ]
+    )
+
+
+class VolumeCache:
+    """Preprocessed volumes on disk, one ``<key>.npy`` + ``<key>.json`` pair per (file identity, settings).
+
+    Files are written to a temporary name in the cache folder and renamed, so a reader never sees half a file;
+    the ``.npy`` is renamed last and marks the entry complete.
+    """
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.dir = Path(cfg.cache_dir)
+        self.transform = preprocess_transforms(cfg)
+        settings = dict(v=CACHE_VERSION, spacing=cfg.spacing, window=cfg.hu_window, crop=cfg.crop)
+        self.settings = json.dumps(settings, sort_keys=True)
+
+    def key(self, source: VolumeSource) -> str:
+        return hashlib.sha256(f"{source.identity()}|{self.settings}".encode()).hexdigest()[:32]
+
+    def ensure(self, source: VolumeSource) -> Path:
+        """Preprocess ``source`` unless cached; returns the ``.npy`` path. Raises InputError for unusable input."""
+        npy = self.dir / f"{self.key(source)}.npy"
+        if npy.is_file():
+            return npy
+        try:
+            image = self.transform({"image": list(source.files)})["image"]
+        except InputError:
+            raise
+        except Exception as e:  # MONAI wraps reader errors in RuntimeError chains; report the root cause
+            while e.__cause__ is not None:
+                e = e.__cause__
+            if isinstance(e, InputError):
+                raise e from None
+            raise InputError(f"{source.files[0]}: could not preprocess: {str(e).splitlines()[0]}") from None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = {"affine": image.affine.tolist(), "shape": list(image.shape[1:])}
+        _atomic_write(npy.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
+        _atomic_write(npy, lambda f: np.save(f, image.numpy()[0].astype(np.float32, copy=False)))
+        return npy
+
+    def load(self, source: VolumeSource) -> np.ndarray:
+        """The preprocessed volume (X, Y, Z) float32, memory-mapped; built first if missing."""
+        return np.load(self.ensure(source), mmap_mode="r")
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _Prepare(Dataset):
+    """Builds cache entries in DataLoader workers; an item is None on success or the one-line problem."""
+
+    def __init__(self, sources: Sequence[VolumeSource], cache: VolumeCache) -> None:
+        self.sources, self.cache = sources, cache
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> str | None:
+        try:
+            self.cache.ensure(self.sources[i])
+        except InputError as e:
+            return str(e)
+        return None
+
+
+def prepare_cache(
+    sources: Sequence[VolumeSource], cfg: DataConfig, on_volume=None
+) -> tuple[list[VolumeSource], list[str]]:
+    """Preprocess every volume into the cache (in parallel workers); returns (usable sources, problems).
+
+    Args:
+        sources: volumes from ``ctmae.io.find_volumes``.
+        cfg: preprocessing settings and cache folder.
+        on_volume: optional callback called once per finished volume (progress).
+    """
+    cache = VolumeCache(cfg)
+    loader = DataLoader(_Prepare(sources, cache), batch_size=None, num_workers=min(cfg.workers, len(sources)))
+    good, problems = [], []
+    for source, problem in zip(sources, loader):
+        (problems.append(problem) if problem else good.append(source))
+        if on_volume:
+            on_volume()
+    return good, problems
+
+
+class CropVisits(Dataset):
+    """Item ``v`` is visit ``v`` of the seeded schedule: ``crops_per_volume`` random crops (N, 1, c, c, c)."""
+
+    def __init__(self, sources: Sequence[VolumeSource], cfg: DataConfig, seed: int) -> None:
+        self.sources, self.cfg, self.seed = list(sources), cfg, seed
+        self.cache = VolumeCache(cfg)
+
+    def source_of(self, visit: int) -> VolumeSource:
+        epoch, slot = divmod(visit, len(self.sources))
+        order = torch.randperm(len(self.sources), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        return self.sources[int(order[slot])]
+
+    def __len__(self) -> int:
+        return 2**62  # endless; the sampler decides which visits are read
+
+    def __getitem__(self, visit: int) -> torch.Tensor:
+        volume = torch.from_numpy(np.ascontiguousarray(self.cache.load(self.source_of(visit))))[None]  # (1, X, Y, Z)
+        crop = RandSpatialCropSamplesd("image", roi_size=(self.cfg.crop,) * 3, num_samples=self.cfg.crops_per_volume,
+                                       random_size=False)
+        crop.set_random_state(seed=(self.seed * 1_000_003 + visit) % 2**32)
+        return torch.stack([c["image"].as_tensor() for c in crop({"image": volume})])  # (N, 1, c, c, c)
+
+
+def crop_batches(
+    sources: Sequence[VolumeSource], cfg: DataConfig, seed: int, batch_size: int, start_step: int = 0
+) -> Iterator[torch.Tensor]:
+    """Endless batches (B, 1, c, c, c) of crops, continuing exactly where step ``start_step`` would be."""
+    n = cfg.crops_per_volume
+    first_visit, skip = divmod(start_step * batch_size, n)
+    visits = CropVisits(sources, cfg, seed)
+    loader = DataLoader(
+        visits,
+        batch_size=None,
+        sampler=itertools.count(first_visit),  # endless: visit indices from here on
+        num_workers=cfg.workers,
+        persistent_workers=cfg.workers > 0,
+        prefetch_factor=4 if cfg.workers > 0 else None,
+    )
+    pending: list[torch.Tensor] = []
+    have = 0
+    for crops in loader:
+        if skip:
+            crops, skip = crops[skip:], 0
+        pending.append(crops)
+        have += len(crops)
+        while have >= batch_size:
+            stacked = torch.cat(pending)
+            yield stacked[:batch_size]
+            pending, have = [stacked[batch_size:]], have - batch_size
+

@@ -1,0 +1,212 @@
+"""The patch-decoded 3D masked autoencoder: a ViT encoder over visible patches and a light decoder.
+
+Stages follow MAE: patchify -> encode visible tokens -> decode (mask tokens fill the hidden positions) -> predict the
+voxels of the tokens in ``ids_pred`` only -> MSE on those tokens. Encoder parameter names mirror MONAI's ``ViT``
+(``patch_embedding.patch_embeddings``, ``patch_embedding.position_embeddings``, ``blocks.N.{norm1,attn.qkv,
+attn.out_proj,norm2,mlp.linear1,mlp.linear2}``, ``norm``), so ``encoder.state_dict()`` loads into ``monai.networks.
+nets.ViT`` / the ``vit`` of ``UNETR`` built with the same sizes (only MONAI's unused ``norm_cross_attn`` is absent).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctmae.config import ModelConfig
+from ctmae.masking import TokenMask
+
+
+def sincos_embedding_3d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 3D sin-cos position embedding for a grid³ token cube, raster order; any ``dim``. Returns (1, L, dim)."""
+    per_axis = (dim // 6) * 2  # sin + cos features per axis; remaining channels stay zero
+    freqs = 1.0 / 10000 ** (torch.arange(per_axis // 2, dtype=torch.float64) / max(per_axis // 2, 1))
+    coords = torch.stack(torch.meshgrid(*[torch.arange(grid, dtype=torch.float64)] * 3, indexing="ij"), -1)
+    angles = coords.reshape(-1, 3, 1) * freqs  # (L, 3, per_axis/2)
+    emb = torch.cat([angles.sin(), angles.cos()], dim=-1).reshape(grid**3, 3 * per_axis)  # (L, 3 * per_axis)
+    return F.pad(emb, (0, dim - 3 * per_axis)).float()[None]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection laid out as MONAI's SABlock, run by SDPA."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, N, hd)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))  # (B, N, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(dim, hidden)
+        self.linear2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(F.gelu(self.linear1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, same computation and names as MONAI's TransformerBlock."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, qkv_bias: bool) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbedding(nn.Module):
+    """Linear patch embedding stored as MONAI's Conv3d, applied to already-gathered patch vectors."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.patch_embeddings = nn.Conv3d(cfg.in_chans, cfg.dim, kernel_size=cfg.patch, stride=cfg.patch)
+        self.register_buffer("position_embeddings", sincos_embedding_3d(cfg.grid, cfg.dim))
+
+    def forward(self, patches: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(B, Lv, C·p³) patches at token positions ``ids`` (B, Lv) -> (B, Lv, D)."""
+        weight = self.patch_embeddings.weight.flatten(1)  # (D, C, p, p, p) -> (D, C·p³), patchify's order
+        x = F.linear(patches, weight, self.patch_embeddings.bias)
+        return x + self.position_embeddings[0][ids]
+
+
+class ViTEncoder(nn.Module):
+    """3D ViT that encodes any subset of a crop's tokens. ``forward_features`` is the API every consumer uses."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = PatchEmbedding(cfg)
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim)
+
+    def forward_features(self, patches: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode patches (B, L, C·p³); with ``ids`` (B, Lv) only those tokens. Returns (B, Lv, D)."""
+        if ids is None:
+            ids = torch.arange(patches.shape[1], device=patches.device).expand(patches.shape[0], -1)
+        else:
+            patches = torch.gather(patches, 1, ids[..., None].expand(-1, -1, patches.shape[-1]))  # (B, Lv, C·p³)
+        x = self.patch_embedding(patches, ids)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+
+class Decoder(nn.Module):
+    """Light transformer over all token positions; the voxel head runs on the predicted tokens only."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed = nn.Linear(cfg.dim, cfg.dec_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dec_dim))
+        self.register_buffer("position_embeddings", sincos_embedding_3d(cfg.grid, cfg.dec_dim))
+        self.blocks = nn.ModuleList(
+            Block(cfg.dec_dim, cfg.dec_heads, cfg.mlp_ratio, cfg.qkv_bias) for _ in range(cfg.dec_depth)
+        )
+        self.norm = nn.LayerNorm(cfg.dec_dim)
+        self.head = nn.Linear(cfg.dec_dim, cfg.in_chans * cfg.patch**3)
+
+    def forward(self, latent: torch.Tensor, mask: TokenMask) -> torch.Tensor:
+        """latent (B, Lv, D) at ``mask.ids_keep`` -> voxel predictions (B, Lp, C·p³) at ``mask.ids_pred``."""
+        b, num_tokens = mask.mask.shape
+        x = self.embed(latent)  # (B, Lv, Dd)
+        full = self.mask_token.expand(b, num_tokens, -1).to(x.dtype)
+        full = full.scatter(1, mask.ids_keep[..., None].expand(-1, -1, x.shape[-1]), x)  # (B, L, Dd)
+        full = full + self.position_embeddings
+        for blk in self.blocks:
+            full = blk(full)
+        full = self.norm(full)
+        picked = torch.gather(full, 1, mask.ids_pred[..., None].expand(-1, -1, full.shape[-1]))  # (B, Lp, Dd)
+        return self.head(picked)
+
+
+class MaskedAutoencoder3D(nn.Module):
+    """Patch-decoded 3D MAE; ``forward`` returns ``(loss, pred, mask)`` like MAE's reference."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = ViTEncoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.apply(_init_weights)
+        nn.init.normal_(self.decoder.mask_token, std=0.02)
+        w = self.encoder.patch_embedding.patch_embeddings.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer over flattened patches (MAE)
+
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, D, H, W) -> (B, L, C·p³); tokens in raster order, voxels as (C, pd, ph, pw) like Conv3d weights."""
+        b, c, d, h, w = images.shape
+        p = self.cfg.patch
+        x = images.reshape(b, c, d // p, p, h // p, p, w // p, p)
+        return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, (d // p) * (h // p) * (w // p), c * p**3)
+
+    def unpatchify(self, patches: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """(B, L, C·p³) -> (B, C, D, H, W), the inverse of ``patchify``."""
+        b, p, c = patches.shape[0], self.cfg.patch, self.cfg.in_chans
+        x = patches.reshape(b, *grid, c, p, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)  # (B, C, gd, p, gh, p, gw, p)
+        return x.reshape(b, c, grid[0] * p, grid[1] * p, grid[2] * p)
+
+    def grid(self, images: torch.Tensor) -> tuple[int, int, int]:
+        p = self.cfg.patch
+        shape = tuple(images.shape[2:])
+        if shape != (self.cfg.img_size,) * 3:
+            raise ValueError(f"model expects {self.cfg.img_size}³ crops, got {shape}")
+        return shape[0] // p, shape[1] // p, shape[2] // p
+
+    def targets(self, images: torch.Tensor, ids_pred: torch.Tensor) -> torch.Tensor:
+        """Target voxels of the predicted tokens, per-patch normalised if configured: (B, Lp, C·p³)."""
+        patches = self.patchify(images)
+        target = torch.gather(patches, 1, ids_pred[..., None].expand(-1, -1, patches.shape[-1]))
+        if self.cfg.norm_pix_loss:
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        return target
+
+    def forward(
+        self, images: torch.Tensor, mask: TokenMask, inputs: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Masked reconstruction loss.
+
+        Args:
+            images: clean crops (B, C, D, H, W), the reconstruction targets.
+            mask: visible and predicted tokens (see ``ctmae.masking``).
+            inputs: what the encoder reads (e.g. noise-corrupted images); defaults to ``images``.
+
+        Returns:
+            loss (scalar, MSE over predicted tokens), pred (B, Lp, C·p³), mask (B, L).
+        """
+        self.grid(images)
+        latent = self.encoder.forward_features(self.patchify(images if inputs is None else inputs), mask.ids_keep)
+        pred = self.decoder(latent, mask)
+        loss = F.mse_loss(pred.float(), self.targets(images, mask.ids_pred).float())
+        return loss, pred, mask.mask
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+

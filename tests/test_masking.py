@@ -1,0 +1,73 @@
+"""Token masks: exact ratio, block contiguity, determinism, equal visible counts, identity and noise modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ctmae.config import MaskConfig
+from ctmae.masking import corrupt, num_masked, sample_mask
+
+GRID = (6, 6, 6)
+CPU = torch.device("cpu")
+
+
+def draw(cfg: MaskConfig, seed: int = 0, batch: int = 4, grid=GRID):
+    return sample_mask(cfg, batch, grid, torch.Generator().manual_seed(seed), CPU)
+
+
+def face_contacts(mask: torch.Tensor, grid) -> int:
+    """Masked/visible neighbour pairs along the three axes: low for compact blocks, high for scattered tokens."""
+    m = mask.view(-1, *grid)
+    return sum(int((m.narrow(a, 1, g - 1) != m.narrow(a, 0, g - 1)).sum()) for a, g in zip((1, 2, 3), grid))
+
+
+@pytest.mark.parametrize("kind", ["block", "random"])
+@pytest.mark.parametrize("ratio", [0.3, 0.6, 0.75, 0.9])
+def test_exact_ratio_and_equal_visible_counts(kind, ratio):
+    m = draw(MaskConfig(kind=kind, ratio=ratio))
+    n = round(ratio * 216)
+    assert m.mask.sum(1).tolist() == [n] * 4
+    assert m.ids_pred.shape == (4, n) and m.ids_keep.shape == (4, 216 - n)
+    for b in range(4):  # keep and pred partition the tokens, and the bool mask agrees
+        assert sorted(m.ids_keep[b].tolist() + m.ids_pred[b].tolist()) == list(range(216))
+        assert m.mask[b, m.ids_pred[b]].all() and not m.mask[b, m.ids_keep[b]].any()
+
+
+def test_block_masks_are_contiguous_cuboids():
+    block = draw(MaskConfig(kind="block", ratio=0.5, block=3), batch=16)
+    rand = draw(MaskConfig(kind="random", ratio=0.5), batch=16)
+    assert face_contacts(block.mask, GRID) < 0.5 * face_contacts(rand.mask, GRID)
+
+
+def test_block_edge_one_is_random_patches_and_large_blocks_fill_cells():
+    # With block 6 on a 6³ grid, the masked set is a union of offset-cut cuboid cells: each is a full box.
+    m = draw(MaskConfig(kind="block", ratio=0.5, block=6), batch=8)
+    grid = m.mask.view(8, *GRID)
+    for b in range(8):
+        idx = grid[b].nonzero()
+        lo, hi = idx.min(0).values, idx.max(0).values
+        box = (hi - lo + 1).prod().item()
+        assert box >= idx.shape[0]  # inside its bounding box
+    assert num_masked(MaskConfig(kind="block", ratio=0.5, block=1), 216) == 108
+
+
+def test_determinism_under_a_seed():
+    cfg = MaskConfig(kind="block")
+    a, b, c = draw(cfg, seed=7), draw(cfg, seed=7), draw(cfg, seed=8)
+    assert torch.equal(a.mask, b.mask)
+    assert not torch.equal(a.mask, c.mask)
+
+
+@pytest.mark.parametrize("kind", ["none", "noise"])
+def test_none_and_noise_leave_every_token_visible(kind):
+    m = draw(MaskConfig(kind=kind))
+    assert not m.mask.any()
+    assert m.ids_keep.shape == (4, 216) and torch.equal(m.ids_keep, m.ids_pred)
+
+
+def test_noise_corrupts_every_voxel_and_other_kinds_do_not():
+    x = torch.zeros(2, 1, 8, 8, 8)
+    noisy = corrupt(x, MaskConfig(kind="noise", noise_std=0.2), torch.Generator().manual_seed(0))
+    assert (noisy != 0).all() and 0.15 < noisy.std().item() < 0.25
+    assert corrupt(x, MaskConfig(kind="block"), torch.Generator()) is x
