@@ -25,6 +25,11 @@ app = typer.Typer(
 console = Console()
 errors = Console(stderr=True)
 
+
+@app.callback()
+def _group() -> None:
+    """Self-supervised masked pretraining on CT volumes (3D masked autoencoder)."""
+
 # With no INPUTS, `ctmae pretrain` is a short CPU demo on the bundled scan; options given explicitly still win.
 DEMO = {"model": {"size": "tiny"}, "data": {"crop": 64, "crops_per_volume": 4},
         "train": {"steps": 120, "batch_size": 4, "lr": 1e-3, "log_every": 5}}
@@ -153,24 +158,24 @@ def pretrain(
 
         prepare_run_dir(out, resume, overwrite)
         scans = inputs or [sample_data_dir() / "ct"]
-        cfg = RunConfig()
-        if not inputs:
-            cfg = RunConfig.from_dict(DEMO)
         last = out / "checkpoints" / "last.pt"
-        if resume and last.is_file():
-            cfg = load_checkpoint(last)["config"]
-        if config is not None:
-            cfg = load_yaml(config, base=cfg)
-        cfg = cfg.replace(**_given(
-            model={"size": model, "patch": patch},
-            data={"crop": crop, "workers": workers, "cache_dir": str(cache_dir) if cache_dir else None,
-                  "spacing": (spacing,) * 3 if spacing else None},
-            mask={"kind": mask, "ratio": mask_ratio, "block": block, "noise_std": noise_std},
-            train={"steps": steps, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-                   "device": device, "precision": precision},
-        ))
-        if epochs is not None and steps is None:
-            cfg = cfg.replace(train={"steps": None})
+        base = load_checkpoint(last)["config"] if resume and last.is_file() else None
+        try:
+            cfg = base or (RunConfig() if inputs else RunConfig.from_dict(DEMO))
+            if config is not None:
+                cfg = load_yaml(config, base=cfg)
+            cfg = cfg.replace(**_given(
+                model={"size": model, "patch": patch},
+                data={"crop": crop, "workers": workers, "cache_dir": str(cache_dir) if cache_dir else None,
+                      "spacing": (spacing,) * 3 if spacing else None},
+                mask={"kind": mask, "ratio": mask_ratio, "block": block, "noise_std": noise_std},
+                train={"steps": steps, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+                       "device": device, "precision": precision},
+            ))
+            if epochs is not None and steps is None:
+                cfg = cfg.replace(train={"steps": None})
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         sources = _volumes(scans, cfg)
         with _progress() as progress:
             task = progress.add_task("pretraining", total=None, info="")

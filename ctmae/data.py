@@ -47,7 +47,7 @@ def preprocess_transforms(cfg: DataConfig) -> Compose:
         [
             LoadImaged("image", reader=CTReader(), image_only=True),
             EnsureChannelFirstd("image", channel_dim="no_channel"),
-            Orientationd("image", axcodes="RAS"),
+            Orientationd("image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             Spacingd("image", pixdim=cfg.spacing, mode="bilinear", dtype=torch.float32),
             ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
             CropForegroundd("image", source_key="image", select_fn=functools.partial(torch.gt, other=body)),
@@ -160,7 +160,7 @@ class CropVisits(Dataset):
         return 2**62  # endless; the sampler decides which visits are read
 
     def __getitem__(self, visit: int) -> torch.Tensor:
-        volume = torch.from_numpy(np.ascontiguousarray(self.cache.load(self.source_of(visit))))[None]  # (1, X, Y, Z)
+        volume = torch.from_numpy(np.array(self.cache.load(self.source_of(visit))))[None]  # (1, X, Y, Z)
         crop = RandSpatialCropSamplesd("image", roi_size=(self.cfg.crop,) * 3, num_samples=self.cfg.crops_per_volume,
                                        random_size=False)
         crop.set_random_state(seed=(self.seed * 1_000_003 + visit) % 2**32)

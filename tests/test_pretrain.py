@@ -1,0 +1,115 @@
+"""`ctmae pretrain` end to end on real files: run folder contents, exact resume, refusals and bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import write_volume
+from ctmae.checkpoint import load_checkpoint
+from ctmae.cli import app
+
+SAMPLE = Path(__file__).resolve().parent.parent / "sample_data"
+FAST = ["--model", "tiny", "--crop", "32", "--patch", "8", "--batch-size", "2", "--workers", "0"]
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, ["pretrain", *map(str, args)])
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def every_step(tmp_path) -> Path:
+    path = tmp_path / "log_every_step.yaml"
+    path.write_text("train:\n  log_every: 1\n  ckpt_every: 4\n")
+    return path
+
+
+def test_pretrain_on_sample_data_writes_the_run_folder(tmp_path, every_step):
+    out = tmp_path / "run"
+    result = run("--out", out, "--steps", "6", "--cache-dir", tmp_path / "cache", "--config", every_step, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "pretraining summary" in result.output
+    cfg = (out / "config.yaml").read_text()
+    assert "steps: 6" in cfg and "size: tiny" in cfg and "device: cpu" in cfg and "precision: fp32" in cfg
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all({"step", "loss", "lr", "seconds"} <= set(r) and np.isfinite(r["loss"]) for r in rows)
+    assert (out / "checkpoints" / "last.pt").is_file() and (out / "checkpoints" / "step_0000004.pt").is_file()
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["step"] == 6 and state["config"].model.size == "tiny"
+    assert {"model", "optimizer", "scheduler", "scaler", "rng"} <= set(state)
+    assert "checkpoint written to" in (out / "train.log").read_text()
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1  # one preprocessed volume, cached
+
+
+def test_resume_continues_exactly(tmp_path, every_step):
+    common = ["--steps", "12", "--cache-dir", tmp_path / "cache", "--config", every_step, "--mask", "block", *FAST]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run("--out", full, *common).exit_code == 0
+    first = run("--out", part, *common, "--stop-at", "5")
+    assert first.exit_code == 0, first.output
+    assert load_checkpoint(part / "checkpoints" / "last.pt")["step"] == 5
+    second = run("--out", part, *common, "--resume")
+    assert second.exit_code == 0, second.output
+    assert losses(part) == losses(full) and len(losses(full)) == 12
+    a, b = (load_checkpoint(d / "checkpoints" / "last.pt")["model"] for d in (full, part))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_without_checkpoint_starts_fresh_and_overwrite_replaces(tmp_path):
+    out = tmp_path / "run"
+    assert run("--out", out, "--steps", "2", "--cache-dir", tmp_path / "c", "--resume", *FAST).exit_code == 0
+    refused = run("--out", out, "--steps", "2", "--cache-dir", tmp_path / "c", *FAST)
+    assert refused.exit_code == 2 and "not empty" in refused.output and "--resume" in refused.output
+    assert run("--out", out, "--steps", "3", "--cache-dir", tmp_path / "c", "--overwrite", *FAST).exit_code == 0
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 3
+
+
+def test_demo_loss_falls(tmp_path):
+    """The README demo's settings (tiny model, sample data) learn: late losses are below early ones."""
+    out = tmp_path / "demo"
+    result = run("--out", out, "--cache-dir", tmp_path / "cache", "--steps", "40", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    rows = losses(out)
+    assert rows[-1] < 0.8 * rows[0]
+
+
+def test_bad_inputs_are_skipped_and_reported(tmp_path):
+    good = write_volume(tmp_path / "scans" / "good.nii.gz", np.random.default_rng(0).integers(-1000, 1000, (40, 40, 40)))
+    (tmp_path / "scans" / "broken.nii.gz").write_bytes(b"not an image")
+    missing = tmp_path / "nope.nii.gz"
+    result = run(tmp_path / "scans", missing, "--out", tmp_path / "run", "--steps", "1", "--cache-dir",
+                 tmp_path / "c", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "broken.nii.gz" in result.output and str(missing) in result.output and "2 skipped" in result.output
+    assert "Traceback" not in result.output and good.is_file()
+
+
+@pytest.mark.parametrize("make", ["missing", "empty_dir", "text", "2d"])
+def test_no_usable_input_exits_1_with_one_line(tmp_path, make):
+    target = tmp_path / "in"
+    if make == "empty_dir":
+        target.mkdir()
+    elif make == "text":
+        target = tmp_path / "scan.nii.gz"
+        target.write_text("hello")
+    elif make == "2d":
+        target = write_volume(tmp_path / "flat.nrrd", np.zeros((30, 30, 1)))
+    result = run(target, "--out", tmp_path / "run", "--steps", "1", "--cache-dir", tmp_path / "c", *FAST)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and target.name in result.output
+
+
+def test_usage_errors_exit_2(tmp_path):
+    result = run("--out", tmp_path / "run", "--mask", "blobs", *FAST)
+    assert result.exit_code == 2 and "blobs" in result.output
+    assert run("--steps", "1").exit_code == 2  # --out is required
