@@ -1,0 +1,440 @@
+"""Reading and writing CT volumes: the one owner of file formats, axis order and geometry.
+
+Every format (NIfTI, NRRD, MetaImage, DICOM series) is read with SimpleITK. Arrays are (X, Y, Z) in the file's
+voxel index order i, j, k; affines are 4x4 and map (i, j, k, 1) to RAS millimetres, converted from ITK's LPS exactly
+as MONAI's ITKReader does, so ctmae's geometry agrees with MONAI's readers and transforms.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import os
+import uuid
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+from monai.data import ImageReader
+from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+
+from ctmae.dicom import has_dicom_magic, itk_warnings_off, read_series, series_in_folder, slice_spacing_problem
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+LIST_SUFFIXES = (".txt", ".csv")
+# Files in scanned folders that are never volumes (and never DICOM), so GDCM is not asked about them.
+# fmt: off
+_SKIP_SUFFIXES = (
+    ".json", ".txt", ".md", ".csv", ".tsv", ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".pdf",
+    ".py", ".yaml", ".yml", ".xml", ".html", ".log", ".npy", ".npz", ".pt", ".pth", ".raw", ".zraw", ".zip", ".gz",
+)
+# fmt: on
+_CSV_PATH_COLUMNS = ("path", "image")
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# CTReader.read stores the name it was given on the image, so get_data can report "filename_or_obj".
+_FILENAME_KEY = "ctmae_filename"
+_SCAN_CHUNK = 1 << 22
+
+
+class InputError(Exception):
+    """A problem with one input, as one user-facing line that names the file and what is wrong (no traceback)."""
+
+
+@dataclass(frozen=True)
+class VolumeSource:
+    """One volume to read.
+
+    Attributes:
+        id: stable, privacy-safe name: the path relative to the inputs' common root, and for a DICOM series the
+            folder plus "#" and a short hash of the SeriesInstanceUID.
+        files: absolute paths: one image file, or a DICOM series' files sorted by slice position.
+        is_dicom: whether `files` is a DICOM series.
+    """
+
+    id: str
+    files: tuple[str, ...]
+    is_dicom: bool
+
+    def identity(self) -> str:
+        """sha256 hex over (absolute path, size, mtime_ns) of every file; changes whenever a file does.
+
+        Raises:
+            InputError: a file has disappeared since it was found.
+        """
+        digest = hashlib.sha256()
+        for path in self.files:
+            try:
+                st = os.stat(path)
+            except OSError:
+                raise InputError(f"{path}: no longer exists") from None
+            digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A volume found before ids are assigned; `anchor` is the folder its id is relative to."""
+
+    files: tuple[str, ...]
+    is_dicom: bool
+    anchor: str
+    name: str  # absolute path of the file, or of the series folder plus "#hash"
+
+
+def find_volumes(inputs: Sequence[str | os.PathLike]) -> tuple[list[VolumeSource], list[str]]:
+    """Expand CLI INPUTS into volumes.
+
+    Args:
+        inputs: image files (.nii, .nii.gz, .nrrd, .mha, .mhd), folders (scanned recursively; DICOM files are split
+            into series), DICOM series folders, and .txt / .csv lists of such paths.
+
+    Returns:
+        (sources, problems): sources deduplicated and sorted by id; problems are one-line messages, each naming the
+        path, for inputs that were skipped.
+    """
+    found: list[_Found] = []
+    problems: list[str] = []
+    for item in inputs:
+        _expand(os.fspath(item), found, problems, allow_lists=True)
+    unique: dict[tuple[str, ...], _Found] = {}
+    for f in found:
+        unique.setdefault(tuple(os.path.realpath(p) for p in f.files), f)
+    return sorted(_with_ids(list(unique.values())), key=lambda s: s.id), problems
+
+
+def _expand(path: str, found: list[_Found], problems: list[str], allow_lists: bool) -> None:
+    """Add the volumes one input names to `found`, or one line to `problems`."""
+    lower = path.lower()
+    if not os.path.exists(path):
+        problems.append(f"{path}: does not exist")
+    elif os.path.isdir(path):
+        before = (len(found), len(problems))
+        _scan_folder(path, found, problems)
+        if before == (len(found), len(problems)):
+            empty = not any(files for _, _, files in os.walk(path))
+            problems.append(f"{path}: {'empty folder' if empty else 'folder with no readable volumes'}")
+    elif lower.endswith(LIST_SUFFIXES):
+        if allow_lists:
+            _expand_list(path, found, problems)
+        else:
+            problems.append(f"{path}: a list inside a list; nested lists are not supported")
+    elif lower.endswith(IMAGE_SUFFIXES):
+        _add_image_file(path, found, problems)
+    elif has_dicom_magic(path):
+        problems.append(f"{path}: a single DICOM file; pass its folder to read the whole series")
+    else:
+        problems.append(f"{path}: not an image (expected .nii(.gz), .nrrd, .mha, .mhd, a folder or a .txt/.csv list)")
+
+
+def _scan_folder(folder: str, found: list[_Found], problems: list[str]) -> None:
+    """Add every image file and DICOM series under `folder`, in a deterministic order."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        dicom_candidates = False
+        for name in sorted(filenames):
+            lower = name.lower()
+            if name.startswith("."):
+                continue
+            if lower.endswith(IMAGE_SUFFIXES):
+                _add_image_file(os.path.join(dirpath, name), found, problems)
+            elif not lower.endswith(_SKIP_SUFFIXES):
+                dicom_candidates = True
+        if dicom_candidates:
+            _add_dicom_folder(dirpath, found, problems)
+
+
+def _add_image_file(path: str, found: list[_Found], problems: list[str]) -> None:
+    """Add one image file after a cheap header check."""
+    problem = _header_problem(path)
+    if problem:
+        problems.append(f"{path}: {problem}")
+        return
+    absolute = os.path.abspath(path)
+    found.append(_Found((absolute,), False, os.path.dirname(absolute), absolute))
+
+
+def _add_dicom_folder(folder: str, found: list[_Found], problems: list[str]) -> None:
+    """Add the image series whose files lie directly in `folder`; report DICOM files that hold none."""
+    series = series_in_folder(folder)
+    if not series:
+        if any(has_dicom_magic(str(p)) for p in Path(folder).iterdir() if p.is_file()):
+            problems.append(f"{folder}: DICOM files here hold no image series")
+        return
+    for s in series:
+        problem = _header_problem(s.files[0], slices=len(s.files))
+        if problem:
+            problems.append(f"{folder}#{s.uid_hash}: {problem}")
+            continue
+        found.append(_Found(s.files, True, os.path.dirname(s.folder), f"{s.folder}#{s.uid_hash}"))
+
+
+def _expand_list(list_path: str, found: list[_Found], problems: list[str]) -> None:
+    """Expand a .txt (one path a line) or .csv (first column, or the `path`/`image` column) list of inputs."""
+    base = os.path.dirname(os.path.abspath(list_path))
+    try:
+        with open(list_path, newline="", encoding="utf-8") as f:
+            if list_path.lower().endswith(".csv"):
+                entries = _csv_entries(list(csv.reader(f)))
+            else:
+                entries = [(n, line.strip()) for n, line in enumerate(f, start=1)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        problems.append(f"{list_path}: unreadable list ({type(e).__name__})")
+        return
+    entry_problems: list[str] = []
+    for lineno, entry in entries:
+        if not entry or entry.startswith("#"):
+            continue
+        path = entry if os.path.isabs(entry) else os.path.join(base, entry)
+        _expand(path, found, entry_problems, allow_lists=False)
+        problems.extend(f"{list_path}:{lineno}: {p}" for p in entry_problems)
+        entry_problems.clear()
+
+
+def _csv_entries(rows: list[list[str]]) -> list[tuple[int, str]]:
+    """(line number, path) pairs from CSV rows; a header naming a `path` or `image` column selects that column."""
+    column, first = 0, 0
+    if rows:
+        header = [cell.strip().lower() for cell in rows[0]]
+        for name in _CSV_PATH_COLUMNS:
+            if name in header:
+                column, first = header.index(name), 1
+                break
+    return [(n + 1, row[column].strip() if len(row) > column else "") for n, row in enumerate(rows) if n >= first]
+
+
+def _with_ids(found: list[_Found]) -> list[VolumeSource]:
+    """Name each volume by its path relative to the deepest folder holding all anchors (POSIX style everywhere)."""
+    if not found:
+        return []
+    root = os.path.commonpath([f.anchor for f in found])
+    return [VolumeSource(Path(os.path.relpath(f.name, root)).as_posix(), f.files, f.is_dicom) for f in found]
+
+
+def _header_problem(path: str, slices: int | None = None) -> str | None:
+    """A short reason why `path`'s header rules it out, or None; reads only the header.
+
+    Args:
+        path: an image file, or the first file of a DICOM series.
+        slices: the series' file count, which replaces the single file's slice count.
+    """
+    if os.path.getsize(path) == 0:
+        return "empty file (0 bytes)"
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        with itk_warnings_off():
+            reader.ReadImageInformation()
+    except RuntimeError as e:
+        return _condense(e)
+    size = list(reader.GetSize())
+    if slices is not None and slices > 1 and len(size) == 3:
+        size[2] = slices
+    return _shape_problem(tuple(size), reader.GetNumberOfComponents())
+
+
+def _shape_problem(size: tuple[int, ...], components: int) -> str | None:
+    """Why a (size, components) image is not a scalar 3D volume, or None. `size` is in ITK order (X, Y, Z)."""
+    shape = "x".join(str(n) for n in size)
+    if components != 1:
+        return f"{components} components per voxel (RGB/vector image, shape {shape}); ctmae needs a scalar volume"
+    if len(size) != 3:
+        return f"{len(size)}D image (shape {shape}); ctmae needs a 3D volume"
+    if min(size) < 2:
+        return f"a dimension smaller than 2 (shape {shape}); ctmae needs a 3D volume"
+    return None
+
+
+def _condense(error: RuntimeError) -> str:
+    """A short reason from a SimpleITK error, whose text carries C++ source paths and several lines."""
+    text = str(error)
+    if "Unable to determine ImageIO reader" in text:
+        return "not a readable image (unknown format or corrupt header)"
+    if "does not exist" in text:
+        return "does not exist"
+    return "truncated or corrupt image data"
+
+
+def _nifti_problem(path: str) -> str | None:
+    """Scan a NIfTI file's voxel bytes for what ITK's NIfTI reader hides: it reads a truncated file with zeros for
+    the missing voxels and silently replaces NaN/inf by 0.
+
+    Returns:
+        A short reason, or None; also None when nibabel cannot parse the header (SimpleITK then gives the reason).
+    """
+    try:
+        image = nib.load(path)
+    except (ImageFileError, HeaderDataError, OSError, ValueError, EOFError, zlib.error):
+        return None
+    dtype = image.header.get_data_dtype()
+    remaining = int(np.prod(image.shape)) * dtype.itemsize
+    nonfinite = 0
+    try:
+        with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
+            f.seek(image.dataobj.offset)
+            while remaining > 0:
+                chunk = f.read(min(_SCAN_CHUNK, remaining))  # a multiple of every itemsize, so values stay whole
+                if not chunk:
+                    return "truncated file (voxel data incomplete)"
+                remaining -= len(chunk)
+                if dtype.kind == "f":
+                    nonfinite += int(np.count_nonzero(~np.isfinite(np.frombuffer(chunk, dtype))))
+    except (EOFError, zlib.error, gzip.BadGzipFile):
+        return "truncated or corrupt gzip data"
+    return f"{nonfinite} non-finite voxel values (NaN/inf)" if nonfinite else None
+
+
+def _label(files: Sequence[str]) -> str:
+    """How messages name a volume: its file, or its DICOM series' folder."""
+    return files[0] if len(files) == 1 else os.path.dirname(files[0])
+
+
+def _read_image(files: Sequence[str]) -> sitk.Image:
+    """Read and check one volume: a single image file, or a DICOM series' files sorted by position.
+
+    Raises:
+        InputError: one line naming the file (or the series' folder) and what is wrong.
+    """
+    label = _label(files)
+    missing = next((p for p in files if not os.path.isfile(p)), None)
+    if missing is not None:
+        raise InputError(f"{missing}: does not exist")
+    if len(files) == 1 and os.path.getsize(files[0]) == 0:
+        raise InputError(f"{label}: empty file (0 bytes)")
+    problem = _nifti_problem(files[0]) if files[0].lower().endswith((".nii", ".nii.gz")) else None
+    image = None
+    try:
+        with itk_warnings_off():
+            if not problem and len(files) > 1:
+                problem = slice_spacing_problem(files)
+            if not problem:
+                image = read_series(files) if len(files) > 1 else sitk.ReadImage(files[0])
+    except RuntimeError as e:
+        problem = _condense(e)
+    if image is not None:
+        problem = _shape_problem(tuple(image.GetSize()), image.GetNumberOfComponentsPerPixel())
+    if problem:
+        raise InputError(f"{label}: {problem}")
+    return image
+
+
+def _array_and_affine(image: sitk.Image, label: str) -> tuple[np.ndarray, np.ndarray]:
+    """(array (X, Y, Z) float32, RAS affine 4x4 float64) of a checked 3D scalar image."""
+    array = sitk.GetArrayViewFromImage(image)  # (Z, Y, X)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InputError(f"{label}: {np.count_nonzero(~np.isfinite(array))} non-finite voxel values (NaN/inf)")
+    array = np.ascontiguousarray(array.transpose(2, 1, 0), dtype=np.float32)  # (Z, Y, X) -> (X, Y, Z)
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+    affine[:3, 3] = image.GetOrigin()
+    return array, _LPS_TO_RAS @ affine
+
+
+def read_volume(source: VolumeSource) -> tuple[np.ndarray, np.ndarray]:
+    """Read one volume.
+
+    Args:
+        source: a volume from `find_volumes`.
+
+    Returns:
+        (array (X, Y, Z) float32 in the file's voxel index order, affine 4x4 float64 mapping (i, j, k, 1) to RAS mm).
+
+    Raises:
+        InputError: one line naming the file and what is wrong.
+    """
+    return _array_and_affine(_read_image(source.files), _label(source.files))
+
+
+class CTReader(ImageReader):
+    """MONAI reader for ctmae's inputs, so `LoadImaged(keys="image", reader=CTReader())` reads them.
+
+    Unlike MONAI's ITKReader, a sequence of several files is one DICOM series (`VolumeSource.files`), not channels
+    to stack; a folder is read as the one DICOM series it holds. The metadata follows ITKReader's conventions but
+    carries geometry only, never DICOM tags.
+    """
+
+    def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
+        """Whether `filename` looks like a ctmae input: an image file, a folder, or a series' files."""
+        names = [os.fspath(n) for n in ensure_tuple(filename)]
+        return len(names) > 1 or os.path.isdir(names[0]) or names[0].lower().endswith(IMAGE_SUFFIXES)
+
+    def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs) -> sitk.Image:
+        """Read one volume from a file, a DICOM series' files (sorted by position), or a one-series folder.
+
+        Raises:
+            InputError: one line naming the file and what is wrong.
+        """
+        names = [os.path.abspath(os.fspath(n)) for n in ensure_tuple(data)]
+        files: Sequence[str] = names
+        if len(names) == 1 and os.path.isdir(names[0]):
+            sources, problems = find_volumes(names)
+            if len(sources) != 1:
+                reason = problems[0] if problems else f"{names[0]}: holds {len(sources)} volumes, expected one"
+                raise InputError(reason)
+            files = sources[0].files
+        image = _read_image(files)
+        image.SetMetaData(_FILENAME_KEY, names[0])
+        return image
+
+    def get_data(self, img: sitk.Image) -> tuple[np.ndarray, dict]:
+        """(array (X, Y, Z) float32, meta) with ITKReader's keys: affine, original_affine (RAS), spatial_shape, ...
+
+        Raises:
+            InputError: the volume holds NaN or infinite values.
+        """
+        filename = img.GetMetaData(_FILENAME_KEY) if img.HasMetaDataKey(_FILENAME_KEY) else ""
+        array, affine = _array_and_affine(img, filename or "volume")
+        meta = {
+            MetaKeys.ORIGINAL_AFFINE: affine,
+            MetaKeys.AFFINE: affine.copy(),
+            MetaKeys.SPATIAL_SHAPE: np.asarray(array.shape),
+            MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan"),
+            MetaKeys.SPACE: SpaceKeys.RAS,
+            "spacing": np.asarray(img.GetSpacing()),
+            "filename_or_obj": filename,
+        }
+        return array, meta
+
+
+def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> None:
+    """Write a volume as NIfTI-1, atomically (a temporary file in the same folder, then a rename).
+
+    Args:
+        array: (X, Y, Z); its dtype is kept, except bool, which NIfTI lacks and is written as uint8.
+        affine: 4x4 mapping (i, j, k, 1) to RAS mm; written as both sform and qform (code 1, scanner).
+        path: a .nii or .nii.gz file; missing parent folders are created.
+
+    Raises:
+        ValueError: `array` is not 3D, `affine` is not 4x4, or `path` is not .nii/.nii.gz.
+    """
+    path = os.path.abspath(os.fspath(path))
+    suffix = next((s for s in (".nii.gz", ".nii") if path.lower().endswith(s)), None)
+    array = np.asarray(array)
+    affine = np.asarray(affine, dtype=np.float64)
+    if suffix is None or array.ndim != 3 or affine.shape != (4, 4):
+        raise ValueError(
+            f"write_nifti needs a 3D array, a 4x4 affine and a .nii/.nii.gz path; "
+            f"got shape {array.shape}, affine {affine.shape}, path {path!r}"
+        )
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    image = nib.Nifti1Image(array, affine, dtype=array.dtype)  # explicit dtype: nibabel refuses int64 otherwise
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    # nibabel picks gzip from the name's suffix, so the temporary name keeps it.
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp{suffix}")
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,108 @@
+"""Regenerate ctmae's sample data from pyradiomics' lung1 chest CT (BSD-3-Clause; see LICENSE-pyradiomics.txt).
+
+Usage: python sample_data/make_sample_data.py /work/shared/data/lung1
+
+Resamples the CT in-plane from 0.57 mm to about 1.5 mm (keeping the 5 mm slices, the physical extent and the
+orientation) so the samples stay small, then writes the image as NIfTI and as a DICOM series, and the tumour label as
+NIfTI on the same grid. Every output is deterministic: re-running gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ctmae.dicom import deterministic_uid, write_series
+from ctmae.io import CTReader, find_volumes, read_volume, write_nifti
+
+TARGET_INPLANE_MM = 1.5
+OUT = Path(__file__).resolve().parent
+SOURCE_FILES = ("lung1_image.nrrd", "lung1_label.nrrd")
+LICENSE = "LICENSE-pyradiomics.txt"
+AIR_HU = -1024
+
+
+def in_plane_grid(image: sitk.Image) -> tuple[list[int], list[float], list[float]]:
+    """(size, spacing, origin) of a grid with ~TARGET_INPLANE_MM in-plane voxels covering the same extent.
+
+    The in-plane spacing is the extent divided by a whole voxel count, and the first voxel centre moves by half
+    the spacing change, so the outer voxel edges stay where they were.
+    """
+    size, spacing = list(image.GetSize()), list(image.GetSpacing())
+    new_size, new_spacing = list(size), list(spacing)
+    for axis in (0, 1):
+        extent = size[axis] * spacing[axis]
+        new_size[axis] = round(extent / TARGET_INPLANE_MM)
+        new_spacing[axis] = extent / new_size[axis]
+    shift = [(new_spacing[a] - spacing[a]) / 2 for a in range(3)]
+    origin = np.asarray(image.GetOrigin()) + np.asarray(image.GetDirection()).reshape(3, 3) @ shift
+    return new_size, new_spacing, origin.tolist()
+
+
+def resample(image: sitk.Image, grid, interpolator: int, default: float, pixel: int) -> sitk.Image:
+    """`image` on `grid` = (size, spacing, origin), same direction."""
+    size, spacing, origin = grid
+    return sitk.Resample(
+        image, size, sitk.Transform(), interpolator, origin, spacing, image.GetDirection(), default, pixel
+    )
+
+
+def write_as_nifti(image: sitk.Image, dtype: type, path: Path) -> None:
+    """Write through ctmae's own geometry conventions (CTReader.get_data gives the RAS affine)."""
+    array, meta = CTReader().get_data(image)
+    write_nifti(np.rint(array).astype(dtype), meta["affine"], path)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def main(source_dir: str) -> None:
+    src = Path(source_dir)
+    for name in SOURCE_FILES:
+        print(f"source {name}: sha256 {sha256(src / name)}")
+    ct = sitk.ReadImage(str(src / SOURCE_FILES[0]))
+    label = sitk.ReadImage(str(src / SOURCE_FILES[1]))
+    grid = in_plane_grid(ct)
+    # Linear in float, then rounded back to whole HU; nearest for the label so it stays 0/1.
+    ct_small = resample(sitk.Cast(ct, sitk.sitkFloat32), grid, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
+    ct_small = sitk.Cast(sitk.Round(ct_small), sitk.sitkInt16)
+    label_small = resample(label, grid, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+
+    write_as_nifti(ct_small, np.int16, OUT / "ct" / "lung1.nii.gz")
+    write_as_nifti(label_small, np.uint8, OUT / "labels" / "lung1.nii.gz")
+    dicom_dir = OUT / "dicom" / "lung1"
+    shutil.rmtree(dicom_dir, ignore_errors=True)
+    write_series(
+        ct_small,
+        dicom_dir,
+        deterministic_uid("ctmae sample_data lung1"),
+        "Anonymous",
+        "SAMPLE",
+        description="lung1 (pyradiomics), resampled",
+        compress=True,
+    )
+    shutil.copyfile(src / LICENSE, OUT / LICENSE)
+
+    sources, problems = find_volumes([OUT / "ct", OUT / "labels", OUT / "dicom"])
+    assert not problems, problems
+    volumes = {s.id.split("#")[0]: read_volume(s) for s in sources}
+    (ct_array, ct_affine), (dicom_array, dicom_affine) = volumes["ct/lung1.nii.gz"], volumes["dicom/lung1"]
+    assert np.array_equal(ct_array, dicom_array) and np.allclose(ct_affine, dicom_affine, atol=1e-4)
+    assert volumes["labels/lung1.nii.gz"][0].shape == ct_array.shape
+    for s in sources:
+        array, affine = volumes[s.id.split("#")[0]]
+        size = sum(Path(f).stat().st_size for f in s.files)
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        print(f"{s.id}: {len(s.files)} file(s), {size} bytes, shape {array.shape}, spacing {np.round(spacing, 4)}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__.split("\n\n")[1])
+    main(sys.argv[1])

@@ -1,0 +1,108 @@
+"""Helpers and fixtures that write small real volumes to disk: any SimpleITK format, and DICOM series.
+
+Import the helpers as plain functions: `from conftest import write_volume, write_dicom_series`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from ctmae.dicom import deterministic_uid, write_series
+
+# A right-handed oblique direction (rotations of 0.4 rad about z, then 0.3 rad about x), LPS, row-major 3x3.
+OBLIQUE = tuple(
+    (
+        np.array([[np.cos(0.4), -np.sin(0.4), 0], [np.sin(0.4), np.cos(0.4), 0], [0, 0, 1]])
+        @ np.array([[1, 0, 0], [0, np.cos(0.3), -np.sin(0.3)], [0, np.sin(0.3), np.cos(0.3)]])
+    ).ravel()
+)
+SPACING = (0.7, 0.9, 2.5)
+ORIGIN = (-12.5, 30.25, 7.0)
+
+
+def _image_from_xyz(array_xyz: np.ndarray, spacing, origin, direction, dtype) -> sitk.Image:
+    """A SimpleITK image from an (X, Y, Z) array; SimpleITK's own arrays are (Z, Y, X)."""
+    image = sitk.GetImageFromArray(np.asarray(array_xyz, dtype=dtype).transpose(2, 1, 0))  # (X, Y, Z) -> (Z, Y, X)
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetOrigin(tuple(float(o) for o in origin))
+    image.SetDirection(tuple(float(d) for d in direction))
+    return image
+
+
+def expected_affine(spacing=SPACING, origin=ORIGIN, direction=OBLIQUE) -> np.ndarray:
+    """The RAS affine ctmae should report for a volume written with this LPS geometry."""
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(direction).reshape(3, 3) @ np.diag(spacing)
+    affine[:3, 3] = origin
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+
+
+def write_volume(
+    path: str | os.PathLike,
+    array_xyz: np.ndarray,
+    spacing: Sequence[float] = SPACING,
+    origin: Sequence[float] = ORIGIN,
+    direction: Sequence[float] = OBLIQUE,
+    dtype: np.dtype | type = np.int16,
+) -> Path:
+    """Write an (X, Y, Z) array in the format its extension names (.nii.gz, .nrrd, .mha, ...), LPS geometry.
+
+    Args:
+        path: the file to write; parent folders are created.
+        array_xyz: voxel values, (X, Y, Z).
+        spacing: mm per voxel along X, Y, Z.
+        origin: LPS position of voxel (0, 0, 0).
+        direction: 3x3 LPS direction cosines, row-major, as SimpleITK's SetDirection takes them.
+        dtype: the stored voxel type.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(_image_from_xyz(array_xyz, spacing, origin, direction, dtype), str(path))
+    return path
+
+
+def write_dicom_series(
+    folder: str | os.PathLike,
+    array_xyz: np.ndarray,
+    spacing: Sequence[float] = SPACING,
+    origin: Sequence[float] = ORIGIN,
+    direction: Sequence[float] = OBLIQUE,
+    series_uid: str | None = None,
+    patient_name: str = "Anon^Test",
+    patient_id: str = "ANON",
+    modality: str = "CT",
+    skip_slices: Sequence[int] = (),
+) -> list[Path]:
+    """Write an (X, Y, Z) array as an int16 CT DICOM series, one `slice_NNNN.dcm` per Z slice.
+
+    Args:
+        folder: where the files go (created if missing).
+        array_xyz: voxel values in HU, (X, Y, Z).
+        spacing, origin, direction: LPS geometry, as for `write_volume`; keep direction right-handed so the series
+            reads back in the same slice order.
+        series_uid: SeriesInstanceUID; derived from `folder`'s name when None.
+        patient_name, patient_id, modality: written as given.
+        skip_slices: slice indices not written (to make a series with a missing slice).
+
+    Returns:
+        The files written, in slice order.
+    """
+    image = _image_from_xyz(array_xyz, spacing, origin, direction, np.int16)
+    uid = series_uid or deterministic_uid(f"series:{Path(folder).name}")
+    return write_series(image, folder, uid, patient_name, patient_id, modality, "ctmae test series", skip_slices)
+
+
+@pytest.fixture
+def ct_array() -> np.ndarray:
+    """A small (X, Y, Z) = (20, 18, 12) int16 volume of distinct HU-like values, so any axis mix-up shows."""
+    rng = np.random.default_rng(0)
+    return rng.integers(-1024, 2000, size=(20, 18, 12)).astype(np.int16)

@@ -1,0 +1,243 @@
+"""ctmae.io: finding inputs, reading every format with the same voxels and RAS affine, and refusing bad inputs."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import expected_affine, write_dicom_series, write_volume
+from monai.data import MetaTensor
+from monai.transforms import LoadImaged
+
+from ctmae.io import CTReader, InputError, VolumeSource, find_volumes, read_volume, write_nifti
+
+# GDCM stores positions and orientations as decimal strings of at most 16 characters.
+DICOM_ATOL = 1e-4
+
+
+def _only(inputs: list) -> VolumeSource:
+    sources, problems = find_volumes(inputs)
+    assert problems == [] and len(sources) == 1, (sources, problems)
+    return sources[0]
+
+
+def _assert_one_line_naming(message: str, path: Path | str) -> None:
+    assert "\n" not in message and str(path) in message, message
+
+
+def _write_sr_dicom(path: Path) -> None:
+    """A DICOM Part 10 file with no pixel data (a structured report), written byte by byte."""
+
+    def element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+        value += (b"\0" if vr == b"UI" else b" ") * (len(value) % 2)
+        return struct.pack("<HH", group, elem) + vr + struct.pack("<H", len(value)) + value
+
+    sop_class = b"1.2.840.10008.5.1.4.1.1.88.11"
+    explicit_little_endian = b"1.2.840.10008.1.2.1"
+    meta = element(2, 2, b"UI", sop_class) + element(2, 3, b"UI", b"2.25.1")
+    meta += element(2, 0x10, b"UI", explicit_little_endian)
+    meta = struct.pack("<HH", 2, 0) + b"UL" + struct.pack("<HI", 4, len(meta)) + meta
+    data = element(8, 0x16, b"UI", sop_class) + element(8, 0x60, b"CS", b"SR") + element(0x20, 0x0E, b"UI", b"2.25.2")
+    path.write_bytes(b"\0" * 128 + b"DICM" + meta + data)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"])
+def test_image_formats_round_trip_voxels_and_affine(tmp_path, ct_array, suffix):
+    path = write_volume(tmp_path / f"ct{suffix}", ct_array)
+    source = _only([path])
+    assert source.id == f"ct{suffix}" and source.files == (str(path),) and not source.is_dicom
+    array, affine = read_volume(source)
+    assert array.dtype == np.float32 and array.shape == (20, 18, 12)
+    np.testing.assert_array_equal(array, ct_array)
+    np.testing.assert_allclose(affine, expected_affine(), atol=1e-5)
+
+
+def test_dicom_series_round_trips_voxels_and_affine(tmp_path, ct_array):
+    files = write_dicom_series(tmp_path / "lung", ct_array)
+    source = _only([tmp_path / "lung"])
+    assert source.is_dicom and source.files == tuple(str(f) for f in files)
+    array, affine = read_volume(source)
+    np.testing.assert_array_equal(array, ct_array)
+    np.testing.assert_allclose(affine, expected_affine(), atol=DICOM_ATOL)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32, np.int64])
+def test_write_nifti_round_trip_keeps_dtype_and_geometry(tmp_path, ct_array, dtype):
+    affine = expected_affine()
+    path = tmp_path / "out" / "vol.nii.gz"
+    write_nifti(ct_array.astype(dtype) % 200, affine, path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["vol.nii.gz"]  # no temporary file left behind
+    image = nib.load(path)
+    assert image.get_data_dtype() == dtype
+    assert int(image.header["sform_code"]) == 1 and int(image.header["qform_code"]) == 1
+    array, read_affine = read_volume(_only([path]))
+    np.testing.assert_array_equal(array, ct_array.astype(dtype) % 200)
+    np.testing.assert_allclose(read_affine, affine, atol=1e-5)
+
+
+def test_write_nifti_refuses_a_2d_array(tmp_path):
+    with pytest.raises(ValueError, match="3D array"):
+        write_nifti(np.zeros((4, 4)), np.eye(4), tmp_path / "x.nii.gz")
+
+
+@pytest.mark.parametrize("form", ["nifti", "dicom files", "dicom folder"])
+def test_ctreader_in_loadimaged_gives_ras_metatensor(tmp_path, ct_array, form):
+    if form == "nifti":
+        image = write_volume(tmp_path / "ct.nii.gz", ct_array)
+    else:
+        files = write_dicom_series(tmp_path / "series", ct_array)
+        image = [str(f) for f in files] if form == "dicom files" else tmp_path / "series"
+    out = LoadImaged(keys="image", reader=CTReader(), image_only=True)({"image": image})["image"]
+    assert isinstance(out, MetaTensor) and out.dtype == torch.float32
+    np.testing.assert_array_equal(out.numpy(), ct_array)
+    np.testing.assert_allclose(out.affine.numpy(), expected_affine(), atol=DICOM_ATOL)
+    assert out.meta["space"] == "RAS" and np.isnan(out.meta["original_channel_dim"])
+    assert list(out.meta["spatial_shape"]) == [20, 18, 12]
+    assert not any(key.startswith("00") for key in out.meta)  # geometry only, no DICOM tags
+
+
+def test_two_series_in_one_folder_are_two_private_volumes(tmp_path, ct_array):
+    uids = ("1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2")
+    merged = tmp_path / "both"
+    merged.mkdir()
+    for n, uid in enumerate(uids):
+        for f in write_dicom_series(tmp_path / f"s{n}", ct_array + n, series_uid=uid, patient_name="Doe^Jane"):
+            f.rename(merged / f"s{n}_{f.name}")  # the writer names files by slice only
+    sources, problems = find_volumes([merged])
+    assert problems == [] and len(sources) == 2 and sources[0].id != sources[1].id
+    for source in sources:
+        assert source.id.startswith("both#") and len(source.id) == len("both#") + 12
+        assert not any(secret in source.id for secret in ("Doe", "Jane", *uids))
+        assert len(source.files) == 12
+    means = sorted(float(read_volume(s)[0].mean()) for s in sources)
+    assert means[1] - means[0] == pytest.approx(1.0)
+
+
+def test_folders_are_scanned_recursively_with_ids_relative_to_the_common_root(tmp_path, ct_array):
+    write_volume(tmp_path / "data" / "ct" / "b.nrrd", ct_array)
+    write_volume(tmp_path / "data" / "ct" / "deep" / "a.nii.gz", ct_array)
+    write_dicom_series(tmp_path / "data" / "dicom" / "lung1", ct_array)
+    for junk in ("notes.md", "meta.json", "ct/preview.png", "dicom/lung1/info.txt", "ct/.hidden.nii.gz"):
+        (tmp_path / "data" / junk).write_text("not an image")
+    data = tmp_path / "data"
+    sources, problems = find_volumes([data / "ct", data / "dicom", data / "ct" / "b.nrrd"])  # b.nrrd twice
+    assert problems == []
+    ids = [s.id for s in sources]
+    assert ids[:2] == ["ct/b.nrrd", "ct/deep/a.nii.gz"] and ids[2].startswith("dicom/lung1#")
+    assert [s.is_dicom for s in sources] == [False, False, True]
+
+
+def test_txt_and_csv_lists_resolve_relative_paths(tmp_path, ct_array):
+    write_volume(tmp_path / "ct" / "a.nii.gz", ct_array)
+    write_volume(tmp_path / "ct" / "b.mha", ct_array)
+    write_dicom_series(tmp_path / "dicom" / "s", ct_array)
+    (tmp_path / "lists").mkdir()
+    lines = ["# training set", "", "../ct/a.nii.gz", "../dicom/s", "../ct/missing.nii.gz"]
+    (tmp_path / "lists" / "inputs.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "lists" / "plain.csv").write_text("../ct/a.nii.gz,1\n../ct/b.mha,0\n")
+    (tmp_path / "lists" / "header.csv").write_text(f"label,image\n1,{tmp_path / 'ct' / 'b.mha'}\n")
+    sources, problems = find_volumes([tmp_path / "lists" / "inputs.txt"])
+    assert [s.id.split("#")[0] for s in sources] == ["ct/a.nii.gz", "dicom/s"]
+    assert len(problems) == 1 and problems[0].startswith(f"{tmp_path / 'lists' / 'inputs.txt'}:5: ")
+    _assert_one_line_naming(problems[0], "missing.nii.gz")
+    sources, problems = find_volumes([tmp_path / "lists" / "plain.csv", tmp_path / "lists" / "header.csv"])
+    assert problems == [] and [s.id for s in sources] == ["a.nii.gz", "b.mha"]
+
+
+def test_identity_changes_when_a_file_changes(tmp_path, ct_array):
+    path = write_volume(tmp_path / "a.nii.gz", ct_array)
+    source = _only([path])
+    before = source.identity()
+    assert len(before) == 64 and before == _only([path]).identity()
+    os.utime(path, ns=(1, 1))
+    assert source.identity() != before
+
+
+def _bad_find_inputs(tmp_path: Path, ct_array: np.ndarray) -> dict[str, tuple[Path, str]]:
+    """name -> (path, expected words in the problem) for inputs that find_volumes must skip."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "README.md").write_text("hello")
+    (tmp_path / "zero.nii.gz").write_bytes(b"")
+    (tmp_path / "text.nii.gz").write_text("this is not an image\n")
+    (tmp_path / "image.xyz").write_text("?")
+    (tmp_path / "sr").mkdir()
+    _write_sr_dicom(tmp_path / "sr" / "report.dcm")
+    slice_file = write_dicom_series(tmp_path / "series", ct_array)[0]
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((64, 64), np.int16)), str(tmp_path / "flat.nii.gz"))
+    four_d = sitk.GetImageFromArray(np.zeros((3, 4, 5, 6), np.int16), isVector=False)
+    sitk.WriteImage(four_d, str(tmp_path / "time.nii.gz"))
+    rgb = sitk.GetImageFromArray(np.zeros((4, 5, 6, 3), np.uint8), isVector=True)
+    sitk.WriteImage(rgb, str(tmp_path / "rgb.mha"))
+    write_volume(tmp_path / "thin.mha", ct_array[:, :, :1])
+    return {
+        "missing": (tmp_path / "nope.nii.gz", "does not exist"),
+        "empty folder": (tmp_path / "empty", "empty folder"),
+        "no volumes": (tmp_path / "docs", "no readable volumes"),
+        "zero bytes": (tmp_path / "zero.nii.gz", "0 bytes"),
+        "text as nifti": (tmp_path / "text.nii.gz", "not a readable image"),
+        "unknown extension": (tmp_path / "image.xyz", "not an image"),
+        "dicom without images": (tmp_path / "sr", "no image series"),
+        "single dicom file": (slice_file, "pass its folder"),
+        "2D": (tmp_path / "flat.nii.gz", "2D image (shape 64x64); ctmae needs a 3D volume"),
+        "4D": (tmp_path / "time.nii.gz", "4D image"),
+        "RGB": (tmp_path / "rgb.mha", "3 components per voxel"),
+        "one slice": (tmp_path / "thin.mha", "dimension smaller than 2 (shape 20x18x1)"),
+    }
+
+
+def test_find_volumes_reports_each_bad_input_in_one_line(tmp_path, ct_array):
+    cases = _bad_find_inputs(tmp_path, ct_array)
+    for name, (path, words) in cases.items():
+        sources, problems = find_volumes([path])
+        assert sources == [] and len(problems) == 1, (name, problems)
+        _assert_one_line_naming(problems[0], path)
+        assert words in problems[0], (name, problems[0])
+
+
+def _bad_read_inputs(tmp_path: Path, ct_array: np.ndarray) -> dict[str, tuple[VolumeSource, str]]:
+    """name -> (source, expected words in the InputError) for volumes that read_volume must refuse."""
+    cases = {}
+    for name, (path, words) in _bad_find_inputs(tmp_path, ct_array).items():
+        if path.suffix in (".gz", ".mha"):
+            cases[name] = (VolumeSource(path.name, (str(path),), False), words)
+    good = write_volume(tmp_path / "good.nii.gz", ct_array).read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(good[: len(good) // 2])
+    raw = gzip.decompress(good)
+    (tmp_path / "cut.nii").write_bytes(raw[: len(raw) - 100])
+    write_volume(tmp_path / "cut_source.nrrd", ct_array)
+    (tmp_path / "cut.nrrd").write_bytes((tmp_path / "cut_source.nrrd").read_bytes()[:-100])
+    with_nan = ct_array.astype(np.float32)
+    with_nan[3, 4, 5] = np.nan
+    write_volume(tmp_path / "nan.nii.gz", with_nan, dtype=np.float32)
+    with_inf = ct_array.astype(np.float32)
+    with_inf[0, 0, 0] = np.inf
+    write_volume(tmp_path / "inf.mha", with_inf, dtype=np.float32)
+    gap = write_dicom_series(tmp_path / "gap", ct_array, skip_slices=(5,))
+    for name, words in [
+        ("cut.nii.gz", "truncated"),
+        ("cut.nii", "truncated"),
+        ("cut.nrrd", "truncated"),
+        ("nan.nii.gz", "1 non-finite voxel values"),
+        ("inf.mha", "non-finite"),
+    ]:
+        cases[name] = (VolumeSource(name, (str(tmp_path / name),), False), words)
+    cases["missing slice"] = (VolumeSource("gap", tuple(str(f) for f in gap), True), "uneven slice spacing")
+    return cases
+
+
+def test_read_volume_refuses_each_bad_volume_in_one_line(tmp_path, ct_array):
+    for name, (source, words) in _bad_read_inputs(tmp_path, ct_array).items():
+        with pytest.raises(InputError) as caught:
+            read_volume(source)
+        message = str(caught.value)
+        _assert_one_line_naming(message, source.files[0] if not source.is_dicom else tmp_path / "gap")
+        assert words in message, (name, message)
+        assert "sitk" not in message and ".cxx" not in message, message
