@@ -39,19 +39,25 @@ CACHE_VERSION = 1  # bump when the preprocessing code changes what it produces
 BODY_HU = -500.0  # voxels above this HU count as foreground (body) for the foreground crop
 
 
-def preprocess_transforms(cfg: DataConfig) -> Compose:
-    """The deterministic chain: {"image": files} -> {"image": MetaTensor (1, X, Y, Z) float32 in 0..1, RAS}."""
+def preprocess_transforms(cfg: DataConfig, label: bool = False) -> Compose:
+    """The deterministic chain: {"image": files} -> {"image": MetaTensor (1, X, Y, Z) float32 in 0..1, RAS}.
+
+    With ``label``, a "label" key (a label volume on the image's grid) follows every spatial step with
+    nearest-neighbour resampling, so image and label stay aligned. Every step is invertible (``Compose.inverse``),
+    which brings results back to the source geometry.
+    """
     lo, hi = cfg.hu_window
     body = min(max((BODY_HU - lo) / (hi - lo), 0.0), 0.99)  # the body threshold in scaled units
+    keys = ["image", "label"] if label else ["image"]
     return Compose(
         [
-            LoadImaged("image", reader=CTReader(), image_only=True),
-            EnsureChannelFirstd("image", channel_dim="no_channel"),
-            Orientationd("image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-            Spacingd("image", pixdim=cfg.spacing, mode="bilinear", dtype=torch.float32),
+            LoadImaged(keys, reader=CTReader(), image_only=True),
+            EnsureChannelFirstd(keys, channel_dim="no_channel"),
+            Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+            Spacingd(keys, pixdim=cfg.spacing, mode=["bilinear", "nearest"][: len(keys)], dtype=torch.float32),
             ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
-            CropForegroundd("image", source_key="image", select_fn=functools.partial(torch.gt, other=body)),
-            SpatialPadd("image", spatial_size=(cfg.crop,) * 3, value=0.0),
+            CropForegroundd(keys, source_key="image", select_fn=functools.partial(torch.gt, other=body)),
+            SpatialPadd(keys, spatial_size=(cfg.crop,) * 3, value=0.0),
         ]
     )
 

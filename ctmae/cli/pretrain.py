@@ -1,53 +1,31 @@
-"""The ``ctmae`` command line: options -> config -> one call into the library. The only module that prints."""
+"""``ctmae pretrain``: find and cache the scans, train the MAE, print a summary."""
 
 from __future__ import annotations
 
-import os
-import sys
+import shutil
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ctmae.checkpoint import CheckpointError, load_checkpoint
+from ctmae.checkpoint import load_checkpoint
+from ctmae.cli.common import (
+    UsageError,
+    app,
+    console,
+    progress_bar,
+    report_skipped,
+    run_command,
+    sample_data_dir,
+)
 from ctmae.config import MASK_KINDS, MODEL_PRESETS, RunConfig, load_yaml
 from ctmae.io import InputError, find_volumes
 
-app = typer.Typer(
-    help="Self-supervised masked pretraining on CT volumes (3D masked autoencoder).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-console = Console()
-errors = Console(stderr=True)
-
-
-@app.callback()
-def _group() -> None:
-    """Self-supervised masked pretraining on CT volumes (3D masked autoencoder)."""
-
 # With no INPUTS, `ctmae pretrain` is a short CPU demo on the bundled scan; options given explicitly still win.
-DEMO = {"model": {"size": "tiny"}, "data": {"crop": 64, "crops_per_volume": 4},
-        "train": {"steps": 120, "batch_size": 4, "lr": 1e-3, "log_every": 5}}
+DEMO = {"model": {"size": "tiny"}, "data": {"crops_per_volume": 4},
+        "train": {"steps": 300, "batch_size": 4, "lr": 1e-3, "log_every": 10}}
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "train.log", "checkpoints", "tensorboard")
-
-
-class UsageError(Exception):
-    """Bad options or paths given by the user: exit code 2."""
-
-
-def sample_data_dir() -> Path:
-    """The bundled sample scans: $CTMAE_SAMPLE_DATA, the repository's sample_data/, or ./sample_data."""
-    candidates = [os.environ.get("CTMAE_SAMPLE_DATA"), Path(__file__).resolve().parent.parent / "sample_data",
-                  Path.cwd() / "sample_data"]
-    for c in candidates:
-        if c and (Path(c) / "ct").is_dir():
-            return Path(c)
-    raise UsageError("no INPUTS given and the bundled sample_data/ folder was not found; pass scans to train on")
 
 
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -57,8 +35,6 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
         raise UsageError(f"{out}: folder is not empty; pass --resume to continue that run or --overwrite to replace it")
     if overwrite and not resume and out.is_dir():
-        import shutil
-
         for name in RUN_OUTPUTS:
             p = out / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
@@ -76,49 +52,20 @@ def _given(**sections: dict) -> dict:
     return {name: {k: v for k, v in values.items() if v is not None} for name, values in sections.items()}
 
 
-def _run(fn) -> None:
-    """Run a command body: user-facing errors become one line and an exit code, never a traceback."""
-    try:
-        fn()
-    except UsageError as e:
-        errors.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except (InputError, CheckpointError, ValueError) as e:
-        errors.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        errors.print("interrupted")
-        raise typer.Exit(130) from None
-    except typer.Exit:
-        raise
-    except Exception as e:  # a bug, not a user error: still one line, with a way to see more
-        if os.environ.get("CTMAE_DEBUG"):
-            raise
-        errors.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (set CTMAE_DEBUG=1 for the traceback)",
-                     highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-
-
 def _volumes(inputs: list[Path], cfg: RunConfig):
-    """Find and cache the input volumes, reporting skipped ones; exits 1 when none is usable."""
+    """Find and cache the input volumes, reporting skipped ones; InputError when none is usable."""
     from ctmae.data import prepare_cache
 
     sources, problems = find_volumes([str(p) for p in inputs])
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task("preprocessing", total=len(sources), info="")
         good, bad = prepare_cache(sources, cfg.data, on_volume=lambda: progress.advance(task))
-    for line in problems + bad:
-        errors.print(f"[yellow]skipped:[/yellow] {line}", highlight=False, soft_wrap=True)
+    report_skipped(problems + bad)
     if not good:
         raise InputError(f"no usable volume among the inputs ({len(problems) + len(bad)} skipped)")
     skipped = f", {len(problems) + len(bad)} skipped" if problems or bad else ""
     console.print(f"{len(good)} volume(s) ready{skipped}; cache: {cfg.data.cache_dir}", highlight=False)
     return good
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
 
 
 @app.command()
@@ -177,7 +124,7 @@ def pretrain(
         except ValueError as e:
             raise UsageError(str(e)) from None
         sources = _volumes(scans, cfg)
-        with _progress() as progress:
+        with progress_bar() as progress:
             task = progress.add_task("pretraining", total=None, info="")
 
             def started(info: dict) -> None:
@@ -200,12 +147,5 @@ def pretrain(
             table.add_row(key.replace("_", " "), f"{value:.4f}" if isinstance(value, float) else str(value))
         console.print(table)
 
-    _run(body)
+    run_command(body)
 
-
-def main() -> None:
-    app(prog_name="ctmae")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

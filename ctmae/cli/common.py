@@ -1,0 +1,77 @@
+"""What every subcommand shares: the Typer app, the consoles, one-line errors with exit codes, progress bars."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ctmae.checkpoint import CheckpointError
+from ctmae.io import InputError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+errors = Console(stderr=True)
+
+
+@app.callback()
+def _group() -> None:
+    """Self-supervised masked pretraining on CT volumes (3D masked autoencoder): pretrain, then reconstruct, embed or
+    fine-tune for segmentation."""
+
+
+class UsageError(Exception):
+    """Bad options or paths given by the user: exit code 2."""
+
+
+def run_command(body: Callable[[], None]) -> None:
+    """Run a command body: user-facing errors become one line and an exit code, never a traceback.
+
+    Exit codes: 2 usage errors, 1 data/checkpoint errors and internal errors, 130 interrupted.
+    """
+    try:
+        body()
+    except UsageError as e:
+        errors.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True, markup=True)
+        raise typer.Exit(2) from None
+    except (InputError, CheckpointError, ValueError, OSError) as e:
+        errors.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        errors.print("interrupted")
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception as e:  # a bug, not a user error: still one line, with a way to see more
+        if os.environ.get("CTMAE_DEBUG"):
+            raise
+        errors.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (set CTMAE_DEBUG=1 for the traceback)",
+                     highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def report_skipped(problems: list[str]) -> None:
+    """One yellow line per skipped input."""
+    for line in problems:
+        errors.print(f"[yellow]skipped:[/yellow] {line}", highlight=False, soft_wrap=True)
+
+
+def progress_bar() -> Progress:
+    """A rich progress bar with a free-text ``info`` field (loss, rates)."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    console=console)
+
+
+def sample_data_dir() -> Path:
+    """The bundled sample scans: $CTMAE_SAMPLE_DATA, the repository's sample_data/, or ./sample_data."""
+    candidates = [os.environ.get("CTMAE_SAMPLE_DATA"), Path(__file__).resolve().parents[2] / "sample_data",
+                  Path.cwd() / "sample_data"]
+    for c in candidates:
+        if c and (Path(c) / "ct").is_dir():
+            return Path(c)
+    raise UsageError("no INPUTS given and the bundled sample_data/ folder was not found; pass scans explicitly")
