@@ -15,9 +15,10 @@ from typing import Any
 
 import yaml
 
-# Encoder/decoder sizes, one entry per preset. Sin-cos position embeddings work for any width; head_dim = dim / heads.
+# Encoder/decoder sizes, one entry per preset; head_dim = dim / heads. tiny, small and base keep 12 encoder blocks
+# because MONAI's UNETR (finetune-seg) reads blocks 3, 6, 9 and 12 of a 12-block ViT with 16³ patches.
 MODEL_PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(dim=96, depth=4, heads=4, dec_dim=64, dec_depth=1, dec_heads=4),  # CPU tests and demos
+    "tiny": dict(dim=96, depth=12, heads=4, dec_dim=64, dec_depth=1, dec_heads=4),  # CPU tests and demos
     "small": dict(dim=384, depth=12, heads=6, dec_dim=256, dec_depth=2, dec_heads=8),
     "base": dict(dim=768, depth=12, heads=12, dec_dim=384, dec_depth=4, dec_heads=12),  # ViT-B; MONAI MAE's decoder
     "large": dict(dim=1024, depth=24, heads=16, dec_dim=512, dec_depth=4, dec_heads=16),

@@ -106,3 +106,24 @@ def ct_array() -> np.ndarray:
     """A small (X, Y, Z) = (20, 18, 12) int16 volume of distinct HU-like values, so any axis mix-up shows."""
     rng = np.random.default_rng(0)
     return rng.integers(-1024, 2000, size=(20, 18, 12)).astype(np.int16)
+
+
+SAMPLE_DATA = Path(__file__).resolve().parent.parent / "sample_data"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny MAE (64³ crops, 16³ patches, block masking) trained for a few CPU steps on the sample scan."""
+    from ctmae.config import RunConfig
+    from ctmae.data import prepare_cache
+    from ctmae.engine import pretrain
+    from ctmae.io import find_volumes
+
+    root = tmp_path_factory.mktemp("tiny_mae")
+    cfg = RunConfig.from_dict({"model": {"size": "tiny"}, "data": {"crop": 64, "workers": 0, "cache_dir": str(root / "cache")},
+                               "train": {"steps": 4, "batch_size": 2, "lr": 1e-3, "log_every": 1}})
+    sources, _ = find_volumes([str(SAMPLE_DATA / "ct")])
+    good, problems = prepare_cache(sources, cfg.data)
+    assert good and not problems, problems
+    pretrain(cfg, good, root / "run")
+    return root / "run" / "checkpoints" / "last.pt"
