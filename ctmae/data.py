@@ -153,11 +153,13 @@ def prepare_cache(
 class CropVisits(Dataset):
     """Item ``v`` is visit ``v`` of the seeded schedule: ``crops_per_volume`` random crops (N, 1, c, c, c)."""
 
-    def __init__(self, sources: Sequence[VolumeSource], cfg: DataConfig, seed: int) -> None:
-        self.sources, self.cfg, self.seed = list(sources), cfg, seed
+    def __init__(self, sources: Sequence[VolumeSource], cfg: DataConfig, seed: int, rank: int = 0,
+                 world: int = 1) -> None:
+        self.sources, self.cfg, self.seed, self.rank, self.world = list(sources), cfg, seed, rank, world
         self.cache = VolumeCache(cfg)
 
     def source_of(self, visit: int) -> VolumeSource:
+        """The volume of global visit ``visit``: slot ``visit % V`` of epoch ``visit // V``'s seeded permutation."""
         epoch, slot = divmod(visit, len(self.sources))
         order = torch.randperm(len(self.sources), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
         return self.sources[int(order[slot])]
@@ -165,7 +167,8 @@ class CropVisits(Dataset):
     def __len__(self) -> int:
         return 2**62  # endless; the sampler decides which visits are read
 
-    def __getitem__(self, visit: int) -> torch.Tensor:
+    def __getitem__(self, local_visit: int) -> torch.Tensor:
+        visit = local_visit * self.world + self.rank
         volume = torch.from_numpy(np.array(self.cache.load(self.source_of(visit))))[None]  # (1, X, Y, Z)
         crop = RandSpatialCropSamplesd("image", roi_size=(self.cfg.crop,) * 3, num_samples=self.cfg.crops_per_volume,
                                        random_size=False)
@@ -174,12 +177,23 @@ class CropVisits(Dataset):
 
 
 def crop_batches(
-    sources: Sequence[VolumeSource], cfg: DataConfig, seed: int, batch_size: int, start_step: int = 0
+    sources: Sequence[VolumeSource],
+    cfg: DataConfig,
+    seed: int,
+    batch_size: int,
+    start_step: int = 0,
+    rank: int = 0,
+    world: int = 1,
 ) -> Iterator[torch.Tensor]:
-    """Endless batches (B, 1, c, c, c) of crops, continuing exactly where step ``start_step`` would be."""
+    """Endless batches (B, 1, c, c, c) of crops, continuing exactly where step ``start_step`` would be.
+
+    Under ``world`` processes, rank ``r`` reads visits r, r + world, r + 2·world, ...: disjoint volumes in each
+    epoch. When ``crops_per_volume`` equals the per-rank batch, the global batch of a step holds the same crops
+    as a single process with ``world`` times the batch.
+    """
     n = cfg.crops_per_volume
     first_visit, skip = divmod(start_step * batch_size, n)
-    visits = CropVisits(sources, cfg, seed)
+    visits = CropVisits(sources, cfg, seed, rank, world)
     loader = DataLoader(
         visits,
         batch_size=None,

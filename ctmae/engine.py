@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,12 +19,15 @@ import torch
 from ctmae.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ctmae.config import RunConfig, save_yaml
 from ctmae.data import crop_batches
+from ctmae.distributed import DistInfo, any_rank, mean_over_ranks
 from ctmae.io import VolumeSource
-from ctmae.masking import corrupt, sample_mask
+from ctmae.masking import TokenMask, corrupt, sample_mask
 from ctmae.metrics_log import MetricsLog
 from ctmae.model import MaskedAutoencoder3D
 
 DEFAULT_STEPS = 1000
+MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run gives up
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: SLURM's warning before the time limit
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,13 +48,13 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
-def resolve_steps(cfg: RunConfig, num_volumes: int) -> int:
+def resolve_steps(cfg: RunConfig, num_volumes: int, global_batch: int) -> int:
     """Steps to train: ``train.steps``, else epochs over all crops (volumes x crops_per_volume), else the default."""
     t = cfg.train
     if t.steps is not None:
         return t.steps
     if t.epochs is not None:
-        return max(1, math.ceil(t.epochs * num_volumes * cfg.data.crops_per_volume / t.batch_size))
+        return max(1, math.ceil(t.epochs * num_volumes * cfg.data.crops_per_volume / global_batch))
     return DEFAULT_STEPS
 
 
@@ -71,12 +75,33 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas, fused=False)
 
 
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1; the loop finishes its step, checkpoints and returns. Restores handlers on exit."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def pretrain(
     cfg: RunConfig,
     sources: Sequence[VolumeSource],
     run_dir: Path,
     resume: bool = False,
     stop_at: int | None = None,
+    dist: DistInfo = DistInfo(),
     on_start: Callable[[dict[str, Any]], None] | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
@@ -88,23 +113,29 @@ def pretrain(
         run_dir: output folder; ``checkpoints/last.pt`` there is continued when ``resume``.
         resume: continue from ``run_dir/checkpoints/last.pt`` if it exists (start fresh otherwise).
         stop_at: end this process after this step (checkpointing it), as a preempted job would; resume continues.
-        on_start: called once with ``{"start_step", "total_steps", "device", "precision"}``.
+        dist: this process's rank under torchrun; ranks read disjoint volumes, rank 0 alone writes files.
+        on_start: called once with ``{"start_step", "total_steps", "device", "precision", "global_batch"}``.
         on_step: called after each step with ``{"step", "loss", "lr"}`` (loss only on logged steps, else None).
 
     Returns:
-        Figures of the run: steps, first/last logged loss, seconds, crops per second, checkpoint path.
+        Figures of the run: steps, first/last logged loss, seconds, crops per second, checkpoint path,
+        ``stopped`` (None, or why the run ended early: a signal, repeated non-finite losses) and ``model``, the
+        trained MAE.
     """
     device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and dist.world > 1:
+        device = torch.device("cuda", dist.local_rank)
     precision = resolve_precision(cfg.train.precision, device)
-    total = resolve_steps(cfg, len(sources))
+    global_batch = cfg.train.batch_size * dist.world
+    total = resolve_steps(cfg, len(sources), global_batch)
     cfg = cfg.replace(train={"steps": total, "device": device.type, "precision": precision})
+    t = cfg.train
     last = run_dir / "checkpoints" / "last.pt"
     state = load_checkpoint(last) if resume and last.is_file() else None
 
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(t.seed)
     model = MaskedAutoencoder3D(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg)
-    t = cfg.train
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, t.warmup, t.min_lr / t.lr if t.lr else 0.0)
     )
@@ -117,59 +148,99 @@ def pretrain(
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         start = state["step"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, run_dir / "config.yaml")
-    log = MetricsLog(run_dir, start_step=start)
-    log.info(f"{'resuming at' if start else 'starting'} step {start} of {total} on {device.type} ({precision})")
+    net = model
+    if dist.world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
+    log = MetricsLog(run_dir, start_step=start, enabled=dist.is_main)
+    log.info(f"{'resuming at' if start else 'starting'} step {start} of {total} on {device.type} ({precision}), "
+             f"{dist.world} process(es), global batch {global_batch}")
     if on_start:
-        on_start({"start_step": start, "total_steps": total, "device": device.type, "precision": precision})
+        on_start({"start_step": start, "total_steps": total, "device": device.type, "precision": precision,
+                  "global_batch": global_batch})
+
+    def checkpoint(step: int, periodic: bool) -> None:
+        if not dist.is_main:
+            return
+        ckpt = {"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step, "rng": rng_state()}
+        save_checkpoint(ckpt, last)
+        if periodic:
+            save_checkpoint(ckpt, run_dir / "checkpoints" / f"step_{step:07d}.pt")
+        log.info(f"step {step}: checkpoint written to {last}")
 
     end = min(total, stop_at) if stop_at is not None else total
-    batches = crop_batches(sources, cfg.data, t.seed, t.batch_size, start_step=start)
+    batches = crop_batches(sources, cfg.data, t.seed, t.batch_size, start_step=start, rank=dist.rank,
+                           world=dist.world)
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
         if precision in ("bf16", "fp16") else contextlib.nullcontext()
     )
-    model.train()
-    t0, window_loss, window_steps, first_loss, loss_value = time.perf_counter(), None, 0, None, None
-    for step in range(start, end):
-        images = next(batches).to(device, non_blocking=True)  # (B, 1, c, c, c)
-        gen = torch.Generator(device).manual_seed(t.seed * 1_000_003 + step)  # masks repeat exactly on resume
-        mask = sample_mask(cfg.mask, images.shape[0], model.grid(images), gen, device)
-        with autocast:
-            loss, _, _ = model(images, mask, inputs=corrupt(images, cfg.mask, gen))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if t.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        window_loss = loss.detach() if window_loss is None else window_loss + loss.detach()  # no host sync
-        window_steps += 1
-        done = step + 1
-        loss_value = None
-        if done % t.log_every == 0 or done == end:
-            loss_value = window_loss.item() / window_steps
-            first_loss = loss_value if first_loss is None else first_loss
-            seconds = time.perf_counter() - t0
-            log.metrics({"step": done, "loss": loss_value, "lr": lr, "seconds": round(seconds, 3),
-                         "crops_per_s": round((done - start) * t.batch_size / seconds, 3)})
-            window_loss, window_steps = None, 0
-        if done % t.ckpt_every == 0 or done == end:
-            state = {"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": done,
-                     "rng": rng_state()}
-            save_checkpoint(state, last)
-            if done % t.ckpt_every == 0:
-                save_checkpoint(state, run_dir / "checkpoints" / f"step_{done:07d}.pt")
-            log.info(f"step {done}: checkpoint written to {last}")
-        if on_step:
-            on_step({"step": done, "loss": loss_value, "lr": lr})
+    net.train()
+    t0, window, window_steps, first_loss, bad_steps, skipped, stopped = time.perf_counter(), None, 0, None, 0, 0, None
+    step = start
+    with StopFlag() as flag:
+        while step < end:
+            images = next(batches).to(device, non_blocking=True)  # (B, 1, c, c, c)
+            gen = torch.Generator(device).manual_seed(t.seed * 1_000_003 + step)  # masks repeat exactly on resume
+            mask = _rank_slice(sample_mask(cfg.mask, global_batch, model.grid(images), gen, device), dist)
+            with autocast:
+                loss, _, _ = net(images, mask, inputs=corrupt(images, cfg.mask, gen))
+            finite = bool(torch.isfinite(loss).all()) if dist.world == 1 else not any_rank(
+                not bool(torch.isfinite(loss).all()), dist, device)
+            optimizer.zero_grad(set_to_none=True)
+            if finite:  # a non-finite loss skips the update: weights stay as they were
+                scaler.scale(loss).backward()
+                if t.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                bad_steps = 0
+                window = loss.detach() if window is None else window + loss.detach()  # summed on device: no sync
+                window_steps += 1
+            else:
+                bad_steps, skipped = bad_steps + 1, skipped + 1
+                log.info(f"step {step + 1}: non-finite loss, update skipped ({bad_steps} in a row)")
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            step += 1
+            if bad_steps >= MAX_BAD_STEPS:
+                stopped = f"{MAX_BAD_STEPS} non-finite losses in a row, the last at step {step}"
+                log.info(f"stopped: {stopped}; the last good checkpoint is kept")
+                break
+            logged = None
+            if (step % t.log_every == 0 or step == end) and window_steps:
+                logged = mean_over_ranks(window, dist).item() / window_steps
+                first_loss = logged if first_loss is None else first_loss
+                seconds = time.perf_counter() - t0
+                log.metrics({"step": step, "loss": logged, "lr": lr, "seconds": round(seconds, 3),
+                             "crops_per_s": round((step - start) * global_batch / seconds, 3)})
+                window, window_steps = None, 0
+            signalled = any_rank(flag.signal is not None, dist, device)
+            if step % t.ckpt_every == 0 or step == end or signalled:
+                checkpoint(step, periodic=step % t.ckpt_every == 0)
+            if on_step:
+                on_step({"step": step, "loss": logged, "lr": lr})
+            if signalled:
+                stopped = f"stop signal ({flag.signal or 'on another rank'}) after step {step}"
+                log.info(f"stopped: {stopped}; resume with --resume")
+                break
     log.close()
     seconds = time.perf_counter() - t0
-    return {"start_step": start, "steps": end, "total_steps": total, "first_loss": first_loss,
-            "last_loss": log.last_loss, "seconds": seconds, "crops_per_s": (end - start) * t.batch_size / seconds,
-            "checkpoint": str(last), "device": device.type, "precision": precision}
+    return {"start_step": start, "steps": step, "total_steps": total, "first_loss": first_loss,
+            "last_loss": log.last_loss, "seconds": seconds, "crops_per_s": (step - start) * global_batch / seconds,
+            "checkpoint": str(last), "device": device.type, "precision": precision, "skipped_steps": skipped,
+            "stopped": stopped, "global_batch": global_batch, "model": model}
+
+
+def _rank_slice(mask: TokenMask, dist: DistInfo) -> TokenMask:
+    """This rank's share of a mask drawn for the global batch, so masks do not depend on the number of ranks."""
+    if dist.world == 1:
+        return mask
+    n = mask.mask.shape[0] // dist.world
+    sl = slice(dist.rank * n, (dist.rank + 1) * n)
+    return TokenMask(mask.ids_keep[sl], mask.ids_pred[sl], mask.mask[sl])

@@ -11,14 +11,17 @@ from typing import Any
 class MetricsLog:
     """Appends to the run folder's logs; lines survive a crash because each write is flushed."""
 
-    def __init__(self, run_dir: Path, start_step: int = 0) -> None:
+    def __init__(self, run_dir: Path, start_step: int = 0, enabled: bool = True) -> None:
+        self.enabled = enabled  # only rank 0 of a distributed run writes
+        self.last_loss: float | None = None
+        if not enabled:
+            return
         path = run_dir / "metrics.jsonl"
         if path.is_file():  # on resume, rows after the checkpoint's step are redone: drop the stale ones
             rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= start_step]
             path.write_text("".join(r + "\n" for r in rows))
         self.metrics_file = open(path, "a")
         self.log_file = open(run_dir / "train.log", "a")
-        self.last_loss: float | None = None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -27,19 +30,25 @@ class MetricsLog:
             self.tb = None
 
     def metrics(self, row: dict[str, Any]) -> None:
+        self.last_loss = row.get("loss", self.last_loss)
+        if not self.enabled:
+            return
         self.metrics_file.write(json.dumps(row) + "\n")
         self.metrics_file.flush()
-        self.last_loss = row.get("loss", self.last_loss)
         if self.tb is not None:
             for key, value in row.items():
                 if key != "step":
                     self.tb.add_scalar(key, value, row["step"])
 
     def info(self, line: str) -> None:
+        if not self.enabled:
+            return
         self.log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
         self.log_file.flush()
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.metrics_file.close()
         self.log_file.close()
         if self.tb is not None:

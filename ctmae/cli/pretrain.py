@@ -14,12 +14,14 @@ from ctmae.cli.common import (
     UsageError,
     app,
     console,
+    errors,
     progress_bar,
     report_skipped,
     run_command,
     sample_data_dir,
 )
 from ctmae.config import MASK_KINDS, MODEL_PRESETS, RunConfig, load_yaml
+from ctmae.distributed import DistInfo, barrier, cleanup, gather, setup
 from ctmae.io import InputError, find_volumes
 
 # With no INPUTS, `ctmae pretrain` is a short CPU demo on the bundled scan; options given explicitly still win.
@@ -52,14 +54,22 @@ def _given(**sections: dict) -> dict:
     return {name: {k: v for k, v in values.items() if v is not None} for name, values in sections.items()}
 
 
-def _volumes(inputs: list[Path], cfg: RunConfig):
-    """Find and cache the input volumes, reporting skipped ones; InputError when none is usable."""
+def _volumes(inputs: list[Path], cfg: RunConfig, dist: DistInfo):
+    """Find and cache the input volumes, reporting skipped ones; InputError when none is usable.
+
+    Under torchrun the ranks preprocess disjoint shares of the volumes, then meet at a barrier: each volume is
+    cached once, by one process (cache files are written atomically, so a reader never sees half of one).
+    """
     from ctmae.data import prepare_cache
 
     sources, problems = find_volumes([str(p) for p in inputs])
+    mine = sources[dist.rank :: dist.world]
     with progress_bar() as progress:
-        task = progress.add_task("preprocessing", total=len(sources), info="")
-        good, bad = prepare_cache(sources, cfg.data, on_volume=lambda: progress.advance(task))
+        task = progress.add_task("preprocessing", total=len(mine), info="")
+        ready, bad = prepare_cache(mine, cfg.data, on_volume=lambda: progress.advance(task))
+    barrier(dist)
+    ready_ids, bad = set(gather([s.id for s in ready], dist)), gather(bad, dist)
+    good = [s for s in sources if s.id in ready_ids]
     report_skipped(problems + bad)
     if not good:
         raise InputError(f"no usable volume among the inputs ({len(problems) + len(bad)} skipped)")
@@ -103,7 +113,12 @@ def pretrain(
     def body() -> None:
         from ctmae.engine import pretrain as run_pretrain
 
-        prepare_run_dir(out, resume, overwrite)
+        dist = setup(device or "auto")
+        if not dist.is_main:  # rank 0 alone talks to the user and writes the run folder
+            console.quiet = errors.quiet = True
+        else:
+            prepare_run_dir(out, resume, overwrite)
+        barrier(dist)
         scans = inputs or [sample_data_dir() / "ct"]
         last = out / "checkpoints" / "last.pt"
         base = load_checkpoint(last)["config"] if resume and last.is_file() else None
@@ -123,14 +138,14 @@ def pretrain(
                 cfg = cfg.replace(train={"steps": None})
         except ValueError as e:
             raise UsageError(str(e)) from None
-        sources = _volumes(scans, cfg)
+        sources = _volumes(scans, cfg, dist)
         with progress_bar() as progress:
             task = progress.add_task("pretraining", total=None, info="")
 
             def started(info: dict) -> None:
                 progress.update(task, total=info["total_steps"], completed=info["start_step"])
-                console.print(f"training on {info['device']} ({info['precision']}), "
-                              f"{cfg.model.size} model, mask {cfg.mask.kind}", highlight=False)
+                console.print(f"training on {info['device']} ({info['precision']}), {cfg.model.size} model, "
+                              f"mask {cfg.mask.kind}, global batch {info['global_batch']}", highlight=False)
 
             def stepped(info: dict) -> None:
                 if info["loss"] is not None:
@@ -138,14 +153,19 @@ def pretrain(
                     progress.update(task, info=f"loss {info['loss']:.4f}  {rate * cfg.train.batch_size:.1f} crops/s")
                 progress.update(task, completed=info["step"])
 
-            result = run_pretrain(cfg, sources, out, resume=resume, stop_at=stop_at, on_start=started,
+            result = run_pretrain(cfg, sources, out, resume=resume, stop_at=stop_at, dist=dist, on_start=started,
                                   on_step=stepped)
+        cleanup(dist)
         table = Table(title="pretraining summary", show_header=False)
         for key in ("start_step", "steps", "total_steps", "first_loss", "last_loss", "crops_per_s", "device",
                     "precision", "checkpoint"):
             value = result[key]
             table.add_row(key.replace("_", " "), f"{value:.4f}" if isinstance(value, float) else str(value))
         console.print(table)
+        if result["stopped"]:
+            errors.print(f"[yellow]stopped early:[/yellow] {result['stopped']}", highlight=False, soft_wrap=True)
+            if result["steps"] < result["total_steps"] and "signal" not in result["stopped"]:
+                raise typer.Exit(1)
 
     run_command(body)
 
