@@ -10,9 +10,9 @@ COPY sample_data ./sample_data
 # The base image's torch satisfies ctmae's torch range, so pip keeps it and adds only the rest.
 RUN pip install --no-cache-dir . \
     && useradd --create-home --uid 1000 ctmae \
-    && mkdir -p /data /runs && chown ctmae /runs
+    && mkdir -p /data /runs && chown 1000:1000 /runs
 
-USER ctmae
+USER 1000:1000
 # The preprocessing cache lives with the outputs, so it survives the container.
 ENV CTMAE_SAMPLE_DATA=/opt/ctmae/sample_data \
     XDG_CACHE_HOME=/runs/.cache
