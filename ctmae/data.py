@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import json
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -39,12 +40,12 @@ CACHE_VERSION = 1  # bump when the preprocessing code changes what it produces
 BODY_HU = -500.0  # voxels above this HU count as foreground (body) for the foreground crop
 
 
-def preprocess_transforms(cfg: DataConfig, label: bool = False) -> Compose:
+def preprocess_transforms(cfg: DataConfig, label: bool = False, pad: bool = True) -> Compose:
     """The deterministic chain: {"image": files} -> {"image": MetaTensor (1, X, Y, Z) float32 in 0..1, RAS}.
 
     With ``label``, a "label" key (a label volume on the image's grid) follows every spatial step with
     nearest-neighbour resampling, so image and label stay aligned. Every step is invertible (``Compose.inverse``),
-    which brings results back to the source geometry.
+    which brings results back to the source geometry. ``pad=False`` leaves out the final padding to the crop size.
     """
     lo, hi = cfg.hu_window
     body = min(max((BODY_HU - lo) / (hi - lo), 0.0), 0.99)  # the body threshold in scaled units
@@ -57,7 +58,7 @@ def preprocess_transforms(cfg: DataConfig, label: bool = False) -> Compose:
             Spacingd(keys, pixdim=cfg.spacing, mode=["bilinear", "nearest"][: len(keys)], dtype=torch.float32),
             ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
             CropForegroundd(keys, source_key="image", select_fn=functools.partial(torch.gt, other=body)),
-            SpatialPadd(keys, spatial_size=(cfg.crop,) * 3, value=0.0),
+            *([SpatialPadd(keys, spatial_size=(cfg.crop,) * 3, value=0.0)] if pad else []),
         ]
     )
 
@@ -65,52 +66,93 @@ def preprocess_transforms(cfg: DataConfig, label: bool = False) -> Compose:
 class VolumeCache:
     """Preprocessed volumes on disk, one ``<key>.npy`` + ``<key>.json`` pair per (file identity, settings).
 
-    Files are written to a temporary name in the cache folder and renamed, so a reader never sees half a file;
-    the ``.npy`` is renamed last and marks the entry complete.
+    Files are written to a temporary name in the cache folder and renamed, so a reader never sees half a file. The
+    ``.json`` is renamed last: it marks the entry complete and records the ``.npy``'s size and CRC-32. The size is
+    checked at every read and the checksum once per process and entry; a truncated or corrupted entry is rebuilt.
     """
 
-    def __init__(self, cfg: DataConfig) -> None:
+    def __init__(self, cfg: DataConfig, min_edge: int = 1) -> None:
         self.dir = Path(cfg.cache_dir)
-        self.transform = preprocess_transforms(cfg)
+        self.transform = preprocess_transforms(cfg, pad=False)
+        self.pad = SpatialPadd("image", spatial_size=(cfg.crop,) * 3, value=0.0)
+        self.min_edge = min_edge
         settings = dict(v=CACHE_VERSION, spacing=cfg.spacing, window=cfg.hu_window, crop=cfg.crop)
         self.settings = json.dumps(settings, sort_keys=True)
+        self._verified: set[str] = set()
 
     def key(self, source: VolumeSource) -> str:
         return hashlib.sha256(f"{source.identity()}|{self.settings}".encode()).hexdigest()[:32]
 
     def ensure(self, source: VolumeSource) -> Path:
-        """Preprocess ``source`` unless cached; returns the ``.npy`` path. Raises InputError for unusable input."""
+        """Preprocess ``source`` unless validly cached; returns the ``.npy`` path. Raises InputError if unusable."""
         npy = self.dir / f"{self.key(source)}.npy"
-        if npy.is_file():
+        if self._valid(npy):
             return npy
+        image = self._preprocess(source)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        array = image.numpy()[0].astype(np.float32, copy=False)  # (X, Y, Z)
+        _atomic_write(npy, lambda f: np.save(f, array))
+        meta = {"affine": image.affine.tolist(), "shape": list(array.shape), "bytes": npy.stat().st_size,
+                "crc32": _crc32(npy)}
+        _atomic_write(npy.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
+        self._verified.add(npy.name)
+        return npy
+
+    def load(self, source: VolumeSource) -> np.ndarray:
+        """The preprocessed volume (X, Y, Z) float32, memory-mapped; built first if missing or damaged."""
+        return np.load(self.ensure(source), mmap_mode="r")
+
+    def _preprocess(self, source: VolumeSource):
         try:
             image = self.transform({"image": list(source.files)})["image"]
-        except InputError:
-            raise
         except Exception as e:  # MONAI wraps reader errors in RuntimeError chains; report the root cause
             while e.__cause__ is not None:
                 e = e.__cause__
             if isinstance(e, InputError):
                 raise e from None
             raise InputError(f"{source.files[0]}: could not preprocess: {str(e).splitlines()[0]}") from None
-        self.dir.mkdir(parents=True, exist_ok=True)
-        meta = {"affine": image.affine.tolist(), "shape": list(image.shape[1:])}
-        _atomic_write(npy.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
-        _atomic_write(npy, lambda f: np.save(f, image.numpy()[0].astype(np.float32, copy=False)))
-        return npy
+        if min(image.shape[1:]) < self.min_edge:
+            shape = "x".join(str(n) for n in image.shape[1:])
+            raise InputError(f"{source.files[0]}: body region is {shape} voxels after resampling, smaller than one "
+                             f"{self.min_edge}³ patch")
+        return self.pad({"image": image})["image"]
 
-    def load(self, source: VolumeSource) -> np.ndarray:
-        """The preprocessed volume (X, Y, Z) float32, memory-mapped; built first if missing."""
-        return np.load(self.ensure(source), mmap_mode="r")
+    def _valid(self, npy: Path) -> bool:
+        """True for a complete, undamaged entry; a damaged one is removed so that it is rebuilt."""
+        sidecar = npy.with_suffix(".json")
+        if not sidecar.is_file():
+            return False
+        try:
+            meta = json.loads(sidecar.read_text())
+            ok = npy.stat().st_size == meta["bytes"] and (npy.name in self._verified or _crc32(npy) == meta["crc32"])
+        except (OSError, ValueError, KeyError):
+            ok = False
+        if ok:
+            self._verified.add(npy.name)
+        else:
+            sidecar.unlink(missing_ok=True)
+            npy.unlink(missing_ok=True)
+        return ok
 
 
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 class _Prepare(Dataset):
@@ -131,7 +173,7 @@ class _Prepare(Dataset):
 
 
 def prepare_cache(
-    sources: Sequence[VolumeSource], cfg: DataConfig, on_volume=None
+    sources: Sequence[VolumeSource], cfg: DataConfig, on_volume=None, min_edge: int = 1
 ) -> tuple[list[VolumeSource], list[str]]:
     """Preprocess every volume into the cache (in parallel workers); returns (usable sources, problems).
 
@@ -139,8 +181,9 @@ def prepare_cache(
         sources: volumes from ``ctmae.io.find_volumes``.
         cfg: preprocessing settings and cache folder.
         on_volume: optional callback called once per finished volume (progress).
+        min_edge: refuse volumes whose body region is smaller than this many voxels along an axis (one patch).
     """
-    cache = VolumeCache(cfg)
+    cache = VolumeCache(cfg, min_edge)
     loader = DataLoader(_Prepare(sources, cache), batch_size=None, num_workers=min(cfg.workers, len(sources)))
     good, problems = [], []
     for source, problem in zip(sources, loader):

@@ -35,6 +35,7 @@ _SERIES_TAGS = {
 # Gaps between consecutive slices may differ from the median gap by this fraction, or this many mm if larger.
 SPACING_REL_TOL = 0.01
 SPACING_ABS_TOL_MM = 0.01
+ORIENTATION_TOL = 1e-3  # direction cosines of all slices must agree this closely
 
 
 @dataclass(frozen=True)
@@ -96,28 +97,31 @@ def series_in_folder(folder: str) -> list[DicomSeries]:
     return sorted((s for s in found if s.files), key=lambda s: s.uid_hash)
 
 
-def slice_spacing_problem(files: Sequence[str]) -> str | None:
-    """Check that a series' slices are evenly spaced along the slice normal.
+def series_geometry_problem(files: Sequence[str]) -> str | None:
+    """Check that a series' slices share one orientation and are evenly spaced along the slice normal.
 
     ITK only warns about uneven spacing and then assumes an even grid, which would silently distort the volume,
-    so a missing or duplicated slice is refused here.
+    so a missing or duplicated slice, or a slice tilted differently from the rest, is refused here.
 
     Args:
         files: the series' files, sorted by slice position (as `series_in_folder` gives them).
 
     Returns:
-        A short reason when the spacing is uneven, otherwise None.
+        A short reason when the geometry is inconsistent, otherwise None.
     """
-    if len(files) < 3:
-        return None
     reader = sitk.ImageFileReader()
-    positions = []
+    positions, directions = [], []
     for path in files:
         reader.SetFileName(path)
         reader.ReadImageInformation()
         positions.append(reader.GetOrigin())
+        directions.append(reader.GetDirection())
+    if np.abs(np.asarray(directions) - np.asarray(directions[0])).max() > ORIENTATION_TOL:
+        return "inconsistent slice orientation (ImageOrientationPatient differs between slices)"
+    if len(files) < 3:
+        return None
     # ITK derives the third direction column as the slice normal (row x column cosines).
-    normal = np.asarray(reader.GetDirection()).reshape(3, 3)[:, 2]
+    normal = np.asarray(directions[0]).reshape(3, 3)[:, 2]
     gaps = np.diff(np.asarray(positions) @ normal)
     expected = float(np.median(gaps))
     if abs(expected) < SPACING_ABS_TOL_MM or np.any(np.abs(gaps) < SPACING_ABS_TOL_MM):
@@ -125,6 +129,14 @@ def slice_spacing_problem(files: Sequence[str]) -> str | None:
     if np.any(np.abs(gaps - expected) > max(SPACING_REL_TOL * abs(expected), SPACING_ABS_TOL_MM)):
         return "uneven slice spacing (missing slice?)"
     return None
+
+
+def series_modality(path: str) -> str:
+    """The Modality tag (0008,0060) of a DICOM file, e.g. "CT" or "MR"; empty when absent."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    return reader.GetMetaData("0008|0060").strip() if reader.HasMetaDataKey("0008|0060") else ""
 
 
 def read_series(files: Sequence[str]) -> sitk.Image:

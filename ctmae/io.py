@@ -25,7 +25,14 @@ from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
-from ctmae.dicom import has_dicom_magic, itk_warnings_off, read_series, series_in_folder, slice_spacing_problem
+from ctmae.dicom import (
+    has_dicom_magic,
+    itk_warnings_off,
+    read_series,
+    series_geometry_problem,
+    series_in_folder,
+    series_modality,
+)
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 LIST_SUFFIXES = (".txt", ".csv")
@@ -56,11 +63,13 @@ class VolumeSource:
             folder plus "#" and a short hash of the SeriesInstanceUID.
         files: absolute paths: one image file, or a DICOM series' files sorted by slice position.
         is_dicom: whether `files` is a DICOM series.
+        modality: the DICOM Modality tag ("CT", "MR", ...); empty for other formats, which do not record it.
     """
 
     id: str
     files: tuple[str, ...]
     is_dicom: bool
+    modality: str = ""
 
     def identity(self) -> str:
         """sha256 hex over (absolute path, size, mtime_ns) of every file; changes whenever a file does.
@@ -86,6 +95,7 @@ class _Found:
     is_dicom: bool
     anchor: str
     name: str  # absolute path of the file, or of the series folder plus "#hash"
+    modality: str = ""
 
 
 def find_volumes(inputs: Sequence[str | os.PathLike]) -> tuple[list[VolumeSource], list[str]]:
@@ -172,7 +182,8 @@ def _add_dicom_folder(folder: str, found: list[_Found], problems: list[str]) -> 
         if problem:
             problems.append(f"{folder}#{s.uid_hash}: {problem}")
             continue
-        found.append(_Found(s.files, True, os.path.dirname(s.folder), f"{s.folder}#{s.uid_hash}"))
+        found.append(_Found(s.files, True, os.path.dirname(s.folder), f"{s.folder}#{s.uid_hash}",
+                            series_modality(s.files[0])))
 
 
 def _expand_list(list_path: str, found: list[_Found], problems: list[str]) -> None:
@@ -214,7 +225,31 @@ def _with_ids(found: list[_Found]) -> list[VolumeSource]:
     if not found:
         return []
     root = os.path.commonpath([f.anchor for f in found])
-    return [VolumeSource(Path(os.path.relpath(f.name, root)).as_posix(), f.files, f.is_dicom) for f in found]
+    return [VolumeSource(Path(os.path.relpath(f.name, root)).as_posix(), f.files, f.is_dicom, f.modality)
+            for f in found]
+
+
+def check_modality(sources: Sequence[VolumeSource], required: str | None) -> tuple[list[VolumeSource], list[str]]:
+    """Sort out DICOM series of another modality than CT.
+
+    Args:
+        sources: found volumes.
+        required: a modality every DICOM series must have (e.g. "CT"): others are dropped and reported. None: all
+            are kept and non-CT series get a warning line.
+
+    Returns:
+        (kept sources, one line per dropped or suspicious series).
+    """
+    kept, lines = [], []
+    for s in sources:
+        other = s.modality and s.modality.upper() != (required or "CT").upper()
+        if other and required:
+            lines.append(f"{s.id}: modality {s.modality}, not {required}")
+            continue
+        if other:
+            lines.append(f"{s.id}: modality {s.modality}, not CT; HU windowing assumes CT (--modality CT skips it)")
+        kept.append(s)
+    return kept, lines
 
 
 def _header_problem(path: str, slices: int | None = None) -> str | None:
@@ -312,7 +347,7 @@ def _read_image(files: Sequence[str]) -> sitk.Image:
     try:
         with itk_warnings_off():
             if not problem and len(files) > 1:
-                problem = slice_spacing_problem(files)
+                problem = series_geometry_problem(files)
             if not problem:
                 image = read_series(files) if len(files) > 1 else sitk.ReadImage(files[0])
     except RuntimeError as e:

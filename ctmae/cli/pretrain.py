@@ -22,7 +22,7 @@ from ctmae.cli.common import (
 )
 from ctmae.config import MASK_KINDS, MODEL_PRESETS, RunConfig, load_yaml
 from ctmae.distributed import DistInfo, barrier, cleanup, gather, setup
-from ctmae.io import InputError, find_volumes
+from ctmae.io import InputError, check_modality, find_volumes
 
 # With no INPUTS, `ctmae pretrain` is a short CPU demo on the bundled scan; options given explicitly still win.
 DEMO = {"model": {"size": "tiny"}, "data": {"crops_per_volume": 4},
@@ -54,7 +54,7 @@ def _given(**sections: dict) -> dict:
     return {name: {k: v for k, v in values.items() if v is not None} for name, values in sections.items()}
 
 
-def _volumes(inputs: list[Path], cfg: RunConfig, dist: DistInfo):
+def _volumes(inputs: list[Path], cfg: RunConfig, dist: DistInfo, modality: str | None):
     """Find and cache the input volumes, reporting skipped ones; InputError when none is usable.
 
     Under torchrun the ranks preprocess disjoint shares of the volumes, then meet at a barrier: each volume is
@@ -63,10 +63,16 @@ def _volumes(inputs: list[Path], cfg: RunConfig, dist: DistInfo):
     from ctmae.data import prepare_cache
 
     sources, problems = find_volumes([str(p) for p in inputs])
+    sources, lines = check_modality(sources, modality)
+    if modality:
+        problems += lines
+    else:
+        for line in lines:
+            errors.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
     mine = sources[dist.rank :: dist.world]
     with progress_bar() as progress:
         task = progress.add_task("preprocessing", total=len(mine), info="")
-        ready, bad = prepare_cache(mine, cfg.data, on_volume=lambda: progress.advance(task))
+        ready, bad = prepare_cache(mine, cfg.data, on_volume=lambda: progress.advance(task), min_edge=cfg.model.patch)
     barrier(dist)
     ready_ids, bad = set(gather([s.id for s in ready], dist)), gather(bad, dist)
     good = [s for s in sources if s.id in ready_ids]
@@ -103,6 +109,8 @@ def pretrain(
     precision: Annotated[Optional[str], typer.Option(help="auto|bf16|fp16|fp32; auto = bf16 on GPU, fp32 on CPU")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Data loader processes [default: 2]")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Preprocessing cache [default: ~/.cache/ctmae]")] = None,
+    modality: Annotated[Optional[str], typer.Option(help="Keep only DICOM series of this modality (e.g. CT); by "
+                                                        "default non-CT series are used with a warning.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from RUN_DIR/checkpoints/last.pt (fresh if none yet).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace ctmae's outputs in a non-empty RUN_DIR.")] = False,
     stop_at: Annotated[Optional[int], typer.Option(help="Checkpoint and stop after this step (e.g. the end of a job's "
@@ -138,7 +146,7 @@ def pretrain(
                 cfg = cfg.replace(train={"steps": None})
         except ValueError as e:
             raise UsageError(str(e)) from None
-        sources = _volumes(scans, cfg, dist)
+        sources = _volumes(scans, cfg, dist, modality)
         with progress_bar() as progress:
             task = progress.add_task("pretraining", total=None, info="")
 
