@@ -221,7 +221,7 @@ def pretrain(
                              "crops_per_s": round((step - start) * global_batch / seconds, 3)})
                 window, window_steps = None, 0
             signalled = any_rank(flag.signal is not None, dist, device)
-            if step % t.ckpt_every == 0 or step == end or signalled:
+            if ((step % t.ckpt_every == 0 or step == end) and bad_steps == 0) or signalled:  # keep the last good
                 checkpoint(step, periodic=step % t.ckpt_every == 0)
             if on_step:
                 on_step({"step": step, "loss": logged, "lr": lr})

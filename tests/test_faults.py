@@ -1,0 +1,180 @@
+"""Faults: kill -9 and resume, death during a checkpoint write, non-finite losses, damaged cache, disk full."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import ctmae.checkpoint
+from conftest import write_volume
+from ctmae.checkpoint import load_checkpoint, save_checkpoint
+from ctmae.cli import app
+from ctmae.config import RunConfig
+from ctmae.data import VolumeCache
+from ctmae.engine import MAX_BAD_STEPS, pretrain
+from ctmae.io import find_volumes
+from ctmae.model import MaskedAutoencoder3D
+
+TESTS = Path(__file__).resolve().parent
+ENV = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{TESTS.parent}"}
+TINY = ["--model", "tiny", "--crop", "32", "--patch", "8", "--workers", "0"]
+SMALLER = ["--crop", "32", "--patch", "8", "--workers", "0"]  # with config(): a 2-block tiny model
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("scans")
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        a = np.full((40, 40, 36), -1000, np.int16)
+        a[4:36, 4:36, 3:33] = rng.integers(-300, 400, (32, 32, 30))
+        write_volume(root / f"scan{i}.nii.gz", a, spacing=(1.5, 1.5, 1.5))
+    return root
+
+
+def config(tmp_path: Path, **train) -> Path:
+    path = tmp_path / "c.yaml"
+    train_lines = "".join(f"  {k}: {v}\n" for k, v in {"log_every": 1, **train}.items())
+    path.write_text(f"model:\n  size: tiny\n  depth: 2\ntrain:\n{train_lines}")  # 2 blocks keep these runs short
+    return path
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path, scans):
+    cmd = [sys.executable, "-m", "ctmae", "pretrain", str(scans), "--steps", "12", "--cache-dir",
+           str(tmp_path / "cache"), "--config", str(config(tmp_path, ckpt_every=3)), *SMALLER]
+    full = subprocess.run([*cmd, "--out", str(tmp_path / "full")], env=ENV, capture_output=True, timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+    out = tmp_path / "killed"
+    kill_after = int(np.random.default_rng().integers(4, 10))  # a random step
+    proc = subprocess.Popen([*cmd, "--out", str(out)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and len(rows(out)) >= kill_after:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = load_checkpoint(out / "checkpoints" / "last.pt")["step"]
+    assert saved % 3 == 0 and saved < 12
+    resumed = subprocess.run([*cmd, "--out", str(out), "--resume"], env=ENV, capture_output=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [r["loss"] for r in rows(out)] == [r["loss"] for r in rows(tmp_path / "full")]
+    a, b = (load_checkpoint(d / "checkpoints" / "last.pt")["model"] for d in (out, tmp_path / "full"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_death_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    cfg = RunConfig.from_dict({"model": {"size": "tiny", "patch": 8}, "data": {"crop": 32}})
+    save_checkpoint({"config": cfg.to_dict(), "model": {"w": torch.ones(3)}, "step": 7}, path)
+
+    def dies_half_way(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt  # the process is stopped mid-write
+
+    monkeypatch.setattr(ctmae.checkpoint.torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"config": cfg.to_dict(), "model": {"w": torch.zeros(3)}, "step": 8}, path)
+    assert load_checkpoint(path)["step"] == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    # A temp file left by a process killed before its rename is ignored by loading.
+    (tmp_path / ".last.pt.999.tmp").write_bytes(b"garbage")
+    assert load_checkpoint(path)["step"] == 7
+
+
+def _nan_after(step_from: int, step_to: int | None = None):
+    real = MaskedAutoencoder3D.forward
+    calls = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        loss, pred, mask = real(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] >= step_from and (step_to is None or calls["n"] <= step_to):
+            loss = loss * float("nan")
+        return loss, pred, mask
+
+    return forward
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, scans):
+    cfg = RunConfig.from_dict({"model": {"size": "tiny", "patch": 8, "depth": 2}, "data": {"crop": 32, "workers": 0,
+                               "cache_dir": str(tmp_path / "cache")},
+                               "train": {"steps": 12, "log_every": 1, "ckpt_every": 2}})
+    sources, _ = find_volumes([str(scans)])
+    return cfg, sources
+
+
+def test_a_nan_step_is_skipped_and_counted(tmp_path, tiny_cfg, monkeypatch):
+    cfg, sources = tiny_cfg
+    monkeypatch.setattr(MaskedAutoencoder3D, "forward", _nan_after(3, 3))
+    result = pretrain(cfg, sources, tmp_path / "run")
+    assert result["skipped_steps"] == 1 and result["stopped"] is None and result["steps"] == 12
+    assert all(np.isfinite(r["loss"]) for r in rows(tmp_path / "run"))
+    assert "step 3: non-finite loss" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_repeated_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_cfg, monkeypatch):
+    cfg, sources = tiny_cfg
+    monkeypatch.setattr(MaskedAutoencoder3D, "forward", _nan_after(6))
+    result = pretrain(cfg, sources, tmp_path / "run")
+    assert result["stopped"] == f"{MAX_BAD_STEPS} non-finite losses in a row, the last at step {5 + MAX_BAD_STEPS}"
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["step"] == 4 and all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_nan_run_exits_1_with_a_message_naming_the_step(tmp_path, scans, monkeypatch):
+    monkeypatch.setattr(MaskedAutoencoder3D, "forward", _nan_after(1))
+    result = CliRunner().invoke(app, ["pretrain", str(scans), "--out", str(tmp_path / "run"), "--steps", "20",
+                                      "--cache-dir", str(tmp_path / "c"), *TINY])
+    assert result.exit_code == 1 and f"the last at step {MAX_BAD_STEPS}" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_a_byte", "drop_sidecar"])
+def test_damaged_cache_entries_are_rebuilt(tmp_path, scans, damage):
+    cfg = RunConfig.from_dict({"data": {"cache_dir": str(tmp_path / "cache"), "crop": 32}, "model": {"patch": 8}})
+    source = find_volumes([str(scans / "scan0.nii.gz")])[0][0]
+    npy = VolumeCache(cfg.data).ensure(source)
+    good = np.load(npy).copy()
+    raw = bytearray(npy.read_bytes())
+    if damage == "truncate":
+        npy.write_bytes(raw[: len(raw) // 2])
+    elif damage == "flip_a_byte":
+        raw[-100] ^= 0xFF
+        npy.write_bytes(raw)
+    else:
+        npy.with_suffix(".json").unlink()
+    again = VolumeCache(cfg.data).load(source)  # a new process: the checksum is checked once
+    assert np.array_equal(again, good)
+
+
+def test_disk_full_while_checkpointing_is_one_line_and_keeps_earlier_outputs(tmp_path, scans, monkeypatch):
+    out = tmp_path / "run"
+    common = [str(scans), "--out", str(out), "--cache-dir", str(tmp_path / "c"), *TINY]
+    assert CliRunner().invoke(app, ["pretrain", *common, "--steps", "2"]).exit_code == 0
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ctmae.checkpoint.torch, "save", full)
+    result = CliRunner().invoke(app, ["pretrain", *common, "--steps", "4", "--resume"])
+    assert result.exit_code == 1 and "No space left on device" in result.output
+    assert "Traceback" not in result.output
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 2
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
