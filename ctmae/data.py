@@ -24,7 +24,8 @@ from monai.transforms import (
     Compose,
     CropForegroundd,
     EnsureChannelFirstd,
-    LoadImaged,
+    LoadImage,
+    MapTransform,
     Orientationd,
     RandSpatialCropSamplesd,
     ScaleIntensityRanged,
@@ -40,6 +41,23 @@ CACHE_VERSION = 1  # bump when the preprocessing code changes what it produces
 BODY_HU = -500.0  # voxels above this HU count as foreground (body) for the foreground crop
 
 
+class LoadCTd(MapTransform):
+    """``LoadImaged`` with ``CTReader`` alone: MONAI's LoadImage falls back to its other readers when a designated
+    reader refuses a file, which would let NaN-filled or truncated volumes through; a runtime reader has no fallback.
+    """
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        super().__init__(keys)
+        self.reader = CTReader()
+        self.loader = LoadImage(reader=self.reader, image_only=True)
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.loader(d[key], reader=self.reader)
+        return d
+
+
 def preprocess_transforms(cfg: DataConfig, label: bool = False, pad: bool = True) -> Compose:
     """The deterministic chain: {"image": files} -> {"image": MetaTensor (1, X, Y, Z) float32 in 0..1, RAS}.
 
@@ -52,7 +70,7 @@ def preprocess_transforms(cfg: DataConfig, label: bool = False, pad: bool = True
     keys = ["image", "label"] if label else ["image"]
     return Compose(
         [
-            LoadImaged(keys, reader=CTReader(), image_only=True),
+            LoadCTd(keys),
             EnsureChannelFirstd(keys, channel_dim="no_channel"),
             Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             Spacingd(keys, pixdim=cfg.spacing, mode=["bilinear", "nearest"][: len(keys)], dtype=torch.float32),
