@@ -27,7 +27,6 @@ from monai.transforms import (
     LoadImage,
     MapTransform,
     Orientationd,
-    RandSpatialCropSamplesd,
     ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
@@ -212,7 +211,11 @@ def prepare_cache(
 
 
 class CropVisits(Dataset):
-    """Item ``v`` is visit ``v`` of the seeded schedule: ``crops_per_volume`` random crops (N, 1, c, c, c)."""
+    """Item ``v`` is visit ``v`` of the seeded schedule: ``crops_per_volume`` random crops (N, 1, c, c, c).
+
+    Crops are cut straight from the memory-mapped cache, so a visit reads only the crops' bytes, not the volume
+    (MONAI's RandSpatialCropSamplesd would first load the whole array). Offsets are uniform over the valid range.
+    """
 
     def __init__(self, sources: Sequence[VolumeSource], cfg: DataConfig, seed: int, rank: int = 0,
                  world: int = 1) -> None:
@@ -230,11 +233,14 @@ class CropVisits(Dataset):
 
     def __getitem__(self, local_visit: int) -> torch.Tensor:
         visit = local_visit * self.world + self.rank
-        volume = torch.from_numpy(np.array(self.cache.load(self.source_of(visit))))[None]  # (1, X, Y, Z)
-        crop = RandSpatialCropSamplesd("image", roi_size=(self.cfg.crop,) * 3, num_samples=self.cfg.crops_per_volume,
-                                       random_size=False)
-        crop.set_random_state(seed=(self.seed * 1_000_003 + visit) % 2**32)
-        return torch.stack([c["image"].as_tensor() for c in crop({"image": volume})])  # (N, 1, c, c, c)
+        volume = self.cache.load(self.source_of(visit))  # (X, Y, Z) memmap, each edge >= crop
+        rng = np.random.default_rng([self.seed, visit])
+        c = self.cfg.crop
+        crops = []
+        for _ in range(self.cfg.crops_per_volume):
+            x, y, z = (int(rng.integers(0, n - c + 1)) for n in volume.shape)
+            crops.append(np.array(volume[x : x + c, y : y + c, z : z + c]))  # reads only this crop
+        return torch.from_numpy(np.stack(crops))[:, None]  # (N, c, c, c) -> (N, 1, c, c, c)
 
 
 def crop_batches(
