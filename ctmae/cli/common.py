@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ctmae.checkpoint import CheckpointError
@@ -36,10 +37,10 @@ def run_command(body: Callable[[], None]) -> None:
     try:
         body()
     except UsageError as e:
-        errors.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True, markup=True)
+        errors.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except (InputError, CheckpointError, ValueError, OSError) as e:
-        errors.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        errors.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         errors.print("interrupted")
@@ -49,7 +50,7 @@ def run_command(body: Callable[[], None]) -> None:
     except Exception as e:  # a bug, not a user error: still one line, with a way to see more
         if os.environ.get("CTMAE_DEBUG"):
             raise
-        errors.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (set CTMAE_DEBUG=1 for the traceback)",
+        errors.print(f"[red]internal error:[/red] {type(e).__name__}: {escape(str(e))} (set CTMAE_DEBUG=1 for more)",
                      highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
@@ -57,7 +58,7 @@ def run_command(body: Callable[[], None]) -> None:
 def report_skipped(problems: list[str]) -> None:
     """One yellow line per skipped input."""
     for line in problems:
-        errors.print(f"[yellow]skipped:[/yellow] {line}", highlight=False, soft_wrap=True)
+        errors.print(f"[yellow]skipped:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def progress_bar() -> Progress:

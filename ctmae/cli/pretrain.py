@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ctmae.checkpoint import load_checkpoint
@@ -68,7 +69,7 @@ def _volumes(inputs: list[Path], cfg: RunConfig, dist: DistInfo, modality: str |
         problems += lines
     else:
         for line in lines:
-            errors.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
+            errors.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
     mine = sources[dist.rank :: dist.world]
     with progress_bar() as progress:
         task = progress.add_task("preprocessing", total=len(mine), info="")
@@ -92,23 +93,23 @@ def pretrain(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder for config, metrics, logs and checkpoints.")] = ...,
     config: Annotated[Optional[Path], typer.Option(help="YAML file with data/model/mask/train sections (as a run's "
                                                         "config.yaml); options given here override it.")] = None,
-    model: Annotated[Optional[str], typer.Option(help=f"Size preset: {'|'.join(MODEL_PRESETS)} [default: base]")] = None,
-    crop: Annotated[Optional[int], typer.Option(help="Cubic crop edge in voxels [default: 96]")] = None,
-    patch: Annotated[Optional[int], typer.Option(help="Cubic patch edge in voxels [default: 16]")] = None,
-    mask: Annotated[Optional[str], typer.Option(help=f"Corruption: {'|'.join(MASK_KINDS)} [default: block]")] = None,
-    mask_ratio: Annotated[Optional[float], typer.Option(help="Share of patches hidden [default: 0.75]")] = None,
-    block: Annotated[Optional[int], typer.Option(help="Block edge in patches for --mask block [default: 2]")] = None,
-    noise_std: Annotated[Optional[float], typer.Option(help="Noise std for --mask noise [default: 0.1]")] = None,
-    spacing: Annotated[Optional[float], typer.Option(help="Isotropic target spacing in mm [default: 1.5]")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimiser steps [default: 1000]")] = None,
+    model: Annotated[Optional[str], typer.Option(help=f"Size preset: {'|'.join(MODEL_PRESETS)} (default: base)")] = None,
+    crop: Annotated[Optional[int], typer.Option(help="Cubic crop edge in voxels (default: 96)")] = None,
+    patch: Annotated[Optional[int], typer.Option(help="Cubic patch edge in voxels (default: 16)")] = None,
+    mask: Annotated[Optional[str], typer.Option(help=f"Corruption: {'|'.join(MASK_KINDS)} (default: block)")] = None,
+    mask_ratio: Annotated[Optional[float], typer.Option(help="Share of patches hidden (default: 0.75)")] = None,
+    block: Annotated[Optional[int], typer.Option(help="Block edge in patches for --mask block (default: 2)")] = None,
+    noise_std: Annotated[Optional[float], typer.Option(help="Noise std for --mask noise (default: 0.1)")] = None,
+    spacing: Annotated[Optional[float], typer.Option(help="Isotropic target spacing in mm (default: 1.5)")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimiser steps (default: 1000)")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Passes over all crops, instead of --steps")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Crops per step [default: 2]")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate [default: 1.5e-4]")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for weights, data order, crops, masks [default: 0]")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto|cpu|cuda [default: auto]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Crops per step (default: 2)")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default: 1.5e-4)")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for weights, data order, crops, masks (default: 0)")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto|cpu|cuda (default: auto)")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto|bf16|fp16|fp32; auto = bf16 on GPU, fp32 on CPU")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Data loader processes [default: 2]")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Preprocessing cache [default: ~/.cache/ctmae]")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Data loader processes (default: 2)")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Preprocessing cache (default: ~/.cache/ctmae)")] = None,
     modality: Annotated[Optional[str], typer.Option(help="Keep only DICOM series of this modality (e.g. CT); by "
                                                         "default non-CT series are used with a warning.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from RUN_DIR/checkpoints/last.pt (fresh if none yet).")] = False,
@@ -171,7 +172,7 @@ def pretrain(
             table.add_row(key.replace("_", " "), f"{value:.4f}" if isinstance(value, float) else str(value))
         console.print(table)
         if result["stopped"]:
-            errors.print(f"[yellow]stopped early:[/yellow] {result['stopped']}", highlight=False, soft_wrap=True)
+            errors.print(f"[yellow]stopped early:[/yellow] {escape(result['stopped'])}", highlight=False, soft_wrap=True)
             if result["steps"] < result["total_steps"] and "signal" not in result["stopped"]:
                 raise typer.Exit(1)
 

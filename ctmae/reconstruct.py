@@ -1,0 +1,266 @@
+"""Mask one scan, let the MAE fill it in, and write the result on the source scan's grid for a viewer.
+
+One token mask is drawn for the whole (patch-padded) preprocessed volume, not one per window: windows start on the
+patch grid, so a voxel is hidden in every window that holds it or in none, and overlapping windows blend
+predictions of the same hidden voxels. The decoder predicts every token of a window (``ids_pred`` = all), so the
+model's output on visible voxels can be scored too; ``reconstruction.nii.gz`` takes hidden voxels from the model and
+visible voxels from the input. With ``none`` and ``noise`` nothing is hidden and the reconstruction is the model's
+output everywhere (plain / denoising autoencoder).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+from monai.metrics import PSNRMetric, SSIMMetric
+
+from ctmae.checkpoint import CheckpointError
+from ctmae.config import MaskConfig
+from ctmae.data import preprocess_transforms
+from ctmae.inference import (
+    LoadedModel,
+    pad_to_patches,
+    patch_aligned_overlap,
+    preprocess,
+    to_source_grid,
+    window_tokens,
+)
+from ctmae.io import InputError, VolumeSource, find_volumes, read_volume, write_nifti
+from ctmae.masking import TokenMask, corrupt, sample_mask
+
+OUTPUTS = ("input.nii.gz", "masked.nii.gz", "reconstruction.nii.gz", "error.nii.gz", "mask.nii.gz")
+PREVIEW_WINDOW = (-1000.0, 400.0)  # HU shown black..white: lung parenchyma and soft tissue both readable
+PREVIEW_ERROR_MAX = 500.0  # |error| in HU shown as white
+PREVIEW_PANEL = 320  # longest panel edge in pixels
+
+
+def mask_config(loaded: LoadedModel, kind: str | None, ratio: float | None, block: int | None) -> MaskConfig:
+    """The checkpoint's mask settings with the given options replacing them; ValueError for bad values."""
+    given = {k: v for k, v in dict(kind=kind, ratio=ratio, block=block).items() if v is not None}
+    return loaded.cfg.replace(mask=given).mask
+
+
+def reconstruct(
+    loaded: LoadedModel, input_path: str | os.PathLike, out_dir: str | os.PathLike, mask: MaskConfig,
+    seed: int = 0, batch_size: int = 2, checkpoint_name: str = "",
+) -> dict[str, Any]:
+    """Mask, reconstruct and write one scan's outputs (NIfTI, preview.png, metrics.json) into ``out_dir``.
+
+    Args:
+        loaded: the checkpoint's model (``ctmae.inference.load_model``).
+        input_path: one image file or DICOM series folder.
+        out_dir: created if missing; the files in ``OUTPUTS`` plus preview.png and metrics.json are replaced.
+        mask: mask kind, ratio and block edge (``mask_config``).
+        seed: seeds the token mask and the noise, so a run repeats exactly.
+        batch_size: windows per forward pass.
+        checkpoint_name: how metrics.json and the preview title name the checkpoint.
+
+    Returns:
+        The metrics written to metrics.json.
+
+    Raises:
+        InputError: the input is unreadable or holds no / several volumes.
+        CheckpointError: the checkpoint was trained with ``norm_pix_loss`` (see ``_refuse_norm_pix``).
+    """
+    cfg = loaded.cfg
+    _refuse_norm_pix(loaded, checkpoint_name)
+    source = _one_volume(input_path)
+    transform = preprocess_transforms(cfg.data)
+    image = preprocess(source, transform)  # (1, X, Y, Z) in 0..1, RAS, cropped and padded
+    array, affine = read_volume(source)  # (X0, Y0, Z0) HU, the geometry every output keeps
+    lo, hi = cfg.data.hu_window
+
+    raw, hidden, encoder_view, tokens_hidden = _predict(loaded, image.as_tensor(), mask, seed, batch_size)
+    back = to_source_grid(torch.stack([raw, hidden, encoder_view, torch.ones_like(raw)]), image, transform)
+    cover = back[3]
+    # Linear resampling mixes the zeros of the cropped-away region into border voxels; dividing by the covered
+    # share undoes that, and voxels mostly outside the crop keep the input.
+    inside = cover >= 0.5
+    raw, hidden, encoder_view = (back[:3] / np.maximum(cover, 1e-6)).astype(np.float32)
+    hidden = inside & (hidden >= 0.5)
+    predicted = hidden if mask.kind in ("block", "random") else inside
+
+    original = np.clip(array, lo, hi)  # what the model sees, in HU
+    model_hu = np.clip(raw, 0.0, 1.0) * (hi - lo) + lo
+    recon = np.where(predicted, model_hu, original).astype(np.float32)
+    shown = np.where(inside, encoder_view, 0.0) * (hi - lo) + lo if mask.kind == "noise" else original
+    masked = np.where(hidden, lo, shown).astype(np.float32)
+    error = np.abs(recon - original)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, volume in zip(OUTPUTS, (original, masked, recon, error, hidden.astype(np.uint8))):
+        write_nifti(volume, affine, out / name)
+    title = (f"{checkpoint_name or 'checkpoint'} (step {loaded.step}) | mask {mask.kind} ratio {mask.ratio:g} "
+             f"block {mask.block} seed {seed}")
+    metrics = {
+        "title": title,
+        "checkpoint": checkpoint_name,
+        "checkpoint_step": loaded.step,
+        "input": source.id,
+        "mask": {"kind": mask.kind, "ratio": mask.ratio, "block": mask.block, "noise_std": mask.noise_std,
+                 "seed": seed},
+        "units": "errors in scaled intensity: HU window mapped to 0..1 (PSNR peak 1)",
+        "hu_window": [lo, hi],
+        "mask_ratio": float(hidden.sum() / max(inside.sum(), 1)),
+        "tokens": int(tokens_hidden.numel()),  # over the whole patch-padded preprocessed volume
+        "tokens_masked": int(tokens_hidden.sum()),
+        "token_mask_ratio": int(tokens_hidden.sum()) / tokens_hidden.numel(),
+        **_scores(model_hu, original, hidden, inside, lo, hi),
+        "ssim": _ssim(recon, original, lo, hi, loaded.device),
+    }
+    _atomic_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    _write_preview(out / "preview.png", [original, masked, recon, error], affine)
+    return metrics
+
+
+def _refuse_norm_pix(loaded: LoadedModel, name: str) -> None:
+    """Refuse ``norm_pix_loss`` checkpoints: they predict each patch normalised by its own mean and std, which for a
+    hidden patch are exactly what the model was not shown, so no honest voxel values can be recovered."""
+    if loaded.cfg.model.norm_pix_loss:
+        raise CheckpointError(f"{name or 'checkpoint'}: trained with norm_pix_loss (per-patch normalised targets); "
+                              "its predictions have no HU scale, so reconstruct cannot show them")
+
+
+def _one_volume(input_path: str | os.PathLike) -> VolumeSource:
+    sources, problems = find_volumes([input_path])
+    if not sources:
+        raise InputError(problems[0] if problems else f"{input_path}: no volume found")
+    if len(sources) > 1:
+        raise InputError(f"{input_path}: holds {len(sources)} volumes; reconstruct takes one file or series folder")
+    return sources[0]
+
+
+@torch.inference_mode()
+def _predict(
+    loaded: LoadedModel, volume: torch.Tensor, mask_cfg: MaskConfig, seed: int, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Model output, hidden-voxel map and encoder input on the preprocessed grid, plus the token mask ratio.
+
+    Args:
+        volume: (1, X, Y, Z) preprocessed, 0..1.
+
+    Returns:
+        (raw prediction, hidden 0/1, encoder input with hidden voxels at 0), each (X, Y, Z) on the CPU, and the
+        token mask (gx, gy, gz) bool, which hides exactly ``masking.num_masked(mask_cfg, L)`` of the L tokens.
+    """
+    model, device, p, crop = loaded.model, loaded.device, loaded.cfg.model.patch, loaded.cfg.model.img_size
+    size = volume.shape[1:]
+    padded = pad_to_patches(volume, p).to(device)  # (1, Xp, Yp, Zp)
+    grid = tuple(n // p for n in padded.shape[1:])
+    gen = torch.Generator(device).manual_seed(seed)
+    token_mask = sample_mask(mask_cfg, 1, grid, gen, device)
+    hidden = token_mask.mask.view(grid)  # (gx, gy, gz) bool
+    encoder_input = corrupt(padded[None], mask_cfg, gen)  # (1, 1, Xp, Yp, Zp)
+
+    def predictor(windows: torch.Tensor, slices: list[list[slice]]) -> torch.Tensor:
+        """(B, 2, c, c, c) [clean, encoder input] -> (B, 1, c, c, c) prediction of every voxel."""
+        keep = torch.stack([~hidden[window_tokens(s, p)].flatten() for s in slices])  # (B, L)
+        out = torch.empty_like(windows[:, :1])
+        # windows hide different numbers of tokens; the encoder takes a batch only of equal counts
+        for count in keep.sum(1).unique().tolist():
+            rows = (keep.sum(1) == count).nonzero().flatten()
+            ids_keep = keep[rows].nonzero()[:, 1].view(len(rows), count)  # (b, Lv), sorted
+            all_ids = torch.arange(keep.shape[1], device=device).expand(len(rows), -1)
+            latent = model.encoder.forward_features(model.patchify(windows[rows, 1:]), ids_keep)
+            pred = model.decoder(latent, TokenMask(ids_keep, all_ids, ~keep[rows]))  # (b, L, p³)
+            out[rows] = model.unpatchify(pred, (crop // p,) * 3)
+        return out
+
+    raw = sliding_window_inference(
+        torch.cat([padded[None], encoder_input], dim=1), (crop,) * 3, batch_size, predictor,
+        overlap=patch_aligned_overlap(crop, p), mode="constant", with_coord=True,
+    )[0, 0]
+    hidden_voxels = hidden.float()
+    for axis in range(3):
+        hidden_voxels = hidden_voxels.repeat_interleave(p, dim=axis)  # (gx, gy, gz) -> (Xp, Yp, Zp)
+    view = encoder_input[0, 0] * (1 - hidden_voxels)
+    crop_back = (slice(0, size[0]), slice(0, size[1]), slice(0, size[2]))
+    return raw[crop_back].cpu(), hidden_voxels[crop_back].cpu(), view[crop_back].cpu(), hidden.cpu()
+
+
+def _scores(model_hu: np.ndarray, original: np.ndarray, hidden: np.ndarray, inside: np.ndarray, lo: float,
+            hi: float) -> dict[str, Any]:
+    """MSE and PSNR of the model's output against the input on hidden and on visible voxels, in 0..1 units."""
+    result = {}
+    for name, where in (("masked", hidden), ("visible", inside & ~hidden)):
+        n = int(where.sum())
+        if n == 0:
+            result[name] = {"voxels": 0, "mse": None, "psnr": None}
+            continue
+        pred = torch.from_numpy((model_hu[where] - lo) / (hi - lo)).view(1, 1, n)
+        true = torch.from_numpy((original[where] - lo) / (hi - lo)).view(1, 1, n)
+        mse = float(((pred - true) ** 2).mean())
+        psnr = float(PSNRMetric(max_val=1.0)(pred, true).item())
+        result[name] = {"voxels": n, "mse": mse, "psnr": psnr if math.isfinite(psnr) else None}
+    return result
+
+
+def _ssim(recon: np.ndarray, original: np.ndarray, lo: float, hi: float, device: torch.device) -> float:
+    """SSIM of reconstruction vs input over the whole volume (0..1 units), on the model's device.
+
+    MONAI convolves with a full (not separable) Gaussian kernel, so a 7³ window (sigma 1.5, nearly all of its
+    weight) stands in for 2D SSIM's 11² at a quarter of the cost; it shrinks for thinner volumes.
+    """
+    win = min(7, min(recon.shape) - (1 - min(recon.shape) % 2))  # odd and no larger than the thinnest axis
+    a, b = (torch.from_numpy((v - lo) / (hi - lo))[None, None].to(device) for v in (recon, original))
+    return float(SSIMMetric(spatial_dims=3, data_range=1.0, win_size=win)(a, b).item())
+
+
+def _write_preview(path: Path, volumes: list[np.ndarray], affine: np.ndarray) -> None:
+    """A grey uint8 PNG: rows axial, coronal, sagittal mid-slices; columns input, masked, reconstruction, error.
+
+    Slices are taken in RAS (nibabel's closest canonical orientation), shown radiologically (patient right on the
+    left, anterior / superior up) and scaled to square millimetres. No title is drawn (no text renderer among the
+    dependencies); metrics.json carries it.
+    """
+    panels = []  # per volume: [axial, coronal, sagittal] (rows, cols) float arrays
+    for i, volume in enumerate(volumes):
+        canonical = nib.as_closest_canonical(nib.Nifti1Image(volume, affine))
+        data = np.asarray(canonical.dataobj, dtype=np.float32)  # (R, A, S) voxel axes
+        zooms = canonical.header.get_zooms()[:3]
+        lo, hi = (0.0, PREVIEW_ERROR_MAX) if i == len(volumes) - 1 else PREVIEW_WINDOW
+        data = np.clip((data - lo) / (hi - lo), 0, 1)
+        x, y, z = (n // 2 for n in data.shape)
+        views = [
+            (data[::-1, ::-1, z].T, (zooms[1], zooms[0])),  # axial: rows A->P, cols R->L
+            (data[::-1, y, ::-1].T, (zooms[2], zooms[0])),  # coronal: rows S->I, cols R->L
+            (data[x, ::-1, ::-1].T, (zooms[2], zooms[1])),  # sagittal: rows S->I, cols A->P
+        ]
+        panels.append([_square_mm(v, mm) for v, mm in views])
+    cell_h = max(p.shape[0] for col in panels for p in col)
+    cell_w = max(p.shape[1] for col in panels for p in col)
+    gap = 4
+    montage = np.zeros((3 * cell_h + 2 * gap, len(panels) * cell_w + (len(panels) - 1) * gap), dtype=np.uint8)
+    for c, col in enumerate(panels):
+        for r, panel in enumerate(col):
+            top, left = r * (cell_h + gap), c * (cell_w + gap)
+            montage[top:top + panel.shape[0], left:left + panel.shape[1]] = np.round(panel * 255).astype(np.uint8)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")  # SimpleITK picks the writer from the suffix
+    sitk.WriteImage(sitk.GetImageFromArray(montage), str(tmp))
+    os.replace(tmp, path)
+
+
+def _square_mm(view: np.ndarray, mm: tuple[float, float]) -> np.ndarray:
+    """Resize a (rows, cols) slice so pixels are square in mm, the longest edge at most ``PREVIEW_PANEL``."""
+    extent = (view.shape[0] * mm[0], view.shape[1] * mm[1])
+    scale = min(PREVIEW_PANEL / max(extent), 1.0 / min(mm))  # never finer than the finest voxel edge
+    size = tuple(max(1, round(e * scale)) for e in extent)
+    t = torch.from_numpy(np.ascontiguousarray(view))[None, None]
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,207 @@
+"""``ctmae embed``: rows and ids, byte-identical reruns, resume by id, token maps, skipped inputs, privacy, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_dicom_series, write_volume
+from typer.testing import CliRunner
+
+import ctmae.embed
+from ctmae.checkpoint import load_checkpoint
+from ctmae.cli import app
+from ctmae.data import preprocess_transforms
+from ctmae.embed import token_name
+from ctmae.io import find_volumes, read_volume
+
+runner = CliRunner()
+
+
+def _run(*args: object) -> object:
+    return runner.invoke(app, ["embed", *map(str, args)])
+
+
+@pytest.fixture
+def scans(tmp_path: Path) -> Path:
+    """A folder of two small scans with different sizes and geometry."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "scans"
+    write_volume(folder / "a.nii.gz", rng.integers(-1000, 1000, size=(30, 24, 20)), spacing=(2.0, 2.0, 3.0))
+    write_volume(folder / "sub" / "b.nrrd", rng.integers(-1000, 1000, size=(26, 28, 16)), spacing=(1.5, 2.5, 4.0))
+    return folder
+
+
+@pytest.fixture
+def counted(monkeypatch) -> list[int]:
+    """Counts token-map computations: one per scan actually embedded."""
+    calls: list[int] = []
+    real = ctmae.embed.token_features
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ctmae.embed, "token_features", counting)
+    return calls
+
+
+def _npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def test_one_row_per_scan_with_source_geometry(tiny_checkpoint, scans, tmp_path):
+    out = tmp_path / "emb.npz"
+    result = _run(tiny_checkpoint, scans, "--out", out)
+    assert result.exit_code == 0, result.output
+    z = _npz(out)
+    assert list(z["ids"]) == ["a.nii.gz", "sub/b.nrrd"]
+    dim = load_checkpoint(tiny_checkpoint)["config"].model.dim
+    assert z["embeddings"].shape == (2, dim) and z["embeddings"].dtype == np.float32
+    assert np.isfinite(z["embeddings"]).all() and not np.allclose(z["embeddings"][0], z["embeddings"][1])
+    for i, source in enumerate(find_volumes([scans])[0]):
+        array, affine = read_volume(source)
+        assert tuple(z["shapes"][i]) == array.shape
+        np.testing.assert_allclose(z["spacings"][i], np.linalg.norm(affine[:3, :3], axis=0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".csv", ".parquet"])
+def test_reruns_are_byte_identical(tiny_checkpoint, scans, tmp_path, suffix):
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    first, second = tmp_path / f"one{suffix}", tmp_path / f"two{suffix}"
+    for out in (first, second):
+        assert _run(tiny_checkpoint, scans, "--out", out, "--pool", "max").exit_code == 0
+    assert first.read_bytes() == second.read_bytes()
+    assert not list(tmp_path.glob("*.partial.jsonl"))
+
+
+def test_csv_holds_the_same_numbers_as_npz(tiny_checkpoint, scans, tmp_path):
+    assert _run(tiny_checkpoint, scans, "--out", tmp_path / "e.npz").exit_code == 0
+    assert _run(tiny_checkpoint, scans, "--out", tmp_path / "e.csv").exit_code == 0
+    z = _npz(tmp_path / "e.npz")
+    with open(tmp_path / "e.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][:4] == ["id", "shape", "spacing", "e0"] and len(rows) == 3
+    assert [r[0] for r in rows[1:]] == list(z["ids"])
+    assert rows[1][1] == "x".join(map(str, z["shapes"][0]))
+    np.testing.assert_array_equal(np.array([r[3:] for r in rows[1:]], dtype=np.float32), z["embeddings"])
+
+
+def test_resume_skips_finished_ids(tiny_checkpoint, scans, tmp_path, counted):
+    out = tmp_path / "emb.npz"
+    assert _run(tiny_checkpoint, scans / "a.nii.gz", "--out", out).exit_code == 0
+    assert len(counted) == 1 and list(_npz(out)["ids"]) == ["a.nii.gz"]
+    result = _run(tiny_checkpoint, scans, "--out", out)
+    assert result.exit_code == 0 and "1 already done" in result.output, result.output
+    assert len(counted) == 2  # only b was computed
+    assert _run(tiny_checkpoint, scans, "--out", tmp_path / "fresh.npz").exit_code == 0
+    assert out.read_bytes() == (tmp_path / "fresh.npz").read_bytes()
+
+
+def test_a_crash_mid_run_loses_only_the_scan_in_progress(tiny_checkpoint, scans, tmp_path, monkeypatch):
+    out = tmp_path / "emb.csv"
+    real = ctmae.embed.token_features
+    calls: list[str] = []
+
+    def dies_on_second(*args, **kwargs):
+        calls.append("call")
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a kill while the second scan is being embedded
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ctmae.embed, "token_features", dies_on_second)
+    assert _run(tiny_checkpoint, scans, "--out", out).exit_code == 130
+    journal = out.with_name(out.name + ".partial.jsonl")
+    assert not out.exists() and journal.is_file()
+    with open(journal, "a") as f:
+        f.write('{"id": "half a line')  # as a crash while appending would leave it
+    assert _run(tiny_checkpoint, scans, "--out", out).exit_code == 0
+    assert len(calls) == 3  # a once, b interrupted, b again
+    assert not journal.exists()
+    assert _run(tiny_checkpoint, scans, "--out", tmp_path / "fresh.csv").exit_code == 0
+    assert out.read_bytes() == (tmp_path / "fresh.csv").read_bytes()
+
+
+def test_token_maps_have_the_stated_shape_and_affine(tiny_checkpoint, scans, tmp_path):
+    tokens = tmp_path / "tokens"
+    assert _run(tiny_checkpoint, scans, "--out", tmp_path / "e.npz", "--tokens", tokens).exit_code == 0
+    cfg = load_checkpoint(tiny_checkpoint)["config"]
+    p = cfg.model.patch
+    for source in find_volumes([scans])[0]:
+        image = preprocess_transforms(cfg.data)({"image": list(source.files)})["image"]
+        grid = [math.ceil(n / p) for n in image.shape[1:]]
+        token_map = np.load(tokens / f"{token_name(source.id)}.npy")
+        assert token_map.shape == (cfg.model.dim, *grid) and token_map.dtype == np.float32
+        meta = json.loads((tokens / f"{token_name(source.id)}.json").read_text())
+        assert meta["id"] == source.id and meta["shape"] == list(token_map.shape)
+        # token (0, 0, 0) is the centre of the first 16³ patch: voxel (7.5, 7.5, 7.5)
+        np.testing.assert_allclose(np.array(meta["affine"]) @ [0, 0, 0, 1],
+                                   image.affine.numpy() @ ([(p - 1) / 2] * 3 + [1]), atol=1e-6)
+        np.testing.assert_allclose(np.array(meta["affine"])[:3, :3], image.affine.numpy()[:3, :3] * p, atol=1e-6)
+    assert sorted(f.name for f in tokens.iterdir()) == sorted(
+        f"{token_name(s.id)}{x}" for s in find_volumes([scans])[0] for x in (".json", ".npy"))
+
+
+@pytest.mark.parametrize("volume_id", ["a/b.nii.gz", "../../etc/passwd", "x#0123abcd", "..", "/abs/path", "a b\\c"])
+def test_token_names_stay_in_their_folder(volume_id):
+    name = token_name(volume_id)
+    assert "/" not in name and "\\" not in name and "#" not in name and ".." not in name and not name.startswith(".")
+    assert token_name(volume_id) == name and token_name(volume_id + "x") != name
+
+
+def test_bad_inputs_are_skipped_and_reported(tiny_checkpoint, scans, tmp_path):
+    (scans / "broken.nii.gz").write_bytes(b"\x00not a nifti" * 30)
+    good = scans / "a.nii.gz"
+    truncated = scans / "trunc.nii.gz"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    out = tmp_path / "e.npz"
+    result = _run(tiny_checkpoint, scans, tmp_path / "missing.nii.gz", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert list(_npz(out)["ids"]) == ["a.nii.gz", "sub/b.nrrd"]
+    for name in ("broken.nii.gz", "trunc.nii.gz", "missing.nii.gz"):
+        assert f"skipped: {tmp_path}" in result.output and name in result.output
+    nothing = _run(tiny_checkpoint, scans / "broken.nii.gz", "--out", tmp_path / "none.npz")
+    assert nothing.exit_code == 1 and "no scan embedded" in nothing.output
+    assert not (tmp_path / "none.npz").exists()
+
+
+def test_dicom_patient_tags_never_reach_the_outputs(tiny_checkpoint, tmp_path, ct_array):
+    write_dicom_series(tmp_path / "in" / "study" / "series", ct_array, patient_name="Doe^Jane", patient_id="PID12345")
+    write_volume(tmp_path / "in" / "other.nii.gz", ct_array)
+    outputs = tmp_path / "outputs"
+    for suffix in (".npz", ".csv"):
+        result = _run(tiny_checkpoint, tmp_path / "in", "--out", outputs / f"e{suffix}", "--tokens", outputs / "tok")
+        assert result.exit_code == 0, result.output
+    files = [f for f in outputs.rglob("*") if f.is_file()]
+    assert len(files) == 6
+    for f in files:
+        for secret in (b"Doe", b"Jane", b"PID12345"):
+            assert secret not in f.read_bytes(), (f, secret)
+    assert any(i.startswith("study/series#") for i in _npz(outputs / "e.npz")["ids"])
+
+
+def test_errors_are_one_line(tiny_checkpoint, scans, tmp_path, monkeypatch):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": {}, "step": 1}, foreign)
+    cases = [
+        ((tmp_path / "missing.pt", scans, "--out", tmp_path / "e.npz"), 1, "checkpoint not found"),
+        ((foreign, scans, "--out", tmp_path / "e.npz"), 1, "not a ctmae checkpoint"),
+        ((tiny_checkpoint, scans, "--out", tmp_path / "e.npz", "--pool", "cls"), 2, "no CLS token"),
+        ((tiny_checkpoint, scans, "--out", tmp_path / "e.txt"), 2, ".npz, .csv, .parquet"),
+        ((tiny_checkpoint, scans, "--out", tmp_path / "e.npz", "--device", "tpu"), 2, "--device"),
+    ]
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if the parquet extra were not installed
+    cases.append(((tiny_checkpoint, scans, "--out", tmp_path / "e.parquet"), 2, "pip install 'ctmae[parquet]'"))
+    for args, code, words in cases:
+        result = _run(*args)
+        assert result.exit_code == code, (args, result.output)
+        assert words in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "e.npz").exists()
