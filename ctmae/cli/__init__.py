@@ -6,6 +6,7 @@ This package is the only place that prints; ``common`` holds the app, consoles a
 from __future__ import annotations
 
 from ctmae.cli import pretrain  # noqa: F401  (registers the subcommand)
+from ctmae.cli import reconstruct, embed  # noqa: F401
 from ctmae.cli.common import app
 
 
