@@ -24,13 +24,13 @@ from monai.transforms import (
     Compose,
     CropForegroundd,
     EnsureChannelFirstd,
-    LoadImage,
     MapTransform,
     Orientationd,
     ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
 )
+from monai.data import MetaTensor
 from torch.utils.data import DataLoader, Dataset
 
 from ctmae.config import DataConfig
@@ -41,19 +41,21 @@ BODY_HU = -500.0  # voxels above this HU count as foreground (body) for the fore
 
 
 class LoadCTd(MapTransform):
-    """``LoadImaged`` with ``CTReader`` alone: MONAI's LoadImage falls back to its other readers when a designated
-    reader refuses a file, which would let NaN-filled or truncated volumes through; a runtime reader has no fallback.
+    """Load volumes with ``CTReader`` alone, as MetaTensors carrying the RAS affine.
+
+    Not ``LoadImaged``: MONAI's LoadImage registers every installed reader and falls back to them when the designated
+    one refuses a file, which would let NaN-filled or truncated volumes through (and some readers warn at creation).
     """
 
     def __init__(self, keys: Sequence[str]) -> None:
         super().__init__(keys)
         self.reader = CTReader()
-        self.loader = LoadImage(reader=self.reader, image_only=True)
 
     def __call__(self, data: dict) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = self.loader(d[key], reader=self.reader)
+            array, meta = self.reader.get_data(self.reader.read(d[key]))
+            d[key] = MetaTensor(torch.from_numpy(array), meta=meta)  # meta["affine"] becomes .affine
         return d
 
 

@@ -25,7 +25,7 @@ TINY = ["--model", "tiny", "--crop", "32", "--patch", "8", "--workers", "0"]
 def torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
            *args]
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=ENV, capture_output=True, encoding="utf-8", timeout=timeout)
 
 
 def _free_port() -> int:
@@ -72,7 +72,7 @@ def test_two_rank_loss_curve_matches_one_process_with_the_same_global_batch(tmp_
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "global batch 2" in ddp.stdout
     single = subprocess.run([sys.executable, "-m", "ctmae", "pretrain", "--out", str(tmp_path / "one"),
-                             "--batch-size", "2", *common], env=ENV, capture_output=True, text=True, timeout=240)
+                             "--batch-size", "2", *common], env=ENV, capture_output=True, encoding="utf-8", timeout=240)
     assert single.returncode == 0, single.stderr[-3000:]
     assert np.allclose(losses(tmp_path / "ddp"), losses(tmp_path / "one"), rtol=1e-4, atol=1e-6)
 
@@ -84,7 +84,7 @@ def test_stop_signal_checkpoints_and_resume_continues(tmp_path, scans, sig):
     cfg.write_text("train:\n  log_every: 1\n  ckpt_every: 100000\n")
     cmd = [sys.executable, "-m", "ctmae", "pretrain", str(scans), "--out", str(out), "--steps", "100000",
            "--cache-dir", str(tmp_path / "cache"), "--config", str(cfg), *TINY]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8")
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
@@ -97,7 +97,7 @@ def test_stop_signal_checkpoints_and_resume_continues(tmp_path, scans, sig):
     step = load_checkpoint(out / "checkpoints" / "last.pt")["step"]
     assert step >= 3
     resumed = subprocess.run([*cmd[:cmd.index("--steps") + 1], str(step + 2), *cmd[cmd.index("--steps") + 2:],
-                              "--resume"], env=ENV, capture_output=True, text=True, timeout=240)
+                              "--resume"], env=ENV, capture_output=True, encoding="utf-8", timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == step + 2
     assert [json.loads(r)["step"] for r in metrics.read_text().splitlines()][-2:] == [step + 1, step + 2]

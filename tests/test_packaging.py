@@ -17,7 +17,7 @@ DOCKERFILE = (ROOT / "Dockerfile").read_text()
 
 def test_dockerfile_lints_clean():
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
-    result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, encoding="utf-8")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -43,10 +43,10 @@ def test_the_dockerfile_install_gives_a_working_entrypoint(tmp_path):
            "XDG_CACHE_HOME": str(tmp_path / "cache")}
     entry = [sys.executable, "-c", "import ctmae, sys; assert 'site' in ctmae.__file__, ctmae.__file__; "
              "from ctmae.cli import main; sys.argv[0] = 'ctmae'; main()"]
-    help_ = subprocess.run([*entry, "--help"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    help_ = subprocess.run([*entry, "--help"], env=env, capture_output=True, encoding="utf-8", cwd=tmp_path)
     assert help_.returncode == 0 and "pretrain" in help_.stdout
     demo = subprocess.run([*entry, "pretrain", "--out", str(tmp_path / "runs" / "exp1"), "--steps", "1",
-                           "--workers", "0"], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                           "--workers", "0"], env=env, capture_output=True, encoding="utf-8", cwd=tmp_path, timeout=300)
     assert demo.returncode == 0, demo.stderr[-2000:]
     assert (tmp_path / "runs" / "exp1" / "checkpoints" / "last.pt").is_file()
     assert list((tmp_path / "cache" / "ctmae").glob("*.npy"))  # XDG_CACHE_HOME, as the image sets it
