@@ -5,10 +5,14 @@ This package is the only place that prints; ``common`` holds the app, consoles a
 
 from __future__ import annotations
 
+import sys
+
 from ctmae.cli import pretrain  # noqa: F401  (registers the subcommand)
 from ctmae.cli import reconstruct, embed  # noqa: F401
 from ctmae.cli.common import app
 
 
 def main() -> None:
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 terminal shows escapes instead of crashing on "³" or "━"
+        stream.reconfigure(errors="backslashreplace")
     app(prog_name="ctmae")
