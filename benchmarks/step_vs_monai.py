@@ -25,8 +25,9 @@ from ctmae.model import MaskedAutoencoder3D
 
 
 def ctmae_step(crop: int, patch: int, size: str, batch: int, ratio: float):
-    cfg = RunConfig.from_dict({"model": {"size": size, "patch": patch}, "data": {"crop": crop},
-                               "mask": {"ratio": ratio}})
+    cfg = RunConfig.from_dict(
+        {"model": {"size": size, "patch": patch}, "data": {"crop": crop}, "mask": {"ratio": ratio}}
+    )
     model = MaskedAutoencoder3D(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
@@ -44,9 +45,18 @@ def ctmae_step(crop: int, patch: int, size: str, batch: int, ratio: float):
 
 def monai_step(m, ratio: float):
     model = MaskedAutoEncoderViT(
-        in_channels=1, img_size=m.img_size, patch_size=m.patch, hidden_size=m.dim, mlp_dim=int(m.dim * m.mlp_ratio),
-        num_layers=m.depth, num_heads=m.heads, masking_ratio=ratio, decoder_hidden_size=m.dec_dim,
-        decoder_mlp_dim=int(m.dec_dim * m.mlp_ratio), decoder_num_layers=m.dec_depth, decoder_num_heads=m.dec_heads,
+        in_channels=1,
+        img_size=m.img_size,
+        patch_size=m.patch,
+        hidden_size=m.dim,
+        mlp_dim=int(m.dim * m.mlp_ratio),
+        num_layers=m.depth,
+        num_heads=m.heads,
+        masking_ratio=ratio,
+        decoder_hidden_size=m.dec_dim,
+        decoder_mlp_dim=int(m.dec_dim * m.mlp_ratio),
+        decoder_num_layers=m.dec_depth,
+        decoder_num_heads=m.dec_heads,
         qkv_bias=m.qkv_bias,
     )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -91,12 +101,16 @@ def main() -> None:
             t0 = time.perf_counter()
             step(x)
             times[name].append(time.perf_counter() - t0)
-    print(f"{args.size} model, {args.crop}³ crop, patch {args.patch}, batch {args.batch}, {args.ratio:.0%} masking, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(
+        f"{args.size} model, {args.crop}³ crop, patch {args.patch}, batch {args.batch}, {args.ratio:.0%} masking, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     for name in ("ctmae", "monai"):
         t = times[name]
-        print(f"  {name:6s} step median {statistics.median(t) * 1e3:8.1f} ms  (min {min(t) * 1e3:.1f}, max "
-              f"{max(t) * 1e3:.1f})  {flop[name] / 1e9:6.1f} GFLOP/step")
+        print(
+            f"  {name:6s} step median {statistics.median(t) * 1e3:8.1f} ms  (min {min(t) * 1e3:.1f}, max "
+            f"{max(t) * 1e3:.1f})  {flop[name] / 1e9:6.1f} GFLOP/step"
+        )
     ratio = statistics.median(times["monai"]) / statistics.median(times["ctmae"])
     print(f"  speed-up (MONAI median / ctmae median): {ratio:.2f}x")
 

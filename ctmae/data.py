@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     CropForegroundd,
@@ -30,7 +31,6 @@ from monai.transforms import (
     Spacingd,
     SpatialPadd,
 )
-from monai.data import MetaTensor
 from torch.utils.data import DataLoader, Dataset
 
 from ctmae.config import DataConfig
@@ -111,8 +111,12 @@ class VolumeCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         array = image.numpy()[0].astype(np.float32, copy=False)  # (X, Y, Z)
         _atomic_write(npy, lambda f: np.save(f, array))
-        meta = {"affine": image.affine.tolist(), "shape": list(array.shape), "bytes": npy.stat().st_size,
-                "crc32": _crc32(npy)}
+        meta = {
+            "affine": image.affine.tolist(),
+            "shape": list(array.shape),
+            "bytes": npy.stat().st_size,
+            "crc32": _crc32(npy),
+        }
         _atomic_write(npy.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
         self._verified.add(npy.name)
         return npy
@@ -132,8 +136,10 @@ class VolumeCache:
             raise InputError(f"{source.files[0]}: could not preprocess: {str(e).splitlines()[0]}") from None
         if min(image.shape[1:]) < self.min_edge:
             shape = "x".join(str(n) for n in image.shape[1:])
-            raise InputError(f"{source.files[0]}: body region is {shape} voxels after resampling, smaller than one "
-                             f"{self.min_edge}³ patch")
+            raise InputError(
+                f"{source.files[0]}: body region is {shape} voxels after resampling, smaller than one "
+                f"{self.min_edge}³ patch"
+            )
         return self.pad({"image": image})["image"]
 
     def _valid(self, npy: Path) -> bool:
@@ -219,8 +225,9 @@ class CropVisits(Dataset):
     (MONAI's RandSpatialCropSamplesd would first load the whole array). Offsets are uniform over the valid range.
     """
 
-    def __init__(self, sources: Sequence[VolumeSource], cfg: DataConfig, seed: int, rank: int = 0,
-                 world: int = 1) -> None:
+    def __init__(
+        self, sources: Sequence[VolumeSource], cfg: DataConfig, seed: int, rank: int = 0, world: int = 1
+    ) -> None:
         self.sources, self.cfg, self.seed, self.rank, self.world = list(sources), cfg, seed, rank, world
         self.cache = VolumeCache(cfg)
 
@@ -282,4 +289,3 @@ def crop_batches(
             stacked = torch.cat(pending)
             yield stacked[:batch_size]
             pending, have = [stacked[batch_size:]], have - batch_size
-

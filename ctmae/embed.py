@@ -60,8 +60,9 @@ class Row:
 def check_options(out: str | os.PathLike, pool: str) -> None:
     """ValueError for an output suffix or pooling ctmae cannot do."""
     if pool == "cls":
-        raise ValueError("--pool cls: this encoder has no CLS token (MAE-style ViT over patches only); "
-                         "use --pool mean or --pool max")
+        raise ValueError(
+            "--pool cls: this encoder has no CLS token (MAE-style ViT over patches only); use --pool mean or --pool max"
+        )
     if pool not in POOLS:
         raise ValueError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
     if Path(out).suffix.lower() not in FORMATS:
@@ -71,9 +72,14 @@ def check_options(out: str | os.PathLike, pool: str) -> None:
 
 
 def embed(
-    loaded: LoadedModel, inputs: Sequence[str | os.PathLike], out: str | os.PathLike, pool: str = "mean",
-    tokens_dir: str | os.PathLike | None = None, batch_size: int = 2,
-    on_start: Callable[[int], None] | None = None, on_scan: Callable[[str], None] | None = None,
+    loaded: LoadedModel,
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    pool: str = "mean",
+    tokens_dir: str | os.PathLike | None = None,
+    batch_size: int = 2,
+    on_start: Callable[[int], None] | None = None,
+    on_scan: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Embed every volume among ``inputs`` not already in ``out`` and (re)write ``out``.
 
@@ -146,8 +152,9 @@ def token_features(loaded: LoadedModel, volume: torch.Tensor, batch_size: int) -
         feats = model.encoder.forward_features(model.patchify(windows))  # (B, L, D)
         return feats.transpose(1, 2).reshape(windows.shape[0], -1, g, g, g)  # (B, D, L) -> (B, D, g, g, g)
 
-    out = sliding_window_inference(padded, (crop,) * 3, batch_size, predictor,
-                                   overlap=patch_aligned_overlap(crop, p), mode="constant")
+    out = sliding_window_inference(
+        padded, (crop,) * 3, batch_size, predictor, overlap=patch_aligned_overlap(crop, p), mode="constant"
+    )
     return out[0].float().cpu()
 
 
@@ -175,8 +182,13 @@ class _Prepare(Dataset):
         except InputError as e:
             return {"id": source.id, "problem": str(e)}
         shape, spacing = source_geometry(image)
-        return {"id": source.id, "image": image.as_tensor(), "affine": np.asarray(image.affine, dtype=np.float64),
-                "shape": shape, "spacing": spacing}
+        return {
+            "id": source.id,
+            "image": image.as_tensor(),
+            "affine": np.asarray(image.affine, dtype=np.float64),
+            "shape": shape,
+            "spacing": spacing,
+        }
 
 
 def _keep(item: dict[str, Any]) -> dict[str, Any]:
@@ -216,8 +228,9 @@ class _Journal:
             self.file = open(self.path, "a", encoding="utf-8")
             if fresh:
                 self._write(self.header)
-        self._write({"id": row.id, "embedding": row.embedding.tolist(), "shape": list(row.shape),
-                     "spacing": list(row.spacing)})
+        self._write(
+            {"id": row.id, "embedding": row.embedding.tolist(), "shape": list(row.shape), "spacing": list(row.spacing)}
+        )
 
     def _write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -249,8 +262,10 @@ def _read_journal(path: Path, digest: str, pool: str) -> list[Row]:
     header = json.loads(complete[0])
     if header.get("weights") != digest or header.get("pool") != pool:
         raise ValueError(f"{path}: unfinished run with another checkpoint or --pool; delete it or choose another --out")
-    return [Row(r["id"], np.asarray(r["embedding"], dtype=np.float32), tuple(r["shape"]), tuple(r["spacing"]))
-            for r in map(json.loads, complete[1:])]
+    return [
+        Row(r["id"], np.asarray(r["embedding"], dtype=np.float32), tuple(r["shape"]), tuple(r["spacing"]))
+        for r in map(json.loads, complete[1:])
+    ]
 
 
 def _write_output(out: Path, rows: list[Row]) -> None:
@@ -285,18 +300,22 @@ def _write_csv(path: Path, rows: list[Row]) -> None:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["id", "shape", "spacing"] + [f"e{i}" for i in range(len(rows[0].embedding))])
         for r in rows:
-            writer.writerow([r.id, "x".join(map(str, r.shape)), "x".join(map(repr, r.spacing))]
-                            + [f"{v:.9g}" for v in r.embedding.tolist()])
+            writer.writerow(
+                [r.id, "x".join(map(str, r.shape)), "x".join(map(repr, r.spacing))]
+                + [f"{v:.9g}" for v in r.embedding.tolist()]
+            )
 
 
 def _write_parquet(path: Path, rows: list[Row]) -> None:
     pa, pq = _pyarrow()
-    table = pa.table({
-        "id": pa.array([r.id for r in rows], pa.string()),
-        "embedding": pa.array([r.embedding.tolist() for r in rows], pa.list_(pa.float32(), len(rows[0].embedding))),
-        "shape": pa.array([list(r.shape) for r in rows], pa.list_(pa.int64(), 3)),
-        "spacing": pa.array([list(r.spacing) for r in rows], pa.list_(pa.float64(), 3)),
-    })
+    table = pa.table(
+        {
+            "id": pa.array([r.id for r in rows], pa.string()),
+            "embedding": pa.array([r.embedding.tolist() for r in rows], pa.list_(pa.float32(), len(rows[0].embedding))),
+            "shape": pa.array([list(r.shape) for r in rows], pa.list_(pa.int64(), 3)),
+            "spacing": pa.array([list(r.spacing) for r in rows], pa.list_(pa.float64(), 3)),
+        }
+    )
     pq.write_table(table, path)
 
 
@@ -306,21 +325,32 @@ def _read_output(out: Path) -> list[Row]:
         suffix = out.suffix.lower()
         if suffix == ".npz":
             with np.load(out, allow_pickle=False) as z:
-                return [Row(str(i), e, tuple(int(n) for n in s), tuple(float(x) for x in sp))
-                        for i, e, s, sp in zip(z["ids"], z["embeddings"], z["shapes"], z["spacings"])]
+                return [
+                    Row(str(i), e, tuple(int(n) for n in s), tuple(float(x) for x in sp))
+                    for i, e, s, sp in zip(z["ids"], z["embeddings"], z["shapes"], z["spacings"])
+                ]
         if suffix == ".csv":
             with open(out, newline="", encoding="utf-8") as f:
                 records = list(csv.reader(f))[1:]
-            return [Row(r[0], np.array([float(v) for v in r[3:]], dtype=np.float32),
-                        tuple(int(n) for n in r[1].split("x")), tuple(float(x) for x in r[2].split("x")))
-                    for r in records]
+            return [
+                Row(
+                    r[0],
+                    np.array([float(v) for v in r[3:]], dtype=np.float32),
+                    tuple(int(n) for n in r[1].split("x")),
+                    tuple(float(x) for x in r[2].split("x")),
+                )
+                for r in records
+            ]
         _, pq = _pyarrow()
         table = pq.read_table(out).to_pydict()
-        return [Row(i, np.asarray(e, dtype=np.float32), tuple(s), tuple(sp))
-                for i, e, s, sp in zip(table["id"], table["embedding"], table["shape"], table["spacing"])]
+        return [
+            Row(i, np.asarray(e, dtype=np.float32), tuple(s), tuple(sp))
+            for i, e, s, sp in zip(table["id"], table["embedding"], table["shape"], table["spacing"])
+        ]
     except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{out}: existing output is not readable for resuming ({e}); move it away or "
-                         "choose another --out") from None
+        raise ValueError(
+            f"{out}: existing output is not readable for resuming ({e}); move it away or choose another --out"
+        ) from None
 
 
 def _pyarrow():
@@ -336,10 +366,16 @@ def _write_tokens(folder: Path, volume_id: str, token_map: np.ndarray, affine: n
     """``<name>.npy`` (D, gx, gy, gz) float32 and ``<name>.json`` (id, shape, RAS affine of token centres)."""
     folder.mkdir(parents=True, exist_ok=True)
     name = token_name(volume_id)
-    meta = {"id": volume_id, "shape": list(token_map.shape), "affine": affine.tolist(),
-            "affine_maps": "token index (a, b, c, 1) -> RAS mm of the centre of the patch it encodes"}
-    for suffix, write in ((".json", lambda f: f.write(json.dumps(meta, indent=2).encode() + b"\n")),
-                          (".npy", lambda f: np.save(f, token_map.astype(np.float32, copy=False)))):
+    meta = {
+        "id": volume_id,
+        "shape": list(token_map.shape),
+        "affine": affine.tolist(),
+        "affine_maps": "token index (a, b, c, 1) -> RAS mm of the centre of the patch it encodes",
+    }
+    for suffix, write in (
+        (".json", lambda f: f.write(json.dumps(meta, indent=2).encode() + b"\n")),
+        (".npy", lambda f: np.save(f, token_map.astype(np.float32, copy=False))),
+    ):
         tmp = folder / f".{name}{suffix}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
             write(f)

@@ -156,28 +156,44 @@ def pretrain(
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, run_dir / "config.yaml")
     log = MetricsLog(run_dir, start_step=start, enabled=dist.is_main)
-    log.info(f"{'resuming at' if start else 'starting'} step {start} of {total} on {device.type} ({precision}), "
-             f"{dist.world} process(es), global batch {global_batch}")
+    log.info(
+        f"{'resuming at' if start else 'starting'} step {start} of {total} on {device.type} ({precision}), "
+        f"{dist.world} process(es), global batch {global_batch}"
+    )
     if on_start:
-        on_start({"start_step": start, "total_steps": total, "device": device.type, "precision": precision,
-                  "global_batch": global_batch})
+        on_start(
+            {
+                "start_step": start,
+                "total_steps": total,
+                "device": device.type,
+                "precision": precision,
+                "global_batch": global_batch,
+            }
+        )
 
     def checkpoint(step: int, periodic: bool) -> None:
         if not dist.is_main:
             return
-        ckpt = {"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step, "rng": rng_state()}
+        ckpt = {
+            "config": cfg.to_dict(),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "step": step,
+            "rng": rng_state(),
+        }
         save_checkpoint(ckpt, last)
         if periodic:
             save_checkpoint(ckpt, run_dir / "checkpoints" / f"step_{step:07d}.pt")
         log.info(f"step {step}: checkpoint written to {last}")
 
     end = min(total, stop_at) if stop_at is not None else total
-    batches = crop_batches(sources, cfg.data, t.seed, t.batch_size, start_step=start, rank=dist.rank,
-                           world=dist.world)
+    batches = crop_batches(sources, cfg.data, t.seed, t.batch_size, start_step=start, rank=dist.rank, world=dist.world)
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-        if precision in ("bf16", "fp16") else contextlib.nullcontext()
+        if precision in ("bf16", "fp16")
+        else contextlib.nullcontext()
     )
     net.train()
     t0, window, window_steps, first_loss, bad_steps, skipped, stopped = time.perf_counter(), None, 0, None, 0, 0, None
@@ -189,8 +205,11 @@ def pretrain(
             mask = _rank_slice(sample_mask(cfg.mask, global_batch, model.grid(images), gen, device), dist)
             with autocast:
                 loss, _, _ = net(images, mask, inputs=corrupt(images, cfg.mask, gen))
-            finite = bool(torch.isfinite(loss).all()) if dist.world == 1 else not any_rank(
-                not bool(torch.isfinite(loss).all()), dist, device)
+            finite = (
+                bool(torch.isfinite(loss).all())
+                if dist.world == 1
+                else not any_rank(not bool(torch.isfinite(loss).all()), dist, device)
+            )
             optimizer.zero_grad(set_to_none=True)
             if finite:  # a non-finite loss skips the update: weights stay as they were
                 scaler.scale(loss).backward()
@@ -217,8 +236,15 @@ def pretrain(
                 logged = mean_over_ranks(window, dist).item() / window_steps
                 first_loss = logged if first_loss is None else first_loss
                 seconds = time.perf_counter() - t0
-                log.metrics({"step": step, "loss": logged, "lr": lr, "seconds": round(seconds, 3),
-                             "crops_per_s": round((step - start) * global_batch / seconds, 3)})
+                log.metrics(
+                    {
+                        "step": step,
+                        "loss": logged,
+                        "lr": lr,
+                        "seconds": round(seconds, 3),
+                        "crops_per_s": round((step - start) * global_batch / seconds, 3),
+                    }
+                )
                 window, window_steps = None, 0
             signalled = any_rank(flag.signal is not None, dist, device)
             if ((step % t.ckpt_every == 0 or step == end) and bad_steps == 0) or signalled:  # keep the last good
@@ -231,10 +257,22 @@ def pretrain(
                 break
     log.close()
     seconds = time.perf_counter() - t0
-    return {"start_step": start, "steps": step, "total_steps": total, "first_loss": first_loss,
-            "last_loss": log.last_loss, "seconds": seconds, "crops_per_s": (step - start) * global_batch / seconds,
-            "checkpoint": str(last), "device": device.type, "precision": precision, "skipped_steps": skipped,
-            "stopped": stopped, "global_batch": global_batch, "model": model}
+    return {
+        "start_step": start,
+        "steps": step,
+        "total_steps": total,
+        "first_loss": first_loss,
+        "last_loss": log.last_loss,
+        "seconds": seconds,
+        "crops_per_s": (step - start) * global_batch / seconds,
+        "checkpoint": str(last),
+        "device": device.type,
+        "precision": precision,
+        "skipped_steps": skipped,
+        "stopped": stopped,
+        "global_batch": global_batch,
+        "model": model,
+    }
 
 
 def _rank_slice(mask: TokenMask, dist: DistInfo) -> TokenMask:

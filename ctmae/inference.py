@@ -122,4 +122,3 @@ def source_geometry(image: MetaTensor) -> tuple[tuple[int, int, int], tuple[floa
     shape = tuple(int(n) for n in np.asarray(image.meta["spatial_shape"]).tolist())
     spacing = np.linalg.norm(np.asarray(image.meta["original_affine"], dtype=np.float64)[:3, :3], axis=0)
     return shape, tuple(float(s) for s in spacing)
-

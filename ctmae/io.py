@@ -182,8 +182,9 @@ def _add_dicom_folder(folder: str, found: list[_Found], problems: list[str]) -> 
         if problem:
             problems.append(f"{folder}#{s.uid_hash}: {problem}")
             continue
-        found.append(_Found(s.files, True, os.path.dirname(s.folder), f"{s.folder}#{s.uid_hash}",
-                            series_modality(s.files[0])))
+        found.append(
+            _Found(s.files, True, os.path.dirname(s.folder), f"{s.folder}#{s.uid_hash}", series_modality(s.files[0]))
+        )
 
 
 def _expand_list(list_path: str, found: list[_Found], problems: list[str]) -> None:
@@ -225,8 +226,9 @@ def _with_ids(found: list[_Found]) -> list[VolumeSource]:
     if not found:
         return []
     root = os.path.commonpath([f.anchor for f in found])
-    return [VolumeSource(Path(os.path.relpath(f.name, root)).as_posix(), f.files, f.is_dicom, f.modality)
-            for f in found]
+    return [
+        VolumeSource(Path(os.path.relpath(f.name, root)).as_posix(), f.files, f.is_dicom, f.modality) for f in found
+    ]
 
 
 def check_modality(sources: Sequence[VolumeSource], required: str | None) -> tuple[list[VolumeSource], list[str]]:

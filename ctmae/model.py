@@ -9,8 +9,6 @@ nets.ViT`` / the ``vit`` of ``UNETR`` built with the same sizes (only MONAI's un
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -209,4 +207,3 @@ def _init_weights(m: nn.Module) -> None:
 
 def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-

@@ -51,8 +51,13 @@ def mask_config(loaded: LoadedModel, kind: str | None, ratio: float | None, bloc
 
 
 def reconstruct(
-    loaded: LoadedModel, input_path: str | os.PathLike, out_dir: str | os.PathLike, mask: MaskConfig,
-    seed: int = 0, batch_size: int = 2, checkpoint_name: str = "",
+    loaded: LoadedModel,
+    input_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    mask: MaskConfig,
+    seed: int = 0,
+    batch_size: int = 2,
+    checkpoint_name: str = "",
 ) -> dict[str, Any]:
     """Mask, reconstruct and write one scan's outputs (NIfTI, preview.png, metrics.json) into ``out_dir``.
 
@@ -101,15 +106,22 @@ def reconstruct(
     out.mkdir(parents=True, exist_ok=True)
     for name, volume in zip(OUTPUTS, (original, masked, recon, error, hidden.astype(np.uint8))):
         write_nifti(volume, affine, out / name)
-    title = (f"{checkpoint_name or 'checkpoint'} (step {loaded.step}) | mask {mask.kind} ratio {mask.ratio:g} "
-             f"block {mask.block} seed {seed}")
+    title = (
+        f"{checkpoint_name or 'checkpoint'} (step {loaded.step}) | mask {mask.kind} ratio {mask.ratio:g} "
+        f"block {mask.block} seed {seed}"
+    )
     metrics = {
         "title": title,
         "checkpoint": checkpoint_name,
         "checkpoint_step": loaded.step,
         "input": source.id,
-        "mask": {"kind": mask.kind, "ratio": mask.ratio, "block": mask.block, "noise_std": mask.noise_std,
-                 "seed": seed},
+        "mask": {
+            "kind": mask.kind,
+            "ratio": mask.ratio,
+            "block": mask.block,
+            "noise_std": mask.noise_std,
+            "seed": seed,
+        },
         "units": "errors in scaled intensity: HU window mapped to 0..1 (PSNR peak 1)",
         "hu_window": [lo, hi],
         "mask_ratio": float(hidden.sum() / max(inside.sum(), 1)),
@@ -128,8 +140,10 @@ def _refuse_norm_pix(loaded: LoadedModel, name: str) -> None:
     """Refuse ``norm_pix_loss`` checkpoints: they predict each patch normalised by its own mean and std, which for a
     hidden patch are exactly what the model was not shown, so no honest voxel values can be recovered."""
     if loaded.cfg.model.norm_pix_loss:
-        raise CheckpointError(f"{name or 'checkpoint'}: trained with norm_pix_loss (per-patch normalised targets); "
-                              "its predictions have no HU scale, so reconstruct cannot show them")
+        raise CheckpointError(
+            f"{name or 'checkpoint'}: trained with norm_pix_loss (per-patch normalised targets); "
+            "its predictions have no HU scale, so reconstruct cannot show them"
+        )
 
 
 def _one_volume(input_path: str | os.PathLike) -> VolumeSource:
@@ -178,8 +192,13 @@ def _predict(
         return out
 
     raw = sliding_window_inference(
-        torch.cat([padded[None], encoder_input], dim=1), (crop,) * 3, batch_size, predictor,
-        overlap=patch_aligned_overlap(crop, p), mode="constant", with_coord=True,
+        torch.cat([padded[None], encoder_input], dim=1),
+        (crop,) * 3,
+        batch_size,
+        predictor,
+        overlap=patch_aligned_overlap(crop, p),
+        mode="constant",
+        with_coord=True,
     )[0, 0]
     hidden_voxels = hidden.float()
     for axis in range(3):
@@ -189,8 +208,9 @@ def _predict(
     return raw[crop_back].cpu(), hidden_voxels[crop_back].cpu(), view[crop_back].cpu(), hidden.cpu()
 
 
-def _scores(model_hu: np.ndarray, original: np.ndarray, hidden: np.ndarray, inside: np.ndarray, lo: float,
-            hi: float) -> dict[str, Any]:
+def _scores(
+    model_hu: np.ndarray, original: np.ndarray, hidden: np.ndarray, inside: np.ndarray, lo: float, hi: float
+) -> dict[str, Any]:
     """MSE and PSNR of the model's output against the input on hidden and on visible voxels, in 0..1 units."""
     result = {}
     for name, where in (("masked", hidden), ("visible", inside & ~hidden)):
@@ -245,7 +265,7 @@ def _write_preview(path: Path, volumes: list[np.ndarray], affine: np.ndarray) ->
     for c, col in enumerate(panels):
         for r, panel in enumerate(col):
             top, left = r * (cell_h + gap), c * (cell_w + gap)
-            montage[top:top + panel.shape[0], left:left + panel.shape[1]] = np.round(panel * 255).astype(np.uint8)
+            montage[top : top + panel.shape[0], left : left + panel.shape[1]] = np.round(panel * 255).astype(np.uint8)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")  # SimpleITK picks the writer from the suffix
     sitk.WriteImage(sitk.GetImageFromArray(montage), str(tmp))
     os.replace(tmp, path)

@@ -108,6 +108,16 @@ def ct_array() -> np.ndarray:
     return rng.integers(-1024, 2000, size=(20, 18, 12)).astype(np.int16)
 
 
+def write_body_scans(folder: Path, count: int, seed: int = 0) -> Path:
+    """`count` small synthetic CT-like volumes (a block of tissue in air, 1.5 mm voxels) as NIfTI in `folder`."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        a = np.full((44, 42, 38), -1000, np.int16)
+        a[5:39, 4:38, 4:34] = rng.integers(-300, 400, (34, 34, 30))
+        write_volume(folder / f"scan{i}.nii.gz", a, spacing=(1.5, 1.5, 1.5))
+    return folder
+
+
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "sample_data"
 
 
@@ -120,8 +130,13 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from ctmae.io import find_volumes
 
     root = tmp_path_factory.mktemp("tiny_mae")
-    cfg = RunConfig.from_dict({"model": {"size": "tiny"}, "data": {"crop": 64, "workers": 0, "cache_dir": str(root / "cache")},
-                               "train": {"steps": 4, "batch_size": 2, "lr": 1e-3, "log_every": 1}})
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"size": "tiny"},
+            "data": {"crop": 64, "workers": 0, "cache_dir": str(root / "cache")},
+            "train": {"steps": 4, "batch_size": 2, "lr": 1e-3, "log_every": 1},
+        }
+    )
     sources, _ = find_volumes([str(SAMPLE_DATA / "ct")])
     good, problems = prepare_cache(sources, cfg.data)
     assert good and not problems, problems

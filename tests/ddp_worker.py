@@ -16,9 +16,13 @@ from ctmae.io import find_volumes
 if __name__ == "__main__":
     scans, out, cache = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     dist = setup("cpu")
-    cfg = RunConfig.from_dict({"model": {"size": "tiny", "patch": 8}, "data": {"crop": 32, "workers": 0,
-                               "cache_dir": cache, "crops_per_volume": 1},
-                               "train": {"steps": 4, "batch_size": 1, "log_every": 1, "device": "cpu"}})
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"size": "tiny", "patch": 8},
+            "data": {"crop": 32, "workers": 0, "cache_dir": cache, "crops_per_volume": 1},
+            "train": {"steps": 4, "batch_size": 1, "log_every": 1, "device": "cpu"},
+        }
+    )
     sources, _ = find_volumes([scans])
     prepare_cache(sources[dist.rank :: dist.world], cfg.data)
     barrier(dist)

@@ -32,8 +32,10 @@ def body(shape=(36, 36, 30), seed=0) -> np.ndarray:
 
 
 def pretrain(tmp_path: Path, *args: str):
-    return CliRunner().invoke(app, ["pretrain", *map(str, args), "--out", str(tmp_path / "run"), "--cache-dir",
-                                    str(tmp_path / "cache"), *TINY])
+    return CliRunner().invoke(
+        app,
+        ["pretrain", *map(str, args), "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), *TINY],
+    )
 
 
 def lines_naming(output: str, name: str) -> list[str]:
@@ -64,9 +66,18 @@ def _bad_files(root: Path) -> dict[str, str]:
     writer.KeepOriginalImageUIDOn()
     writer.SetFileName(str(tilted[5]))
     writer.Execute(one)
-    return {"zero.nii.gz": "empty", "text.nii.gz": "", "truncated.nii.gz": "", "nan.nii.gz": "NaN",
-            "flat2d.nrrd": "2D", "fourd.nii.gz": "4D", "rgb.mha": "", "tiny.nii.gz": "patch",
-            "gap": "missing slice", "tilted": "orientation"}
+    return {
+        "zero.nii.gz": "empty",
+        "text.nii.gz": "",
+        "truncated.nii.gz": "",
+        "nan.nii.gz": "NaN",
+        "flat2d.nrrd": "2D",
+        "fourd.nii.gz": "4D",
+        "rgb.mha": "",
+        "tiny.nii.gz": "patch",
+        "gap": "missing slice",
+        "tilted": "orientation",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +93,21 @@ def mixed_run(tmp_path_factory):
     return pretrain(root, scans), bad
 
 
-@pytest.mark.parametrize("name", ["zero.nii.gz", "text.nii.gz", "truncated.nii.gz", "nan.nii.gz", "flat2d.nrrd",
-                                  "fourd.nii.gz", "rgb.mha", "tiny.nii.gz", "gap", "tilted"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "zero.nii.gz",
+        "text.nii.gz",
+        "truncated.nii.gz",
+        "nan.nii.gz",
+        "flat2d.nrrd",
+        "fourd.nii.gz",
+        "rgb.mha",
+        "tiny.nii.gz",
+        "gap",
+        "tilted",
+    ],
+)
 def test_each_bad_input_gets_one_line_and_is_skipped(mixed_run, name):
     result, bad = mixed_run
     assert result.exit_code == 0, result.output
@@ -115,7 +139,9 @@ def test_no_usable_input_exits_1(tmp_path):
     assert result.exit_code == 1 and "no usable volume" in result.output and "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("text, key", [("train:\n  stepz: 3\n", "train.stepz"), ("mask:\n  ratio: lots\n", "mask.ratio")])
+@pytest.mark.parametrize(
+    "text, key", [("train:\n  stepz: 3\n", "train.stepz"), ("mask:\n  ratio: lots\n", "mask.ratio")]
+)
 def test_bad_config_file_exits_2_naming_the_key(tmp_path, text, key):
     (tmp_path / "c.yaml").write_text(text)
     write_volume(tmp_path / "s.nii.gz", body(), **GEOMETRY)
@@ -152,8 +178,15 @@ def _ckpt(tmp_path: Path, kind: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind, words", [("foreign", "another program"), ("corrupt", "not a readable checkpoint"),
-                                         ("version", "format version"), ("exploit", "refused")])
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("foreign", "another program"),
+        ("corrupt", "not a readable checkpoint"),
+        ("version", "format version"),
+        ("exploit", "refused"),
+    ],
+)
 def test_bad_checkpoints_are_refused_in_one_line(tmp_path, kind, words):
     path = _ckpt(tmp_path, kind)
     with pytest.raises(CheckpointError, match=words):
@@ -166,11 +199,19 @@ def test_bad_checkpoints_are_refused_in_one_line(tmp_path, kind, words):
 
 
 def test_no_patient_identifiers_in_anything_written_or_printed(tmp_path):
-    planted = {"0010|0010": "Doe^Jane", "0010|0020": "PID12345", "0010|0030": "19230405",
-               "0008|0050": "ACC98765", "0008|0080": "St Elsewhere Hospital", "0008|0090": "Dr^Referrer",
-               "0010|1000": "OTHERID77", "0008|1030": "Secret Study Description"}
-    files = write_dicom_series(tmp_path / "scans" / "series", body(), **GEOMETRY, patient_name="Doe^Jane",
-                               patient_id="PID12345")
+    planted = {
+        "0010|0010": "Doe^Jane",
+        "0010|0020": "PID12345",
+        "0010|0030": "19230405",
+        "0008|0050": "ACC98765",
+        "0008|0080": "St Elsewhere Hospital",
+        "0008|0090": "Dr^Referrer",
+        "0010|1000": "OTHERID77",
+        "0008|1030": "Secret Study Description",
+    }
+    files = write_dicom_series(
+        tmp_path / "scans" / "series", body(), **GEOMETRY, patient_name="Doe^Jane", patient_id="PID12345"
+    )
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for f in files:

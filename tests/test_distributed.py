@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_volume
+from conftest import write_body_scans
 from ctmae.checkpoint import load_checkpoint
 
 TESTS = Path(__file__).resolve().parent
@@ -23,8 +23,15 @@ TINY = ["--model", "tiny", "--crop", "32", "--patch", "8", "--workers", "0"]
 
 
 def torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
-           *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port",
+        str(_free_port()),
+        *args,
+    ]
     return subprocess.run(cmd, env=ENV, capture_output=True, encoding="utf-8", timeout=timeout)
 
 
@@ -38,14 +45,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def scans(tmp_path_factory) -> Path:
-    """Four small synthetic CT-like volumes (body block in air)."""
-    root = tmp_path_factory.mktemp("scans")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        a = np.full((48, 44, 40), -1000, np.int16)
-        a[6:42, 5:40, 4:36] = rng.integers(-300, 400, (36, 35, 32))
-        write_volume(root / f"scan{i}.nii.gz", a, spacing=(1.5, 1.5, 1.5))
-    return root
+    """Four small synthetic CT-like volumes."""
+    return write_body_scans(tmp_path_factory.mktemp("scans"), 4, seed=0)
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -71,8 +72,13 @@ def test_two_rank_loss_curve_matches_one_process_with_the_same_global_batch(tmp_
     ddp = torchrun("-m", "ctmae", "pretrain", "--out", str(tmp_path / "ddp"), "--batch-size", "1", *common)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "global batch 2" in ddp.stdout
-    single = subprocess.run([sys.executable, "-m", "ctmae", "pretrain", "--out", str(tmp_path / "one"),
-                             "--batch-size", "2", *common], env=ENV, capture_output=True, encoding="utf-8", timeout=240)
+    single = subprocess.run(
+        [sys.executable, "-m", "ctmae", "pretrain", "--out", str(tmp_path / "one"), "--batch-size", "2", *common],
+        env=ENV,
+        capture_output=True,
+        encoding="utf-8",
+        timeout=240,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     assert np.allclose(losses(tmp_path / "ddp"), losses(tmp_path / "one"), rtol=1e-4, atol=1e-6)
 
@@ -82,8 +88,22 @@ def test_stop_signal_checkpoints_and_resume_continues(tmp_path, scans, sig):
     out = tmp_path / "run"
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  log_every: 1\n  ckpt_every: 100000\n")
-    cmd = [sys.executable, "-m", "ctmae", "pretrain", str(scans), "--out", str(out), "--steps", "100000",
-           "--cache-dir", str(tmp_path / "cache"), "--config", str(cfg), *TINY]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ctmae",
+        "pretrain",
+        str(scans),
+        "--out",
+        str(out),
+        "--steps",
+        "100000",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--config",
+        str(cfg),
+        *TINY,
+    ]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8")
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
@@ -96,8 +116,13 @@ def test_stop_signal_checkpoints_and_resume_continues(tmp_path, scans, sig):
     assert time.time() - sent < 30 and "stopped early" in err and "Traceback" not in err
     step = load_checkpoint(out / "checkpoints" / "last.pt")["step"]
     assert step >= 3
-    resumed = subprocess.run([*cmd[:cmd.index("--steps") + 1], str(step + 2), *cmd[cmd.index("--steps") + 2:],
-                              "--resume"], env=ENV, capture_output=True, encoding="utf-8", timeout=240)
+    resumed = subprocess.run(
+        [*cmd[: cmd.index("--steps") + 1], str(step + 2), *cmd[cmd.index("--steps") + 2 :], "--resume"],
+        env=ENV,
+        capture_output=True,
+        encoding="utf-8",
+        timeout=240,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == step + 2
     assert [json.loads(r)["step"] for r in metrics.read_text().splitlines()][-2:] == [step + 1, step + 2]

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_dicom_series, write_volume
 from typer.testing import CliRunner
 
 import ctmae.embed
+from conftest import write_dicom_series, write_volume
 from ctmae.checkpoint import load_checkpoint
 from ctmae.cli import app
 from ctmae.data import preprocess_transforms
@@ -143,11 +143,13 @@ def test_token_maps_have_the_stated_shape_and_affine(tiny_checkpoint, scans, tmp
         meta = json.loads((tokens / f"{token_name(source.id)}.json").read_text())
         assert meta["id"] == source.id and meta["shape"] == list(token_map.shape)
         # token (0, 0, 0) is the centre of the first 16³ patch: voxel (7.5, 7.5, 7.5)
-        np.testing.assert_allclose(np.array(meta["affine"]) @ [0, 0, 0, 1],
-                                   image.affine.numpy() @ ([(p - 1) / 2] * 3 + [1]), atol=1e-6)
+        np.testing.assert_allclose(
+            np.array(meta["affine"]) @ [0, 0, 0, 1], image.affine.numpy() @ ([(p - 1) / 2] * 3 + [1]), atol=1e-6
+        )
         np.testing.assert_allclose(np.array(meta["affine"])[:3, :3], image.affine.numpy()[:3, :3] * p, atol=1e-6)
     assert sorted(f.name for f in tokens.iterdir()) == sorted(
-        f"{token_name(s.id)}{x}" for s in find_volumes([scans])[0] for x in (".json", ".npy"))
+        f"{token_name(s.id)}{x}" for s in find_volumes([scans])[0] for x in (".json", ".npy")
+    )
 
 
 @pytest.mark.parametrize("volume_id", ["a/b.nii.gz", "../../etc/passwd", "x#0123abcd", "..", "/abs/path", "a b\\c"])

@@ -17,7 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 import ctmae.checkpoint
-from conftest import write_volume
+from conftest import write_body_scans
 from ctmae.checkpoint import load_checkpoint, save_checkpoint
 from ctmae.cli import app
 from ctmae.config import RunConfig
@@ -34,13 +34,8 @@ SMALLER = ["--crop", "32", "--patch", "8", "--workers", "0"]  # with config(): a
 
 @pytest.fixture(scope="module")
 def scans(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("scans")
-    rng = np.random.default_rng(1)
-    for i in range(2):
-        a = np.full((40, 40, 36), -1000, np.int16)
-        a[4:36, 4:36, 3:33] = rng.integers(-300, 400, (32, 32, 30))
-        write_volume(root / f"scan{i}.nii.gz", a, spacing=(1.5, 1.5, 1.5))
-    return root
+    """Two small synthetic CT-like volumes."""
+    return write_body_scans(tmp_path_factory.mktemp("scans"), 2, seed=1)
 
 
 def config(tmp_path: Path, **train) -> Path:
@@ -55,8 +50,20 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path, scans):
-    cmd = [sys.executable, "-m", "ctmae", "pretrain", str(scans), "--steps", "12", "--cache-dir",
-           str(tmp_path / "cache"), "--config", str(config(tmp_path, ckpt_every=3)), *SMALLER]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ctmae",
+        "pretrain",
+        str(scans),
+        "--steps",
+        "12",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--config",
+        str(config(tmp_path, ckpt_every=3)),
+        *SMALLER,
+    ]
     full = subprocess.run([*cmd, "--out", str(tmp_path / "full")], env=ENV, capture_output=True, timeout=300)
     assert full.returncode == 0, full.stderr[-2000:]
     out = tmp_path / "killed"
@@ -113,9 +120,13 @@ def _nan_after(step_from: int, step_to: int | None = None):
 
 @pytest.fixture
 def tiny_cfg(tmp_path, scans):
-    cfg = RunConfig.from_dict({"model": {"size": "tiny", "patch": 8, "depth": 2}, "data": {"crop": 32, "workers": 0,
-                               "cache_dir": str(tmp_path / "cache")},
-                               "train": {"steps": 12, "log_every": 1, "ckpt_every": 2}})
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"size": "tiny", "patch": 8, "depth": 2},
+            "data": {"crop": 32, "workers": 0, "cache_dir": str(tmp_path / "cache")},
+            "train": {"steps": 12, "log_every": 1, "ckpt_every": 2},
+        }
+    )
     sources, _ = find_volumes([str(scans)])
     return cfg, sources
 
@@ -140,8 +151,20 @@ def test_repeated_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_cf
 
 def test_nan_run_exits_1_with_a_message_naming_the_step(tmp_path, scans, monkeypatch):
     monkeypatch.setattr(MaskedAutoencoder3D, "forward", _nan_after(1))
-    result = CliRunner().invoke(app, ["pretrain", str(scans), "--out", str(tmp_path / "run"), "--steps", "20",
-                                      "--cache-dir", str(tmp_path / "c"), *TINY])
+    result = CliRunner().invoke(
+        app,
+        [
+            "pretrain",
+            str(scans),
+            "--out",
+            str(tmp_path / "run"),
+            "--steps",
+            "20",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            *TINY,
+        ],
+    )
     assert result.exit_code == 1 and f"the last at step {MAX_BAD_STEPS}" in result.output
     assert "Traceback" not in result.output
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import expected_affine, write_dicom_series, write_volume
 from monai.data import MetaTensor
 from monai.transforms import LoadImaged
 
+from conftest import expected_affine, write_dicom_series, write_volume
 from ctmae.io import CTReader, InputError, VolumeSource, find_volumes, read_volume, write_nifti
 
 # GDCM stores positions and orientations as decimal strings of at most 16 characters.

@@ -21,7 +21,9 @@ def make(seed: int = 0, **over) -> MaskedAutoencoder3D:
 
 
 def masks(kind: str = "block", batch: int = 2, seed: int = 0):
-    return sample_mask(MaskConfig(kind=kind), batch, (4, 4, 4), torch.Generator().manual_seed(seed), torch.device("cpu"))
+    return sample_mask(
+        MaskConfig(kind=kind), batch, (4, 4, 4), torch.Generator().manual_seed(seed), torch.device("cpu")
+    )
 
 
 @pytest.mark.parametrize("kind", ["block", "random", "none", "noise"])
@@ -82,8 +84,17 @@ def test_loss_matches_a_straightforward_reference():
 
 def test_encoder_weights_load_into_monai_vit_and_compute_the_same_features():
     model = make()
-    vit = ViT(1, 32, 8, hidden_size=CFG.dim, mlp_dim=int(CFG.dim * CFG.mlp_ratio), num_layers=CFG.depth,
-              num_heads=CFG.heads, qkv_bias=True, pos_embed_type="sincos")
+    vit = ViT(
+        1,
+        32,
+        8,
+        hidden_size=CFG.dim,
+        mlp_dim=int(CFG.dim * CFG.mlp_ratio),
+        num_layers=CFG.depth,
+        num_heads=CFG.heads,
+        qkv_bias=True,
+        pos_embed_type="sincos",
+    )
     result = vit.load_state_dict(model.encoder.state_dict(), strict=False)
     assert not result.unexpected_keys
     assert all("norm_cross_attn" in k for k in result.missing_keys)

@@ -35,18 +35,48 @@ def test_dockerfile_structure():
 def test_the_dockerfile_install_gives_a_working_entrypoint(tmp_path):
     """`pip install .` as in the image (a real wheel, not editable), then the ENTRYPOINT runs the demo's first step."""
     wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheel_dir), str(ROOT)],
-                   check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
-                    *map(str, wheel_dir.glob("ctmae-*.whl"))], check=True, capture_output=True)
-    env = {**os.environ, "PYTHONPATH": str(target), "CTMAE_SAMPLE_DATA": str(ROOT / "sample_data"),
-           "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    entry = [sys.executable, "-c", "import ctmae, sys; assert 'site' in ctmae.__file__, ctmae.__file__; "
-             "from ctmae.cli import main; sys.argv[0] = 'ctmae'; main()"]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheel_dir), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(target),
+            *map(str, wheel_dir.glob("ctmae-*.whl")),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(target),
+        "CTMAE_SAMPLE_DATA": str(ROOT / "sample_data"),
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+    }
+    entry = [
+        sys.executable,
+        "-c",
+        "import ctmae, sys; assert 'site' in ctmae.__file__, ctmae.__file__; "
+        "from ctmae.cli import main; sys.argv[0] = 'ctmae'; main()",
+    ]
     help_ = subprocess.run([*entry, "--help"], env=env, capture_output=True, encoding="utf-8", cwd=tmp_path)
     assert help_.returncode == 0 and "pretrain" in help_.stdout
-    demo = subprocess.run([*entry, "pretrain", "--out", str(tmp_path / "runs" / "exp1"), "--steps", "1",
-                           "--workers", "0"], env=env, capture_output=True, encoding="utf-8", cwd=tmp_path, timeout=300)
+    demo = subprocess.run(
+        [*entry, "pretrain", "--out", str(tmp_path / "runs" / "exp1"), "--steps", "1", "--workers", "0"],
+        env=env,
+        capture_output=True,
+        encoding="utf-8",
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert demo.returncode == 0, demo.stderr[-2000:]
     assert (tmp_path / "runs" / "exp1" / "checkpoints" / "last.pt").is_file()
     assert list((tmp_path / "cache" / "ctmae").glob("*.npy"))  # XDG_CACHE_HOME, as the image sets it

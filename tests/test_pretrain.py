@@ -84,11 +84,14 @@ def test_demo_loss_falls(tmp_path):
 
 
 def test_bad_inputs_are_skipped_and_reported(tmp_path):
-    good = write_volume(tmp_path / "scans" / "good.nii.gz", np.random.default_rng(0).integers(-1000, 1000, (40, 40, 40)))
+    good = write_volume(
+        tmp_path / "scans" / "good.nii.gz", np.random.default_rng(0).integers(-1000, 1000, (40, 40, 40))
+    )
     (tmp_path / "scans" / "broken.nii.gz").write_bytes(b"not an image")
     missing = tmp_path / "nope.nii.gz"
-    result = run(tmp_path / "scans", missing, "--out", tmp_path / "run", "--steps", "1", "--cache-dir",
-                 tmp_path / "c", *FAST)
+    result = run(
+        tmp_path / "scans", missing, "--out", tmp_path / "run", "--steps", "1", "--cache-dir", tmp_path / "c", *FAST
+    )
     assert result.exit_code == 0, result.output
     assert "broken.nii.gz" in result.output and str(missing) in result.output and "2 skipped" in result.output
     assert "Traceback" not in result.output and good.is_file()

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import SAMPLE_DATA, write_dicom_series, write_volume
 from typer.testing import CliRunner
 
+from conftest import SAMPLE_DATA, write_dicom_series, write_volume
 from ctmae.checkpoint import load_checkpoint, save_checkpoint
 from ctmae.cli import app
 from ctmae.config import MaskConfig
@@ -92,10 +92,12 @@ def test_whole_volume_is_covered(tiny_checkpoint, tmp_path, monkeypatch, kind):
     The decoder is replaced by a constant 0.25 (-500 HU), so any voxel a window missed would show.
     """
     rng = np.random.default_rng(1)
-    scan = write_volume(tmp_path / "odd.nii.gz", rng.integers(-400, 600, size=(70, 50, 45)),
-                        spacing=(1.5, 1.5, 2.5))
-    monkeypatch.setattr(Decoder, "forward", lambda self, latent, mask: torch.full(
-        (latent.shape[0], mask.ids_pred.shape[1], self.head.out_features), 0.25))
+    scan = write_volume(tmp_path / "odd.nii.gz", rng.integers(-400, 600, size=(70, 50, 45)), spacing=(1.5, 1.5, 2.5))
+    monkeypatch.setattr(
+        Decoder,
+        "forward",
+        lambda self, latent, mask: torch.full((latent.shape[0], mask.ids_pred.shape[1], self.head.out_features), 0.25),
+    )
     out = tmp_path / "out"
     assert _run(tiny_checkpoint, scan, "--out", out, "--mask", kind).exit_code == 0
     recon, original = _load(out, "reconstruction.nii.gz"), _load(out, "input.nii.gz")
@@ -140,8 +142,9 @@ def test_errors_are_one_line(tiny_checkpoint, tmp_path, ct_array):
     norm_pix = tmp_path / "normpix.pt"
     state = load_checkpoint(tiny_checkpoint)
     cfg = state["config"].replace(model={"norm_pix_loss": True})
-    save_checkpoint({**{k: v for k, v in state.items() if k not in ("format", "format_version")},
-                     "config": cfg.to_dict()}, norm_pix)
+    save_checkpoint(
+        {**{k: v for k, v in state.items() if k not in ("format", "format_version")}, "config": cfg.to_dict()}, norm_pix
+    )
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(b"not a nifti at all" * 20)
     cases = [

@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 from ctmae.cli import pretrain  # noqa: F401  (registers the subcommand)
+from ctmae.cli import finetune  # noqa: F401
 from ctmae.cli import reconstruct, embed  # noqa: F401
 from ctmae.cli.common import app
 

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ctmae.checkpoint import CheckpointError
 from ctmae.io import InputError
 
+INPUTS_HELP = "Scans: NIfTI/NRRD/MHA files, DICOM series folders, folders (searched recursively) or .txt/.csv lists."
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
 errors = Console(stderr=True)
@@ -50,8 +51,11 @@ def run_command(body: Callable[[], None]) -> None:
     except Exception as e:  # a bug, not a user error: still one line, with a way to see more
         if os.environ.get("CTMAE_DEBUG"):
             raise
-        errors.print(f"[red]internal error:[/red] {type(e).__name__}: {escape(str(e))} (set CTMAE_DEBUG=1 for more)",
-                     highlight=False, soft_wrap=True)
+        errors.print(
+            f"[red]internal error:[/red] {type(e).__name__}: {escape(str(e))} (set CTMAE_DEBUG=1 for more)",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(1) from None
 
 
@@ -63,15 +67,25 @@ def report_skipped(problems: list[str]) -> None:
 
 def progress_bar() -> Progress:
     """A rich progress bar with a free-text ``info`` field (loss, rates)."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=console)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+    )
 
 
 def sample_data_dir() -> Path:
     """The bundled sample scans: $CTMAE_SAMPLE_DATA, the repository's sample_data/, or ./sample_data."""
-    candidates = [os.environ.get("CTMAE_SAMPLE_DATA"), Path(__file__).resolve().parents[2] / "sample_data",
-                  Path.cwd() / "sample_data"]
+    candidates = [
+        os.environ.get("CTMAE_SAMPLE_DATA"),
+        Path(__file__).resolve().parents[2] / "sample_data",
+        Path.cwd() / "sample_data",
+    ]
     for c in candidates:
         if c and (Path(c) / "ct").is_dir():
             return Path(c)

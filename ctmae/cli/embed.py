@@ -7,31 +7,47 @@ from typing import Annotated, Optional
 
 import typer
 
-from ctmae.cli.common import UsageError, app, console, progress_bar, report_skipped, run_command
+from ctmae.cli.common import INPUTS_HELP, UsageError, app, console, progress_bar, report_skipped, run_command
 from ctmae.io import InputError
 
 
 @app.command()
 def embed(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by ctmae pretrain (.pt).",
-                                               show_default=False)],
-    inputs: Annotated[list[Path], typer.Argument(
-        help="Scans: NIfTI/NRRD/MHA files, DICOM series folders, folders (searched recursively) or .txt/.csv lists.",
-        show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output table: .npz, .csv or .parquet (needs pyarrow). "
-                                                          "Re-running with the same file skips scans already in "
-                                                          "it.")] = ...,
-    pool: Annotated[str, typer.Option(help="mean|max over all tokens of the scan (cls: the encoder has "
-                                           "none).")] = "mean",
-    tokens: Annotated[Optional[Path], typer.Option(help="Also write each scan's token map (D, gx, gy, gz) .npy and "
-                                                        "its RAS affine .json here.")] = None,
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A checkpoint written by ctmae pretrain (.pt).", show_default=False)
+    ],
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            help=INPUTS_HELP,
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output table: .npz, .csv or .parquet (needs pyarrow). "
+            "Re-running with the same file skips scans already in "
+            "it.",
+        ),
+    ] = ...,
+    pool: Annotated[
+        str, typer.Option(help="mean|max over all tokens of the scan (cls: the encoder has none).")
+    ] = "mean",
+    tokens: Annotated[
+        Optional[Path],
+        typer.Option(help="Also write each scan's token map (D, gx, gy, gz) .npy and its RAS affine .json here."),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", min=1)] = 2,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
 ) -> None:
     """Embed scans with a pretrained encoder: one vector per scan (no masking; the whole scan is covered)."""
 
     def body() -> None:
-        from ctmae.embed import check_options, embed as run_embed
+        from ctmae.embed import check_options
+        from ctmae.embed import embed as run_embed
         from ctmae.inference import load_model
 
         if device not in ("auto", "cpu", "cuda"):
@@ -48,13 +64,23 @@ def embed(
                 progress.advance(task)
                 progress.update(task, info=f"{progress.tasks[task].speed or 0.0:.2f} scans/s")
 
-            result = run_embed(loaded, [str(p) for p in inputs], out, pool=pool, tokens_dir=tokens,
-                               batch_size=batch_size, on_start=lambda n: progress.update(task, total=n),
-                               on_scan=scanned)
+            result = run_embed(
+                loaded,
+                [str(p) for p in inputs],
+                out,
+                pool=pool,
+                tokens_dir=tokens,
+                batch_size=batch_size,
+                on_start=lambda n: progress.update(task, total=n),
+                on_scan=scanned,
+            )
         report_skipped(result["skipped"])
         if result["embedded"] + result["resumed"] == 0:
             raise InputError(f"no scan embedded ({len(result['skipped'])} skipped)")
-        console.print(f"embedded {result['embedded']} scan(s), {result['resumed']} already done, "
-                      f"{len(result['skipped'])} skipped; {result['rows']} row(s) in {out}", highlight=False)
+        console.print(
+            f"embedded {result['embedded']} scan(s), {result['resumed']} already done, "
+            f"{len(result['skipped'])} skipped; {result['rows']} row(s) in {out}",
+            highlight=False,
+        )
 
     run_command(body)

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ctmae.checkpoint import load_checkpoint
 from ctmae.cli.common import (
+    INPUTS_HELP,
     UsageError,
     app,
     console,
@@ -26,8 +27,11 @@ from ctmae.distributed import DistInfo, barrier, cleanup, gather, setup
 from ctmae.io import InputError, check_modality, find_volumes
 
 # With no INPUTS, `ctmae pretrain` is a short CPU demo on the bundled scan; options given explicitly still win.
-DEMO = {"model": {"size": "tiny"}, "data": {"crops_per_volume": 4},
-        "train": {"steps": 300, "batch_size": 4, "lr": 1e-3, "log_every": 10}}
+DEMO = {
+    "model": {"size": "tiny"},
+    "data": {"crops_per_volume": 4},
+    "train": {"steps": 300, "batch_size": 4, "lr": 1e-3, "log_every": 10},
+}
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "train.log", "checkpoints", "tensorboard")
 
 
@@ -87,13 +91,26 @@ def _volumes(inputs: list[Path], cfg: RunConfig, dist: DistInfo, modality: str |
 
 @app.command()
 def pretrain(
-    inputs: Annotated[Optional[list[Path]], typer.Argument(
-        help="Scans: NIfTI/NRRD/MHA files, DICOM series folders, folders (searched recursively) or .txt/.csv lists. "
-             "None: a short demo on the bundled sample_data (tiny model, CPU-sized).", show_default=False)] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder for config, metrics, logs and checkpoints.")] = ...,
-    config: Annotated[Optional[Path], typer.Option(help="YAML file with data/model/mask/train sections (as a run's "
-                                                        "config.yaml); options given here override it.")] = None,
-    model: Annotated[Optional[str], typer.Option(help=f"Size preset: {'|'.join(MODEL_PRESETS)} (default: base)")] = None,
+    inputs: Annotated[
+        Optional[list[Path]],
+        typer.Argument(
+            help=f"{INPUTS_HELP} None: a short demo on the bundled sample_data (tiny model, CPU-sized).",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Run folder for config, metrics, logs and checkpoints.")
+    ] = ...,
+    config: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="YAML file with data/model/mask/train sections (as a run's "
+            "config.yaml); options given here override it."
+        ),
+    ] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help=f"Size preset: {'|'.join(MODEL_PRESETS)} (default: base)")
+    ] = None,
     crop: Annotated[Optional[int], typer.Option(help="Cubic crop edge in voxels (default: 96)")] = None,
     patch: Annotated[Optional[int], typer.Option(help="Cubic patch edge in voxels (default: 16)")] = None,
     mask: Annotated[Optional[str], typer.Option(help=f"Corruption: {'|'.join(MASK_KINDS)} (default: block)")] = None,
@@ -107,15 +124,27 @@ def pretrain(
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default: 1.5e-4)")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for weights, data order, crops, masks (default: 0)")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto|cpu|cuda (default: auto)")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto|bf16|fp16|fp32; auto = bf16 on GPU, fp32 on CPU")] = None,
+    precision: Annotated[
+        Optional[str], typer.Option(help="auto|bf16|fp16|fp32; auto = bf16 on GPU, fp32 on CPU")
+    ] = None,
     workers: Annotated[Optional[int], typer.Option(help="Data loader processes (default: 2)")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Preprocessing cache (default: ~/.cache/ctmae)")] = None,
-    modality: Annotated[Optional[str], typer.Option(help="Keep only DICOM series of this modality (e.g. CT); by "
-                                                        "default non-CT series are used with a warning.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from RUN_DIR/checkpoints/last.pt (fresh if none yet).")] = False,
+    modality: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Keep only DICOM series of this modality (e.g. CT); by default non-CT series are used with a warning."
+        ),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from RUN_DIR/checkpoints/last.pt (fresh if none yet).")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace ctmae's outputs in a non-empty RUN_DIR.")] = False,
-    stop_at: Annotated[Optional[int], typer.Option(help="Checkpoint and stop after this step (e.g. the end of a job's "
-                                                        "time slot); --resume continues.")] = None,
+    stop_at: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Checkpoint and stop after this step (e.g. the end of a job's time slot); --resume continues."
+        ),
+    ] = None,
 ) -> None:
     """Pretrain a 3D masked autoencoder on CT scans."""
 
@@ -135,14 +164,27 @@ def pretrain(
             cfg = base or (RunConfig() if inputs else RunConfig.from_dict(DEMO))
             if config is not None:
                 cfg = load_yaml(config, base=cfg)
-            cfg = cfg.replace(**_given(
-                model={"size": model, "patch": patch},
-                data={"crop": crop, "workers": workers, "cache_dir": str(cache_dir) if cache_dir else None,
-                      "spacing": (spacing,) * 3 if spacing else None},
-                mask={"kind": mask, "ratio": mask_ratio, "block": block, "noise_std": noise_std},
-                train={"steps": steps, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-                       "device": device, "precision": precision},
-            ))
+            cfg = cfg.replace(
+                **_given(
+                    model={"size": model, "patch": patch},
+                    data={
+                        "crop": crop,
+                        "workers": workers,
+                        "cache_dir": str(cache_dir) if cache_dir else None,
+                        "spacing": (spacing,) * 3 if spacing else None,
+                    },
+                    mask={"kind": mask, "ratio": mask_ratio, "block": block, "noise_std": noise_std},
+                    train={
+                        "steps": steps,
+                        "epochs": epochs,
+                        "batch_size": batch_size,
+                        "lr": lr,
+                        "seed": seed,
+                        "device": device,
+                        "precision": precision,
+                    },
+                )
+            )
             if epochs is not None and steps is None:
                 cfg = cfg.replace(train={"steps": None})
         except ValueError as e:
@@ -153,8 +195,11 @@ def pretrain(
 
             def started(info: dict) -> None:
                 progress.update(task, total=info["total_steps"], completed=info["start_step"])
-                console.print(f"training on {info['device']} ({info['precision']}), {cfg.model.size} model, "
-                              f"mask {cfg.mask.kind}, global batch {info['global_batch']}", highlight=False)
+                console.print(
+                    f"training on {info['device']} ({info['precision']}), {cfg.model.size} model, "
+                    f"mask {cfg.mask.kind}, global batch {info['global_batch']}",
+                    highlight=False,
+                )
 
             def stepped(info: dict) -> None:
                 if info["loss"] is not None:
@@ -162,19 +207,30 @@ def pretrain(
                     progress.update(task, info=f"loss {info['loss']:.4f}  {rate * cfg.train.batch_size:.1f} crops/s")
                 progress.update(task, completed=info["step"])
 
-            result = run_pretrain(cfg, sources, out, resume=resume, stop_at=stop_at, dist=dist, on_start=started,
-                                  on_step=stepped)
+            result = run_pretrain(
+                cfg, sources, out, resume=resume, stop_at=stop_at, dist=dist, on_start=started, on_step=stepped
+            )
         cleanup(dist)
         table = Table(title="pretraining summary", show_header=False)
-        for key in ("start_step", "steps", "total_steps", "first_loss", "last_loss", "crops_per_s", "device",
-                    "precision", "checkpoint"):
+        for key in (
+            "start_step",
+            "steps",
+            "total_steps",
+            "first_loss",
+            "last_loss",
+            "crops_per_s",
+            "device",
+            "precision",
+            "checkpoint",
+        ):
             value = result[key]
             table.add_row(key.replace("_", " "), f"{value:.4f}" if isinstance(value, float) else str(value))
         console.print(table)
         if result["stopped"]:
-            errors.print(f"[yellow]stopped early:[/yellow] {escape(result['stopped'])}", highlight=False, soft_wrap=True)
+            errors.print(
+                f"[yellow]stopped early:[/yellow] {escape(result['stopped'])}", highlight=False, soft_wrap=True
+            )
             if result["steps"] < result["total_steps"] and "signal" not in result["stopped"]:
                 raise typer.Exit(1)
 
     run_command(body)
-

@@ -13,16 +13,20 @@ from ctmae.config import MASK_KINDS
 
 @app.command()
 def reconstruct(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by ctmae pretrain (.pt).",
-                                               show_default=False)],
-    input: Annotated[Path, typer.Argument(help="One scan: a NIfTI/NRRD/MHA file or a DICOM series folder.",
-                                          show_default=False)],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A checkpoint written by ctmae pretrain (.pt).", show_default=False)
+    ],
+    input: Annotated[
+        Path, typer.Argument(help="One scan: a NIfTI/NRRD/MHA file or a DICOM series folder.", show_default=False)
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the NIfTIs, preview.png, metrics.json.")] = ...,
     mask: Annotated[Optional[str], typer.Option(help=f"{'|'.join(MASK_KINDS)} (default: the checkpoint's)")] = None,
-    mask_ratio: Annotated[Optional[float], typer.Option(help="Share of patches hidden "
-                                                             "(default: the checkpoint's)")] = None,
-    block: Annotated[Optional[int], typer.Option(help="Block edge in patches for --mask block "
-                                                      "(default: the checkpoint's)")] = None,
+    mask_ratio: Annotated[
+        Optional[float], typer.Option(help="Share of patches hidden (default: the checkpoint's)")
+    ] = None,
+    block: Annotated[
+        Optional[int], typer.Option(help="Block edge in patches for --mask block (default: the checkpoint's)")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the mask and the noise; the same seed repeats a run.")] = 0,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", min=1)] = 2,
@@ -31,7 +35,8 @@ def reconstruct(
 
     def body() -> None:
         from ctmae.inference import load_model
-        from ctmae.reconstruct import mask_config, reconstruct as run_reconstruct
+        from ctmae.reconstruct import mask_config
+        from ctmae.reconstruct import reconstruct as run_reconstruct
 
         if device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
@@ -40,11 +45,14 @@ def reconstruct(
             mask_cfg = mask_config(loaded, mask, mask_ratio, block)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        metrics = run_reconstruct(loaded, input, out, mask_cfg, seed=seed, batch_size=batch_size,
-                                  checkpoint_name=str(checkpoint))
+        metrics = run_reconstruct(
+            loaded, input, out, mask_cfg, seed=seed, batch_size=batch_size, checkpoint_name=str(checkpoint)
+        )
         masked = metrics["masked"]["psnr"]
         summary = f"masked PSNR {masked:.2f} dB, " if masked is not None else ""
-        console.print(f"{summary}mask ratio {metrics['mask_ratio']:.3f}, SSIM {metrics['ssim']:.3f}; wrote {out}/",
-                      highlight=False)
+        console.print(
+            f"{summary}mask ratio {metrics['mask_ratio']:.3f}, SSIM {metrics['ssim']:.3f}; wrote {out}/",
+            highlight=False,
+        )
 
     run_command(body)

@@ -1,0 +1,235 @@
+"""``ctmae finetune-seg``: fine-tune a UNETR on labelled scans from a pretrained MAE encoder (or from scratch), or
+segment new scans with a fine-tuned checkpoint (``--predict``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from ctmae.checkpoint import CheckpointError, load_checkpoint
+from ctmae.cli.common import UsageError, app, console, progress_bar, report_skipped, run_command
+from ctmae.cli.pretrain import prepare_run_dir
+from ctmae.config import MODEL_PRESETS
+from ctmae.io import InputError, find_volumes
+from ctmae.seg_config import UNETR_DEPTH, SegConfig, SegDataConfig, SegNetConfig
+
+PathList = Optional[list[Path]]
+
+
+def _net_from_preset(size: str, feature_size: int, num_classes: int) -> SegNetConfig:
+    if size not in MODEL_PRESETS:
+        raise UsageError(f"unknown --model {size!r}; choose one of {', '.join(MODEL_PRESETS)}")
+    p = MODEL_PRESETS[size]
+    if p["depth"] != UNETR_DEPTH:
+        raise UsageError(f"the {size} preset has {p['depth']} blocks; MONAI's UNETR needs a 12-block ViT "
+                         f"(use tiny, small or base)")
+    return SegNetConfig(size=size, dim=p["dim"], heads=p["heads"], feature_size=feature_size, num_classes=num_classes)
+
+
+def _cases(images: PathList, labels: PathList, what: str) -> list:
+    from ctmae.seg_data import find_cases
+
+    if not images:
+        raise UsageError(f"--{what}images is required (with --{what}labels, or one datalist / nnU-Net folder)")
+    return find_cases([str(p) for p in images], [str(p) for p in labels or []])
+
+
+def _check(cases: list, num_classes: Optional[int]) -> int:
+    """Check every pair's geometry and values, with progress; returns the class count the labels need."""
+    from ctmae.seg_data import check_case
+
+    top = 0
+    with progress_bar() as progress:
+        task = progress.add_task("checking labels", total=len(cases), info="")
+        for case in cases:
+            top = max(top, check_case(case, num_classes))
+            progress.advance(task)
+    return max(2, top + 1)
+
+
+def _load_mae(path: Path) -> dict[str, Any]:
+    """An MAE pretraining checkpoint; a fine-tuned one given by mistake gets its own message."""
+    from ctmae.segmenter import load_seg_checkpoint
+
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as e:
+        error = e
+    try:
+        load_seg_checkpoint(path)
+    except CheckpointError:
+        raise error from None
+    raise CheckpointError(f"{path}: a fine-tuned segmentation checkpoint; pass an MAE pretraining checkpoint "
+                          f"(to segment scans with it, use --predict)")
+
+
+def _predict(checkpoint: Path, inputs: list[Path], out: Optional[Path], device: Optional[str]) -> None:
+    from ctmae.seg_predict import predict
+
+    if not inputs:
+        raise UsageError("--predict needs INPUTS: the scans to segment")
+    if out is None:
+        raise UsageError("--out PRED_DIR is required: the folder for the label files")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: --out must be a folder, but a file is there")
+    sources, problems = find_volumes([str(p) for p in inputs])
+    report_skipped(problems)
+    if not sources:
+        raise InputError(f"no usable volume among the inputs ({len(problems)} skipped)")
+    with progress_bar() as progress:
+        task = progress.add_task("segmenting", total=len(sources), info="")
+
+        def done(info: dict[str, Any]) -> None:
+            progress.advance(task)
+            console.print(f"{info['source'].id} -> {info['path']}  voxels per class {info['voxels_per_class']}",
+                          highlight=False)
+
+        written = predict(checkpoint, sources, out, device=device or "auto", on_volume=done)
+    console.print(f"{len(written)} label volume(s) written to {out}", highlight=False)
+
+
+@app.command("finetune-seg")
+def finetune_seg(
+    args: Annotated[PathList, typer.Argument(
+        help="Training: the MAE CHECKPOINT whose encoder starts the UNETR (omit with --from-scratch). "
+             "With --predict: the scans to segment.", show_default=False)] = None,
+    images: Annotated[PathList, typer.Option(help="Training images: files/folders (paired with --labels by file "
+                                                  "name), or one .csv/.json datalist (image,label), or one nnU-Net "
+                                                  "folder with imagesTr/ and labelsTr/.")] = None,
+    labels: Annotated[PathList, typer.Option(help="Label volumes (NIfTI/NRRD/MHA), named as their images.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (training) or label folder "
+                                                                    "(--predict).")] = None,
+    from_scratch: Annotated[bool, typer.Option(help="Random ViT weights: the baseline (sizes from CHECKPOINT if "
+                                                    "given, else --model).")] = False,
+    model: Annotated[str, typer.Option(help="ViT size preset with --from-scratch and no CHECKPOINT: tiny|small|base")]
+    = "base",
+    num_classes: Annotated[Optional[int], typer.Option(help="Classes incl. background [default: largest label + 1]")]
+    = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of cases held out for validation (seeded)")] = 0.2,
+    val_images: Annotated[PathList, typer.Option(help="Validation images instead of --val-fraction")] = None,
+    val_labels: Annotated[PathList, typer.Option(help="Validation labels, paired as --labels")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimiser steps [default: 1000]")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Passes over all training crops, instead of --steps")] = None,
+    batch_size: Annotated[int, typer.Option(help="Crops per step")] = 2,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine)")] = 1e-4,
+    freeze_encoder: Annotated[bool, typer.Option(help="Keep the ViT fixed; train the decoder only")] = False,
+    layer_decay: Annotated[float, typer.Option(help="Layer-wise LR decay per ViT block (1: off)")] = 1.0,
+    crop: Annotated[Optional[int], typer.Option(help="Crop / sliding-window edge, a multiple of 16 "
+                                                     "[default: the checkpoint's, else 96]")] = None,
+    crops_per_volume: Annotated[int, typer.Option(help="Crops per visit of a case")] = 4,
+    pos_fraction: Annotated[float, typer.Option(help="Share of crops centred on a labelled voxel")] = 0.5,
+    feature_size: Annotated[int, typer.Option(help="UNETR convolutional feature width")] = 16,
+    spacing: Annotated[Optional[float], typer.Option(help="Isotropic spacing in mm with --from-scratch and no "
+                                                          "CHECKPOINT [default: 1.5]")] = None,
+    val_every: Annotated[int, typer.Option(help="Steps between validations")] = 100,
+    log_every: Annotated[int, typer.Option(help="Steps between metrics.jsonl lines")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed for weights, split, crops and flips")] = 0,
+    device: Annotated[Optional[str], typer.Option(help="auto|cpu|cuda [default: auto]")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto|bf16|fp16|fp32; auto = bf16 on GPU, fp32 on CPU")]
+    = None,
+    workers: Annotated[int, typer.Option(help="Data loader processes drawing crops")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from RUN_DIR/checkpoints/last.pt (fresh if none yet).")]
+    = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace ctmae's outputs in a non-empty RUN_DIR.")] = False,
+    stop_at: Annotated[Optional[int], typer.Option(help="Checkpoint and stop after this step; --resume continues.")]
+    = None,
+    predict: Annotated[Optional[Path], typer.Option(help="Segment ARGS with this fine-tuned checkpoint (best.pt) "
+                                                         "instead of training.")] = None,
+) -> None:
+    """Fine-tune a UNETR for segmentation from a pretrained MAE encoder, or predict with one (--predict)."""
+
+    def body() -> None:
+        if predict is not None:
+            _predict(predict, args or [], out, device)
+            return
+        from ctmae.seg_data import split_cases
+        from ctmae.segmenter import load_seg_checkpoint, net_config_from_mae
+
+        if out is None:
+            raise UsageError("--out RUN_DIR is required")
+        if len(args or []) > 1:
+            raise UsageError(f"one CHECKPOINT expected, got {len(args)} paths (scans to segment go with --predict)")
+        checkpoint = args[0] if args else None
+        if checkpoint is None and not from_scratch:
+            raise UsageError("give the pretrained CHECKPOINT, or --from-scratch to train from random weights")
+        if val_labels and not val_images:
+            raise UsageError("--val-labels needs --val-images")
+        if not 0.0 < val_fraction < 1.0:
+            raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+        cases = _cases(images, labels, "")
+        val_cases = _cases(val_images, val_labels, "val-") if val_images else None
+        prepare_run_dir(out, resume, overwrite)
+        last = out / "checkpoints" / "last.pt"
+        classes = _check(cases + (val_cases or []), num_classes)
+        mae = None
+        if resume and last.is_file():
+            cfg = load_seg_checkpoint(last)["config"]
+            cfg = cfg.replace(train={k: v for k, v in {"steps": steps, "device": device, "precision": precision}.items()
+                                     if v is not None})
+        else:
+            if checkpoint is not None:
+                mae = _load_mae(checkpoint)
+                try:
+                    net = net_config_from_mae(mae["config"].model, feature_size, num_classes or classes)
+                except ValueError as e:
+                    raise ValueError(f"{checkpoint}: {e}") from None
+                data = mae["config"].data
+                base = SegDataConfig(spacing=data.spacing, hu_window=data.hu_window, crop=mae["config"].model.img_size)
+            else:
+                net = _net_from_preset(model, feature_size, num_classes or classes)
+                base = SegDataConfig(**({"spacing": (spacing,) * 3} if spacing else {}))
+            try:
+                cfg = SegConfig(data=base, net=net, pretrained="" if from_scratch else str(checkpoint)).replace(
+                    data={"crop": crop or base.crop, "crops_per_volume": crops_per_volume,
+                          "pos_fraction": pos_fraction, "workers": workers},
+                    train={"steps": steps, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                           "freeze_encoder": freeze_encoder, "layer_decay": layer_decay, "seed": seed,
+                           "device": device or "auto", "precision": precision or "auto", "val_every": val_every,
+                           "log_every": log_every},
+                )
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+        train_cases, held_out = (cases, val_cases) if val_cases else split_cases(cases, val_fraction, cfg.train.seed)
+        if len(cases) == 1 and not val_cases:
+            console.print("only one labelled case: validating on the training case (Dice is not held out)",
+                          style="yellow", highlight=False)
+        weights = None if from_scratch or mae is None else mae["model"]
+        _train(cfg, train_cases, held_out, out, weights, resume, stop_at)
+
+    run_command(body)
+
+
+def _train(cfg: SegConfig, train_cases: list, val_cases: list, out: Path, weights, resume: bool,
+           stop_at: Optional[int]) -> None:
+    from ctmae.finetune import finetune
+
+    with progress_bar() as progress:
+        task = progress.add_task("fine-tuning", total=None, info="")
+
+        def started(info: dict[str, Any]) -> None:
+            progress.update(task, total=info["total_steps"], completed=info["start_step"])
+            origin = (f"encoder: {info['encoder_tensors']} tensors loaded from {cfg.pretrained}" if cfg.pretrained
+                      else "from scratch (random ViT weights)")
+            console.print(f"training on {info['device']} ({info['precision']}), {cfg.net.size} UNETR, "
+                          f"{len(train_cases)} training / {len(val_cases)} validation case(s); {origin}",
+                          highlight=False)
+
+        def stepped(info: dict[str, Any]) -> None:
+            if info["val_dice"] is not None:
+                progress.update(task, info=f"val Dice {info['val_dice']:.4f}")
+            progress.update(task, completed=info["step"])
+
+        result = finetune(cfg, train_cases, val_cases, out, mae_weights=weights, resume=resume, stop_at=stop_at,
+                          on_start=started, on_step=stepped)
+    table = Table(title="fine-tuning summary", show_header=False)
+    per_class = result["dice_per_class"] or []
+    rows = {"steps": f"{result['steps']} of {result['total_steps']}", "encoder tensors": result["encoder_tensors"],
+            "last loss": result["last_loss"], "best val Dice": result["best_dice"],
+            "last val Dice per class": ", ".join(f"{d:.4f}" for d in per_class), "best": result["best"],
+            "last": result["last"]}
+    for key, value in rows.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)

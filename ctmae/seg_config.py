@@ -1,0 +1,128 @@
+"""Fine-tuning configuration for ``finetune-seg``: preprocessing, the UNETR it builds, and training settings.
+
+Frozen dataclasses, stored as a plain dict in every segmentation checkpoint, so a segmenter is rebuilt from its
+checkpoint alone (``SegConfig.from_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ctmae.config import DEVICES, PRECISIONS, DataConfig
+
+UNETR_PATCH = 16  # MONAI's UNETR hard-codes 16³ patches
+UNETR_DEPTH = 12  # ... and a 12-block ViT whose blocks 3, 6, 9 feed the skip connections
+
+
+@dataclass(frozen=True)
+class SegDataConfig:
+    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)  # target voxel size in mm (from the MAE checkpoint)
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)  # HU scaled to 0..1 (from the MAE checkpoint)
+    crop: int = 96  # edge of the training crop and the sliding window; a multiple of 16
+    crops_per_volume: int = 4  # foreground-balanced crops drawn per visit of a labelled volume
+    pos_fraction: float = 0.5  # share of crops centred on a labelled (non-zero) voxel
+    workers: int = 0  # DataLoader processes drawing crops (0: in the training process)
+
+    def preprocessing(self) -> DataConfig:
+        """The pretraining ``DataConfig`` that ``ctmae.data.preprocess_transforms`` reads."""
+        return DataConfig(spacing=self.spacing, hu_window=self.hu_window, crop=self.crop, cache_dir="", workers=0)
+
+
+@dataclass(frozen=True)
+class SegNetConfig:
+    size: str = "base"  # preset the ViT widths came from (informative)
+    dim: int = 768  # ViT width (hidden_size)
+    heads: int = 12  # ViT attention heads
+    mlp_ratio: float = 4.0  # ViT MLP width / dim
+    qkv_bias: bool = True  # bias on the fused qkv projection, as in the MAE encoder
+    feature_size: int = 16  # UNETR's convolutional feature width
+    num_classes: int = 2  # output channels, background included
+
+
+@dataclass(frozen=True)
+class SegTrainConfig:
+    steps: int | None = None  # optimiser steps; None: from epochs, or DEFAULT_STEPS
+    epochs: float | None = None  # passes over all training crops; used when steps is None
+    batch_size: int = 2  # crops per optimiser step
+    lr: float = 1e-4  # peak learning rate, AdamW
+    min_lr: float = 0.0  # learning rate at the end of the cosine decay
+    warmup: float = 0.05  # share of steps with linear warm-up
+    weight_decay: float = 1e-5
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    freeze_encoder: bool = False  # keep the ViT fixed; train only UNETR's convolutional decoder
+    layer_decay: float = 1.0  # ViT block k of 12 learns at lr x layer_decay^(13 - k); 1 disables
+    seed: int = 0  # seeds weights (from scratch / decoder), split, crop order, flips
+    device: str = "auto"
+    precision: str = "auto"
+    val_every: int = 100  # steps between validations (and at the last step)
+    log_every: int = 10  # steps between metrics.jsonl lines
+
+
+@dataclass(frozen=True)
+class SegConfig:
+    data: SegDataConfig = field(default_factory=SegDataConfig)
+    net: SegNetConfig = field(default_factory=SegNetConfig)
+    train: SegTrainConfig = field(default_factory=SegTrainConfig)
+    pretrained: str = ""  # the MAE checkpoint the encoder came from; "" when trained from scratch
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), as stored in checkpoints and config.yaml."""
+        return _plain(dataclasses.asdict(self))
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> SegConfig:
+        """Rebuild from ``to_dict``'s form; ValueError names an unknown key."""
+        sections = {"data": SegDataConfig, "net": SegNetConfig, "train": SegTrainConfig}
+        values: dict[str, Any] = {"pretrained": d.get("pretrained", "")}
+        for name, cls in sections.items():
+            given = dict(d.get(name) or {})
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = set(given) - known
+            if unknown:
+                raise ValueError(f"unknown config key '{name}.{min(unknown)}'")
+            values[name] = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+        return SegConfig(**values)
+
+    def replace(self, **sections: dict[str, Any]) -> SegConfig:
+        """Copy with some fields changed, e.g. ``cfg.replace(train={"steps": 5})``."""
+        return SegConfig(**{
+            f.name: dataclasses.replace(getattr(self, f.name), **sections[f.name]) if f.name in sections
+            else getattr(self, f.name) for f in dataclasses.fields(self)
+        })
+
+
+def check(cfg: SegConfig) -> None:
+    """Cross-field checks; ValueError with what was given."""
+    d, n, t = cfg.data, cfg.net, cfg.train
+    if d.crop < UNETR_PATCH or d.crop % UNETR_PATCH:
+        raise ValueError(f"crop {d.crop} must be a positive multiple of 16 (UNETR's patch size)")
+    if n.dim % n.heads:
+        raise ValueError(f"ViT width {n.dim} must divide by its {n.heads} heads")
+    if n.num_classes < 2 or n.feature_size < 1:
+        raise ValueError(f"num_classes must be >= 2 (background included) and feature_size >= 1, got "
+                         f"{n.num_classes} and {n.feature_size}")
+    if not 0.0 <= d.pos_fraction <= 1.0 or d.crops_per_volume < 1 or d.workers < 0:
+        raise ValueError(f"pos_fraction must be in 0..1, crops_per_volume >= 1, workers >= 0; got {d}")
+    if not 0.0 < t.layer_decay <= 1.0:
+        raise ValueError(f"layer_decay must be in (0, 1], got {t.layer_decay}")
+    if t.precision not in PRECISIONS or t.device not in DEVICES:
+        raise ValueError(f"precision must be one of {PRECISIONS} and device one of {DEVICES}")
+    if t.batch_size < 1 or t.val_every < 1 or t.log_every < 1:
+        raise ValueError("batch_size, val_every and log_every must be >= 1")
+    if (t.steps is not None and t.steps < 1) or (t.epochs is not None and t.epochs <= 0):
+        raise ValueError(f"steps and epochs must be positive, got steps={t.steps} epochs={t.epochs}")
+    if d.hu_window[0] >= d.hu_window[1] or min(d.spacing) <= 0:
+        raise ValueError(f"hu_window must be (low, high) with low < high and spacing positive, got {d}")
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x

@@ -1,0 +1,240 @@
+"""Labelled cases for ``finetune-seg``: pairing images with labels, geometry checks, the validation split, and the
+seeded stream of foreground-balanced training crops.
+
+Three layouts pair images and labels: two lists of files/folders matched by file name (``case.nii.gz`` in both, an
+nnU-Net channel suffix ``_0000`` on the image allowed), a CSV/JSON datalist with ``image`` and ``label`` columns/keys
+(MSD's ``dataset.json`` ``training`` list included), and an nnU-Net folder holding ``imagesTr/`` and ``labelsTr/``.
+
+The deterministic preprocessing (``ctmae.data.preprocess_transforms`` with the label) runs once per case into
+memory (``monai.data.CacheDataset``). Crops follow ``ctmae.data``'s schedule: visit ``v`` is epoch ``v // V``, slot
+``v % V`` of that epoch's seeded permutation, its random draws seeded by ``(seed, v)``; so any step's batch is a
+pure function of the seed and ``--resume`` is exact.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import CacheDataset
+from monai.transforms import Compose, RandCropByPosNegLabeld, RandFlipd
+from torch.utils.data import DataLoader, Dataset
+
+from ctmae.data import preprocess_transforms
+from ctmae.io import IMAGE_SUFFIXES, InputError, VolumeSource, find_volumes, read_volume
+from ctmae.seg_config import SegDataConfig
+
+KEYS = ("image", "label")
+_CHANNEL_SUFFIX = re.compile(r"_(\d{4})$")  # nnU-Net's per-channel image suffix
+SPACING_RTOL = 1e-3  # relative spacing difference tolerated between a label and its image
+DIRECTION_ATOL = 1e-3  # absolute difference of direction cosines tolerated
+ORIGIN_ATOL = 1e-2  # tolerated origin offset, in voxels
+
+
+@dataclass(frozen=True)
+class LabelledCase:
+    """One image with its label volume; ``id`` is the shared name that paired them."""
+
+    id: str
+    image: VolumeSource
+    label: VolumeSource
+
+    def item(self) -> dict[str, list[str]]:
+        """The transform input: ``{"image": files, "label": files}``."""
+        return {"image": list(self.image.files), "label": list(self.label.files)}
+
+
+def case_name(source: VolumeSource, image: bool) -> tuple[str, int]:
+    """(pairing name, nnU-Net channel) of a volume: its id without the file suffix (a DICOM series: its folder),
+    and for images without a ``_NNNN`` channel suffix."""
+    name = source.id.split("#")[0] if source.is_dicom else source.id
+    suffix = next((s for s in IMAGE_SUFFIXES if name.lower().endswith(s)), "")
+    name = name[: len(name) - len(suffix)]
+    match = _CHANNEL_SUFFIX.search(name) if image else None
+    return (name[: match.start()], int(match.group(1))) if match else (name, 0)
+
+
+def _found(paths: Sequence[str | os.PathLike], what: str) -> list[VolumeSource]:
+    sources, problems = find_volumes([os.fspath(p) for p in paths])
+    if problems:
+        raise InputError(f"{what}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    if not sources:
+        raise InputError(f"{what}: no volumes found in {', '.join(map(os.fspath, paths))}")
+    return sources
+
+
+def pair_by_name(images: Sequence[str | os.PathLike], labels: Sequence[str | os.PathLike]) -> list[LabelledCase]:
+    """Pair image and label volumes whose names match (``case_0000.nii.gz`` or ``case.nii.gz`` ↔ ``case.*``).
+
+    Raises:
+        InputError: a volume without a partner, two volumes with one name, or a multi-channel image.
+    """
+    by_name: dict[str, list[VolumeSource | None]] = {}
+    for is_image, sources in ((True, _found(images, "images")), (False, _found(labels, "labels"))):
+        for s in sources:
+            name, channel = case_name(s, image=is_image)
+            if channel:
+                raise InputError(f"{s.files[0]}: channel {channel:04d} of a multi-channel case; finetune-seg reads "
+                                 f"one CT channel (_0000) only")
+            slot = by_name.setdefault(name, [None, None])
+            if slot[0 if is_image else 1] is not None:
+                raise InputError(f"{s.files[0]}: two {'images' if is_image else 'labels'} are named {name!r}")
+            slot[0 if is_image else 1] = s
+    lonely_images = sorted(n for n, (i, lab) in by_name.items() if lab is None)
+    lonely_labels = sorted(n for n, (i, lab) in by_name.items() if i is None)
+    if lonely_images or lonely_labels:
+        parts = [f"{len(names)} {what} without a matching {other} (e.g. {names[0]!r})"
+                 for names, what, other in ((lonely_images, "image(s)", "label"), (lonely_labels, "label(s)", "image"))
+                 if names]
+        raise InputError(f"unpaired volumes: {'; '.join(parts)}; images and labels pair by file name")
+    return [LabelledCase(n, i, lab) for n, (i, lab) in sorted(by_name.items())]
+
+
+def read_datalist(path: str | os.PathLike) -> list[LabelledCase]:
+    """Cases from a CSV (``image``, ``label`` columns) or JSON datalist (a list of ``{"image", "label"}`` objects,
+    or MSD's ``{"training": [...]}``); relative paths are relative to the list's folder."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text())
+            rows = data.get("training") if isinstance(data, dict) else data
+        else:
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+        raise InputError(f"{path}: unreadable datalist ({type(e).__name__})") from None
+    if not isinstance(rows, list) or not rows:
+        raise InputError(f"{path}: datalist holds no cases (expected image,label rows or a list of objects)")
+    cases = []
+    for n, row in enumerate(rows, start=2 if path.suffix.lower() == ".csv" else 1):
+        if not isinstance(row, dict) or not row.get("image") or not row.get("label"):
+            raise InputError(f"{path}: entry {n} lacks an 'image' and a 'label'")
+        pair = [_found([path.parent / str(row[k]).strip()], f"{path}: entry {n}") for k in KEYS]
+        if len(pair[0]) != 1 or len(pair[1]) != 1:
+            raise InputError(f"{path}: entry {n} names more than one volume")
+        cases.append(LabelledCase(case_name(pair[0][0], image=False)[0], pair[0][0], pair[1][0]))
+    return cases
+
+
+def find_cases(images: Sequence[str | os.PathLike], labels: Sequence[str | os.PathLike] = ()) -> list[LabelledCase]:
+    """Labelled cases in any of the three layouts: ``images`` + ``labels`` paired by name; or ``images`` alone
+    as one datalist (.csv/.json) or one nnU-Net folder with ``imagesTr/`` and ``labelsTr/``.
+
+    Raises:
+        InputError: unpaired volumes, unreadable lists, or a layout that is none of these.
+    """
+    if labels:
+        return pair_by_name(images, labels)
+    if len(images) == 1:
+        one = Path(images[0])
+        if one.is_file() and one.suffix.lower() in (".csv", ".json"):
+            return read_datalist(one)
+        if (one / "imagesTr").is_dir() and (one / "labelsTr").is_dir():
+            return pair_by_name([one / "imagesTr"], [one / "labelsTr"])
+    raise InputError("labels missing: give --labels, or one .csv/.json datalist (image,label), or one nnU-Net "
+                     "folder holding imagesTr/ and labelsTr/")
+
+
+def check_case(case: LabelledCase, num_classes: int | None = None) -> int:
+    """Check that the label lies on its image's grid and holds class indices; returns the largest class.
+
+    Raises:
+        InputError: one line naming the pair and what differs (shape, spacing, direction, origin, values).
+    """
+    image, image_affine = read_volume(case.image)
+    label, label_affine = read_volume(case.label)
+    where = f"pair {case.id!r} ({case.image.files[0]} / {case.label.files[0]})"
+    if image.shape != label.shape:
+        raise InputError(f"{where}: label shape {label.shape} differs from image shape {image.shape}")
+    spacing = [np.linalg.norm(a[:3, :3], axis=0) for a in (image_affine, label_affine)]
+    if not np.allclose(spacing[0], spacing[1], rtol=SPACING_RTOL, atol=0):
+        raise InputError(f"{where}: label spacing {np.round(spacing[1], 4).tolist()} differs from image spacing "
+                         f"{np.round(spacing[0], 4).tolist()}")
+    if not np.allclose(image_affine[:3, :3] / spacing[0], label_affine[:3, :3] / spacing[1], atol=DIRECTION_ATOL):
+        raise InputError(f"{where}: label direction (orientation) differs from the image's")
+    if np.abs(image_affine[:3, 3] - label_affine[:3, 3]).max() > ORIGIN_ATOL * spacing[0].min():
+        raise InputError(f"{where}: label origin {np.round(label_affine[:3, 3], 3).tolist()} differs from image "
+                         f"origin {np.round(image_affine[:3, 3], 3).tolist()}")
+    if (label < 0).any() or (label != np.round(label)).any():
+        raise InputError(f"{case.label.files[0]}: label values must be class indices 0, 1, 2, ...")
+    top = int(label.max())
+    if num_classes is not None and top >= num_classes:
+        raise InputError(f"{case.label.files[0]}: holds class {top}, but --num-classes is {num_classes}")
+    return top
+
+
+def split_cases(
+    cases: Sequence[LabelledCase], val_fraction: float, seed: int
+) -> tuple[list[LabelledCase], list[LabelledCase]]:
+    """(train, validation): a seeded share of the cases, at least one and never all; a single case is both."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if len(cases) == 1:
+        return list(cases), list(cases)
+    n_val = min(len(cases) - 1, max(1, round(val_fraction * len(cases))))
+    order = torch.randperm(len(cases), generator=torch.Generator().manual_seed(seed)).tolist()
+    val = sorted(order[:n_val])
+    return [c for i, c in enumerate(cases) if i not in val], [cases[i] for i in val]
+
+
+def cache_cases(cases: Sequence[LabelledCase], cfg: SegDataConfig) -> CacheDataset:
+    """The deterministic preprocessing of image and label, run once per case and kept in memory."""
+    return CacheDataset([c.item() for c in cases], transform=preprocess_transforms(cfg.preprocessing(), label=True),
+                        cache_rate=1.0, num_workers=0, progress=False)
+
+
+def random_transforms(cfg: SegDataConfig) -> Compose:
+    """Foreground-balanced crops and flips along each axis, one random draw shared by image and label."""
+    pos = cfg.pos_fraction
+    return Compose([
+        RandCropByPosNegLabeld(KEYS, label_key="label", spatial_size=(cfg.crop,) * 3, pos=pos, neg=1.0 - pos,
+                               num_samples=cfg.crops_per_volume, image_key="image", image_threshold=0.0),
+        *[RandFlipd(KEYS, prob=0.5, spatial_axis=axis) for axis in range(3)],
+    ])
+
+
+class CaseVisits(Dataset):
+    """Item ``v`` is visit ``v`` of the seeded schedule: (images (N, 1, c, c, c), labels (N, 1, c, c, c))."""
+
+    def __init__(self, cached: CacheDataset, cfg: SegDataConfig, seed: int) -> None:
+        self.cached, self.cfg, self.seed = cached, cfg, seed
+
+    def __len__(self) -> int:
+        return 2**62  # endless; the sampler decides which visits are read
+
+    def __getitem__(self, visit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, slot = divmod(visit, len(self.cached))
+        order = torch.randperm(len(self.cached), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        case = self.cached[int(order[slot])]
+        draw = random_transforms(self.cfg)
+        draw.set_random_state(seed=(self.seed * 1_000_003 + visit) % 2**32)
+        crops = draw({k: case[k] for k in KEYS})
+        return tuple(torch.stack([c[k].as_tensor() for c in crops]) for k in KEYS)  # 2 x (N, 1, c, c, c)
+
+
+def crop_batches(
+    cached: CacheDataset, cfg: SegDataConfig, seed: int, batch_size: int, start_step: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (images, labels) batches (B, 1, c, c, c), continuing exactly where step ``start_step`` would be."""
+    first_visit, skip = divmod(start_step * batch_size, cfg.crops_per_volume)
+    loader = DataLoader(CaseVisits(cached, cfg, seed), batch_size=None, sampler=itertools.count(first_visit),
+                        num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+    have = 0
+    for images, labels in loader:
+        if skip:
+            images, labels, skip = images[skip:], labels[skip:], 0
+        pending.append((images, labels))
+        have += len(images)
+        while have >= batch_size:
+            images, labels = (torch.cat([p[i] for p in pending]) for i in range(2))
+            yield images[:batch_size], labels[:batch_size]
+            pending, have = [(images[batch_size:], labels[batch_size:])], have - batch_size

@@ -1,0 +1,98 @@
+"""Prediction with a fine-tuned segmenter: one label volume per input, in that input's original geometry.
+
+Each input goes through the same invertible preprocessing as training (RAS, resampling, HU window, foreground crop,
+padding); the argmax label is brought back by ``monai.transforms.Invertd`` with nearest-neighbour interpolation, so
+the written label has the source's shape and affine exactly and holds class indices only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Invertd
+
+from ctmae.data import preprocess_transforms
+from ctmae.engine import resolve_device, resolve_precision
+from ctmae.finetune import autocast_for, sliding_window
+from ctmae.io import IMAGE_SUFFIXES, InputError, VolumeSource, write_nifti
+from ctmae.seg_config import SegConfig
+from ctmae.segmenter import load_seg_checkpoint, segmenter_from_checkpoint
+
+
+def output_name(source_id: str, taken: set[str]) -> str:
+    """A file name inside the output folder for a volume id: path separators and odd characters become ``_``, no
+    leading dot, never ``..``; a numeric suffix keeps names unique among ``taken`` (which is updated)."""
+    name = source_id.split("#")[0] if "#" in source_id else source_id
+    name = next((name[: -len(s)] for s in IMAGE_SUFFIXES if name.lower().endswith(s)), name)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name.replace("/", "__")).lstrip(".") or "volume"
+    stem, n = name, 1
+    while name in taken:
+        n += 1
+        name = f"{stem}_{n}"
+    taken.add(name)
+    return f"{name}.nii.gz"
+
+
+def predict(
+    checkpoint: str | os.PathLike,
+    sources: Sequence[VolumeSource],
+    out_dir: Path,
+    device: str = "auto",
+    on_volume: Callable[[dict[str, Any]], None] | None = None,
+) -> list[Path]:
+    """Segment each source with a ``finetune-seg`` checkpoint; writes ``out_dir/<name>.nii.gz`` per source.
+
+    Args:
+        checkpoint: ``best.pt`` or ``last.pt`` of a fine-tuning run.
+        sources: volumes from ``ctmae.io.find_volumes``.
+        out_dir: output folder (created).
+        device: auto|cpu|cuda.
+        on_volume: called after each volume with ``{"source", "path", "voxels_per_class"}``.
+
+    Returns:
+        The written label files, in the order of ``sources``.
+
+    Raises:
+        CheckpointError: the checkpoint is unusable. InputError: a volume cannot be read.
+    """
+    state = load_seg_checkpoint(checkpoint)
+    cfg: SegConfig = state["config"]
+    torch_device = resolve_device(device)
+    precision = resolve_precision("auto", torch_device)
+    unetr = segmenter_from_checkpoint(state).to(torch_device).eval()
+    preprocess = preprocess_transforms(cfg.data.preprocessing())
+    invert = Invertd("pred", transform=preprocess, orig_keys="image", nearest_interp=True)
+    inferer = sliding_window(cfg)
+    written, taken = [], set()
+    for source in sources:
+        try:
+            data = preprocess({"image": list(source.files)})
+        except InputError:
+            raise
+        except Exception as e:  # MONAI wraps reader errors; report the root cause as one line
+            while e.__cause__ is not None:
+                e = e.__cause__
+            raise e if isinstance(e, InputError) else InputError(f"{source.files[0]}: could not preprocess: "
+                                                                 f"{str(e).splitlines()[0]}") from None
+        image: MetaTensor = data["image"]
+        with torch.no_grad(), autocast_for(precision, torch_device):
+            logits = inferer(image.as_tensor()[None].to(torch_device), unetr)  # (1, C, X', Y', Z')
+        labels = logits.float().argmax(1).cpu().to(torch.float32)  # (1, X', Y', Z') on the preprocessed grid
+        data["pred"] = MetaTensor(labels, meta=image.meta)
+        restored = invert(data)["pred"]  # (1, X, Y, Z) on the source grid
+        array = np.rint(restored.numpy()[0]).astype(np.uint8 if cfg.net.num_classes <= 256 else np.int32)
+        affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
+        path = out_dir / output_name(source.id, taken)
+        write_nifti(array, affine, path)
+        written.append(path)
+        if on_volume:
+            on_volume({"source": source, "path": path,
+                       "voxels_per_class": np.bincount(array.ravel(), minlength=cfg.net.num_classes).tolist()})
+    return written
