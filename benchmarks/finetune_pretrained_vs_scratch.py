@@ -27,8 +27,13 @@ SAMPLE_DATA = Path(__file__).resolve().parent.parent / "sample_data"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="MAE pretraining checkpoint (ctmae pretrain's last.pt)")
-    parser.add_argument("--images", type=Path, nargs="+", default=[SAMPLE_DATA / "ct"],
-                        help="images, or one datalist / nnU-Net folder [default: sample_data/ct]")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        nargs="+",
+        default=[SAMPLE_DATA / "ct"],
+        help="images, or one datalist / nnU-Net folder [default: sample_data/ct]",
+    )
     parser.add_argument("--labels", type=Path, nargs="*", default=None, help="[default: sample_data/labels]")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -41,8 +46,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=None, help="keep both run folders here [default: temporary]")
     args = parser.parse_args()
-    labels = args.labels if args.labels is not None else ([SAMPLE_DATA / "labels"] if args.images == [
-        SAMPLE_DATA / "ct"] else [])
+    labels = (
+        args.labels
+        if args.labels is not None
+        else ([SAMPLE_DATA / "labels"] if args.images == [SAMPLE_DATA / "ct"] else [])
+    )
 
     cases = find_cases(args.images, labels)
     top = max(check_case(c) for c in cases)
@@ -51,20 +59,34 @@ def main() -> None:
     cfg = SegConfig(
         data=SegDataConfig(spacing=m.data.spacing, hu_window=m.data.hu_window, crop=args.crop or m.model.img_size),
         net=net_config_from_mae(m.model, args.feature_size, max(2, top + 1)),
-    ).replace(train={"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                     "device": args.device, "val_every": args.val_every})
+    ).replace(
+        train={
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "seed": args.seed,
+            "device": args.device,
+            "val_every": args.val_every,
+        }
+    )
     train, val = split_cases(cases, args.val_fraction, args.seed)
     held_out = not {c.id for c in train} & {c.id for c in val}
-    print(f"{len(train)} training case(s), {len(val)} validation case(s)"
-          + ("" if held_out else " (the same case: Dice on training data, not held out)"))
-    print(f"{m.model.size} ViT from {args.checkpoint} ({m.train.steps} pretraining steps), crop {cfg.data.crop}, "
-          f"{args.steps} fine-tuning steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}")
+    print(
+        f"{len(train)} training case(s), {len(val)} validation case(s)"
+        + ("" if held_out else " (the same case: Dice on training data, not held out)")
+    )
+    print(
+        f"{m.model.size} ViT from {args.checkpoint} ({m.train.steps} pretraining steps), crop {cfg.data.crop}, "
+        f"{args.steps} fine-tuning steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.out or Path(tmp)
         results = {}
-        for name, weights, pretrained in (("pretrained", mae["model"], str(args.checkpoint)),
-                                          ("from scratch", None, "")):
+        for name, weights, pretrained in (
+            ("pretrained", mae["model"], str(args.checkpoint)),
+            ("from scratch", None, ""),
+        ):
             run_cfg = SegConfig(data=cfg.data, net=cfg.net, train=cfg.train, pretrained=pretrained)
             results[name] = finetune(run_cfg, train, val, root / name.replace(" ", "_"), mae_weights=weights)
     print(f"{'init':<14}{'best val Dice':>15}{'last val Dice':>15}{'seconds':>10}")

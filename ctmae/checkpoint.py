@@ -17,21 +17,28 @@ import torch
 from ctmae.config import FORMAT_VERSION, RunConfig
 from ctmae.model import MaskedAutoencoder3D
 
-FORMAT = "ctmae-mae3d"
+FORMAT = "ctmae-mae3d"  # pretraining checkpoints
+SEG_FORMAT = "ctmae-unetr-seg"  # fine-tuned segmentation checkpoints (ctmae.segmenter)
+# How each kind is named in messages, so a checkpoint of the wrong kind is told apart from a foreign file.
+KINDS = {FORMAT: "an MAE pretraining checkpoint", SEG_FORMAT: "a fine-tuned segmentation checkpoint"}
+WRONG_KIND_HINT = {
+    FORMAT: "pass an MAE pretraining checkpoint (to segment scans with it, use ctmae finetune-seg --predict)",
+    SEG_FORMAT: "fine-tune it first (ctmae finetune-seg CHECKPOINT --images ... --labels ... --out RUN_DIR)",
+}
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used, as one line naming the file."""
 
 
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write ``state`` plus format tags to ``path`` atomically: temp file in the same folder, fsync, rename."""
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike, fmt: str = FORMAT) -> None:
+    """Write ``state`` plus the format tags to ``path`` atomically: temp file in the same folder, fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state}, f)
+            torch.save({**state, "format": fmt, "format_version": FORMAT_VERSION}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -39,8 +46,15 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a ctmae checkpoint safely. Raises CheckpointError for missing, corrupt, foreign or incompatible files."""
+def read_checkpoint(
+    path: str | os.PathLike, fmt: str = FORMAT, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """Load a ctmae checkpoint of kind ``fmt`` with ``weights_only=True``; its ``config`` stays a plain dict.
+
+    Raises:
+        CheckpointError: one line for a missing, corrupt, foreign, wrong-kind or incompatible file, or one that
+            holds objects that could run code.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -51,13 +65,22 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path}: refused to load: {reason}") from None
     except Exception as e:  # truncated zip, not a torch file, ...
         raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:120]})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    found = state.get("format") if isinstance(state, dict) else None
+    if found in KINDS and found != fmt:
+        raise CheckpointError(f"{path}: {KINDS[found]}, not {KINDS[fmt][3:]}; {WRONG_KIND_HINT[found]}")
+    if found != fmt:
         raise CheckpointError(f"{path}: not a ctmae checkpoint (written by another program)")
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format version {state.get('format_version')} is not supported "
             f"(this ctmae reads version {FORMAT_VERSION})"
         )
+    return state
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a pretraining checkpoint (see ``read_checkpoint``); ``state["config"]`` becomes a RunConfig."""
+    state = read_checkpoint(path, FORMAT, map_location)
     try:
         state["config"] = RunConfig.from_dict(state["config"])
     except (KeyError, ValueError) as e:

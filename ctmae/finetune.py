@@ -54,8 +54,9 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
 
 def sliding_window(cfg: SegConfig) -> SlidingWindowInferer:
     """Whole-volume inference in crop-sized windows, Gaussian-weighted where they overlap."""
-    return SlidingWindowInferer(roi_size=(cfg.data.crop,) * 3, sw_batch_size=SW_BATCH, overlap=SW_OVERLAP,
-                                mode="gaussian")
+    return SlidingWindowInferer(
+        roi_size=(cfg.data.crop,) * 3, sw_batch_size=SW_BATCH, overlap=SW_OVERLAP, mode="gaussian"
+    )
 
 
 @torch.no_grad()
@@ -146,13 +147,22 @@ def finetune(
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     log = MetricsLog(run_dir, start_step=start)
     origin = f"encoder from {cfg.pretrained} ({loaded} tensors)" if cfg.pretrained else "from scratch"
-    log.info(f"{'resuming at' if start else 'starting'} step {start} of {total} on {device.type} ({precision}), "
-             f"{origin}; {len(train_cases)} training and {len(val_cases)} validation case(s)")
+    log.info(
+        f"{'resuming at' if start else 'starting'} step {start} of {total} on {device.type} ({precision}), "
+        f"{origin}; {len(train_cases)} training and {len(val_cases)} validation case(s)"
+    )
     if {c.id for c in val_cases} & {c.id for c in train_cases}:
         log.info("validation cases are also training cases (a single labelled case): Dice is not held out")
     if on_start:
-        on_start({"start_step": start, "total_steps": total, "device": device.type, "precision": precision,
-                  "encoder_tensors": loaded})
+        on_start(
+            {
+                "start_step": start,
+                "total_steps": total,
+                "device": device.type,
+                "precision": precision,
+                "encoder_tensors": loaded,
+            }
+        )
 
     train_data, val_data = cache_cases(train_cases, cfg.data), cache_cases(val_cases, cfg.data)
     batches = crop_batches(train_data, cfg.data, t.seed, t.batch_size, start_step=start)
@@ -185,11 +195,21 @@ def finetune(
         if done % t.val_every == 0 or done == end:
             per_class = evaluate(unetr, val_data, cfg, device, precision)
             val_dice = sum(per_class) / len(per_class)
-            log.metrics({"step": done, "val_dice": val_dice, **{f"val_dice_{c}": d for c, d in enumerate(per_class, 1)}})
-            ckpt = {"config": cfg.to_dict(), "model": unetr.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": done,
-                    "rng": rng_state(), "val_dice": val_dice, "best_dice": max(best, val_dice),
-                    "encoder_tensors": loaded}
+            log.metrics(
+                {"step": done, "val_dice": val_dice, **{f"val_dice_{c}": d for c, d in enumerate(per_class, 1)}}
+            )
+            ckpt = {
+                "config": cfg.to_dict(),
+                "model": unetr.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "step": done,
+                "rng": rng_state(),
+                "val_dice": val_dice,
+                "best_dice": max(best, val_dice),
+                "encoder_tensors": loaded,
+            }
             if val_dice > best:
                 best = val_dice
                 save_seg_checkpoint(ckpt, ckpt_dir / "best.pt")
@@ -198,8 +218,18 @@ def finetune(
         if on_step:
             on_step({"step": done, "loss": loss_value, "lr": lr, "val_dice": val_dice})
     log.close()
-    return {"start_step": start, "steps": end, "total_steps": total, "last_loss": log.last_loss,
-            "best_dice": best, "last_dice": None if per_class is None else sum(per_class) / len(per_class),
-            "dice_per_class": per_class, "seconds": time.perf_counter() - t0, "encoder_tensors": loaded,
-            "best": str(ckpt_dir / "best.pt"), "last": str(ckpt_dir / "last.pt"), "device": device.type,
-            "precision": precision}
+    return {
+        "start_step": start,
+        "steps": end,
+        "total_steps": total,
+        "last_loss": log.last_loss,
+        "best_dice": best,
+        "last_dice": None if per_class is None else sum(per_class) / len(per_class),
+        "dice_per_class": per_class,
+        "seconds": time.perf_counter() - t0,
+        "encoder_tensors": loaded,
+        "best": str(ckpt_dir / "best.pt"),
+        "last": str(ckpt_dir / "last.pt"),
+        "device": device.type,
+        "precision": precision,
+    }

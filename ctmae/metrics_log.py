@@ -37,7 +37,7 @@ class MetricsLog:
         self.metrics_file.flush()
         if self.tb is not None:
             for key, value in row.items():
-                if key != "step":
+                if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, row["step"])
 
     def info(self, line: str) -> None:

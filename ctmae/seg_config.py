@@ -90,10 +90,14 @@ class SegConfig:
 
     def replace(self, **sections: dict[str, Any]) -> SegConfig:
         """Copy with some fields changed, e.g. ``cfg.replace(train={"steps": 5})``."""
-        return SegConfig(**{
-            f.name: dataclasses.replace(getattr(self, f.name), **sections[f.name]) if f.name in sections
-            else getattr(self, f.name) for f in dataclasses.fields(self)
-        })
+        return SegConfig(
+            **{
+                f.name: dataclasses.replace(getattr(self, f.name), **sections[f.name])
+                if f.name in sections
+                else getattr(self, f.name)
+                for f in dataclasses.fields(self)
+            }
+        )
 
 
 def check(cfg: SegConfig) -> None:
@@ -104,8 +108,10 @@ def check(cfg: SegConfig) -> None:
     if n.dim % n.heads:
         raise ValueError(f"ViT width {n.dim} must divide by its {n.heads} heads")
     if n.num_classes < 2 or n.feature_size < 1:
-        raise ValueError(f"num_classes must be >= 2 (background included) and feature_size >= 1, got "
-                         f"{n.num_classes} and {n.feature_size}")
+        raise ValueError(
+            f"num_classes must be >= 2 (background included) and feature_size >= 1, got "
+            f"{n.num_classes} and {n.feature_size}"
+        )
     if not 0.0 <= d.pos_fraction <= 1.0 or d.crops_per_volume < 1 or d.workers < 0:
         raise ValueError(f"pos_fraction must be in 0..1, crops_per_volume >= 1, workers >= 0; got {d}")
     if not 0.0 < t.layer_decay <= 1.0:

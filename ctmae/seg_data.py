@@ -82,8 +82,10 @@ def pair_by_name(images: Sequence[str | os.PathLike], labels: Sequence[str | os.
         for s in sources:
             name, channel = case_name(s, image=is_image)
             if channel:
-                raise InputError(f"{s.files[0]}: channel {channel:04d} of a multi-channel case; finetune-seg reads "
-                                 f"one CT channel (_0000) only")
+                raise InputError(
+                    f"{s.files[0]}: channel {channel:04d} of a multi-channel case; finetune-seg reads "
+                    f"one CT channel (_0000) only"
+                )
             slot = by_name.setdefault(name, [None, None])
             if slot[0 if is_image else 1] is not None:
                 raise InputError(f"{s.files[0]}: two {'images' if is_image else 'labels'} are named {name!r}")
@@ -91,9 +93,11 @@ def pair_by_name(images: Sequence[str | os.PathLike], labels: Sequence[str | os.
     lonely_images = sorted(n for n, (i, lab) in by_name.items() if lab is None)
     lonely_labels = sorted(n for n, (i, lab) in by_name.items() if i is None)
     if lonely_images or lonely_labels:
-        parts = [f"{len(names)} {what} without a matching {other} (e.g. {names[0]!r})"
-                 for names, what, other in ((lonely_images, "image(s)", "label"), (lonely_labels, "label(s)", "image"))
-                 if names]
+        parts = [
+            f"{len(names)} {what} without a matching {other} (e.g. {names[0]!r})"
+            for names, what, other in ((lonely_images, "image(s)", "label"), (lonely_labels, "label(s)", "image"))
+            if names
+        ]
         raise InputError(f"unpaired volumes: {'; '.join(parts)}; images and labels pair by file name")
     return [LabelledCase(n, i, lab) for n, (i, lab) in sorted(by_name.items())]
 
@@ -139,8 +143,10 @@ def find_cases(images: Sequence[str | os.PathLike], labels: Sequence[str | os.Pa
             return read_datalist(one)
         if (one / "imagesTr").is_dir() and (one / "labelsTr").is_dir():
             return pair_by_name([one / "imagesTr"], [one / "labelsTr"])
-    raise InputError("labels missing: give --labels, or one .csv/.json datalist (image,label), or one nnU-Net "
-                     "folder holding imagesTr/ and labelsTr/")
+    raise InputError(
+        "labels missing: give --labels, or one .csv/.json datalist (image,label), or one nnU-Net "
+        "folder holding imagesTr/ and labelsTr/"
+    )
 
 
 def check_case(case: LabelledCase, num_classes: int | None = None) -> int:
@@ -156,13 +162,17 @@ def check_case(case: LabelledCase, num_classes: int | None = None) -> int:
         raise InputError(f"{where}: label shape {label.shape} differs from image shape {image.shape}")
     spacing = [np.linalg.norm(a[:3, :3], axis=0) for a in (image_affine, label_affine)]
     if not np.allclose(spacing[0], spacing[1], rtol=SPACING_RTOL, atol=0):
-        raise InputError(f"{where}: label spacing {np.round(spacing[1], 4).tolist()} differs from image spacing "
-                         f"{np.round(spacing[0], 4).tolist()}")
+        raise InputError(
+            f"{where}: label spacing {np.round(spacing[1], 4).tolist()} differs from image spacing "
+            f"{np.round(spacing[0], 4).tolist()}"
+        )
     if not np.allclose(image_affine[:3, :3] / spacing[0], label_affine[:3, :3] / spacing[1], atol=DIRECTION_ATOL):
         raise InputError(f"{where}: label direction (orientation) differs from the image's")
     if np.abs(image_affine[:3, 3] - label_affine[:3, 3]).max() > ORIGIN_ATOL * spacing[0].min():
-        raise InputError(f"{where}: label origin {np.round(label_affine[:3, 3], 3).tolist()} differs from image "
-                         f"origin {np.round(image_affine[:3, 3], 3).tolist()}")
+        raise InputError(
+            f"{where}: label origin {np.round(label_affine[:3, 3], 3).tolist()} differs from image "
+            f"origin {np.round(image_affine[:3, 3], 3).tolist()}"
+        )
     if (label < 0).any() or (label != np.round(label)).any():
         raise InputError(f"{case.label.files[0]}: label values must be class indices 0, 1, 2, ...")
     top = int(label.max())
@@ -187,18 +197,33 @@ def split_cases(
 
 def cache_cases(cases: Sequence[LabelledCase], cfg: SegDataConfig) -> CacheDataset:
     """The deterministic preprocessing of image and label, run once per case and kept in memory."""
-    return CacheDataset([c.item() for c in cases], transform=preprocess_transforms(cfg.preprocessing(), label=True),
-                        cache_rate=1.0, num_workers=0, progress=False)
+    return CacheDataset(
+        [c.item() for c in cases],
+        transform=preprocess_transforms(cfg.preprocessing(), label=True),
+        cache_rate=1.0,
+        num_workers=0,
+        progress=False,
+    )
 
 
 def random_transforms(cfg: SegDataConfig) -> Compose:
     """Foreground-balanced crops and flips along each axis, one random draw shared by image and label."""
     pos = cfg.pos_fraction
-    return Compose([
-        RandCropByPosNegLabeld(KEYS, label_key="label", spatial_size=(cfg.crop,) * 3, pos=pos, neg=1.0 - pos,
-                               num_samples=cfg.crops_per_volume, image_key="image", image_threshold=0.0),
-        *[RandFlipd(KEYS, prob=0.5, spatial_axis=axis) for axis in range(3)],
-    ])
+    return Compose(
+        [
+            RandCropByPosNegLabeld(
+                KEYS,
+                label_key="label",
+                spatial_size=(cfg.crop,) * 3,
+                pos=pos,
+                neg=1.0 - pos,
+                num_samples=cfg.crops_per_volume,
+                image_key="image",
+                image_threshold=0.0,
+            ),
+            *[RandFlipd(KEYS, prob=0.5, spatial_axis=axis) for axis in range(3)],
+        ]
+    )
 
 
 class CaseVisits(Dataset):
@@ -225,8 +250,13 @@ def crop_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (images, labels) batches (B, 1, c, c, c), continuing exactly where step ``start_step`` would be."""
     first_visit, skip = divmod(start_step * batch_size, cfg.crops_per_volume)
-    loader = DataLoader(CaseVisits(cached, cfg, seed), batch_size=None, sampler=itertools.count(first_visit),
-                        num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+    loader = DataLoader(
+        CaseVisits(cached, cfg, seed),
+        batch_size=None,
+        sampler=itertools.count(first_visit),
+        num_workers=cfg.workers,
+        persistent_workers=cfg.workers > 0,
+    )
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []
     have = 0
     for images, labels in loader:

@@ -79,8 +79,11 @@ def predict(
         except Exception as e:  # MONAI wraps reader errors; report the root cause as one line
             while e.__cause__ is not None:
                 e = e.__cause__
-            raise e if isinstance(e, InputError) else InputError(f"{source.files[0]}: could not preprocess: "
-                                                                 f"{str(e).splitlines()[0]}") from None
+            raise (
+                e
+                if isinstance(e, InputError)
+                else InputError(f"{source.files[0]}: could not preprocess: {str(e).splitlines()[0]}")
+            ) from None
         image: MetaTensor = data["image"]
         with torch.no_grad(), autocast_for(precision, torch_device):
             logits = inferer(image.as_tensor()[None].to(torch_device), unetr)  # (1, C, X', Y', Z')
@@ -93,6 +96,11 @@ def predict(
         write_nifti(array, affine, path)
         written.append(path)
         if on_volume:
-            on_volume({"source": source, "path": path,
-                       "voxels_per_class": np.bincount(array.ravel(), minlength=cfg.net.num_classes).tolist()})
+            on_volume(
+                {
+                    "source": source,
+                    "path": path,
+                    "voxels_per_class": np.bincount(array.ravel(), minlength=cfg.net.num_classes).tolist(),
+                }
+            )
     return written

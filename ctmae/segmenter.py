@@ -9,20 +9,17 @@ crop size.
 from __future__ import annotations
 
 import os
-import pickle
-from pathlib import Path
 from typing import Any
 
 import torch
 from monai.networks.nets import UNETR
 from torch import nn
 
-from ctmae.checkpoint import CheckpointError, save_checkpoint
-from ctmae.config import FORMAT_VERSION, ModelConfig
+from ctmae.checkpoint import SEG_FORMAT, CheckpointError, read_checkpoint, save_checkpoint
+from ctmae.config import ModelConfig
 from ctmae.model import sincos_embedding_3d
 from ctmae.seg_config import UNETR_DEPTH, UNETR_PATCH, SegConfig, SegNetConfig
 
-SEG_FORMAT = "ctmae-unetr-seg"
 _POS_KEY = "patch_embedding.position_embeddings"
 
 
@@ -44,15 +41,25 @@ def build_unetr(net: SegNetConfig, crop: int) -> UNETR:
 def net_config_from_mae(model: ModelConfig, feature_size: int, num_classes: int) -> SegNetConfig:
     """The UNETR sizes that hold an MAE encoder; ValueError when patch size, depth or channels cannot fit."""
     if model.patch != UNETR_PATCH:
-        raise ValueError(f"the checkpoint's encoder uses {model.patch}³ patches; MONAI's UNETR needs 16³ "
-                         f"(pretrain with --patch 16)")
+        raise ValueError(
+            f"the checkpoint's encoder uses {model.patch}³ patches; MONAI's UNETR needs 16³ (pretrain with --patch 16)"
+        )
     if model.depth != UNETR_DEPTH:
-        raise ValueError(f"the checkpoint's encoder has {model.depth} blocks ({model.size} preset); MONAI's UNETR "
-                         f"needs exactly 12 (use the tiny, small or base preset)")
+        raise ValueError(
+            f"the checkpoint's encoder has {model.depth} blocks ({model.size} preset); MONAI's UNETR "
+            f"needs exactly 12 (use the tiny, small or base preset)"
+        )
     if model.in_chans != 1:
         raise ValueError(f"the checkpoint's encoder reads {model.in_chans} channels; finetune-seg needs 1")
-    return SegNetConfig(size=model.size, dim=model.dim, heads=model.heads, mlp_ratio=model.mlp_ratio,
-                        qkv_bias=model.qkv_bias, feature_size=feature_size, num_classes=num_classes)
+    return SegNetConfig(
+        size=model.size,
+        dim=model.dim,
+        heads=model.heads,
+        mlp_ratio=model.mlp_ratio,
+        qkv_bias=model.qkv_bias,
+        feature_size=feature_size,
+        num_classes=num_classes,
+    )
 
 
 def load_encoder(unetr: UNETR, mae_weights: dict[str, torch.Tensor]) -> int:
@@ -75,8 +82,10 @@ def load_encoder(unetr: UNETR, mae_weights: dict[str, torch.Tensor]) -> int:
         if key not in target:
             raise ValueError(f"the checkpoint's encoder tensor {key!r} has no place in MONAI's ViT")
         if value.shape != target[key].shape:
-            raise ValueError(f"the checkpoint's encoder tensor {key!r} has shape {tuple(value.shape)}, UNETR's ViT "
-                             f"needs {tuple(target[key].shape)}")
+            raise ValueError(
+                f"the checkpoint's encoder tensor {key!r} has shape {tuple(value.shape)}, UNETR's ViT "
+                f"needs {tuple(target[key].shape)}"
+            )
     missing = [k for k in target if k not in encoder and ".norm_cross_attn." not in k]
     if missing:
         raise ValueError(f"the checkpoint lacks encoder tensor {missing[0]!r} ({len(missing)} missing)")
@@ -111,33 +120,16 @@ def param_groups(unetr: nn.Module, lr: float, weight_decay: float, layer_decay: 
 
 def save_seg_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Atomic save (``ctmae.checkpoint.save_checkpoint``) with the segmentation format tag."""
-    save_checkpoint({**state, "format": SEG_FORMAT, "format_version": FORMAT_VERSION, "task": "segmentation"}, path)
+    save_checkpoint({**state, "task": "segmentation"}, path, fmt=SEG_FORMAT)
 
 
 def load_seg_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a segmentation checkpoint safely (``weights_only=True``); ``state["config"]`` becomes a SegConfig.
+    """Load a segmentation checkpoint safely (``read_checkpoint``); ``state["config"]`` becomes a SegConfig.
 
     Raises:
-        CheckpointError: one line for missing, corrupt, foreign or incompatible files.
+        CheckpointError: one line for missing, corrupt, foreign, wrong-kind or incompatible files.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = str(e).splitlines()[0] if "weights_only" not in str(e) else "it holds objects that could run code"
-        raise CheckpointError(f"{path}: refused to load: {reason}") from None
-    except Exception as e:  # truncated zip, not a torch file, ...
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:120]})") from None
-    if isinstance(state, dict) and state.get("format") == "ctmae-mae3d":
-        raise CheckpointError(f"{path}: an MAE pretraining checkpoint, not a segmentation model; fine-tune it first "
-                              f"(ctmae finetune-seg {path} --images ... --labels ... --out RUN_DIR)")
-    if not isinstance(state, dict) or state.get("format") != SEG_FORMAT:
-        raise CheckpointError(f"{path}: not a ctmae segmentation checkpoint")
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {state.get('format_version')} is not supported "
-                              f"(this ctmae reads version {FORMAT_VERSION})")
+    state = read_checkpoint(path, SEG_FORMAT, map_location)
     try:
         state["config"] = SegConfig.from_dict(state["config"])
     except (KeyError, TypeError, ValueError) as e:

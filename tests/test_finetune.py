@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import OBLIQUE, SAMPLE_DATA, write_volume
 from typer.testing import CliRunner
 
+from conftest import OBLIQUE, SAMPLE_DATA, write_volume
 from ctmae.checkpoint import load_checkpoint
 from ctmae.cli import app
 from ctmae.io import InputError, find_volumes, read_volume
@@ -24,8 +24,23 @@ from ctmae.segmenter import load_seg_checkpoint, net_config_from_mae
 IDENTITY = (1, 0, 0, 0, 1, 0, 0, 0, 1)
 ISO = (1.5, 1.5, 1.5)
 # From scratch, tiny ViT, 32³ crops, narrow decoder: a few seconds of CPU per run.
-FAST = ["--from-scratch", "--model", "tiny", "--crop", "32", "--feature-size", "8", "--batch-size", "2",
-        "--crops-per-volume", "2", "--device", "cpu", "--log-every", "1"]
+FAST = [
+    "--from-scratch",
+    "--model",
+    "tiny",
+    "--crop",
+    "32",
+    "--feature-size",
+    "8",
+    "--batch-size",
+    "2",
+    "--crops-per-volume",
+    "2",
+    "--device",
+    "cpu",
+    "--log-every",
+    "1",
+]
 
 
 def run(*args) -> object:
@@ -90,7 +105,8 @@ def test_pairing_from_datalist(tmp_path, kind):
         listing.write_text(json.dumps({"training": rows} if kind == "msd-json" else rows))
     cases = find_cases([listing])
     assert [(Path(c.image.files[0]).parent.name, Path(c.label.files[0]).parent.name) for c in cases] == [
-        ("images", "labels")] * 2
+        ("images", "labels")
+    ] * 2
     assert [c.id for c in cases] == ["a", "b"]
 
 
@@ -116,8 +132,11 @@ def test_unpaired_volumes_are_named(tmp_path):
 
 @pytest.mark.parametrize(
     "geometry, what",
-    [({"shape": (20, 18, 11)}, "shape"), ({"spacing": (0.7, 0.9, 3.0)}, "spacing"),
-     ({"direction": IDENTITY}, "direction")],
+    [
+        ({"shape": (20, 18, 11)}, "shape"),
+        ({"spacing": (0.7, 0.9, 3.0)}, "spacing"),
+        ({"direction": IDENTITY}, "direction"),
+    ],
 )
 def test_geometry_mismatch_names_the_pair(tmp_path, geometry, what):
     small_pair(tmp_path, "good")
@@ -199,7 +218,8 @@ def test_layer_decay_and_frozen_encoder_groups(freeze):
     from ctmae.segmenter import param_groups
 
     cfg = SegConfig(data=SegDataConfig(crop=32), net=SegNetConfig(dim=48, heads=4, feature_size=4)).replace(
-        train={"freeze_encoder": freeze})
+        train={"freeze_encoder": freeze}
+    )
     unetr, _ = build_segmenter(cfg, None)
     groups = param_groups(unetr, lr=1.0, weight_decay=0.1, layer_decay=0.5)
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
@@ -219,12 +239,24 @@ def test_patch_8_checkpoint_is_refused(tmp_path, phantom):
     from ctmae.data import prepare_cache
     from ctmae.engine import pretrain
 
-    cfg = RunConfig.from_dict({"model": {"size": "tiny", "patch": 8}, "data": {"crop": 32, "workers": 0,
-                               "cache_dir": str(tmp_path / "cache")}, "train": {"steps": 2, "batch_size": 1}})
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"size": "tiny", "patch": 8},
+            "data": {"crop": 32, "workers": 0, "cache_dir": str(tmp_path / "cache")},
+            "train": {"steps": 2, "batch_size": 1},
+        }
+    )
     good, _ = prepare_cache(find_volumes([str(phantom / "images" / "case0.nii.gz")])[0], cfg.data)
     pretrain(cfg, good, tmp_path / "mae")
-    result = run(tmp_path / "mae" / "checkpoints" / "last.pt", "--images", phantom / "images", "--labels",
-                 phantom / "labels", "--out", tmp_path / "run")
+    result = run(
+        tmp_path / "mae" / "checkpoints" / "last.pt",
+        "--images",
+        phantom / "images",
+        "--labels",
+        phantom / "labels",
+        "--out",
+        tmp_path / "run",
+    )
     assert result.exit_code == 1
     assert "8³ patches; MONAI's UNETR needs 16³" in result.output and "Traceback" not in result.output
 
@@ -244,8 +276,23 @@ def test_large_preset_and_bad_crop_are_refused(tmp_path, phantom):
 def phantom_run(phantom, tmp_path_factory) -> Path:
     """A from-scratch fine-tuning on five phantom cases, validated on the sixth."""
     out = tmp_path_factory.mktemp("seg") / "run"
-    result = run(*FAST, "--images", phantom / "images", "--labels", phantom / "labels", "--out", out,
-                 "--val-fraction", "0.15", "--steps", "60", "--lr", "1e-2", "--val-every", "20")
+    result = run(
+        *FAST,
+        "--images",
+        phantom / "images",
+        "--labels",
+        phantom / "labels",
+        "--out",
+        out,
+        "--val-fraction",
+        "0.15",
+        "--steps",
+        "60",
+        "--lr",
+        "1e-2",
+        "--val-every",
+        "20",
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -263,8 +310,9 @@ def test_prediction_in_source_geometry(phantom_run, phantom, tmp_path):
     image = sphere_case(7, shape=(40, 44, 30))[0]
     oblique = write_volume(tmp_path / "in" / "oblique.nrrd", image, spacing=(1.2, 1.4, 2.0), direction=OBLIQUE)
     inputs = [phantom / "images" / "case5.nii.gz", oblique]
-    result = run("--predict", phantom_run / "checkpoints" / "best.pt", *inputs, "--out", tmp_path / "pred",
-                 "--device", "cpu")
+    result = run(
+        "--predict", phantom_run / "checkpoints" / "best.pt", *inputs, "--out", tmp_path / "pred", "--device", "cpu"
+    )
     assert result.exit_code == 0, result.output
     sources, taken = find_volumes(inputs)[0], set()
     written = {s.files[0]: tmp_path / "pred" / output_name(s.id, taken) for s in sources}
@@ -288,8 +336,19 @@ def test_output_names_stay_inside_the_folder():
 
 
 def test_resume_is_exact(phantom, tmp_path):
-    args = [*FAST, "--images", phantom / "images", "--labels", phantom / "labels", "--steps", "4", "--val-every", "2",
-            "--lr", "1e-3"]
+    args = [
+        *FAST,
+        "--images",
+        phantom / "images",
+        "--labels",
+        phantom / "labels",
+        "--steps",
+        "4",
+        "--val-every",
+        "2",
+        "--lr",
+        "1e-3",
+    ]
     assert run(*args, "--out", tmp_path / "straight").exit_code == 0
     assert run(*args, "--out", tmp_path / "split", "--stop-at", "2").exit_code == 0
     refused = run(*args, "--out", tmp_path / "split")
@@ -300,14 +359,23 @@ def test_resume_is_exact(phantom, tmp_path):
     assert a["step"] == b["step"] == 4
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    losses = [[json.loads(r).get("loss") for r in (d / "metrics.jsonl").read_text().splitlines()]
-              for d in (tmp_path / "straight", tmp_path / "split")]
+    losses = [
+        [json.loads(r).get("loss") for r in (d / "metrics.jsonl").read_text().splitlines()]
+        for d in (tmp_path / "straight", tmp_path / "split")
+    ]
     assert losses[0] == losses[1]
 
 
 def test_wrong_checkpoint_kinds_are_refused(phantom_run, tiny_checkpoint, phantom, tmp_path):
     result = run("--predict", tiny_checkpoint, phantom / "images" / "case0.nii.gz", "--out", tmp_path / "p")
     assert result.exit_code == 1 and "MAE pretraining checkpoint" in result.output
-    result = run(phantom_run / "checkpoints" / "best.pt", "--images", phantom / "images", "--labels",
-                 phantom / "labels", "--out", tmp_path / "r")
+    result = run(
+        phantom_run / "checkpoints" / "best.pt",
+        "--images",
+        phantom / "images",
+        "--labels",
+        phantom / "labels",
+        "--out",
+        tmp_path / "r",
+    )
     assert result.exit_code == 1 and "a fine-tuned segmentation checkpoint" in result.output

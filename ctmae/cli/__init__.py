@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import sys
 
-from ctmae.cli import pretrain  # noqa: F401  (registers the subcommand)
-from ctmae.cli import finetune  # noqa: F401
-from ctmae.cli import reconstruct, embed  # noqa: F401
+from ctmae.cli import (  # noqa: F401
+    embed,
+    finetune,  # noqa: F401
+    pretrain,  # noqa: F401  (registers the subcommand)
+    reconstruct,
+)
 from ctmae.cli.common import app
 
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from ctmae.checkpoint import CheckpointError, load_checkpoint
+from ctmae.checkpoint import load_checkpoint
 from ctmae.cli.common import UsageError, app, console, progress_bar, report_skipped, run_command
 from ctmae.cli.pretrain import prepare_run_dir
 from ctmae.config import MODEL_PRESETS
@@ -24,8 +24,9 @@ def _net_from_preset(size: str, feature_size: int, num_classes: int) -> SegNetCo
         raise UsageError(f"unknown --model {size!r}; choose one of {', '.join(MODEL_PRESETS)}")
     p = MODEL_PRESETS[size]
     if p["depth"] != UNETR_DEPTH:
-        raise UsageError(f"the {size} preset has {p['depth']} blocks; MONAI's UNETR needs a 12-block ViT "
-                         f"(use tiny, small or base)")
+        raise UsageError(
+            f"the {size} preset has {p['depth']} blocks; MONAI's UNETR needs a 12-block ViT (use tiny, small or base)"
+        )
     return SegNetConfig(size=size, dim=p["dim"], heads=p["heads"], feature_size=feature_size, num_classes=num_classes)
 
 
@@ -50,22 +51,6 @@ def _check(cases: list, num_classes: Optional[int]) -> int:
     return max(2, top + 1)
 
 
-def _load_mae(path: Path) -> dict[str, Any]:
-    """An MAE pretraining checkpoint; a fine-tuned one given by mistake gets its own message."""
-    from ctmae.segmenter import load_seg_checkpoint
-
-    try:
-        return load_checkpoint(path)
-    except CheckpointError as e:
-        error = e
-    try:
-        load_seg_checkpoint(path)
-    except CheckpointError:
-        raise error from None
-    raise CheckpointError(f"{path}: a fine-tuned segmentation checkpoint; pass an MAE pretraining checkpoint "
-                          f"(to segment scans with it, use --predict)")
-
-
 def _predict(checkpoint: Path, inputs: list[Path], out: Optional[Path], device: Optional[str]) -> None:
     from ctmae.seg_predict import predict
 
@@ -84,8 +69,9 @@ def _predict(checkpoint: Path, inputs: list[Path], out: Optional[Path], device: 
 
         def done(info: dict[str, Any]) -> None:
             progress.advance(task)
-            console.print(f"{info['source'].id} -> {info['path']}  voxels per class {info['voxels_per_class']}",
-                          highlight=False)
+            console.print(
+                f"{info['source'].id} -> {info['path']}  voxels per class {info['voxels_per_class']}", highlight=False
+            )
 
         written = predict(checkpoint, sources, out, device=device or "auto", on_volume=done)
     console.print(f"{len(written)} label volume(s) written to {out}", highlight=False)
@@ -93,21 +79,35 @@ def _predict(checkpoint: Path, inputs: list[Path], out: Optional[Path], device: 
 
 @app.command("finetune-seg")
 def finetune_seg(
-    args: Annotated[PathList, typer.Argument(
-        help="Training: the MAE CHECKPOINT whose encoder starts the UNETR (omit with --from-scratch). "
-             "With --predict: the scans to segment.", show_default=False)] = None,
-    images: Annotated[PathList, typer.Option(help="Training images: files/folders (paired with --labels by file "
-                                                  "name), or one .csv/.json datalist (image,label), or one nnU-Net "
-                                                  "folder with imagesTr/ and labelsTr/.")] = None,
+    args: Annotated[
+        PathList,
+        typer.Argument(
+            help="Training: the MAE CHECKPOINT whose encoder starts the UNETR (omit with --from-scratch). "
+            "With --predict: the scans to segment.",
+            show_default=False,
+        ),
+    ] = None,
+    images: Annotated[
+        PathList,
+        typer.Option(
+            help="Training images: files/folders (paired with --labels by file "
+            "name), or one .csv/.json datalist (image,label), or one nnU-Net "
+            "folder with imagesTr/ and labelsTr/."
+        ),
+    ] = None,
     labels: Annotated[PathList, typer.Option(help="Label volumes (NIfTI/NRRD/MHA), named as their images.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (training) or label folder "
-                                                                    "(--predict).")] = None,
-    from_scratch: Annotated[bool, typer.Option(help="Random ViT weights: the baseline (sizes from CHECKPOINT if "
-                                                    "given, else --model).")] = False,
-    model: Annotated[str, typer.Option(help="ViT size preset with --from-scratch and no CHECKPOINT: tiny|small|base")]
-    = "base",
-    num_classes: Annotated[Optional[int], typer.Option(help="Classes incl. background [default: largest label + 1]")]
-    = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Run folder (training) or label folder (--predict).")
+    ] = None,
+    from_scratch: Annotated[
+        bool, typer.Option(help="Random ViT weights: the baseline (sizes from CHECKPOINT if given, else --model).")
+    ] = False,
+    model: Annotated[
+        str, typer.Option(help="ViT size preset with --from-scratch and no CHECKPOINT: tiny|small|base")
+    ] = "base",
+    num_classes: Annotated[
+        Optional[int], typer.Option(help="Classes incl. background [default: largest label + 1]")
+    ] = None,
     val_fraction: Annotated[float, typer.Option(help="Share of cases held out for validation (seeded)")] = 0.2,
     val_images: Annotated[PathList, typer.Option(help="Validation images instead of --val-fraction")] = None,
     val_labels: Annotated[PathList, typer.Option(help="Validation labels, paired as --labels")] = None,
@@ -117,27 +117,35 @@ def finetune_seg(
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine)")] = 1e-4,
     freeze_encoder: Annotated[bool, typer.Option(help="Keep the ViT fixed; train the decoder only")] = False,
     layer_decay: Annotated[float, typer.Option(help="Layer-wise LR decay per ViT block (1: off)")] = 1.0,
-    crop: Annotated[Optional[int], typer.Option(help="Crop / sliding-window edge, a multiple of 16 "
-                                                     "[default: the checkpoint's, else 96]")] = None,
+    crop: Annotated[
+        Optional[int],
+        typer.Option(help="Crop / sliding-window edge, a multiple of 16 [default: the checkpoint's, else 96]"),
+    ] = None,
     crops_per_volume: Annotated[int, typer.Option(help="Crops per visit of a case")] = 4,
     pos_fraction: Annotated[float, typer.Option(help="Share of crops centred on a labelled voxel")] = 0.5,
     feature_size: Annotated[int, typer.Option(help="UNETR convolutional feature width")] = 16,
-    spacing: Annotated[Optional[float], typer.Option(help="Isotropic spacing in mm with --from-scratch and no "
-                                                          "CHECKPOINT [default: 1.5]")] = None,
+    spacing: Annotated[
+        Optional[float],
+        typer.Option(help="Isotropic spacing in mm with --from-scratch and no CHECKPOINT [default: 1.5]"),
+    ] = None,
     val_every: Annotated[int, typer.Option(help="Steps between validations")] = 100,
     log_every: Annotated[int, typer.Option(help="Steps between metrics.jsonl lines")] = 10,
     seed: Annotated[int, typer.Option(help="Seed for weights, split, crops and flips")] = 0,
     device: Annotated[Optional[str], typer.Option(help="auto|cpu|cuda [default: auto]")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto|bf16|fp16|fp32; auto = bf16 on GPU, fp32 on CPU")]
-    = None,
+    precision: Annotated[
+        Optional[str], typer.Option(help="auto|bf16|fp16|fp32; auto = bf16 on GPU, fp32 on CPU")
+    ] = None,
     workers: Annotated[int, typer.Option(help="Data loader processes drawing crops")] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue from RUN_DIR/checkpoints/last.pt (fresh if none yet).")]
-    = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from RUN_DIR/checkpoints/last.pt (fresh if none yet).")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace ctmae's outputs in a non-empty RUN_DIR.")] = False,
-    stop_at: Annotated[Optional[int], typer.Option(help="Checkpoint and stop after this step; --resume continues.")]
-    = None,
-    predict: Annotated[Optional[Path], typer.Option(help="Segment ARGS with this fine-tuned checkpoint (best.pt) "
-                                                         "instead of training.")] = None,
+    stop_at: Annotated[
+        Optional[int], typer.Option(help="Checkpoint and stop after this step; --resume continues.")
+    ] = None,
+    predict: Annotated[
+        Optional[Path], typer.Option(help="Segment ARGS with this fine-tuned checkpoint (best.pt) instead of training.")
+    ] = None,
 ) -> None:
     """Fine-tune a UNETR for segmentation from a pretrained MAE encoder, or predict with one (--predict)."""
 
@@ -167,11 +175,14 @@ def finetune_seg(
         mae = None
         if resume and last.is_file():
             cfg = load_seg_checkpoint(last)["config"]
-            cfg = cfg.replace(train={k: v for k, v in {"steps": steps, "device": device, "precision": precision}.items()
-                                     if v is not None})
+            cfg = cfg.replace(
+                train={
+                    k: v for k, v in {"steps": steps, "device": device, "precision": precision}.items() if v is not None
+                }
+            )
         else:
             if checkpoint is not None:
-                mae = _load_mae(checkpoint)
+                mae = load_checkpoint(checkpoint)
                 try:
                     net = net_config_from_mae(mae["config"].model, feature_size, num_classes or classes)
                 except ValueError as e:
@@ -183,27 +194,44 @@ def finetune_seg(
                 base = SegDataConfig(**({"spacing": (spacing,) * 3} if spacing else {}))
             try:
                 cfg = SegConfig(data=base, net=net, pretrained="" if from_scratch else str(checkpoint)).replace(
-                    data={"crop": crop or base.crop, "crops_per_volume": crops_per_volume,
-                          "pos_fraction": pos_fraction, "workers": workers},
-                    train={"steps": steps, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                           "freeze_encoder": freeze_encoder, "layer_decay": layer_decay, "seed": seed,
-                           "device": device or "auto", "precision": precision or "auto", "val_every": val_every,
-                           "log_every": log_every},
+                    data={
+                        "crop": crop or base.crop,
+                        "crops_per_volume": crops_per_volume,
+                        "pos_fraction": pos_fraction,
+                        "workers": workers,
+                    },
+                    train={
+                        "steps": steps,
+                        "epochs": epochs,
+                        "batch_size": batch_size,
+                        "lr": lr,
+                        "freeze_encoder": freeze_encoder,
+                        "layer_decay": layer_decay,
+                        "seed": seed,
+                        "device": device or "auto",
+                        "precision": precision or "auto",
+                        "val_every": val_every,
+                        "log_every": log_every,
+                    },
                 )
             except ValueError as e:
                 raise UsageError(str(e)) from None
         train_cases, held_out = (cases, val_cases) if val_cases else split_cases(cases, val_fraction, cfg.train.seed)
         if len(cases) == 1 and not val_cases:
-            console.print("only one labelled case: validating on the training case (Dice is not held out)",
-                          style="yellow", highlight=False)
+            console.print(
+                "only one labelled case: validating on the training case (Dice is not held out)",
+                style="yellow",
+                highlight=False,
+            )
         weights = None if from_scratch or mae is None else mae["model"]
         _train(cfg, train_cases, held_out, out, weights, resume, stop_at)
 
     run_command(body)
 
 
-def _train(cfg: SegConfig, train_cases: list, val_cases: list, out: Path, weights, resume: bool,
-           stop_at: Optional[int]) -> None:
+def _train(
+    cfg: SegConfig, train_cases: list, val_cases: list, out: Path, weights, resume: bool, stop_at: Optional[int]
+) -> None:
     from ctmae.finetune import finetune
 
     with progress_bar() as progress:
@@ -211,25 +239,44 @@ def _train(cfg: SegConfig, train_cases: list, val_cases: list, out: Path, weight
 
         def started(info: dict[str, Any]) -> None:
             progress.update(task, total=info["total_steps"], completed=info["start_step"])
-            origin = (f"encoder: {info['encoder_tensors']} tensors loaded from {cfg.pretrained}" if cfg.pretrained
-                      else "from scratch (random ViT weights)")
-            console.print(f"training on {info['device']} ({info['precision']}), {cfg.net.size} UNETR, "
-                          f"{len(train_cases)} training / {len(val_cases)} validation case(s); {origin}",
-                          highlight=False)
+            origin = (
+                f"encoder: {info['encoder_tensors']} tensors loaded from {cfg.pretrained}"
+                if cfg.pretrained
+                else "from scratch (random ViT weights)"
+            )
+            console.print(
+                f"training on {info['device']} ({info['precision']}), {cfg.net.size} UNETR, "
+                f"{len(train_cases)} training / {len(val_cases)} validation case(s); {origin}",
+                highlight=False,
+            )
 
         def stepped(info: dict[str, Any]) -> None:
             if info["val_dice"] is not None:
                 progress.update(task, info=f"val Dice {info['val_dice']:.4f}")
             progress.update(task, completed=info["step"])
 
-        result = finetune(cfg, train_cases, val_cases, out, mae_weights=weights, resume=resume, stop_at=stop_at,
-                          on_start=started, on_step=stepped)
+        result = finetune(
+            cfg,
+            train_cases,
+            val_cases,
+            out,
+            mae_weights=weights,
+            resume=resume,
+            stop_at=stop_at,
+            on_start=started,
+            on_step=stepped,
+        )
     table = Table(title="fine-tuning summary", show_header=False)
     per_class = result["dice_per_class"] or []
-    rows = {"steps": f"{result['steps']} of {result['total_steps']}", "encoder tensors": result["encoder_tensors"],
-            "last loss": result["last_loss"], "best val Dice": result["best_dice"],
-            "last val Dice per class": ", ".join(f"{d:.4f}" for d in per_class), "best": result["best"],
-            "last": result["last"]}
+    rows = {
+        "steps": f"{result['steps']} of {result['total_steps']}",
+        "encoder tensors": result["encoder_tensors"],
+        "last loss": result["last_loss"],
+        "best val Dice": result["best_dice"],
+        "last val Dice per class": ", ".join(f"{d:.4f}" for d in per_class),
+        "best": result["best"],
+        "last": result["last"],
+    }
     for key, value in rows.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
