@@ -104,7 +104,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), as written to config.yaml and checkpoints."""
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     @staticmethod
     def from_dict(d: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
@@ -123,7 +123,7 @@ class RunConfig:
             d["model"] = {"img_size": data["crop"], **model}
         sections = {}
         for f in dataclasses.fields(RunConfig):
-            sections[f.name] = _section(getattr(base, f.name), d.get(f.name) or {}, f.name)
+            sections[f.name] = update_section(getattr(base, f.name), d.get(f.name) or {}, f.name)
         unknown = set(d) - set(sections)
         if unknown:
             raise ValueError(f"unknown config section {sorted(unknown)[0]!r}; known: {', '.join(sections)}")
@@ -172,7 +172,8 @@ def check(cfg: RunConfig) -> None:
         raise ValueError(f"hu_window must be (low, high) with low < high and spacing positive, got {d}")
 
 
-def _section(base: Any, d: dict[str, Any], name: str) -> Any:
+def update_section(base: Any, d: dict[str, Any], name: str) -> Any:
+    """``base`` (a config dataclass) with the fields in ``d`` replaced, each type-checked; ValueError names the key."""
     if not isinstance(d, dict):
         raise ValueError(f"config section {name!r} must be a mapping, got {type(d).__name__}")
     hints = typing.get_type_hints(type(base))
@@ -205,9 +206,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return float(value) if hint is float else value
 
 
-def _plain(x: Any) -> Any:
+def plain(x: Any) -> Any:
+    """Tuples to lists, recursively: the YAML- and checkpoint-friendly form of ``dataclasses.asdict``."""
     if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
+        return {k: plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
+        return [plain(v) for v in x]
     return x

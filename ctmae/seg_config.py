@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ctmae.config import DEVICES, PRECISIONS, DataConfig
+from ctmae.config import DEVICES, PRECISIONS, DataConfig, plain, update_section
 
 UNETR_PATCH = 16  # MONAI's UNETR hard-codes 16³ patches
 UNETR_DEPTH = 12  # ... and a 12-block ViT whose blocks 3, 6, 9 feed the skip connections
@@ -72,7 +72,7 @@ class SegConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), as stored in checkpoints and config.yaml."""
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> SegConfig:
@@ -80,12 +80,7 @@ class SegConfig:
         sections = {"data": SegDataConfig, "net": SegNetConfig, "train": SegTrainConfig}
         values: dict[str, Any] = {"pretrained": d.get("pretrained", "")}
         for name, cls in sections.items():
-            given = dict(d.get(name) or {})
-            known = {f.name for f in dataclasses.fields(cls)}
-            unknown = set(given) - known
-            if unknown:
-                raise ValueError(f"unknown config key '{name}.{min(unknown)}'")
-            values[name] = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+            values[name] = update_section(cls(), d.get(name) or {}, name)
         return SegConfig(**values)
 
     def replace(self, **sections: dict[str, Any]) -> SegConfig:
@@ -124,11 +119,3 @@ def check(cfg: SegConfig) -> None:
         raise ValueError(f"steps and epochs must be positive, got steps={t.steps} epochs={t.epochs}")
     if d.hu_window[0] >= d.hu_window[1] or min(d.spacing) <= 0:
         raise ValueError(f"hu_window must be (low, high) with low < high and spacing positive, got {d}")
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
