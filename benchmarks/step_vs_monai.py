@@ -44,6 +44,8 @@ def ctmae_step(crop: int, patch: int, size: str, batch: int, ratio: float):
 
 
 def monai_step(m, ratio: float):
+    """MONAI's MAE with ``m``'s sizes and an AdamW step. MONAI's 3D sin-cos decoder embedding needs a width divisible
+    by 6; for other decoder widths (the tiny and small presets) a learnable one of the same FLOPs is used."""
     model = MaskedAutoEncoderViT(
         in_channels=1,
         img_size=m.img_size,
@@ -58,6 +60,7 @@ def monai_step(m, ratio: float):
         decoder_num_layers=m.dec_depth,
         decoder_num_heads=m.dec_heads,
         qkv_bias=m.qkv_bias,
+        decoder_pos_embed_type="sincos" if m.dec_dim % 6 == 0 else "learnable",
     )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     p = m.patch

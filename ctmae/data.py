@@ -34,7 +34,8 @@ from monai.transforms import (
 from torch.utils.data import DataLoader, Dataset
 
 from ctmae.config import DataConfig
-from ctmae.io import CTReader, InputError, VolumeSource
+from ctmae.inputs import VolumeSource
+from ctmae.io import CTReader, InputError
 
 CACHE_VERSION = 1  # bump when the preprocessing code changes what it produces
 BODY_HU = -500.0  # voxels above this HU count as foreground (body) for the foreground crop
@@ -203,7 +204,7 @@ def prepare_cache(
     """Preprocess every volume into the cache (in parallel workers); returns (usable sources, problems).
 
     Args:
-        sources: volumes from ``ctmae.io.find_volumes``.
+        sources: volumes from ``ctmae.inputs.find_volumes``.
         cfg: preprocessing settings and cache folder.
         on_volume: optional callback called once per finished volume (progress).
         min_edge: refuse volumes whose body region is smaller than this many voxels along an axis (one patch).

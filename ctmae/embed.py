@@ -39,7 +39,8 @@ from ctmae.inference import (
     source_geometry,
     token_affine,
 )
-from ctmae.io import InputError, VolumeSource, find_volumes
+from ctmae.inputs import VolumeSource, find_volumes
+from ctmae.io import InputError
 
 POOLS = ("mean", "max")
 FORMATS = (".npz", ".csv", ".parquet")
@@ -85,7 +86,7 @@ def embed(
 
     Args:
         loaded: the checkpoint's model (``ctmae.inference.load_model``).
-        inputs: files, folders, series folders or lists, as for ``ctmae.io.find_volumes``.
+        inputs: files, folders, series folders or lists, as for ``ctmae.inputs.find_volumes``.
         out: .npz (arrays ids, embeddings, shapes, spacings), .csv (id, shape, spacing, e0..eN) or .parquet.
         pool: mean or max over the token map.
         tokens_dir: if given, also ``<name>.npy`` (D, gx, gy, gz) and ``<name>.json`` (RAS affine of token centres)

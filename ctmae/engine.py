@@ -20,7 +20,7 @@ from ctmae.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rn
 from ctmae.config import RunConfig, save_yaml
 from ctmae.data import crop_batches
 from ctmae.distributed import DistInfo, any_rank, mean_over_ranks
-from ctmae.io import VolumeSource
+from ctmae.inputs import VolumeSource
 from ctmae.masking import TokenMask, corrupt, sample_mask
 from ctmae.metrics_log import MetricsLog
 from ctmae.model import MaskedAutoencoder3D

@@ -21,7 +21,8 @@ from monai.transforms import Compose
 from ctmae.checkpoint import load_checkpoint, model_from_checkpoint
 from ctmae.config import RunConfig
 from ctmae.engine import resolve_device
-from ctmae.io import InputError, VolumeSource
+from ctmae.inputs import VolumeSource
+from ctmae.io import InputError
 from ctmae.model import MaskedAutoencoder3D
 
 

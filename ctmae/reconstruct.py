@@ -35,7 +35,8 @@ from ctmae.inference import (
     to_source_grid,
     window_tokens,
 )
-from ctmae.io import InputError, VolumeSource, find_volumes, read_volume, write_nifti
+from ctmae.inputs import VolumeSource, find_volumes
+from ctmae.io import InputError, read_volume, write_nifti
 from ctmae.masking import TokenMask, corrupt, sample_mask
 
 OUTPUTS = ("input.nii.gz", "masked.nii.gz", "reconstruction.nii.gz", "error.nii.gz", "mask.nii.gz")

@@ -29,7 +29,8 @@ from monai.transforms import Compose, RandCropByPosNegLabeld, RandFlipd
 from torch.utils.data import DataLoader, Dataset
 
 from ctmae.data import preprocess_transforms
-from ctmae.io import IMAGE_SUFFIXES, InputError, VolumeSource, find_volumes, read_volume
+from ctmae.inputs import VolumeSource, find_volumes
+from ctmae.io import IMAGE_SUFFIXES, InputError, read_volume
 from ctmae.seg_config import SegDataConfig
 
 KEYS = ("image", "label")

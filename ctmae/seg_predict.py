@@ -21,7 +21,8 @@ from monai.transforms import Invertd
 from ctmae.data import preprocess_transforms
 from ctmae.engine import resolve_device, resolve_precision
 from ctmae.finetune import autocast_for, sliding_window
-from ctmae.io import IMAGE_SUFFIXES, InputError, VolumeSource, write_nifti
+from ctmae.inputs import VolumeSource
+from ctmae.io import IMAGE_SUFFIXES, InputError, write_nifti
 from ctmae.seg_config import SegConfig
 from ctmae.segmenter import load_seg_checkpoint, segmenter_from_checkpoint
 
@@ -51,7 +52,7 @@ def predict(
 
     Args:
         checkpoint: ``best.pt`` or ``last.pt`` of a fine-tuning run.
-        sources: volumes from ``ctmae.io.find_volumes``.
+        sources: volumes from ``ctmae.inputs.find_volumes``.
         out_dir: output folder (created).
         device: auto|cpu|cuda.
         on_volume: called after each volume with ``{"source", "path", "voxels_per_class"}``.

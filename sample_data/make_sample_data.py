@@ -18,7 +18,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from ctmae.dicom import deterministic_uid, write_series
-from ctmae.io import CTReader, find_volumes, read_volume, write_nifti
+from ctmae.inputs import find_volumes
+from ctmae.io import CTReader, read_volume, write_nifti
 
 TARGET_INPLANE_MM = 1.5
 OUT = Path(__file__).resolve().parent

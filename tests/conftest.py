@@ -127,7 +127,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from ctmae.config import RunConfig
     from ctmae.data import prepare_cache
     from ctmae.engine import pretrain
-    from ctmae.io import find_volumes
+    from ctmae.inputs import find_volumes
 
     root = tmp_path_factory.mktemp("tiny_mae")
     cfg = RunConfig.from_dict(

@@ -11,7 +11,7 @@ from ctmae.config import RunConfig
 from ctmae.data import prepare_cache
 from ctmae.distributed import barrier, cleanup, setup
 from ctmae.engine import pretrain
-from ctmae.io import find_volumes
+from ctmae.inputs import find_volumes
 
 if __name__ == "__main__":
     scans, out, cache = sys.argv[1], Path(sys.argv[2]), sys.argv[3]

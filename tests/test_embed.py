@@ -19,7 +19,8 @@ from ctmae.checkpoint import load_checkpoint
 from ctmae.cli import app
 from ctmae.data import preprocess_transforms
 from ctmae.embed import token_name
-from ctmae.io import find_volumes, read_volume
+from ctmae.inputs import find_volumes
+from ctmae.io import read_volume
 
 runner = CliRunner()
 

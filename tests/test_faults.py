@@ -23,7 +23,7 @@ from ctmae.cli import app
 from ctmae.config import RunConfig
 from ctmae.data import VolumeCache
 from ctmae.engine import MAX_BAD_STEPS, pretrain
-from ctmae.io import find_volumes
+from ctmae.inputs import find_volumes
 from ctmae.model import MaskedAutoencoder3D
 
 TESTS = Path(__file__).resolve().parent

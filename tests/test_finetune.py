@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from conftest import OBLIQUE, SAMPLE_DATA, write_volume
 from ctmae.checkpoint import load_checkpoint
 from ctmae.cli import app
-from ctmae.io import InputError, find_volumes, read_volume
+from ctmae.inputs import find_volumes
+from ctmae.io import InputError, read_volume
 from ctmae.model import MaskedAutoencoder3D, sincos_embedding_3d
 from ctmae.seg_config import SegConfig, SegDataConfig, SegNetConfig
 from ctmae.seg_data import LabelledCase, check_case, find_cases, split_cases

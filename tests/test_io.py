@@ -16,7 +16,8 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImaged
 
 from conftest import expected_affine, write_dicom_series, write_volume
-from ctmae.io import CTReader, InputError, VolumeSource, find_volumes, read_volume, write_nifti
+from ctmae.inputs import VolumeSource, find_volumes
+from ctmae.io import CTReader, InputError, read_volume, write_nifti
 
 # GDCM stores positions and orientations as decimal strings of at most 16 characters.
 DICOM_ATOL = 1e-4

@@ -17,7 +17,8 @@ from conftest import SAMPLE_DATA, write_dicom_series, write_volume
 from ctmae.checkpoint import load_checkpoint, save_checkpoint
 from ctmae.cli import app
 from ctmae.config import MaskConfig
-from ctmae.io import find_volumes, read_volume
+from ctmae.inputs import find_volumes
+from ctmae.io import read_volume
 from ctmae.masking import num_masked
 from ctmae.model import Decoder
 from ctmae.reconstruct import OUTPUTS

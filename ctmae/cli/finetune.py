@@ -13,7 +13,8 @@ from ctmae.checkpoint import load_checkpoint
 from ctmae.cli.common import UsageError, app, console, progress_bar, report_skipped, run_command
 from ctmae.cli.pretrain import prepare_run_dir
 from ctmae.config import MODEL_PRESETS
-from ctmae.io import InputError, find_volumes
+from ctmae.inputs import find_volumes
+from ctmae.io import InputError
 from ctmae.seg_config import UNETR_DEPTH, SegConfig, SegDataConfig, SegNetConfig
 
 PathList = Optional[list[Path]]

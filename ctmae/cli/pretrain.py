@@ -24,7 +24,8 @@ from ctmae.cli.common import (
 )
 from ctmae.config import MASK_KINDS, MODEL_PRESETS, RunConfig, load_yaml
 from ctmae.distributed import DistInfo, barrier, cleanup, gather, setup
-from ctmae.io import InputError, check_modality, find_volumes
+from ctmae.inputs import check_modality, find_volumes
+from ctmae.io import InputError
 
 # With no INPUTS, `ctmae pretrain` is a short CPU demo on the bundled scan; options given explicitly still win.
 DEMO = {
