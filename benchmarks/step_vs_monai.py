@@ -29,7 +29,7 @@ def ctmae_step(crop: int, patch: int, size: str, batch: int, ratio: float):
         {"model": {"size": size, "patch": patch}, "data": {"crop": crop}, "mask": {"ratio": ratio}}
     )
     model = MaskedAutoencoder3D(cfg.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the same optimizer for both models
     gen = torch.Generator().manual_seed(0)
     grid = (crop // patch,) * 3
 
@@ -62,7 +62,7 @@ def monai_step(m, ratio: float):
         qkv_bias=m.qkv_bias,
         decoder_pos_embed_type="sincos" if m.dec_dim % 6 == 0 else "learnable",
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the same optimizer for both models
     p = m.patch
 
     def step(x: torch.Tensor) -> None:

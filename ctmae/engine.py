@@ -68,11 +68,12 @@ def lr_factor(step: int, total: int, warmup: float, min_ratio: float) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
-    """AdamW without weight decay on biases, norms, embeddings and the mask token (1-D parameters)."""
+    """Fused AdamW (one kernel for all tensors, on CPU and CUDA) without weight decay on biases, norms and the mask
+    token (1-D parameters)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas, fused=False)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas, fused=True)
 
 
 class StopFlag:

@@ -166,9 +166,9 @@ class MaskedAutoencoder3D(nn.Module):
             raise ValueError(f"model expects {self.cfg.img_size}³ crops, got {shape}")
         return shape[0] // p, shape[1] // p, shape[2] // p
 
-    def targets(self, images: torch.Tensor, ids_pred: torch.Tensor) -> torch.Tensor:
-        """Target voxels of the predicted tokens, per-patch normalised if configured: (B, Lp, C·p³)."""
-        patches = self.patchify(images)
+    def targets(self, patches: torch.Tensor, ids_pred: torch.Tensor) -> torch.Tensor:
+        """Target voxels of the predicted tokens from patchified images (B, L, C·p³), per-patch normalised if
+        configured: (B, Lp, C·p³)."""
         target = torch.gather(patches, 1, ids_pred[..., None].expand(-1, -1, patches.shape[-1]))
         if self.cfg.norm_pix_loss:
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
@@ -189,9 +189,11 @@ class MaskedAutoencoder3D(nn.Module):
             loss (scalar, MSE over predicted tokens), pred (B, Lp, C·p³), mask (B, L).
         """
         self.grid(images)
-        latent = self.encoder.forward_features(self.patchify(images if inputs is None else inputs), mask.ids_keep)
+        patches = self.patchify(images)  # (B, L, C·p³), patchified once for the encoder input and the targets
+        encoder_in = patches if inputs is None else self.patchify(inputs)
+        latent = self.encoder.forward_features(encoder_in, mask.ids_keep)
         pred = self.decoder(latent, mask)
-        loss = F.mse_loss(pred.float(), self.targets(images, mask.ids_pred).float())
+        loss = F.mse_loss(pred.float(), self.targets(patches, mask.ids_pred).float())
         return loss, pred, mask.mask
 
 
