@@ -249,3 +249,15 @@ def _header_problem(path: str, slices: int | None = None) -> str | None:
     if slices is not None and slices > 1 and len(size) == 3:
         size[2] = slices
     return shape_problem(tuple(size), reader.GetNumberOfComponents())
+
+
+def ensure_not_inputs(paths: Sequence[str | os.PathLike], sources: Sequence[VolumeSource]) -> None:
+    """Refuse output paths that are input files (compared after resolving links): ctmae never overwrites a scan.
+
+    Raises:
+        InputError: one line naming the clashing path.
+    """
+    inputs = {os.path.realpath(f) for s in sources for f in s.files}
+    for path in paths:
+        if os.path.realpath(path) in inputs:
+            raise InputError(f"{path}: is one of the input scans; ctmae never overwrites inputs (choose another --out)")

@@ -35,7 +35,7 @@ from ctmae.inference import (
     to_source_grid,
     window_tokens,
 )
-from ctmae.inputs import VolumeSource, find_volumes
+from ctmae.inputs import VolumeSource, ensure_not_inputs, find_volumes
 from ctmae.io import InputError, read_volume, write_nifti
 from ctmae.masking import TokenMask, corrupt, sample_mask
 
@@ -81,6 +81,7 @@ def reconstruct(
     cfg = loaded.cfg
     _refuse_norm_pix(loaded, checkpoint_name)
     source = _one_volume(input_path)
+    ensure_not_inputs([Path(out_dir) / name for name in (*OUTPUTS, "preview.png", "metrics.json")], [source])
     transform = preprocess_transforms(cfg.data)
     image = preprocess(source, transform)  # (1, X, Y, Z) in 0..1, RAS, cropped and padded
     array, affine = read_volume(source)  # (X0, Y0, Z0) HU, the geometry every output keeps

@@ -21,7 +21,7 @@ from monai.transforms import Invertd
 from ctmae.data import preprocess_transforms
 from ctmae.engine import resolve_device, resolve_precision
 from ctmae.finetune import autocast_for, sliding_window
-from ctmae.inputs import VolumeSource
+from ctmae.inputs import VolumeSource, ensure_not_inputs
 from ctmae.io import IMAGE_SUFFIXES, InputError, write_nifti
 from ctmae.seg_config import SegConfig
 from ctmae.segmenter import load_seg_checkpoint, segmenter_from_checkpoint
@@ -94,6 +94,7 @@ def predict(
         array = np.rint(restored.numpy()[0]).astype(np.uint8 if cfg.net.num_classes <= 256 else np.int32)
         affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
         path = out_dir / output_name(source.id, taken)
+        ensure_not_inputs([path], sources)
         write_nifti(array, affine, path)
         written.append(path)
         if on_volume:

@@ -229,3 +229,11 @@ def test_no_patient_identifiers_in_anything_written_or_printed(tmp_path):
         needle = value.encode()
         assert value not in result.output
         assert not [p for p in written if needle in p.read_bytes()], value
+
+
+def test_reconstruct_never_overwrites_an_input(tmp_path, tiny_checkpoint):
+    scan = write_volume(tmp_path / "work" / "input.nii.gz", body(), **GEOMETRY)
+    before = scan.read_bytes()
+    result = CliRunner().invoke(app, ["reconstruct", str(tiny_checkpoint), str(scan), "--out", str(scan.parent)])
+    assert result.exit_code == 1 and "never overwrites inputs" in result.output
+    assert scan.read_bytes() == before and sorted(p.name for p in scan.parent.iterdir()) == ["input.nii.gz"]

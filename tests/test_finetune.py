@@ -380,3 +380,14 @@ def test_wrong_checkpoint_kinds_are_refused(phantom_run, tiny_checkpoint, phanto
         tmp_path / "r",
     )
     assert result.exit_code == 1 and "a fine-tuned segmentation checkpoint" in result.output
+
+
+def test_prediction_never_overwrites_an_input(phantom_run, phantom, tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    scan = scans / "case0.nii.gz"
+    scan.write_bytes((phantom / "images" / "case0.nii.gz").read_bytes())
+    before = scan.read_bytes()
+    result = run("--predict", phantom_run / "checkpoints" / "best.pt", scan, "--out", scans)
+    assert result.exit_code == 1 and "never overwrites inputs" in result.output
+    assert scan.read_bytes() == before

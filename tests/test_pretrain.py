@@ -115,4 +115,15 @@ def test_no_usable_input_exits_1_with_one_line(tmp_path, make):
 def test_usage_errors_exit_2(tmp_path):
     result = run("--out", tmp_path / "run", "--mask", "blobs", *FAST)
     assert result.exit_code == 2 and "blobs" in result.output
-    assert run("--steps", "1").exit_code == 2  # --out is required
+    needs_out = run(str(SAMPLE / "ct"), "--steps", "1")
+    assert needs_out.exit_code == 2 and "--out RUN_DIR is required" in needs_out.output
+
+
+def test_no_arguments_runs_the_demo_into_runs_demo(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    result = run("--steps", "2", "--workers", "0")  # the demo, shortened
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "runs" / "demo" / "checkpoints" / "last.pt").is_file()
+    again = run("--steps", "2")
+    assert again.exit_code == 2 and "runs/demo" in again.output and "--overwrite" in again.output

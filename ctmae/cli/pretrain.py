@@ -33,6 +33,7 @@ DEMO = {
     "data": {"crops_per_volume": 4},
     "train": {"steps": 300, "batch_size": 4, "lr": 1e-3, "log_every": 10},
 }
+DEMO_OUT = Path("runs/demo")
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "train.log", "checkpoints", "tensorboard")
 
 
@@ -100,8 +101,15 @@ def pretrain(
         ),
     ] = None,
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Run folder for config, metrics, logs and checkpoints.")
-    ] = ...,
+        Optional[Path],
+        typer.Option(
+            "--out",
+            "-o",
+            help=f"Run folder for config, metrics, logs and checkpoints. Required with INPUTS; the demo's default is "
+            f"{DEMO_OUT}.",
+            show_default=False,
+        ),
+    ] = None,
     config: Annotated[
         Optional[Path],
         typer.Option(
@@ -152,14 +160,17 @@ def pretrain(
     def body() -> None:
         from ctmae.engine import pretrain as run_pretrain
 
+        if out is None and inputs:
+            raise UsageError("--out RUN_DIR is required when INPUTS are given")
+        run_dir = out or DEMO_OUT
         dist = setup(device or "auto")
         if not dist.is_main:  # rank 0 alone talks to the user and writes the run folder
             console.quiet = errors.quiet = True
         else:
-            prepare_run_dir(out, resume, overwrite)
+            prepare_run_dir(run_dir, resume, overwrite)
         barrier(dist)
         scans = inputs or [sample_data_dir() / "ct"]
-        last = out / "checkpoints" / "last.pt"
+        last = run_dir / "checkpoints" / "last.pt"
         base = load_checkpoint(last)["config"] if resume and last.is_file() else None
         try:
             cfg = base or (RunConfig() if inputs else RunConfig.from_dict(DEMO))
@@ -209,7 +220,7 @@ def pretrain(
                 progress.update(task, completed=info["step"])
 
             result = run_pretrain(
-                cfg, sources, out, resume=resume, stop_at=stop_at, dist=dist, on_start=started, on_step=stepped
+                cfg, sources, run_dir, resume=resume, stop_at=stop_at, dist=dist, on_start=started, on_step=stepped
             )
         cleanup(dist)
         table = Table(title="pretraining summary", show_header=False)
