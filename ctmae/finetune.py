@@ -24,7 +24,8 @@ from monai.networks.utils import one_hot
 from torch import nn
 
 from ctmae.checkpoint import rng_state, set_rng_state
-from ctmae.engine import lr_factor, resolve_device, resolve_precision
+from ctmae.distributed import DistInfo, any_rank, mean_over_ranks
+from ctmae.engine import StopFlag, lr_factor, resolve_device, resolve_precision
 from ctmae.metrics_log import MetricsLog
 from ctmae.seg_config import SegConfig
 from ctmae.seg_data import LabelledCase, cache_cases, crop_batches
@@ -102,6 +103,7 @@ def finetune(
     mae_weights: dict[str, torch.Tensor] | None = None,
     resume: bool = False,
     stop_at: int | None = None,
+    dist: DistInfo = DistInfo(),
     on_start: Callable[[dict[str, Any]], None] | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
@@ -114,13 +116,18 @@ def finetune(
         mae_weights: an MAE checkpoint's ``model`` state for the ViT; None trains from scratch.
         resume: continue from ``run_dir/checkpoints/last.pt`` if it exists (start fresh otherwise).
         stop_at: end this process after this step (checkpointing it); resume continues.
+        dist: this process's rank under torchrun: ranks read disjoint crops, every rank validates (the same result),
+            rank 0 alone writes files. SIGTERM/SIGUSR1 on any rank: finish the step, write last.pt, stop.
         on_start: called once with ``{"start_step", "total_steps", "device", "precision", "encoder_tensors"}``.
         on_step: called after each step with ``{"step", "loss", "lr", "val_dice"}`` (None when not computed).
 
     Returns:
-        Figures of the run: steps, last loss, best and last mean validation Dice (and per class), seconds, paths.
+        Figures of the run: steps, last loss, best and last mean validation Dice (and per class), seconds, paths,
+        ``stopped`` (None, or the stop signal that ended the run early).
     """
     device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and dist.world > 1:
+        device = torch.device("cuda", dist.local_rank)
     precision = resolve_precision(cfg.train.precision, device)
     total = resolve_steps(cfg, len(train_cases))
     cfg = cfg.replace(train={"steps": total, "device": device.type, "precision": precision})
@@ -143,9 +150,15 @@ def finetune(
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         start, best, loaded = state["step"], state["best_dice"], state["encoder_tensors"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    log = MetricsLog(run_dir, start_step=start)
+    net = unetr
+    if dist.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            unetr, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    log = MetricsLog(run_dir, start_step=start, enabled=dist.is_main)
     origin = f"encoder from {cfg.pretrained} ({loaded} tensors)" if cfg.pretrained else "from scratch"
     log.info(
         f"{'resuming at' if start else 'starting'} step {start} of {total} on {device.type} ({precision}), "
@@ -165,62 +178,76 @@ def finetune(
         )
 
     train_data, val_data = cache_cases(train_cases, cfg.data), cache_cases(val_cases, cfg.data)
-    batches = crop_batches(train_data, cfg.data, t.seed, t.batch_size, start_step=start)
+    batches = crop_batches(
+        train_data, cfg.data, t.seed, t.batch_size, start_step=start, rank=dist.rank, world=dist.world
+    )
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     autocast = autocast_for(precision, device)
     end = min(total, stop_at) if stop_at is not None else total
-    unetr.train()
+    net.train()
     t0, window_loss, window_steps, loss_value, per_class = time.perf_counter(), None, 0, None, None
-    for step in range(start, end):
-        images, labels = (x.to(device, non_blocking=True) for x in next(batches))  # (B, 1, c, c, c) each
-        with autocast:
-            logits = unetr(images)  # (B, C, c, c, c)
-        loss = loss_fn(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if t.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(unetr.parameters(), t.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        lr = max(g["lr"] for g in optimizer.param_groups)
-        scheduler.step()
-        window_loss = loss.detach() if window_loss is None else window_loss + loss.detach()  # no host sync
-        window_steps += 1
-        done, loss_value, val_dice = step + 1, None, None
-        if done % t.log_every == 0 or done == end:
-            loss_value = window_loss.item() / window_steps
-            log.metrics({"step": done, "loss": loss_value, "lr": lr, "seconds": round(time.perf_counter() - t0, 3)})
-            window_loss, window_steps = None, 0
-        if done % t.val_every == 0 or done == end:
-            per_class = evaluate(unetr, val_data, cfg, device, precision)
-            val_dice = sum(per_class) / len(per_class)
-            log.metrics(
-                {"step": done, "val_dice": val_dice, **{f"val_dice_{c}": d for c, d in enumerate(per_class, 1)}}
-            )
-            ckpt = {
-                "config": cfg.to_dict(),
-                "model": unetr.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "step": done,
-                "rng": rng_state(),
-                "val_dice": val_dice,
-                "best_dice": max(best, val_dice),
-                "encoder_tensors": loaded,
-            }
-            if val_dice > best:
-                best = val_dice
-                save_seg_checkpoint(ckpt, ckpt_dir / "best.pt")
-                log.info(f"step {done}: validation Dice {val_dice:.4f}, new best, written to {ckpt_dir / 'best.pt'}")
-            save_seg_checkpoint(ckpt, ckpt_dir / "last.pt")
-        if on_step:
-            on_step({"step": done, "loss": loss_value, "lr": lr, "val_dice": val_dice})
+    stopped, done = None, start
+    with StopFlag() as flag:  # SIGTERM/SIGUSR1: finish the step, write last.pt, stop
+        for step in range(start, end):
+            images, labels = (x.to(device, non_blocking=True) for x in next(batches))  # (B, 1, c, c, c) each
+            with autocast:
+                logits = net(images)  # (B, C, c, c, c)
+            loss = loss_fn(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if t.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(unetr.parameters(), t.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            lr = max(g["lr"] for g in optimizer.param_groups)
+            scheduler.step()
+            window_loss = loss.detach() if window_loss is None else window_loss + loss.detach()  # no host sync
+            window_steps += 1
+            done, loss_value, val_dice = step + 1, None, None
+            if done % t.log_every == 0 or done == end:
+                loss_value = mean_over_ranks(window_loss, dist).item() / window_steps
+                log.metrics({"step": done, "loss": loss_value, "lr": lr, "seconds": round(time.perf_counter() - t0, 3)})
+                window_loss, window_steps = None, 0
+            signalled = any_rank(flag.signal is not None, dist, device)
+            if done % t.val_every == 0 or done == end or signalled:
+                if not signalled:
+                    per_class = evaluate(unetr, val_data, cfg, device, precision)
+                    val_dice = sum(per_class) / len(per_class)
+                    log.metrics(
+                        {"step": done, "val_dice": val_dice, **{f"val_dice_{c}": d for c, d in enumerate(per_class, 1)}}
+                    )
+                ckpt = {
+                    "config": cfg.to_dict(),
+                    "model": unetr.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "step": done,
+                    "rng": rng_state(),
+                    "val_dice": val_dice,
+                    "best_dice": best if val_dice is None else max(best, val_dice),
+                    "encoder_tensors": loaded,
+                }
+                if dist.is_main and val_dice is not None and val_dice > best:
+                    save_seg_checkpoint(ckpt, ckpt_dir / "best.pt")
+                    log.info(
+                        f"step {done}: validation Dice {val_dice:.4f}, new best, written to {ckpt_dir / 'best.pt'}"
+                    )
+                best = ckpt["best_dice"]
+                if dist.is_main:
+                    save_seg_checkpoint(ckpt, ckpt_dir / "last.pt")
+            if on_step:
+                on_step({"step": done, "loss": loss_value, "lr": lr, "val_dice": val_dice})
+            if signalled:
+                stopped = f"stop signal ({flag.signal or 'on another rank'}) after step {done}"
+                log.info(f"stopped: {stopped}; last.pt written, resume with --resume")
+                break
     log.close()
     return {
         "start_step": start,
-        "steps": end,
+        "steps": done,
+        "stopped": stopped,
         "total_steps": total,
         "last_loss": log.last_loss,
         "best_dice": best,

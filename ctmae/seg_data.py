@@ -230,13 +230,14 @@ def random_transforms(cfg: SegDataConfig) -> Compose:
 class CaseVisits(Dataset):
     """Item ``v`` is visit ``v`` of the seeded schedule: (images (N, 1, c, c, c), labels (N, 1, c, c, c))."""
 
-    def __init__(self, cached: CacheDataset, cfg: SegDataConfig, seed: int) -> None:
-        self.cached, self.cfg, self.seed = cached, cfg, seed
+    def __init__(self, cached: CacheDataset, cfg: SegDataConfig, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.cached, self.cfg, self.seed, self.rank, self.world = cached, cfg, seed, rank, world
 
     def __len__(self) -> int:
         return 2**62  # endless; the sampler decides which visits are read
 
-    def __getitem__(self, visit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, local_visit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        visit = local_visit * self.world + self.rank  # under torchrun, rank r reads visits r, r + world, ...
         epoch, slot = divmod(visit, len(self.cached))
         order = torch.randperm(len(self.cached), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
         case = self.cached[int(order[slot])]
@@ -247,12 +248,19 @@ class CaseVisits(Dataset):
 
 
 def crop_batches(
-    cached: CacheDataset, cfg: SegDataConfig, seed: int, batch_size: int, start_step: int = 0
+    cached: CacheDataset,
+    cfg: SegDataConfig,
+    seed: int,
+    batch_size: int,
+    start_step: int = 0,
+    rank: int = 0,
+    world: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (images, labels) batches (B, 1, c, c, c), continuing exactly where step ``start_step`` would be."""
+    """Endless (images, labels) batches (B, 1, c, c, c), continuing exactly where step ``start_step`` would be;
+    ``rank`` of ``world`` processes reads its own share of the visits (as ``ctmae.data.crop_batches``)."""
     first_visit, skip = divmod(start_step * batch_size, cfg.crops_per_volume)
     loader = DataLoader(
-        CaseVisits(cached, cfg, seed),
+        CaseVisits(cached, cfg, seed, rank, world),
         batch_size=None,
         sampler=itertools.count(first_visit),
         num_workers=cfg.workers,

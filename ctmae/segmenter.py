@@ -24,8 +24,12 @@ _POS_KEY = "patch_embedding.position_embeddings"
 
 
 def build_unetr(net: SegNetConfig, crop: int) -> UNETR:
-    """A one-channel UNETR for ``crop``³ inputs with the ViT sizes of ``net`` (random init)."""
-    return UNETR(
+    """A one-channel UNETR for ``crop``³ inputs with the ViT sizes of ``net`` (random init).
+
+    MONAI's transformer blocks carry a ``norm_cross_attn`` that UNETR never uses; it is frozen so that every trainable
+    parameter receives a gradient (DistributedDataParallel requires that).
+    """
+    unetr = UNETR(
         in_channels=1,
         out_channels=net.num_classes,
         img_size=crop,
@@ -36,6 +40,10 @@ def build_unetr(net: SegNetConfig, crop: int) -> UNETR:
         proj_type="conv",
         qkv_bias=net.qkv_bias,
     )
+    for name, p in unetr.named_parameters():
+        if "norm_cross_attn" in name:
+            p.requires_grad_(False)
+    return unetr
 
 
 def net_config_from_mae(model: ModelConfig, feature_size: int, num_classes: int) -> SegNetConfig:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_body_scans
+from conftest import write_body_scans, write_volume
 from ctmae.checkpoint import load_checkpoint
 
 TESTS = Path(__file__).resolve().parent
@@ -126,3 +126,91 @@ def test_stop_signal_checkpoints_and_resume_continues(tmp_path, scans, sig):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == step + 2
     assert [json.loads(r)["step"] for r in metrics.read_text().splitlines()][-2:] == [step + 1, step + 2]
+
+
+@pytest.fixture(scope="module")
+def spheres(tmp_path_factory) -> Path:
+    """Three labelled phantoms: a bright sphere (label 1) in noisy tissue."""
+    root = tmp_path_factory.mktemp("spheres")
+    rng = np.random.default_rng(3)
+    grid = np.stack(np.meshgrid(*[np.arange(40)] * 3, indexing="ij"))
+    for i in range(3):
+        centre = rng.integers(14, 26, 3)
+        label = (((grid - centre[:, None, None, None]) ** 2).sum(0) < 64).astype(np.uint8)
+        image = rng.normal(40, 30, (40, 40, 40)) + 500.0 * label
+        write_volume(root / "images" / f"case{i}.nii.gz", image.astype(np.int16), spacing=(1.5, 1.5, 1.5))
+        write_volume(root / "labels" / f"case{i}.nii.gz", label, spacing=(1.5, 1.5, 1.5), dtype=np.uint8)
+    return root
+
+
+def finetune_args(spheres: Path, out: Path, batch: int, steps: int, *extra: str) -> list[str]:
+    return [
+        "-m",
+        "ctmae",
+        "finetune-seg",
+        "--from-scratch",
+        "--model",
+        "tiny",
+        "--images",
+        str(spheres / "images"),
+        "--labels",
+        str(spheres / "labels"),
+        "--out",
+        str(out),
+        "--crop",
+        "32",
+        "--batch-size",
+        str(batch),
+        "--crops-per-volume",
+        "1",
+        "--steps",
+        str(steps),
+        "--log-every",
+        "1",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--feature-size",
+        "8",
+        *extra,
+    ]
+
+
+def test_two_rank_finetune_matches_one_process_with_the_same_global_batch(tmp_path, spheres):
+    ddp = torchrun(*finetune_args(spheres, tmp_path / "ddp", 1, 3))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = subprocess.run(
+        [sys.executable, *finetune_args(spheres, tmp_path / "one", 2, 3)],
+        env=ENV,
+        capture_output=True,
+        encoding="utf-8",
+        timeout=240,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp_losses, one_losses = (
+        [r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        for d in (tmp_path / "ddp", tmp_path / "one")
+    )
+    assert len(ddp_losses) == 3 and np.allclose(ddp_losses, one_losses, rtol=1e-4, atol=1e-6)
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_finetune_stop_signal_checkpoints_and_exits_cleanly(tmp_path, spheres):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, *finetune_args(spheres, out, 1, 100000, "--val-every", "100000")],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        encoding="utf-8",
+    )
+    metrics, deadline = out / "metrics.jsonl", time.time() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "stopped early" in err and "Traceback" not in err, err[-2000:]
+    from ctmae.segmenter import load_seg_checkpoint
+
+    assert load_seg_checkpoint(out / "checkpoints" / "last.pt")["step"] >= 2

@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ctmae.checkpoint import load_checkpoint
-from ctmae.cli.common import UsageError, app, console, progress_bar, report_skipped, run_command
+from ctmae.cli.common import UsageError, app, console, errors, progress_bar, report_skipped, run_command
 from ctmae.cli.pretrain import prepare_run_dir
 from ctmae.config import MODEL_PRESETS
+from ctmae.distributed import DistInfo, barrier, cleanup, setup
 from ctmae.inputs import find_volumes
 from ctmae.io import InputError
 from ctmae.seg_config import UNETR_DEPTH, SegConfig, SegDataConfig, SegNetConfig
@@ -170,7 +172,12 @@ def finetune_seg(
             raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
         cases = _cases(images, labels, "")
         val_cases = _cases(val_images, val_labels, "val-") if val_images else None
-        prepare_run_dir(out, resume, overwrite)
+        dist = setup(device or "auto")
+        if not dist.is_main:  # rank 0 alone talks to the user and writes the run folder
+            console.quiet = errors.quiet = True
+        else:
+            prepare_run_dir(out, resume, overwrite)
+        barrier(dist)
         last = out / "checkpoints" / "last.pt"
         classes = _check(cases + (val_cases or []), num_classes)
         mae = None
@@ -225,13 +232,21 @@ def finetune_seg(
                 highlight=False,
             )
         weights = None if from_scratch or mae is None else mae["model"]
-        _train(cfg, train_cases, held_out, out, weights, resume, stop_at)
+        _train(cfg, train_cases, held_out, out, weights, resume, stop_at, dist)
+        cleanup(dist)
 
     run_command(body)
 
 
 def _train(
-    cfg: SegConfig, train_cases: list, val_cases: list, out: Path, weights, resume: bool, stop_at: Optional[int]
+    cfg: SegConfig,
+    train_cases: list,
+    val_cases: list,
+    out: Path,
+    weights,
+    resume: bool,
+    stop_at: Optional[int],
+    dist: DistInfo,
 ) -> None:
     from ctmae.finetune import finetune
 
@@ -264,6 +279,7 @@ def _train(
             mae_weights=weights,
             resume=resume,
             stop_at=stop_at,
+            dist=dist,
             on_start=started,
             on_step=stepped,
         )
@@ -281,3 +297,5 @@ def _train(
     for key, value in rows.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
+    if result["stopped"]:
+        errors.print(f"[yellow]stopped early:[/yellow] {escape(result['stopped'])}", highlight=False, soft_wrap=True)
