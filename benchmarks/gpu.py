@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import MaskedAutoEncoderViT
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.step_vs_monai import monai_mae
 from ctmae.config import MaskConfig, ModelConfig, RunConfig
 from ctmae.masking import sample_mask
 from ctmae.model import MaskedAutoencoder3D
@@ -63,22 +63,7 @@ def build(impl: str, m: ModelConfig, ratio: float, device: torch.device, compile
     if impl == "ctmae":
         model = MaskedAutoencoder3D(m).to(device)
     else:
-        model = MaskedAutoEncoderViT(
-            in_channels=1,
-            img_size=m.img_size,
-            patch_size=m.patch,
-            hidden_size=m.dim,
-            mlp_dim=int(m.dim * m.mlp_ratio),
-            num_layers=m.depth,
-            num_heads=m.heads,
-            masking_ratio=ratio,
-            decoder_hidden_size=m.dec_dim,
-            decoder_mlp_dim=int(m.dec_dim * m.mlp_ratio),
-            decoder_num_layers=m.dec_depth,
-            decoder_num_heads=m.dec_heads,
-            qkv_bias=m.qkv_bias,
-            decoder_pos_embed_type="sincos" if m.dec_dim % 6 == 0 else "learnable",
-        ).to(device)
+        model = monai_mae(m, ratio).to(device)
         # MONAI's forward index-puts decoder_embed's output into fp32 mask tokens, which fails under autocast (bf16
         # into fp32); casting that one (B, Lv+1, Dd) tensor back to fp32 keeps fp32 weights and bf16 matmuls.
         model.decoder_embed.register_forward_hook(lambda mod, inp, out: out.float())

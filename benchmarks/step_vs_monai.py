@@ -43,10 +43,10 @@ def ctmae_step(crop: int, patch: int, size: str, batch: int, ratio: float):
     return cfg.model, step
 
 
-def monai_step(m, ratio: float):
-    """MONAI's MAE with ``m``'s sizes and an AdamW step. MONAI's 3D sin-cos decoder embedding needs a width divisible
-    by 6; for other decoder widths (the tiny and small presets) a learnable one of the same FLOPs is used."""
-    model = MaskedAutoEncoderViT(
+def monai_mae(m, ratio: float) -> MaskedAutoEncoderViT:
+    """MONAI's MAE with ``m``'s sizes. MONAI's 3D sin-cos decoder embedding needs a width divisible by 6; for other
+    decoder widths (the tiny and small presets) a learnable one of the same FLOPs is used."""
+    return MaskedAutoEncoderViT(
         in_channels=1,
         img_size=m.img_size,
         patch_size=m.patch,
@@ -62,6 +62,11 @@ def monai_step(m, ratio: float):
         qkv_bias=m.qkv_bias,
         decoder_pos_embed_type="sincos" if m.dec_dim % 6 == 0 else "learnable",
     )
+
+
+def monai_step(m, ratio: float):
+    """MONAI's MAE (``monai_mae``) with a masked-patch MSE loss and an AdamW step."""
+    model = monai_mae(m, ratio)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the same optimizer for both models
     p = m.patch
 
