@@ -206,6 +206,3 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
 
-
-def num_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
