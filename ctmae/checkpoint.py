@@ -91,7 +91,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def model_from_checkpoint(state: dict[str, Any]) -> MaskedAutoencoder3D:
     """Rebuild the MAE from a loaded checkpoint's config and weights."""
     model = MaskedAutoencoder3D(state["config"].model)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as e:
+        raise CheckpointError(f"checkpoint weights do not match its own config: {str(e).splitlines()[0]}") from None
     return model
 
 

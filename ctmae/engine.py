@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ctmae.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ctmae.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ctmae.config import RunConfig, save_yaml
 from ctmae.data import crop_batches
 from ctmae.distributed import DistInfo, any_rank, mean_over_ranks
@@ -143,7 +143,13 @@ def pretrain(
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     start = 0
     if state is not None:
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError:  # sizes changed since the checkpoint (e.g. --model, --patch or --crop on --resume)
+            raise CheckpointError(
+                f"{last}: the checkpoint's model does not fit the requested sizes; resume without changing "
+                f"--model, --patch or --crop, or start a new RUN_DIR"
+            ) from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])

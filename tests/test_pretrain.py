@@ -127,3 +127,12 @@ def test_no_arguments_runs_the_demo_into_runs_demo(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "demo" / "checkpoints" / "last.pt").is_file()
     again = run("--steps", "2")
     assert again.exit_code == 2 and "runs/demo" in again.output and "--overwrite" in again.output
+
+
+def test_resume_with_other_model_sizes_is_refused_in_one_line(tmp_path):
+    out = tmp_path / "run"
+    assert run("--out", out, "--steps", "2", "--cache-dir", tmp_path / "c", *FAST).exit_code == 0
+    other_patch = [("16" if prev == "--patch" else a) for prev, a in zip(["", *FAST], FAST)]  # 8³ -> 16³ patches
+    result = run("--out", out, "--steps", "4", "--cache-dir", tmp_path / "c", *other_patch, "--resume")
+    assert result.exit_code == 1 and "does not fit the requested sizes" in result.output
+    assert "Traceback" not in result.output and load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 2
