@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ctmae.checkpoint import CheckpointError
+from ctmae.distributed import DistInfo, barrier, setup
 from ctmae.io import InputError
 
 INPUTS_HELP = "Scans: NIfTI/NRRD/MHA files, DICOM series folders, folders (searched recursively) or .txt/.csv lists."
@@ -90,3 +92,36 @@ def sample_data_dir() -> Path:
         if c and (Path(c) / "ct").is_dir():
             return Path(c)
     raise UsageError("no INPUTS given and the bundled sample_data/ folder was not found; pass scans explicitly")
+
+
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "train.log", "checkpoints", "tensorboard")
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a non-empty RUN_DIR unless resuming or overwriting; --overwrite removes only ctmae's own outputs."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: --out must be a folder, but a file is there")
+    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+        raise UsageError(f"{out}: folder is not empty; pass --resume to continue that run or --overwrite to replace it")
+    if overwrite and not resume and out.is_dir():
+        for name in RUN_OUTPUTS:
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".ctmae-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"{out}: cannot write there ({e.strerror})") from None
+
+
+def open_run_dir(out: Path, resume: bool, overwrite: bool, device: str | None) -> DistInfo:
+    """Join torchrun's process group (if any) and prepare RUN_DIR on rank 0, the only rank that talks and writes."""
+    dist = setup(device or "auto")
+    if dist.is_main:
+        prepare_run_dir(out, resume, overwrite)
+    else:
+        console.quiet = errors.quiet = True
+    barrier(dist)
+    return dist

@@ -11,10 +11,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from ctmae.checkpoint import load_checkpoint
-from ctmae.cli.common import UsageError, app, console, errors, progress_bar, report_skipped, run_command
-from ctmae.cli.pretrain import prepare_run_dir
+from ctmae.cli.common import (
+    UsageError,
+    app,
+    console,
+    errors,
+    open_run_dir,
+    progress_bar,
+    report_skipped,
+    run_command,
+)
 from ctmae.config import MODEL_PRESETS
-from ctmae.distributed import DistInfo, barrier, cleanup, setup
+from ctmae.distributed import DistInfo, cleanup
 from ctmae.inputs import find_volumes
 from ctmae.io import InputError
 from ctmae.seg_config import UNETR_DEPTH, SegConfig, SegDataConfig, SegNetConfig
@@ -172,12 +180,7 @@ def finetune_seg(
             raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
         cases = _cases(images, labels, "")
         val_cases = _cases(val_images, val_labels, "val-") if val_images else None
-        dist = setup(device or "auto")
-        if not dist.is_main:  # rank 0 alone talks to the user and writes the run folder
-            console.quiet = errors.quiet = True
-        else:
-            prepare_run_dir(out, resume, overwrite)
-        barrier(dist)
+        dist = open_run_dir(out, resume, overwrite, device)
         last = out / "checkpoints" / "last.pt"
         classes = _check(cases + (val_cases or []), num_classes)
         mae = None

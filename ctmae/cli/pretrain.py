@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,13 +16,14 @@ from ctmae.cli.common import (
     app,
     console,
     errors,
+    open_run_dir,
     progress_bar,
     report_skipped,
     run_command,
     sample_data_dir,
 )
 from ctmae.config import MASK_KINDS, MODEL_PRESETS, RunConfig, load_yaml
-from ctmae.distributed import DistInfo, barrier, cleanup, gather, setup
+from ctmae.distributed import DistInfo, barrier, cleanup, gather
 from ctmae.inputs import check_modality, find_volumes
 from ctmae.io import InputError
 
@@ -34,26 +34,6 @@ DEMO = {
     "train": {"steps": 300, "batch_size": 4, "lr": 1e-3, "log_every": 10},
 }
 DEMO_OUT = Path("runs/demo")
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "train.log", "checkpoints", "tensorboard")
-
-
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a non-empty RUN_DIR unless resuming or overwriting; --overwrite removes only ctmae's own outputs."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: --out must be a folder, but a file is there")
-    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
-        raise UsageError(f"{out}: folder is not empty; pass --resume to continue that run or --overwrite to replace it")
-    if overwrite and not resume and out.is_dir():
-        for name in RUN_OUTPUTS:
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".ctmae-write-test"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"{out}: cannot write there ({e.strerror})") from None
 
 
 def _given(**sections: dict) -> dict:
@@ -163,12 +143,7 @@ def pretrain(
         if out is None and inputs:
             raise UsageError("--out RUN_DIR is required when INPUTS are given")
         run_dir = out or DEMO_OUT
-        dist = setup(device or "auto")
-        if not dist.is_main:  # rank 0 alone talks to the user and writes the run folder
-            console.quiet = errors.quiet = True
-        else:
-            prepare_run_dir(run_dir, resume, overwrite)
-        barrier(dist)
+        dist = open_run_dir(run_dir, resume, overwrite, device)
         scans = inputs or [sample_data_dir() / "ct"]
         last = run_dir / "checkpoints" / "last.pt"
         base = load_checkpoint(last)["config"] if resume and last.is_file() else None
