@@ -162,14 +162,19 @@ def check(cfg: RunConfig) -> None:
         raise ValueError(f"mask ratio must be between 0 and 1 (exclusive), got {k.ratio}")
     if k.block < 1 or k.noise_std < 0:
         raise ValueError(f"block must be >= 1 and noise_std >= 0, got {k.block} and {k.noise_std}")
-    if t.precision not in PRECISIONS or t.device not in DEVICES:
-        raise ValueError(f"precision must be one of {PRECISIONS} and device one of {DEVICES}")
     if t.batch_size < 1 or d.crops_per_volume < 1 or d.workers < 0:
         raise ValueError("batch_size and crops_per_volume must be >= 1, workers >= 0")
-    if (t.steps is not None and t.steps < 1) or (t.epochs is not None and t.epochs <= 0):
-        raise ValueError(f"steps and epochs must be positive, got steps={t.steps} epochs={t.epochs}")
-    if d.hu_window[0] >= d.hu_window[1] or min(d.spacing) <= 0:
-        raise ValueError(f"hu_window must be (low, high) with low < high and spacing positive, got {d}")
+    check_common(d, t)
+
+
+def check_common(data: Any, train: Any) -> None:
+    """Checks shared by pretraining and fine-tuning configs: device, precision, schedule, HU window, spacing."""
+    if train.precision not in PRECISIONS or train.device not in DEVICES:
+        raise ValueError(f"precision must be one of {PRECISIONS} and device one of {DEVICES}")
+    if (train.steps is not None and train.steps < 1) or (train.epochs is not None and train.epochs <= 0):
+        raise ValueError(f"steps and epochs must be positive, got steps={train.steps} epochs={train.epochs}")
+    if data.hu_window[0] >= data.hu_window[1] or min(data.spacing) <= 0:
+        raise ValueError(f"hu_window must be (low, high) with low < high and spacing positive, got {data}")
 
 
 def update_section(base: Any, d: dict[str, Any], name: str) -> Any:

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ctmae.config import DEVICES, PRECISIONS, DataConfig, plain, update_section
+from ctmae.config import DataConfig, check_common, plain, update_section
 
 UNETR_PATCH = 16  # MONAI's UNETR hard-codes 16³ patches
 UNETR_DEPTH = 12  # ... and a 12-block ViT whose blocks 3, 6, 9 feed the skip connections
@@ -111,11 +111,6 @@ def check(cfg: SegConfig) -> None:
         raise ValueError(f"pos_fraction must be in 0..1, crops_per_volume >= 1, workers >= 0; got {d}")
     if not 0.0 < t.layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1], got {t.layer_decay}")
-    if t.precision not in PRECISIONS or t.device not in DEVICES:
-        raise ValueError(f"precision must be one of {PRECISIONS} and device one of {DEVICES}")
     if t.batch_size < 1 or t.val_every < 1 or t.log_every < 1:
         raise ValueError("batch_size, val_every and log_every must be >= 1")
-    if (t.steps is not None and t.steps < 1) or (t.epochs is not None and t.epochs <= 0):
-        raise ValueError(f"steps and epochs must be positive, got steps={t.steps} epochs={t.epochs}")
-    if d.hu_window[0] >= d.hu_window[1] or min(d.spacing) <= 0:
-        raise ValueError(f"hu_window must be (low, high) with low < high and spacing positive, got {d}")
+    check_common(d, t)
