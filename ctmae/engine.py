@@ -67,6 +67,29 @@ def lr_factor(step: int, total: int, warmup: float, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision for bf16/fp16 (resolved by ``resolve_precision``); nothing for fp32."""
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return contextlib.nullcontext()
+
+
+def backward_and_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    model: torch.nn.Module,
+    grad_clip: float,
+) -> None:
+    """Backward through the (fp16-)scaled loss, clip the global gradient norm (0: off), step and update the scaler."""
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
     """Fused AdamW (one kernel for all tensors, on CPU and CUDA) without weight decay on biases, norms and the mask
     token (1-D parameters)."""
@@ -197,11 +220,7 @@ def pretrain(
 
     end = min(total, stop_at) if stop_at is not None else total
     batches = crop_batches(sources, cfg.data, t.seed, t.batch_size, start_step=start, rank=dist.rank, world=dist.world)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-        if precision in ("bf16", "fp16")
-        else contextlib.nullcontext()
-    )
+    autocast = autocast_for(precision, device)
     net.train()
     t0, window, window_steps, first_loss, bad_steps, skipped, stopped = time.perf_counter(), None, 0, None, 0, 0, None
     step = start
@@ -219,12 +238,7 @@ def pretrain(
             )
             optimizer.zero_grad(set_to_none=True)
             if finite:  # a non-finite loss skips the update: weights stay as they were
-                scaler.scale(loss).backward()
-                if t.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+                backward_and_step(loss, optimizer, scaler, model, t.grad_clip)
                 bad_steps = 0
                 window = loss.detach() if window is None else window + loss.detach()  # summed on device: no sync
                 window_steps += 1

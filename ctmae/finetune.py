@@ -7,7 +7,6 @@ a plain dict of figures. ``evaluate`` is the validation alone, for benchmarks.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +24,14 @@ from torch import nn
 
 from ctmae.checkpoint import rng_state, set_rng_state
 from ctmae.distributed import DistInfo, any_rank, mean_over_ranks
-from ctmae.engine import StopFlag, lr_factor, resolve_device, resolve_precision
+from ctmae.engine import (
+    StopFlag,
+    autocast_for,
+    backward_and_step,
+    lr_factor,
+    resolve_device,
+    resolve_precision,
+)
 from ctmae.metrics_log import MetricsLog
 from ctmae.seg_config import SegConfig
 from ctmae.seg_data import LabelledCase, cache_cases, crop_batches
@@ -44,13 +50,6 @@ def resolve_steps(cfg: SegConfig, num_cases: int) -> int:
     if t.epochs is not None:
         return max(1, math.ceil(t.epochs * num_cases * cfg.data.crops_per_volume / t.batch_size))
     return DEFAULT_STEPS
-
-
-def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed precision for bf16/fp16 (resolved by ``ctmae.engine.resolve_precision``); nothing for fp32."""
-    if precision in ("bf16", "fp16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    return contextlib.nullcontext()
 
 
 def sliding_window(cfg: SegConfig) -> SlidingWindowInferer:
@@ -194,12 +193,7 @@ def finetune(
                 logits = net(images)  # (B, C, c, c, c)
             loss = loss_fn(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if t.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(unetr.parameters(), t.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            backward_and_step(loss, optimizer, scaler, unetr, t.grad_clip)
             lr = max(g["lr"] for g in optimizer.param_groups)
             scheduler.step()
             window_loss = loss.detach() if window_loss is None else window_loss + loss.detach()  # no host sync

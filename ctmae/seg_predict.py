@@ -19,8 +19,8 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 
 from ctmae.data import preprocess_transforms
-from ctmae.engine import resolve_device, resolve_precision
-from ctmae.finetune import autocast_for, sliding_window
+from ctmae.engine import autocast_for, resolve_device, resolve_precision
+from ctmae.finetune import sliding_window
 from ctmae.inputs import VolumeSource, ensure_not_inputs
 from ctmae.io import IMAGE_SUFFIXES, InputError, write_nifti
 from ctmae.seg_config import SegConfig
