@@ -4,9 +4,10 @@
     python -m benchmarks.gpu --batch 16 --compile off
     python -m benchmarks.gpu --dry-run              # on CPU: one tiny step of each variant, prints the fragment
 
-For each variant (model × compile off/on): build the model and a fused AdamW, run warm-up steps (compilation
-happens there), record the peak memory above what was allocated before the variant was built
-(``torch.cuda.max_memory_allocated``), then time all variants in interleaved rounds of ``--steps`` steps each.
+For each variant (model × compile off/on): build the model and a fused AdamW (ctmae's stepped inside backward, as
+``ctmae pretrain`` does), run warm-up steps (compilation happens there), record the peak memory above what was
+allocated before the variant was built (``torch.cuda.max_memory_allocated``), then time all variants in interleaved
+rounds of ``--steps`` steps each.
 MFU = step FLOPs (``torch.utils.flop_counter`` on the uncompiled model) ÷ step time ÷ the card's dense bf16 peak.
 ctmae's attention runs through SDPA, restricted to the flash kernel when the card has it; MONAI's model is built as
 its constructor gives it (its attention is not SDPA), with one fp32 cast after its ``decoder_embed`` so that it
@@ -29,8 +30,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.step_vs_monai import monai_mae
-from ctmae.config import MaskConfig, ModelConfig, RunConfig
+from benchmarks.step_vs_monai import ctmae_update, monai_mae, monai_update
+from ctmae.config import DataConfig, MaskConfig, ModelConfig, RunConfig
 from ctmae.masking import sample_mask
 from ctmae.model import MaskedAutoencoder3D
 
@@ -67,10 +68,10 @@ def build(impl: str, m: ModelConfig, ratio: float, device: torch.device, compile
         # MONAI's forward index-puts decoder_embed's output into fp32 mask tokens, which fails under autocast (bf16
         # into fp32); casting that one (B, Lv+1, Dd) tensor back to fp32 keeps fp32 weights and bf16 matmuls.
         model.decoder_embed.register_forward_hook(lambda mod, inp, out: out.float())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    cfg = RunConfig(data=DataConfig(crop=m.img_size), model=m, mask=MaskConfig(ratio=ratio))
+    update = ctmae_update(model, cfg) if impl == "ctmae" else monai_update(model)
     net = torch.compile(model) if compiled else model
     gen = torch.Generator(device).manual_seed(0)
-    mask_cfg = MaskConfig(kind="block", ratio=ratio)
     grid = (m.img_size // m.patch,) * 3
     p = m.patch
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
@@ -79,16 +80,14 @@ def build(impl: str, m: ModelConfig, ratio: float, device: torch.device, compile
     def step(x: torch.Tensor) -> None:
         with autocast, attention:
             if impl == "ctmae":
-                loss, _, _ = net(x, sample_mask(mask_cfg, x.shape[0], grid, gen, device))
+                loss, _, _ = net(x, sample_mask(cfg.mask, x.shape[0], grid, gen, device))
             else:
                 pred, mask = net(x)  # (B, L, p³), (B, L) with 1 = masked
                 b, c, d, h, w = x.shape
                 target = x.reshape(b, c, d // p, p, h // p, p, w // p, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
                 target = target.reshape(b, -1, p**3)  # (B, L, p³)
                 loss = (F.mse_loss(pred.float(), target, reduction="none").mean(-1) * mask).sum() / mask.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        update(loss)
 
     return model, step
 

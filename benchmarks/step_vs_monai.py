@@ -1,7 +1,10 @@
 """Training-step time of ctmae's MAE against MONAI's MaskedAutoEncoderViT with the same sizes.
 
 Both models get the same encoder/decoder width, depth, heads and MLP widths, the same crops and batch, 75% masking
-(block masking for ctmae; MONAI's model can only mask random patches) and an AdamW step. Runs are interleaved
+(block masking for ctmae; MONAI's model can only mask random patches) and a fused AdamW step. Each side runs its
+own training step: ctmae's as ``ctmae pretrain`` does (its default mask config, which predicts a third of the hidden
+tokens; AdamW stepped inside backward, ``ctmae.optim``), MONAI's model in the usual loop (forward, masked-patch MSE,
+backward, ``optimizer.step()``, ``zero_grad``). Runs are interleaved
 (ctmae, MONAI, ctmae, ...) and the medians compared; FLOPs per step come from ``torch.utils.flop_counter``.
 
     python -m benchmarks.step_vs_monai                 # ViT-B, 96³, patch 16, batch 2
@@ -11,17 +14,28 @@ Both models get the same encoder/decoder width, depth, heads and MLP widths, the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import MaskedAutoEncoderViT
 from torch.utils.flop_counter import FlopCounterMode
 
-from ctmae.config import MaskConfig, RunConfig
+from ctmae.config import RunConfig
 from ctmae.masking import sample_mask
 from ctmae.model import MaskedAutoencoder3D
+from ctmae.optim import build_optimizer, updater
+
+
+def ctmae_update(model: MaskedAutoencoder3D, cfg: RunConfig) -> Callable[[torch.Tensor], None]:
+    """``update(loss)`` as ``ctmae pretrain`` applies it: ``build_optimizer``'s fused AdamW through ``updater``
+    (stepped inside backward with the default config). The hooks stay on ``model`` for its lifetime."""
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    optimizer = build_optimizer(model, cfg)
+    return contextlib.ExitStack().enter_context(updater(model, optimizer, scaler, cfg.train.grad_clip))
 
 
 def ctmae_step(crop: int, patch: int, size: str, batch: int, ratio: float):
@@ -29,16 +43,13 @@ def ctmae_step(crop: int, patch: int, size: str, batch: int, ratio: float):
         {"model": {"size": size, "patch": patch}, "data": {"crop": crop}, "mask": {"ratio": ratio}}
     )
     model = MaskedAutoencoder3D(cfg.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the same optimizer for both models
+    update = ctmae_update(model, cfg)
     gen = torch.Generator().manual_seed(0)
     grid = (crop // patch,) * 3
 
     def step(x: torch.Tensor) -> None:
-        mask = sample_mask(MaskConfig(kind="block", ratio=ratio), x.shape[0], grid, gen, x.device)
-        loss, _, _ = model(x, mask)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss, _, _ = model(x, sample_mask(cfg.mask, x.shape[0], grid, gen, x.device))
+        update(loss)
 
     return cfg.model, step
 
@@ -64,10 +75,22 @@ def monai_mae(m, ratio: float) -> MaskedAutoEncoderViT:
     )
 
 
+def monai_update(model: torch.nn.Module) -> Callable[[torch.Tensor], None]:
+    """The usual loop's ``update(loss)`` for MONAI's model: backward, fused AdamW step, gradients freed."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def update(loss: torch.Tensor) -> None:
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return update
+
+
 def monai_step(m, ratio: float):
-    """MONAI's MAE (``monai_mae``) with a masked-patch MSE loss and an AdamW step."""
+    """MONAI's MAE (``monai_mae``) with a masked-patch MSE loss and ``monai_update``."""
     model = monai_mae(m, ratio)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the same optimizer for both models
+    update = monai_update(model)
     p = m.patch
 
     def step(x: torch.Tensor) -> None:
@@ -75,9 +98,7 @@ def monai_step(m, ratio: float):
         b, c, d, h, w = x.shape
         target = x.reshape(b, c, d // p, p, h // p, p, w // p, p).permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, -1, p**3)
         loss = (F.mse_loss(pred, target, reduction="none").mean(-1) * mask).sum() / mask.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        update(loss)
 
     return step
 

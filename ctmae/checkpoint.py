@@ -1,8 +1,9 @@
 """Checkpoints: atomic save, safe load (``weights_only=True``), format checks, and the model they rebuild.
 
 A checkpoint is a plain dict of tensors and primitives: ``format``, ``format_version``, ``config`` (the run's
-``RunConfig.to_dict()``), ``model``, ``step`` and, for training state, ``optimizer``, ``scheduler``, ``scaler`` and
-``rng``. The model is rebuilt from the config alone (``model_from_checkpoint``).
+``RunConfig.to_dict()``), ``model``, ``step`` and, for training state, ``optimizer``, ``scaler``, ``rng`` (and
+fine-tuning's ``scheduler``; pretraining's learning rate is a function of the step). The model is rebuilt from the
+config alone (``model_from_checkpoint``).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
 MASK_KINDS = ("block", "random", "none", "noise")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
-FORMAT_VERSION = 1  # bump when checkpoint or config layout changes incompatibly
+FORMAT_VERSION = 2  # bump when checkpoint or config layout changes incompatibly
 
 
 def default_cache_dir() -> str:
@@ -72,6 +72,9 @@ class MaskConfig:
     ratio: float = 0.75  # share of tokens hidden from the encoder (block and random)
     block: int = 2  # block masking hides cuboids of block x block x block patches
     noise_std: float = 0.1  # std of the gaussian added to every voxel (noise), in scaled 0..1 intensity units
+    # share of all tokens the decoder predicts and the loss covers: a random subset of the hidden tokens, capped at
+    # all of them (CrossMAE's prediction ratio; 0.25 of 0.75 hidden reconstructs a third of them per step)
+    predict_ratio: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,9 @@ class TrainConfig:
     warmup: float = 0.05  # share of steps with linear warm-up
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    # max global gradient norm; 0 (MAE's recipe) disables clipping and lets each weight step inside backward, which
+    # never holds all gradients at once (ctmae.optim)
+    grad_clip: float = 0.0
     seed: int = 0  # seeds weights, data order, crops and masks
     device: str = "auto"  # auto picks CUDA when present
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
@@ -160,6 +165,8 @@ def check(cfg: RunConfig) -> None:
         raise ValueError(f"unknown mask kind {k.kind!r}; choose one of {', '.join(MASK_KINDS)}")
     if k.kind in ("block", "random") and not 0.0 < k.ratio < 1.0:
         raise ValueError(f"mask ratio must be between 0 and 1 (exclusive), got {k.ratio}")
+    if not 0.0 < k.predict_ratio <= 1.0:
+        raise ValueError(f"predict_ratio must be in (0, 1], got {k.predict_ratio}")
     if k.block < 1 or k.noise_std < 0:
         raise ValueError(f"block must be >= 1 and noise_std >= 0, got {k.block} and {k.noise_std}")
     if t.batch_size < 1 or d.crops_per_volume < 1 or d.workers < 0:

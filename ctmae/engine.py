@@ -24,6 +24,7 @@ from ctmae.inputs import VolumeSource
 from ctmae.masking import TokenMask, corrupt, sample_mask
 from ctmae.metrics_log import MetricsLog
 from ctmae.model import MaskedAutoencoder3D
+from ctmae.optim import build_optimizer, updater
 
 DEFAULT_STEPS = 1000
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run gives up
@@ -72,31 +73,6 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
     if precision in ("bf16", "fp16"):
         return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return contextlib.nullcontext()
-
-
-def backward_and_step(
-    loss: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    model: torch.nn.Module,
-    grad_clip: float,
-) -> None:
-    """Backward through the (fp16-)scaled loss, clip the global gradient norm (0: off), step and update the scaler."""
-    scaler.scale(loss).backward()
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-
-
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
-    """Fused AdamW (one kernel for all tensors, on CPU and CUDA) without weight decay on biases, norms and the mask
-    token (1-D parameters)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas, fused=True)
 
 
 class StopFlag:
@@ -160,9 +136,7 @@ def pretrain(
     torch.manual_seed(t.seed)
     model = MaskedAutoencoder3D(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total, t.warmup, t.min_lr / t.lr if t.lr else 0.0)
-    )
+    min_ratio = t.min_lr / t.lr if t.lr else 0.0  # the lr is a pure function of the step: no scheduler state
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     start = 0
     if state is not None:
@@ -174,7 +148,6 @@ def pretrain(
                 f"--model, --patch or --crop, or start a new RUN_DIR"
             ) from None
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         start = state["step"]
@@ -208,7 +181,6 @@ def pretrain(
             "config": cfg.to_dict(),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
             "step": step,
             "rng": rng_state(),
@@ -224,7 +196,7 @@ def pretrain(
     net.train()
     t0, window, window_steps, first_loss, bad_steps, skipped, stopped = time.perf_counter(), None, 0, None, 0, 0, None
     step = start
-    with StopFlag() as flag:
+    with StopFlag() as flag, updater(model, optimizer, scaler, t.grad_clip, dist.world) as update:
         while step < end:
             images = next(batches).to(device, non_blocking=True)  # (B, 1, c, c, c)
             gen = torch.Generator(device).manual_seed(t.seed * 1_000_003 + step)  # masks repeat exactly on resume
@@ -236,17 +208,17 @@ def pretrain(
                 if dist.world == 1
                 else not any_rank(not bool(torch.isfinite(loss).all()), dist, device)
             )
-            optimizer.zero_grad(set_to_none=True)
+            lr = t.lr * lr_factor(step, total, t.warmup, min_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             if finite:  # a non-finite loss skips the update: weights stay as they were
-                backward_and_step(loss, optimizer, scaler, model, t.grad_clip)
+                update(loss)
                 bad_steps = 0
                 window = loss.detach() if window is None else window + loss.detach()  # summed on device: no sync
                 window_steps += 1
             else:
                 bad_steps, skipped = bad_steps + 1, skipped + 1
                 log.info(f"step {step + 1}: non-finite loss, update skipped ({bad_steps} in a row)")
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
             step += 1
             if bad_steps >= MAX_BAD_STEPS:
                 stopped = f"{MAX_BAD_STEPS} non-finite losses in a row, the last at step {step}"

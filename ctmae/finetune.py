@@ -24,15 +24,9 @@ from torch import nn
 
 from ctmae.checkpoint import rng_state, set_rng_state
 from ctmae.distributed import DistInfo, any_rank, mean_over_ranks
-from ctmae.engine import (
-    StopFlag,
-    autocast_for,
-    backward_and_step,
-    lr_factor,
-    resolve_device,
-    resolve_precision,
-)
+from ctmae.engine import StopFlag, autocast_for, lr_factor, resolve_device, resolve_precision
 from ctmae.metrics_log import MetricsLog
+from ctmae.optim import backward_and_step
 from ctmae.seg_config import SegConfig
 from ctmae.seg_data import LabelledCase, cache_cases, crop_batches
 from ctmae.segmenter import build_unetr, load_encoder, load_seg_checkpoint, param_groups, save_seg_checkpoint

@@ -1,7 +1,10 @@
 """Token-level masks (block, random, none) and the voxel corruption of the denoising mode (noise).
 
 Masks are drawn on the training device from an explicit ``torch.Generator`` with no host synchronisation. Every
-sample of a batch hides exactly the same number of tokens, so the encoder runs batched without padding.
+sample of a batch hides exactly the same number of tokens, so the encoder runs batched without padding. The loss
+covers a random subset of the hidden tokens (``MaskConfig.predict_ratio``, CrossMAE's prediction ratio): the
+decoder's queries do not attend to each other, so predicting a subset costs proportionally less and gives exactly
+the subset of the full prediction.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ class TokenMask:
     """Which tokens the encoder sees and which the loss is computed on; token index = raster order over the grid."""
 
     ids_keep: torch.Tensor  # (B, Lv) int64, sorted: tokens given to the encoder
-    ids_pred: torch.Tensor  # (B, Lp) int64, sorted: tokens the decoder predicts and the loss covers
+    ids_pred: torch.Tensor  # (B, Lp) int64, sorted: hidden tokens the decoder predicts and the loss covers
     mask: torch.Tensor  # (B, L) bool, True where a token is hidden from the encoder
 
 
@@ -27,6 +30,13 @@ def num_masked(cfg: MaskConfig, num_tokens: int) -> int:
     if cfg.kind in ("none", "noise"):
         return 0
     return min(num_tokens - 1, max(1, round(cfg.ratio * num_tokens)))
+
+
+def num_predicted(cfg: MaskConfig, num_tokens: int) -> int:
+    """Tokens the loss covers per sample: ``predict_ratio`` of all tokens, at most the hidden ones (every token for
+    none/noise, whose encoder sees everything)."""
+    candidates = num_masked(cfg, num_tokens) or num_tokens
+    return min(candidates, max(1, round(cfg.predict_ratio * num_tokens)))
 
 
 def sample_mask(
@@ -43,18 +53,27 @@ def sample_mask(
     """
     num_tokens = grid[0] * grid[1] * grid[2]
     n_mask = num_masked(cfg, num_tokens)
-    if n_mask == 0:  # none / noise: the encoder sees everything and the loss covers every token
+    if n_mask == 0:  # none / noise: the encoder sees everything; the loss covers a subset of all tokens
         ids = torch.arange(num_tokens, device=device).expand(batch, num_tokens)
-        return TokenMask(ids, ids, torch.zeros(batch, num_tokens, dtype=torch.bool, device=device))
+        hidden = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)
+        return TokenMask(ids, _subset(ids, num_predicted(cfg, num_tokens), generator), hidden)
     if cfg.kind == "block":
         score = _block_scores(batch, grid, cfg.block, generator, device)
     else:
         score = torch.rand(batch, num_tokens, generator=generator, device=device)
     order = torch.argsort(score, dim=1)  # lowest scores are masked
-    ids_pred = order[:, :n_mask].sort(dim=1).values
+    ids_masked = order[:, :n_mask]  # (B, n_mask)
     ids_keep = order[:, n_mask:].sort(dim=1).values
-    mask = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device).scatter_(1, ids_pred, True)
-    return TokenMask(ids_keep, ids_pred, mask)
+    mask = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device).scatter_(1, ids_masked, True)
+    return TokenMask(ids_keep, _subset(ids_masked, num_predicted(cfg, num_tokens), generator), mask)
+
+
+def _subset(ids: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` of each row's ``ids`` (B, M) drawn uniformly, sorted: (B, n); the row itself, sorted, when n == M."""
+    if n < ids.shape[1]:
+        pick = torch.rand(ids.shape, generator=generator, device=ids.device).argsort(dim=1)[:, :n]  # (B, n)
+        ids = torch.gather(ids, 1, pick)
+    return ids.sort(dim=1).values
 
 
 def _block_scores(

@@ -1,7 +1,10 @@
 """The patch-decoded 3D masked autoencoder: a ViT encoder over visible patches and a light decoder.
 
-Stages follow MAE: patchify -> encode visible tokens -> decode (mask tokens fill the hidden positions) -> predict the
-voxels of the tokens in ``ids_pred`` only -> MSE on those tokens. Encoder parameter names mirror MONAI's ``ViT``
+Stages follow MAE: patchify -> encode visible tokens -> decode -> predict the voxels of the tokens in ``ids_pred``
+only -> MSE on those tokens. The decoder is CrossMAE's (Fu et al., "Rethinking Patch Dependence for Masked
+Autoencoders", 2024): one query per predicted token (mask token + position) cross-attends to the visible tokens, and
+queries never attend to each other, so its cost grows with the predicted tokens only and any subset of them gives
+exactly the subset of the full prediction. Encoder parameter names mirror MONAI's ``ViT``
 (``patch_embedding.patch_embeddings``, ``patch_embedding.position_embeddings``, ``blocks.N.{norm1,attn.qkv,
 attn.out_proj,norm2,mlp.linear1,mlp.linear2}``, ``norm``), so ``encoder.state_dict()`` loads into ``monai.networks.
 nets.ViT`` / the ``vit`` of ``UNETR`` built with the same sizes (only MONAI's unused ``norm_cross_attn`` is absent).
@@ -43,6 +46,25 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))  # (B, N, D)
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries over a separate set of tokens (keys and values), run by SDPA."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x (B, N, D) queries, context (B, M, D) -> (B, N, D)."""
+        (b, n, d), m, hd = x.shape, context.shape[1], x.shape[-1] // self.heads
+        q = self.q(x).view(b, n, self.heads, hd).transpose(1, 2)  # (B, H, N, hd)
+        kv = self.kv(context).view(b, m, 2, self.heads, hd).permute(2, 0, 3, 1, 4)  # (2, B, H, M, hd)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1])  # (B, H, N, hd)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -65,6 +87,22 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class CrossBlock(nn.Module):
+    """Pre-norm decoder block: queries cross-attend to the (separately normalised) context, then an MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, qkv_bias: bool) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm_context = nn.LayerNorm(dim)
+        self.attn = CrossAttention(dim, heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), self.norm_context(context))
         return x + self.mlp(self.norm2(x))
 
 
@@ -106,7 +144,7 @@ class ViTEncoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Light transformer over all token positions; the voxel head runs on the predicted tokens only."""
+    """CrossMAE decoder: a query per predicted token reads the visible tokens; the voxel head runs on the queries."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -114,23 +152,19 @@ class Decoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dec_dim))
         self.register_buffer("position_embeddings", sincos_embedding_3d(cfg.grid, cfg.dec_dim))
         self.blocks = nn.ModuleList(
-            Block(cfg.dec_dim, cfg.dec_heads, cfg.mlp_ratio, cfg.qkv_bias) for _ in range(cfg.dec_depth)
+            CrossBlock(cfg.dec_dim, cfg.dec_heads, cfg.mlp_ratio, cfg.qkv_bias) for _ in range(cfg.dec_depth)
         )
         self.norm = nn.LayerNorm(cfg.dec_dim)
         self.head = nn.Linear(cfg.dec_dim, cfg.in_chans * cfg.patch**3)
 
     def forward(self, latent: torch.Tensor, mask: TokenMask) -> torch.Tensor:
         """latent (B, Lv, D) at ``mask.ids_keep`` -> voxel predictions (B, Lp, C·p³) at ``mask.ids_pred``."""
-        b, num_tokens = mask.mask.shape
-        x = self.embed(latent)  # (B, Lv, Dd)
-        full = self.mask_token.expand(b, num_tokens, -1).to(x.dtype)
-        full = full.scatter(1, mask.ids_keep[..., None].expand(-1, -1, x.shape[-1]), x)  # (B, L, Dd)
-        full = full + self.position_embeddings
+        pos = self.position_embeddings[0]  # (L, Dd)
+        context = self.embed(latent) + pos[mask.ids_keep]  # (B, Lv, Dd)
+        x = self.mask_token + pos[mask.ids_pred]  # (B, Lp, Dd)
         for blk in self.blocks:
-            full = blk(full)
-        full = self.norm(full)
-        picked = torch.gather(full, 1, mask.ids_pred[..., None].expand(-1, -1, full.shape[-1]))  # (B, Lp, Dd)
-        return self.head(picked)
+            x = blk(x, context)
+        return self.head(self.norm(x))
 
 
 class MaskedAutoencoder3D(nn.Module):

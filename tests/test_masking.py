@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ctmae.config import MaskConfig
-from ctmae.masking import corrupt, num_masked, sample_mask
+from ctmae.masking import corrupt, num_masked, num_predicted, sample_mask
 
 GRID = (6, 6, 6)
 CPU = torch.device("cpu")
@@ -25,13 +25,28 @@ def face_contacts(mask: torch.Tensor, grid) -> int:
 @pytest.mark.parametrize("kind", ["block", "random"])
 @pytest.mark.parametrize("ratio", [0.3, 0.6, 0.75, 0.9])
 def test_exact_ratio_and_equal_visible_counts(kind, ratio):
-    m = draw(MaskConfig(kind=kind, ratio=ratio))
+    m = draw(MaskConfig(kind=kind, ratio=ratio, predict_ratio=1.0))
     n = round(ratio * 216)
     assert m.mask.sum(1).tolist() == [n] * 4
     assert m.ids_pred.shape == (4, n) and m.ids_keep.shape == (4, 216 - n)
     for b in range(4):  # keep and pred partition the tokens, and the bool mask agrees
         assert sorted(m.ids_keep[b].tolist() + m.ids_pred[b].tolist()) == list(range(216))
         assert m.mask[b, m.ids_pred[b]].all() and not m.mask[b, m.ids_keep[b]].any()
+
+
+@pytest.mark.parametrize("kind", ["block", "random"])
+@pytest.mark.parametrize(("ratio", "predict_ratio", "expected"), [(0.75, 0.25, 54), (0.75, 0.5, 108), (0.3, 0.5, 65)])
+def test_predicted_tokens_are_a_random_subset_of_the_hidden_ones(kind, ratio, predict_ratio, expected):
+    """predict_ratio of all tokens, capped at the hidden ones; different subsets per sample, hidden tokens only."""
+    m = draw(MaskConfig(kind=kind, ratio=ratio, predict_ratio=predict_ratio))
+    assert m.ids_pred.shape == (4, expected)
+    for b in range(4):
+        ids = m.ids_pred[b]
+        assert m.mask[b, ids].all() and len(set(ids.tolist())) == expected and torch.equal(ids, ids.sort().values)
+    if expected < m.mask.sum(1)[0]:
+        hidden_rank = [(m.mask[b].cumsum(0)[m.ids_pred[b]]).tolist() for b in range(4)]  # positions among hidden
+        assert len({tuple(r) for r in hidden_rank}) == 4  # not the same slots of each sample's hidden list
+    assert num_predicted(MaskConfig(kind=kind, ratio=ratio, predict_ratio=predict_ratio), 216) == expected
 
 
 def test_block_masks_are_contiguous_cuboids():
@@ -61,9 +76,10 @@ def test_determinism_under_a_seed():
 
 @pytest.mark.parametrize("kind", ["none", "noise"])
 def test_none_and_noise_leave_every_token_visible(kind):
-    m = draw(MaskConfig(kind=kind))
+    m = draw(MaskConfig(kind=kind, predict_ratio=1.0))
     assert not m.mask.any()
     assert m.ids_keep.shape == (4, 216) and torch.equal(m.ids_keep, m.ids_pred)
+    assert draw(MaskConfig(kind=kind)).ids_pred.shape == (4, 54)  # the loss covers predict_ratio of the tokens
 
 
 def test_noise_corrupts_every_voxel_and_other_kinds_do_not():

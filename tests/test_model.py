@@ -12,6 +12,7 @@ from ctmae.config import MaskConfig, RunConfig
 from ctmae.masking import sample_mask
 from ctmae.model import MaskedAutoencoder3D
 
+CPU = torch.device("cpu")
 CFG = RunConfig.from_dict({"model": {"size": "tiny", "patch": 8}, "data": {"crop": 32}}).model
 
 
@@ -21,9 +22,7 @@ def make(seed: int = 0, **over) -> MaskedAutoencoder3D:
 
 
 def masks(kind: str = "block", batch: int = 2, seed: int = 0):
-    return sample_mask(
-        MaskConfig(kind=kind), batch, (4, 4, 4), torch.Generator().manual_seed(seed), torch.device("cpu")
-    )
+    return sample_mask(MaskConfig(kind=kind), batch, (4, 4, 4), torch.Generator().manual_seed(seed), CPU)
 
 
 @pytest.mark.parametrize("kind", ["block", "random", "none", "noise"])
@@ -64,21 +63,36 @@ def test_loss_uses_masked_patches_only(norm_pix):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_loss_matches_a_straightforward_reference():
-    """Reference: run the decoder on all tokens, predict every patch, average the error over masked patches."""
-    model, m, x = make(), masks("random"), torch.rand(2, 1, 32, 32, 32)
+@pytest.mark.parametrize("predict_ratio", [0.25, 1.0])
+def test_loss_matches_a_straightforward_reference(predict_ratio):
+    """Reference, one sample at a time: a query for every hidden token, explicit softmax attention over the visible
+    tokens, every hidden patch predicted, the error averaged over the predicted subset only."""
+    model, x = make(), torch.rand(2, 1, 32, 32, 32)
+    m = sample_mask(
+        MaskConfig(kind="random", predict_ratio=predict_ratio), 2, (4, 4, 4), torch.Generator().manual_seed(0), CPU
+    )
+    assert m.ids_pred.shape[1] == (16 if predict_ratio == 0.25 else 48)
+    dec, patches = model.decoder, model.patchify(x)
+    pos = dec.position_embeddings[0]
     with torch.no_grad():
         loss, _, _ = model(x, m)
-        dec = model.decoder
-        latent = model.encoder.forward_features(model.patchify(x), m.ids_keep)
-        full = dec.mask_token.repeat(2, 64, 1)
+        latent = model.encoder.forward_features(patches, m.ids_keep)
+        errors = []
         for b in range(2):
-            full[b, m.ids_keep[b]] = dec.embed(latent[b])
-        full = full + dec.position_embeddings
-        for blk in dec.blocks:
-            full = blk(full)
-        err = ((dec.head(dec.norm(full)) - model.patchify(x)) ** 2).mean(-1)  # (B, L)
-        ref = (err * m.mask).sum() / m.mask.sum()
+            hidden = m.mask[b].nonzero().flatten()
+            context = dec.embed(latent[b]) + pos[m.ids_keep[b]]  # (Lv, Dd)
+            q = dec.mask_token[0] + pos[hidden]  # (Lh, Dd)
+            for blk in dec.blocks:
+                heads = blk.attn.heads
+                qh = blk.attn.q(blk.norm1(q)).unflatten(-1, (heads, -1)).transpose(0, 1)  # (H, Lh, hd)
+                k, v = blk.attn.kv(blk.norm_context(context)).unflatten(-1, (2, heads, -1)).permute(1, 2, 0, 3)
+                attn = torch.softmax(qh @ k.transpose(1, 2) / qh.shape[-1] ** 0.5, dim=-1) @ v  # (H, Lh, hd)
+                q = q + blk.attn.out_proj(attn.transpose(0, 1).flatten(1))
+                q = q + blk.mlp(blk.norm2(q))
+            pred = dec.head(dec.norm(q))  # (Lh, p³)
+            picked = torch.isin(hidden, m.ids_pred[b])
+            errors.append(((pred[picked] - patches[b, hidden[picked]]) ** 2).mean(-1))
+        ref = torch.cat(errors).mean()
     assert torch.allclose(loss, ref, atol=1e-6)
 
 

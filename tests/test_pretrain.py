@@ -35,18 +35,25 @@ def every_step(tmp_path) -> Path:
 
 def test_pretrain_on_sample_data_writes_the_run_folder(tmp_path, every_step):
     out = tmp_path / "run"
-    result = run("--out", out, "--steps", "6", "--cache-dir", tmp_path / "cache", "--config", every_step, *FAST)
+    args = ["--steps", "6", "--cache-dir", tmp_path / "cache", "--config", every_step, "--predict-ratio", "0.5"]
+    result = run("--out", out, *args, *FAST)
     assert result.exit_code == 0, result.output
     assert "pretraining summary" in result.output
     cfg = (out / "config.yaml").read_text()
-    assert "steps: 6" in cfg and "size: tiny" in cfg and "device: cpu" in cfg and "precision: fp32" in cfg
+    assert (
+        "predict_ratio: 0.5" in cfg
+        and "steps: 6" in cfg
+        and "size: tiny" in cfg
+        and "device: cpu" in cfg
+        and "precision: fp32" in cfg
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all({"step", "loss", "lr", "seconds"} <= set(r) and np.isfinite(r["loss"]) for r in rows)
     assert (out / "checkpoints" / "last.pt").is_file() and (out / "checkpoints" / "step_0000004.pt").is_file()
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert state["step"] == 6 and state["config"].model.size == "tiny"
-    assert {"model", "optimizer", "scheduler", "scaler", "rng"} <= set(state)
+    assert {"model", "optimizer", "scaler", "rng"} <= set(state)
     assert "checkpoint written to" in (out / "train.log").read_text()
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1  # one preprocessed volume, cached
 
@@ -115,6 +122,8 @@ def test_no_usable_input_exits_1_with_one_line(tmp_path, make):
 def test_usage_errors_exit_2(tmp_path):
     result = run("--out", tmp_path / "run", "--mask", "blobs", *FAST)
     assert result.exit_code == 2 and "blobs" in result.output
+    zero = run("--out", tmp_path / "run", "--predict-ratio", "0", *FAST)
+    assert zero.exit_code == 2 and "predict_ratio must be in (0, 1], got 0.0" in zero.output
     needs_out = run(str(SAMPLE / "ct"), "--steps", "1")
     assert needs_out.exit_code == 2 and "--out RUN_DIR is required" in needs_out.output
 

@@ -105,6 +105,10 @@ def pretrain(
     mask: Annotated[Optional[str], typer.Option(help=f"Corruption: {'|'.join(MASK_KINDS)} (default: block)")] = None,
     mask_ratio: Annotated[Optional[float], typer.Option(help="Share of patches hidden (default: 0.75)")] = None,
     block: Annotated[Optional[int], typer.Option(help="Block edge in patches for --mask block (default: 2)")] = None,
+    predict_ratio: Annotated[
+        Optional[float],
+        typer.Option(help="Share of all tokens the loss covers each step, drawn from the hidden ones (default: 0.25)"),
+    ] = None,
     noise_std: Annotated[Optional[float], typer.Option(help="Noise std for --mask noise (default: 0.1)")] = None,
     spacing: Annotated[Optional[float], typer.Option(help="Isotropic target spacing in mm (default: 1.5)")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimiser steps (default: 1000)")] = None,
@@ -160,7 +164,13 @@ def pretrain(
                         "cache_dir": str(cache_dir) if cache_dir else None,
                         "spacing": (spacing,) * 3 if spacing else None,
                     },
-                    mask={"kind": mask, "ratio": mask_ratio, "block": block, "noise_std": noise_std},
+                    mask={
+                        "kind": mask,
+                        "ratio": mask_ratio,
+                        "block": block,
+                        "predict_ratio": predict_ratio,
+                        "noise_std": noise_std,
+                    },
                     train={
                         "steps": steps,
                         "epochs": epochs,
