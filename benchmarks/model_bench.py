@@ -22,7 +22,8 @@ import torch
 
 from benchmarks.common import Figure, Row, Target, interleaved, matmul_flops, progress
 from benchmarks.step_vs_monai import ctmae_step, flops, monai_step
-from ctmae.config import ModelConfig, RunConfig
+from ctmae.config import MaskConfig, ModelConfig, RunConfig
+from ctmae.masking import num_predicted
 
 REPO = Path(__file__).resolve().parent.parent
 STEP_TARGETS = {96: Target(">=", 1.5, "≥ 1.5×"), 160: Target(">=", 1.75, "≥ 1.75×")}
@@ -69,6 +70,7 @@ def step_rows(size: str, crop: int, patch: int, batch: int, ratio: float, repeat
     a, b = Figure(times["ctmae"], "s"), Figure(times["monai"], "s")
     speed = b.median / a.median
     tokens = (crop // patch) ** 3
+    m_pred = num_predicted(MaskConfig(ratio=ratio), tokens) / tokens
     step_row = Row(
         f"Training step, {crop}³, batch {batch}",
         a.fmt(),
@@ -76,7 +78,10 @@ def step_rows(size: str, crop: int, patch: int, batch: int, ratio: float, repeat
         speed,
         STEP_TARGETS.get(crop),
         notes=f"{size} preset (dim {m.dim}, depth {m.depth}, decoder {m.dec_dim}×{m.dec_depth}), patch {patch} "
-        f"({tokens} tokens), {ratio:.0%} masking (block for ctmae, random patches for MONAI), AdamW, fp32. "
+        f"({tokens} tokens), {ratio:.0%} masking (block for ctmae, random patches for MONAI), fp32, each side's "
+        f"training step: ctmae's as `ctmae pretrain` runs it (CrossMAE decoder, loss on a random "
+        f"{m_pred:.0%} of the tokens, fused AdamW stepped inside backward), MONAI's model in the usual loop (decoder "
+        f"and loss over every token, fused AdamW after backward). "
         f"FLOPs per step (torch.utils.flop_counter): ctmae {gflop['ctmae']:.1f} GFLOP, MONAI "
         f"{gflop['monai']:.1f} GFLOP ({gflop['monai'] / gflop['ctmae']:.2f}× ctmae's). "
         f"Ratio = MONAI median ÷ ctmae median step time.{note}",
@@ -135,9 +140,10 @@ def memory_row(size: str, crop: int, patch: int, batch: int, ratio: float, repea
         b.fmt(digits=4),
         a.median / b.median,
         MEMORY_TARGET,
-        notes=f"{size} preset. Each model in its own process: peak RSS (VmHWM, reset to the current RSS right "
-        f"after the imports) after 2 AdamW training steps minus VmRSS right after the imports, so "
-        f"weights, gradients, optimizer state, inputs and activations count. Not `ru_maxrss`: Linux "
+        notes=f"{size} preset, each side's training step as in the step rows. Each model in its own process: peak "
+        f"RSS (VmHWM, reset to the current RSS right after the imports) after 2 training steps minus VmRSS right "
+        f"after the imports, so weights, gradients, optimizer state, inputs, activations and the allocator's "
+        f"retained memory count. Not `ru_maxrss`: Linux "
         f"carries that over from the parent across fork + exec, so every child reported at least the "
         f"parent benchmark's own size. Ratio = ctmae ÷ MONAI.",
     )
