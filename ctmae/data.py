@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from ctmae.config import DataConfig
 from ctmae.inputs import VolumeSource
 from ctmae.io import CTReader, InputError
+from ctmae.resample import resample_to_grid
 
 CACHE_VERSION = 1  # bump when the preprocessing code changes what it produces
 BODY_HU = -500.0  # voxels above this HU count as foreground (body) for the foreground crop
@@ -67,20 +68,34 @@ def preprocess_transforms(cfg: DataConfig, label: bool = False, pad: bool = True
     nearest-neighbour resampling, so image and label stay aligned. Every step is invertible (``Compose.inverse``),
     which brings results back to the source geometry. ``pad=False`` leaves out the final padding to the crop size.
     """
-    lo, hi = cfg.hu_window
-    body = min(max((BODY_HU - lo) / (hi - lo), 0.0), 0.99)  # the body threshold in scaled units
     keys = ["image", "label"] if label else ["image"]
     return Compose(
         [
             LoadCTd(keys),
             EnsureChannelFirstd(keys, channel_dim="no_channel"),
-            Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-            Spacingd(keys, pixdim=cfg.spacing, mode=["bilinear", "nearest"][: len(keys)], dtype=torch.float32),
-            ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
-            CropForegroundd(keys, source_key="image", select_fn=functools.partial(torch.gt, other=body)),
+            *_ras_grid(keys, cfg),
+            *_window_and_crop(keys, cfg),
             *([SpatialPadd(keys, spatial_size=(cfg.crop,) * 3, value=0.0)] if pad else []),
         ]
     )
+
+
+def _ras_grid(keys: list[str], cfg: DataConfig, lazy: bool = False) -> list[MapTransform]:
+    """Orientation to RAS, then resampling to ``cfg.spacing`` (bilinear for the image, nearest for a label)."""
+    return [
+        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), lazy=lazy),
+        Spacingd(keys, pixdim=cfg.spacing, mode=["bilinear", "nearest"][: len(keys)], dtype=torch.float32, lazy=lazy),
+    ]
+
+
+def _window_and_crop(keys: list[str], cfg: DataConfig) -> list[MapTransform]:
+    """HU window scaled to 0..1, then the crop to the body (voxels above ``BODY_HU``) of the image."""
+    lo, hi = cfg.hu_window
+    body = min(max((BODY_HU - lo) / (hi - lo), 0.0), 0.99)  # the body threshold in scaled units
+    return [
+        ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
+        CropForegroundd(keys, source_key="image", select_fn=functools.partial(torch.gt, other=body)),
+    ]
 
 
 class VolumeCache:
@@ -93,7 +108,9 @@ class VolumeCache:
 
     def __init__(self, cfg: DataConfig, min_edge: int = 1) -> None:
         self.dir = Path(cfg.cache_dir)
-        self.transform = preprocess_transforms(cfg, pad=False)
+        self.reader = CTReader()
+        self.grid = Compose(_ras_grid(["image"], cfg, lazy=True))
+        self.window = Compose(_window_and_crop(["image"], cfg))
         self.pad = SpatialPadd("image", spatial_size=(cfg.crop,) * 3, value=0.0)
         self.min_edge = min_edge
         settings = dict(v=CACHE_VERSION, spacing=cfg.spacing, window=cfg.hu_window, crop=cfg.crop)
@@ -127,13 +144,13 @@ class VolumeCache:
         return np.load(self.ensure(source), mmap_mode="r")
 
     def _preprocess(self, source: VolumeSource):
+        """``preprocess_transforms`` (without padding), with its resampling done by SimpleITK (ctmae.resample)."""
+        image = self.reader.read(list(source.files))
         try:
-            image = self.transform({"image": list(source.files)})["image"]
-        except Exception as e:  # MONAI wraps reader errors in RuntimeError chains; report the root cause
+            image = self.window({"image": resample_to_grid(image, self.grid)})["image"]
+        except Exception as e:  # MONAI wraps errors in RuntimeError chains; report the root cause
             while e.__cause__ is not None:
                 e = e.__cause__
-            if isinstance(e, InputError):
-                raise e from None
             raise InputError(f"{source.files[0]}: could not preprocess: {str(e).splitlines()[0]}") from None
         if min(image.shape[1:]) < self.min_edge:
             shape = "x".join(str(n) for n in image.shape[1:])
