@@ -109,7 +109,7 @@ class VolumeCache:
     def __init__(self, cfg: DataConfig, min_edge: int = 1) -> None:
         self.dir = Path(cfg.cache_dir)
         self.reader = CTReader()
-        self.grid = Compose(_ras_grid(["image"], cfg, lazy=True))
+        self.grid = _ras_grid(["image"], cfg, lazy=True)
         self.window = Compose(_window_and_crop(["image"], cfg))
         self.pad = SpatialPadd("image", spatial_size=(cfg.crop,) * 3, value=0.0)
         self.min_edge = min_edge

@@ -9,30 +9,35 @@ interpolate linearly between voxel centres, and the nearest-neighbour extrapolat
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
+from monai.transforms import MapTransform
 
 from ctmae.io import itk_grid, ras_affine
 
 
-def resample_to_grid(image: sitk.Image, geometry: Callable[[dict], dict]) -> MetaTensor:
-    """Resample a 3D scalar image onto the grid that ``geometry`` would produce.
+def resample_to_grid(image: sitk.Image, steps: Sequence[MapTransform]) -> MetaTensor:
+    """Resample a 3D scalar image onto the grid that ``steps`` would produce.
 
     Args:
         image: a checked volume from ``CTReader.read``.
-        geometry: lazy MONAI dictionary transforms on key "image" (e.g. Orientationd → Spacingd with ``lazy=True``),
-            applied to a stand-in of the image's shape and affine to find the output grid.
+        steps: MONAI dictionary transforms on key "image" built with ``lazy=True`` (e.g. Orientationd, Spacingd),
+            applied one by one to a stand-in of the image's shape and affine to find the output grid. Not a
+            ``Compose``: it would carry out the pending operations at its end.
 
     Returns:
         MetaTensor (1, X, Y, Z) float32 whose ``affine`` is the output grid's RAS affine.
     """
     size = tuple(image.GetSize())  # (X, Y, Z)
     stand_in = MetaTensor(torch.zeros(()).expand(1, *size), affine=torch.as_tensor(ras_affine(image)))  # no memory
-    planned = geometry({"image": stand_in})["image"]
+    planned = {"image": stand_in}
+    for step in steps:
+        planned = step(planned)
+    planned = planned["image"]
     affine = planned.peek_pending_affine().to(torch.float64)
     shape = [int(n) for n in planned.peek_pending_shape()]  # (X, Y, Z)
     origin, spacing, direction = itk_grid(affine.numpy())
