@@ -29,8 +29,10 @@ from monai.transforms import (
     Orientationd,
     ScaleIntensityRanged,
     Spacingd,
+    SpatialCrop,
     SpatialPadd,
 )
+from monai.transforms.utils import generate_spatial_bounding_box
 from torch.utils.data import DataLoader, Dataset
 
 from ctmae.config import DataConfig
@@ -68,13 +70,15 @@ def preprocess_transforms(cfg: DataConfig, label: bool = False, pad: bool = True
     nearest-neighbour resampling, so image and label stay aligned. Every step is invertible (``Compose.inverse``),
     which brings results back to the source geometry. ``pad=False`` leaves out the final padding to the crop size.
     """
+    lo, hi = cfg.hu_window
     keys = ["image", "label"] if label else ["image"]
     return Compose(
         [
             LoadCTd(keys),
             EnsureChannelFirstd(keys, channel_dim="no_channel"),
             *_ras_grid(keys, cfg),
-            *_window_and_crop(keys, cfg),
+            ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
+            CropForegroundd(keys, source_key="image", select_fn=functools.partial(torch.gt, other=_body(cfg))),
             *([SpatialPadd(keys, spatial_size=(cfg.crop,) * 3, value=0.0)] if pad else []),
         ]
     )
@@ -88,14 +92,10 @@ def _ras_grid(keys: list[str], cfg: DataConfig, lazy: bool = False) -> list[MapT
     ]
 
 
-def _window_and_crop(keys: list[str], cfg: DataConfig) -> list[MapTransform]:
-    """HU window scaled to 0..1, then the crop to the body (voxels above ``BODY_HU``) of the image."""
+def _body(cfg: DataConfig) -> float:
+    """The foreground (body) threshold ``BODY_HU`` in HU-window units (0..1)."""
     lo, hi = cfg.hu_window
-    body = min(max((BODY_HU - lo) / (hi - lo), 0.0), 0.99)  # the body threshold in scaled units
-    return [
-        ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
-        CropForegroundd(keys, source_key="image", select_fn=functools.partial(torch.gt, other=body)),
-    ]
+    return min(max((BODY_HU - lo) / (hi - lo), 0.0), 0.99)
 
 
 class VolumeCache:
@@ -110,7 +110,8 @@ class VolumeCache:
         self.dir = Path(cfg.cache_dir)
         self.reader = CTReader()
         self.grid = _ras_grid(["image"], cfg, lazy=True)
-        self.window = Compose(_window_and_crop(["image"], cfg))
+        self.window = cfg.hu_window
+        self.body = _body(cfg)
         self.pad = SpatialPadd("image", spatial_size=(cfg.crop,) * 3, value=0.0)
         self.min_edge = min_edge
         settings = dict(v=CACHE_VERSION, spacing=cfg.spacing, window=cfg.hu_window, crop=cfg.crop)
@@ -127,7 +128,7 @@ class VolumeCache:
             return npy
         image = self._preprocess(source)
         self.dir.mkdir(parents=True, exist_ok=True)
-        array = image.numpy()[0].astype(np.float32, copy=False)  # (X, Y, Z)
+        array = np.ascontiguousarray(image.numpy()[0])  # (1, X, Y, Z) -> (X, Y, Z), C order
         _atomic_write(npy, lambda f: np.save(f, array))
         meta = {
             "affine": image.affine.tolist(),
@@ -144,14 +145,21 @@ class VolumeCache:
         return np.load(self.ensure(source), mmap_mode="r")
 
     def _preprocess(self, source: VolumeSource):
-        """``preprocess_transforms`` (without padding), with its resampling done by SimpleITK (ctmae.resample)."""
+        """What ``preprocess_transforms(cfg)`` gives, built faster (the cache test checks that they agree).
+
+        SimpleITK resamples onto the grid MONAI's Orientationd → Spacingd plan (``ctmae.resample``); the HU window is
+        ScaleIntensityRanged's formula applied in place (its out-of-place passes take 5x longer); the body's box
+        comes from MONAI's ``generate_spatial_bounding_box`` on a NumPy view (10x faster than on a torch tensor).
+        """
         image = self.reader.read(list(source.files))
         try:
-            image = self.window({"image": resample_to_grid(image, self.grid)})["image"]
-        except Exception as e:  # MONAI wraps errors in RuntimeError chains; report the root cause
-            while e.__cause__ is not None:
-                e = e.__cause__
+            image = resample_to_grid(image, self.grid)  # (1, X, Y, Z) float32 HU
+        except RuntimeError as e:
             raise InputError(f"{source.files[0]}: could not preprocess: {str(e).splitlines()[0]}") from None
+        lo, hi = self.window
+        image.as_tensor().sub_(lo).div_(hi - lo).clamp_(0.0, 1.0)
+        start, end = generate_spatial_bounding_box(image.numpy(), lambda v: v > self.body)
+        image = SpatialCrop(roi_start=start, roi_end=end)(image)
         if min(image.shape[1:]) < self.min_edge:
             shape = "x".join(str(n) for n in image.shape[1:])
             raise InputError(

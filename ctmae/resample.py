@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
@@ -53,5 +52,5 @@ def resample_to_grid(image: sitk.Image, steps: Sequence[MapTransform]) -> MetaTe
         sitk.sitkFloat32,
         True,  # useNearestNeighborExtrapolator: Spacingd's padding_mode="border"
     )
-    array = sitk.GetArrayFromImage(resampled).transpose(2, 1, 0)  # (Z, Y, X) -> (X, Y, Z), a view
-    return MetaTensor(torch.from_numpy(np.ascontiguousarray(array))[None], affine=affine)  # (1, X, Y, Z)
+    array = sitk.GetArrayFromImage(resampled).transpose(2, 1, 0)  # (Z, Y, X) -> (X, Y, Z), a view in Fortran order
+    return MetaTensor(torch.from_numpy(array)[None], affine=affine)  # (1, X, Y, Z)
