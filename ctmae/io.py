@@ -86,13 +86,14 @@ def _read_nifti(path: str) -> sitk.Image:
         klass = nib.Nifti2Image if data[:4] in _NIFTI2_SIZEOF_HDR else nib.Nifti1Image
         array = np.asanyarray(klass.from_bytes(data).dataobj)  # (X, Y, Z), Fortran order: ITK's (Z, Y, X) buffer
         array = array.astype(array.dtype.newbyteorder("="), copy=False)  # SimpleITK takes native byte order only
+        array = array.reshape(size, order="F")  # drops trailing length-1 axes that ITK's size leaves out
     except (EOFError, zlib.error, gzip.BadGzipFile):
         raise InputError(f"{path}: truncated or corrupt gzip data") from None
     except OSError:  # nibabel: "Expected N bytes, got M bytes from object"
         raise InputError(f"{path}: truncated file (voxel data incomplete)") from None
     except (ImageFileError, HeaderDataError, ValueError):
         raise InputError(f"{path}: not a readable image (unknown format or corrupt header)") from None
-    image = sitk.GetImageFromArray(array.reshape(size, order="F").T)  # (X, Y, Z) -> ITK's (Z, Y, X), a view
+    image = sitk.GetImageFromArray(array.T)  # (X, Y, Z) -> ITK's (Z, Y, X): a C-order view, which SimpleITK copies
     image.SetSpacing(header.GetSpacing())
     image.SetOrigin(header.GetOrigin())
     image.SetDirection(header.GetDirection())
