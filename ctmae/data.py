@@ -1,7 +1,8 @@
 """Preprocessing (MONAI dictionary transforms), the on-disk volume cache, and the seeded stream of training crops.
 
 The deterministic part — load, orientation to RAS, resampling, HU window, foreground crop, padding to the crop
-size — runs once per volume and is cached as an uncompressed float32 ``.npy`` (read back memory-mapped). Random
+size — runs once per volume and is cached as an uncompressed float32 ``.npy`` (read back memory-mapped). The cache
+computes what ``preprocess_transforms`` gives with SimpleITK doing the resampling, several times faster. Random
 crops are drawn from the cache: volume visit ``v`` of the endless schedule is epoch ``v // V``, slot ``v % V`` of
 that epoch's seeded permutation, and its crops come from a generator seeded by ``(seed, v)``. Any step's data is
 thus a pure function of the seed, which makes ``--resume`` exact without saving loader state.
