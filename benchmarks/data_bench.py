@@ -78,8 +78,11 @@ def first_pass(name: str, source: VolumeSource, cfg: DataConfig, repeats: int, s
         b.fmt(),
         ratio,
         FIRST_PASS_TARGET,
-        notes=f"ctmae: `VolumeCache.ensure` on a fresh cache folder (read, RAS, resample to {cfg.spacing} mm, "
-        f"HU window, foreground crop, pad, write .npy + CRC). MONAI: LoadImaged ({reader}) → "
+        notes=f"ctmae: `VolumeCache.ensure` on a fresh cache folder: read (a NIfTI is decompressed once, by "
+        f"nibabel, with SimpleITK's header for geometry; DICOM through SimpleITK/GDCM), then SimpleITK resamples "
+        f"the stored int16 straight to float32 on the RAS {cfg.spacing} mm grid that MONAI's Orientationd → "
+        f"Spacingd plan lazily (equal to `preprocess_transforms` within 1e-4), HU window in place, foreground "
+        f"crop, pad, write .npy + CRC. MONAI: LoadImaged ({reader}) → "
         f"Orientationd → Spacingd → ScaleIntensityRanged, output {shape}. Ratio = ctmae / MONAI time.",
     )
 

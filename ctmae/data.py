@@ -1,7 +1,8 @@
 """Preprocessing (MONAI dictionary transforms), the on-disk volume cache, and the seeded stream of training crops.
 
 The deterministic part — load, orientation to RAS, resampling, HU window, foreground crop, padding to the crop
-size — runs once per volume and is cached as an uncompressed float32 ``.npy`` (read back memory-mapped). Random
+size — runs once per volume and is cached as an uncompressed float32 ``.npy`` (read back memory-mapped). The cache
+computes what ``preprocess_transforms`` gives with SimpleITK doing the resampling, several times faster. Random
 crops are drawn from the cache: volume visit ``v`` of the endless schedule is epoch ``v // V``, slot ``v % V`` of
 that epoch's seeded permutation, and its crops come from a generator seeded by ``(seed, v)``. Any step's data is
 thus a pure function of the seed, which makes ``--resume`` exact without saving loader state.
@@ -29,13 +30,16 @@ from monai.transforms import (
     Orientationd,
     ScaleIntensityRanged,
     Spacingd,
+    SpatialCrop,
     SpatialPadd,
 )
+from monai.transforms.utils import generate_spatial_bounding_box
 from torch.utils.data import DataLoader, Dataset
 
 from ctmae.config import DataConfig
 from ctmae.inputs import VolumeSource
 from ctmae.io import CTReader, InputError
+from ctmae.resample import resample_to_grid
 
 CACHE_VERSION = 1  # bump when the preprocessing code changes what it produces
 BODY_HU = -500.0  # voxels above this HU count as foreground (body) for the foreground crop
@@ -68,19 +72,31 @@ def preprocess_transforms(cfg: DataConfig, label: bool = False, pad: bool = True
     which brings results back to the source geometry. ``pad=False`` leaves out the final padding to the crop size.
     """
     lo, hi = cfg.hu_window
-    body = min(max((BODY_HU - lo) / (hi - lo), 0.0), 0.99)  # the body threshold in scaled units
     keys = ["image", "label"] if label else ["image"]
     return Compose(
         [
             LoadCTd(keys),
             EnsureChannelFirstd(keys, channel_dim="no_channel"),
-            Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-            Spacingd(keys, pixdim=cfg.spacing, mode=["bilinear", "nearest"][: len(keys)], dtype=torch.float32),
+            *_ras_grid(keys, cfg),
             ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
-            CropForegroundd(keys, source_key="image", select_fn=functools.partial(torch.gt, other=body)),
+            CropForegroundd(keys, source_key="image", select_fn=functools.partial(torch.gt, other=_body(cfg))),
             *([SpatialPadd(keys, spatial_size=(cfg.crop,) * 3, value=0.0)] if pad else []),
         ]
     )
+
+
+def _ras_grid(keys: list[str], cfg: DataConfig, lazy: bool = False) -> list[MapTransform]:
+    """Orientation to RAS, then resampling to ``cfg.spacing`` (bilinear for the image, nearest for a label)."""
+    return [
+        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), lazy=lazy),
+        Spacingd(keys, pixdim=cfg.spacing, mode=["bilinear", "nearest"][: len(keys)], dtype=torch.float32, lazy=lazy),
+    ]
+
+
+def _body(cfg: DataConfig) -> float:
+    """The foreground (body) threshold ``BODY_HU`` in HU-window units (0..1)."""
+    lo, hi = cfg.hu_window
+    return min(max((BODY_HU - lo) / (hi - lo), 0.0), 0.99)
 
 
 class VolumeCache:
@@ -93,7 +109,10 @@ class VolumeCache:
 
     def __init__(self, cfg: DataConfig, min_edge: int = 1) -> None:
         self.dir = Path(cfg.cache_dir)
-        self.transform = preprocess_transforms(cfg, pad=False)
+        self.reader = CTReader()
+        self.grid = _ras_grid(["image"], cfg, lazy=True)
+        self.window = cfg.hu_window
+        self.body = _body(cfg)
         self.pad = SpatialPadd("image", spatial_size=(cfg.crop,) * 3, value=0.0)
         self.min_edge = min_edge
         settings = dict(v=CACHE_VERSION, spacing=cfg.spacing, window=cfg.hu_window, crop=cfg.crop)
@@ -110,7 +129,7 @@ class VolumeCache:
             return npy
         image = self._preprocess(source)
         self.dir.mkdir(parents=True, exist_ok=True)
-        array = image.numpy()[0].astype(np.float32, copy=False)  # (X, Y, Z)
+        array = np.ascontiguousarray(image.numpy()[0])  # (1, X, Y, Z) -> (X, Y, Z), C order
         _atomic_write(npy, lambda f: np.save(f, array))
         meta = {
             "affine": image.affine.tolist(),
@@ -127,14 +146,21 @@ class VolumeCache:
         return np.load(self.ensure(source), mmap_mode="r")
 
     def _preprocess(self, source: VolumeSource):
+        """What ``preprocess_transforms(cfg)`` gives, built faster (the cache test checks that they agree).
+
+        SimpleITK resamples onto the grid MONAI's Orientationd → Spacingd plan (``ctmae.resample``); the HU window is
+        ScaleIntensityRanged's formula applied in place (its out-of-place passes take 5x longer); the body's box
+        comes from MONAI's ``generate_spatial_bounding_box`` on a NumPy view (10x faster than on a torch tensor).
+        """
+        image = self.reader.read(list(source.files))
         try:
-            image = self.transform({"image": list(source.files)})["image"]
-        except Exception as e:  # MONAI wraps reader errors in RuntimeError chains; report the root cause
-            while e.__cause__ is not None:
-                e = e.__cause__
-            if isinstance(e, InputError):
-                raise e from None
+            image = resample_to_grid(image, self.grid)  # (1, X, Y, Z) float32 HU
+        except RuntimeError as e:
             raise InputError(f"{source.files[0]}: could not preprocess: {str(e).splitlines()[0]}") from None
+        lo, hi = self.window
+        image.as_tensor().sub_(lo).div_(hi - lo).clamp_(0.0, 1.0)
+        start, end = generate_spatial_bounding_box(image.numpy(), lambda v: v > self.body)
+        image = SpatialCrop(roi_start=start, roi_end=end)(image)
         if min(image.shape[1:]) < self.min_edge:
             shape = "x".join(str(n) for n in image.shape[1:])
             raise InputError(

@@ -31,7 +31,7 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # CTReader.read stores the name it was given on the image, so get_data can report "filename_or_obj".
 _FILENAME_KEY = "ctmae_filename"
-_SCAN_CHUNK = 1 << 22
+_NIFTI2_SIZEOF_HDR = (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")  # 540, little- or big-endian
 
 
 class InputError(Exception):
@@ -60,33 +60,44 @@ def condense_sitk_error(error: RuntimeError) -> str:
     return "truncated or corrupt image data"
 
 
-def _nifti_problem(path: str) -> str | None:
-    """Scan a NIfTI file's voxel bytes for what ITK's NIfTI reader hides: it reads a truncated file with zeros for
-    the missing voxels and silently replaces NaN/inf by 0.
+def _read_nifti(path: str) -> sitk.Image:
+    """Read a NIfTI file, decompressing it once: geometry from SimpleITK's header reader, voxels from nibabel.
 
-    Returns:
-        A short reason, or None; also None when nibabel cannot parse the header (SimpleITK then gives the reason).
+    SimpleITK reads a truncated file with zeros for the missing voxels and silently replaces NaN/inf by 0, so the
+    voxels come from nibabel, which refuses a short file and keeps non-finite values for ``_read_image`` to count.
+    The header is still ITK's, so geometry (its sform/qform choice) and shape checks match every other format.
+
+    Raises:
+        InputError: the header is unreadable, the image is not a scalar 3D volume, or the voxel data is incomplete.
+        RuntimeError: SimpleITK's header error, for ``condense_sitk_error``.
     """
+    header = sitk.ImageFileReader()
+    header.SetFileName(path)
+    header.ReadImageInformation()
+    size = header.GetSize()
+    problem = shape_problem(size, header.GetNumberOfComponents())
+    if problem:
+        raise InputError(f"{path}: {problem}")
     try:
-        image = nib.load(path)
-    except (ImageFileError, HeaderDataError, OSError, ValueError, EOFError, zlib.error):
-        return None
-    dtype = image.header.get_data_dtype()
-    remaining = int(np.prod(image.shape)) * dtype.itemsize
-    nonfinite = 0
-    try:
-        with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
-            f.seek(image.dataobj.offset)
-            while remaining > 0:
-                chunk = f.read(min(_SCAN_CHUNK, remaining))  # a multiple of every itemsize, so values stay whole
-                if not chunk:
-                    return "truncated file (voxel data incomplete)"
-                remaining -= len(chunk)
-                if dtype.kind == "f":
-                    nonfinite += int(np.count_nonzero(~np.isfinite(np.frombuffer(chunk, dtype))))
+        with open(path, "rb") as f:
+            data = f.read()
+        if path.lower().endswith(".gz"):
+            data = gzip.decompress(data)
+        klass = nib.Nifti2Image if data[:4] in _NIFTI2_SIZEOF_HDR else nib.Nifti1Image
+        array = np.asanyarray(klass.from_bytes(data).dataobj)  # (X, Y, Z), Fortran order: ITK's (Z, Y, X) buffer
+        array = array.astype(array.dtype.newbyteorder("="), copy=False)  # SimpleITK takes native byte order only
+        array = array.reshape(size, order="F")  # drops trailing length-1 axes that ITK's size leaves out
     except (EOFError, zlib.error, gzip.BadGzipFile):
-        return "truncated or corrupt gzip data"
-    return f"{nonfinite} non-finite voxel values (NaN/inf)" if nonfinite else None
+        raise InputError(f"{path}: truncated or corrupt gzip data") from None
+    except OSError:  # nibabel: "Expected N bytes, got M bytes from object"
+        raise InputError(f"{path}: truncated file (voxel data incomplete)") from None
+    except (ImageFileError, HeaderDataError, ValueError):
+        raise InputError(f"{path}: not a readable image (unknown format or corrupt header)") from None
+    image = sitk.GetImageFromArray(array.T)  # (X, Y, Z) -> ITK's (Z, Y, X): a C-order view, which SimpleITK copies
+    image.SetSpacing(header.GetSpacing())
+    image.SetOrigin(header.GetOrigin())
+    image.SetDirection(header.GetDirection())
+    return image
 
 
 def _label(files: Sequence[str]) -> str:
@@ -106,33 +117,49 @@ def _read_image(files: Sequence[str]) -> sitk.Image:
         raise InputError(f"{missing}: does not exist")
     if len(files) == 1 and os.path.getsize(files[0]) == 0:
         raise InputError(f"{label}: empty file (0 bytes)")
-    problem = _nifti_problem(files[0]) if files[0].lower().endswith((".nii", ".nii.gz")) else None
-    image = None
+    problem = None
     try:
         with itk_warnings_off():
-            if not problem and len(files) > 1:
+            if len(files) > 1:
                 problem = series_geometry_problem(files)
-            if not problem:
-                image = read_series(files) if len(files) > 1 else sitk.ReadImage(files[0])
+                image = None if problem else read_series(files)
+            elif files[0].lower().endswith((".nii", ".nii.gz")):
+                image = _read_nifti(files[0])
+            else:
+                image = sitk.ReadImage(files[0])
     except RuntimeError as e:
         problem = condense_sitk_error(e)
-    if image is not None:
+    if not problem:
         problem = shape_problem(tuple(image.GetSize()), image.GetNumberOfComponentsPerPixel())
+    if not problem:
+        array = sitk.GetArrayViewFromImage(image)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            problem = f"{np.count_nonzero(~np.isfinite(array))} non-finite voxel values (NaN/inf)"
     if problem:
         raise InputError(f"{label}: {problem}")
     return image
 
 
-def _array_and_affine(image: sitk.Image, label: str) -> tuple[np.ndarray, np.ndarray]:
-    """(array (X, Y, Z) float32, RAS affine 4x4 float64) of a checked 3D scalar image."""
-    array = sitk.GetArrayViewFromImage(image)  # (Z, Y, X)
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise InputError(f"{label}: {np.count_nonzero(~np.isfinite(array))} non-finite voxel values (NaN/inf)")
-    array = np.ascontiguousarray(array.transpose(2, 1, 0), dtype=np.float32)  # (Z, Y, X) -> (X, Y, Z)
+def ras_affine(image: sitk.Image) -> np.ndarray:
+    """The 4x4 float64 affine mapping a 3D image's voxel index (i, j, k, 1) to RAS mm."""
     affine = np.eye(4)
     affine[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
     affine[:3, 3] = image.GetOrigin()
-    return array, _LPS_TO_RAS @ affine
+    return _LPS_TO_RAS @ affine
+
+
+def itk_grid(affine: np.ndarray) -> tuple[list[float], list[float], list[float]]:
+    """(origin, spacing, direction) in ITK's LPS terms of the grid whose RAS affine is ``affine`` (4x4)."""
+    lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)  # the flip is its own inverse
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    return lps[:3, 3].tolist(), spacing.tolist(), (lps[:3, :3] / spacing).ravel().tolist()
+
+
+def _array_and_affine(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """(array (X, Y, Z) float32, RAS affine 4x4 float64) of a checked 3D scalar image."""
+    array = sitk.GetArrayViewFromImage(image)  # (Z, Y, X)
+    array = np.ascontiguousarray(array.transpose(2, 1, 0), dtype=np.float32)  # (Z, Y, X) -> (X, Y, Z)
+    return array, ras_affine(image)
 
 
 def read_volume(source: VolumeSource) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +174,7 @@ def read_volume(source: VolumeSource) -> tuple[np.ndarray, np.ndarray]:
     Raises:
         InputError: one line naming the file and what is wrong.
     """
-    return _array_and_affine(_read_image(source.files), _label(source.files))
+    return _array_and_affine(_read_image(source.files))
 
 
 class CTReader(ImageReader):
@@ -184,13 +211,9 @@ class CTReader(ImageReader):
         return image
 
     def get_data(self, img: sitk.Image) -> tuple[np.ndarray, dict]:
-        """(array (X, Y, Z) float32, meta) with ITKReader's keys: affine, original_affine (RAS), spatial_shape, ...
-
-        Raises:
-            InputError: the volume holds NaN or infinite values.
-        """
+        """(array (X, Y, Z) float32, meta) with ITKReader's keys: affine, original_affine (RAS), spatial_shape, ..."""
         filename = img.GetMetaData(_FILENAME_KEY) if img.HasMetaDataKey(_FILENAME_KEY) else ""
-        array, affine = _array_and_affine(img, filename or "volume")
+        array, affine = _array_and_affine(img)
         meta = {
             MetaKeys.ORIGINAL_AFFINE: affine,
             MetaKeys.AFFINE: affine.copy(),

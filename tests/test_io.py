@@ -83,6 +83,34 @@ def test_write_nifti_round_trip_keeps_dtype_and_geometry(tmp_path, ct_array, dty
     np.testing.assert_allclose(read_affine, affine, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "dtype, slope, shape_4d",
+    [
+        ("<i2", None, False),
+        (">i2", None, False),
+        ("<u2", (1.0, -1024.0), False),
+        ("<f4", None, False),
+        ("<i2", (0.5, 3.0), False),
+        ("<i2", None, True),
+    ],
+    ids=["int16", "big-endian", "scaled-uint16", "float32", "scaled-int16", "4th-axis-of-1"],
+)
+def test_nifti_voxels_and_geometry_match_simpleitks_reading(tmp_path, ct_array, dtype, slope, shape_4d):
+    array = ct_array.astype(dtype)
+    if shape_4d:  # a 3D volume stored with a 4th axis of length 1, which ITK reads as 3D
+        array = array[..., None]
+    affine = np.array([[0.0, 0.0, -2.5, 40.0], [0.8, 0.0, 0.0, -20.0], [0.0, -0.7, 0.0, 60.0], [0, 0, 0, 1]])
+    image = nib.Nifti1Image(array, affine)
+    if slope is not None:
+        image.header.set_slope_inter(*slope)
+    path = tmp_path / "v.nii.gz"
+    nib.save(image, path)
+    ours, our_affine = read_volume(VolumeSource("v", (str(path),), False))
+    itk = sitk.ReadImage(str(path))
+    np.testing.assert_allclose(ours, sitk.GetArrayViewFromImage(itk).transpose(2, 1, 0).reshape(ours.shape), rtol=1e-6)
+    np.testing.assert_allclose(our_affine, CTReader().get_data(itk)[1]["affine"], atol=1e-6)
+
+
 def test_write_nifti_refuses_a_2d_array(tmp_path):
     with pytest.raises(ValueError, match="3D array"):
         write_nifti(np.zeros((4, 4)), np.eye(4), tmp_path / "x.nii.gz")
