@@ -75,6 +75,24 @@ def monai_mae(m, ratio: float) -> MaskedAutoEncoderViT:
     )
 
 
+def encoder_step(crop: int, patch: int, size: str, ratio: float):
+    """The encoder's share of a step, which both models pay: ctmae's ViT forward + backward over the visible tokens
+    of a block mask (no decoder, no optimizer). MONAI's step time ÷ this time bounds any speed-up at these sizes."""
+    cfg = RunConfig.from_dict(
+        {"model": {"size": size, "patch": patch}, "data": {"crop": crop}, "mask": {"ratio": ratio}}
+    )
+    model = MaskedAutoencoder3D(cfg.model)
+    gen = torch.Generator().manual_seed(0)
+    grid = (crop // patch,) * 3
+
+    def step(x: torch.Tensor) -> None:
+        mask = sample_mask(cfg.mask, x.shape[0], grid, gen, x.device)
+        model.encoder.forward_features(model.patchify(x), mask.ids_keep).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
 def monai_update(model: torch.nn.Module) -> Callable[[torch.Tensor], None]:
     """The usual loop's ``update(loss)`` for MONAI's model: backward, fused AdamW step, gradients freed."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
