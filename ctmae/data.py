@@ -129,13 +129,17 @@ class VolumeCache:
             return npy
         image = self._preprocess(source)
         self.dir.mkdir(parents=True, exist_ok=True)
-        array = np.ascontiguousarray(image.numpy()[0])  # (1, X, Y, Z) -> (X, Y, Z), C order
+        # (1, X, Y, Z) -> (X, Y, Z) in Fortran order, SimpleITK's own layout: a block copy of the body box, no transpose
+        array = np.asfortranarray(image.numpy()[0])
         _atomic_write(npy, lambda f: np.save(f, array))
+        size = npy.stat().st_size
+        with open(npy, "rb") as f:
+            header = f.read(size - array.nbytes)
         meta = {
             "affine": image.affine.tolist(),
             "shape": list(array.shape),
-            "bytes": npy.stat().st_size,
-            "crc32": _crc32(npy),
+            "bytes": size,
+            "crc32": zlib.crc32(memoryview(array.T).cast("B"), zlib.crc32(header)),  # the file's bytes, from memory
         }
         _atomic_write(npy.with_suffix(".json"), lambda f: f.write(json.dumps(meta).encode()))
         self._verified.add(npy.name)
@@ -188,12 +192,12 @@ class VolumeCache:
 
 
 def _atomic_write(path: Path, write) -> None:
+    """Write to a temporary name, then rename. No fsync: every read checks the size (and once per process the
+    CRC-32), so an entry that a crash left incomplete is rebuilt, never used."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
