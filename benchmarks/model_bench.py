@@ -86,7 +86,8 @@ def step_rows(size: str, crop: int, patch: int, batch: int, ratio: float, repeat
         f"FLOPs per step (torch.utils.flop_counter): ctmae {gflop['ctmae']:.1f} GFLOP, MONAI "
         f"{gflop['monai']:.1f} GFLOP ({gflop['monai'] / gflop['ctmae']:.2f}× ctmae's). "
         f"Ratio = MONAI median ÷ ctmae median step time. Ceiling: the encoder alone (forward + backward over the "
-        f"visible tokens, no decoder or optimizer; the same ViT in both models) is {gflop['encoder']:.1f} GFLOP "
+        f"visible tokens, gradients dropped as they complete, no decoder or optimizer; the same ViT in both "
+        f"models) is {gflop['encoder']:.1f} GFLOP "
         f"and {enc.fmt()}, so no implementation of this encoder beats MONAI's step by more than "
         f"{b.median / enc.median:.2f}× here.{note}",
     )

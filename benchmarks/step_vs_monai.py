@@ -77,18 +77,20 @@ def monai_mae(m, ratio: float) -> MaskedAutoEncoderViT:
 
 def encoder_step(crop: int, patch: int, size: str, ratio: float):
     """The encoder's share of a step, which both models pay: ctmae's ViT forward + backward over the visible tokens
-    of a block mask (no decoder, no optimizer). MONAI's step time ÷ this time bounds any speed-up at these sizes."""
+    of a block mask, each gradient dropped as soon as it is complete (as ctmae's update frees it), no decoder and no
+    optimizer. MONAI's step time ÷ this time bounds any speed-up at these sizes."""
     cfg = RunConfig.from_dict(
         {"model": {"size": size, "patch": patch}, "data": {"crop": crop}, "mask": {"ratio": ratio}}
     )
     model = MaskedAutoencoder3D(cfg.model)
+    for p in model.encoder.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     gen = torch.Generator().manual_seed(0)
     grid = (crop // patch,) * 3
 
     def step(x: torch.Tensor) -> None:
         mask = sample_mask(cfg.mask, x.shape[0], grid, gen, x.device)
         model.encoder.forward_features(model.patchify(x), mask.ids_keep).sum().backward()
-        model.zero_grad(set_to_none=True)
 
     return step
 

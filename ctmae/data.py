@@ -157,11 +157,12 @@ class VolumeCache:
         comes from MONAI's ``generate_spatial_bounding_box`` on a NumPy view (10x faster than on a torch tensor).
         """
         image = self.reader.read(list(source.files))
+        lo, hi = self.window
         try:
-            image = resample_to_grid(image, self.grid)  # (1, X, Y, Z) float32 HU
+            # only the box that can hold body voxels; 1 HU below the threshold covers float rounding
+            image = resample_to_grid(image, self.grid, above=lo + self.body * (hi - lo) - 1.0)  # (1, X, Y, Z) HU
         except RuntimeError as e:
             raise InputError(f"{source.files[0]}: could not preprocess: {str(e).splitlines()[0]}") from None
-        lo, hi = self.window
         image.as_tensor().sub_(lo).div_(hi - lo).clamp_(0.0, 1.0)
         start, end = generate_spatial_bounding_box(image.numpy(), lambda v: v > self.body)
         image = SpatialCrop(roi_start=start, roi_end=end)(image)

@@ -21,16 +21,18 @@ TILTED = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.block(  # conftest's oblique LPS d
 )
 
 
-def _ct(shape=(90, 80, 24), seed=0) -> np.ndarray:
-    """(X, Y, Z) int16 HU: air around a noisy box of tissue and bone, off-centre so the foreground crop matters."""
+def _ct(shape=(90, 80, 24), seed=0, edge=False) -> np.ndarray:
+    """(X, Y, Z) int16 HU: air around a noisy box of tissue and bone, off-centre so the foreground crop matters;
+    with ``edge`` the box touches the volume's borders on three sides."""
     rng = np.random.default_rng(seed)
     a = np.full(shape, -1000, np.int16)
-    a[10:70, 15:60, 3:20] = rng.integers(-200, 900, (60, 45, 17))
+    box = np.s_[0:70, 15:80, 0:20] if edge else np.s_[10:70, 15:60, 3:20]
+    a[box] = rng.integers(-200, 900, a[box].shape)
     return a
 
 
-def _nifti(path, affine, dtype=np.int16, slope=None) -> VolumeSource:
-    image = nib.Nifti1Image(_ct().astype(dtype), affine)
+def _nifti(path, affine, dtype=np.int16, slope=None, edge=False) -> VolumeSource:
+    image = nib.Nifti1Image(_ct(edge=edge).astype(dtype), affine)
     image.set_sform(affine, code=1)
     if slope is not None:  # stored values v mean v * slope + inter HU
         image.header.set_slope_inter(*slope)
@@ -47,12 +49,13 @@ def _dicom(path) -> VolumeSource:
     "make",
     [
         lambda p: _nifti(p / "lps.nii.gz", LPS),
+        lambda p: _nifti(p / "edge.nii.gz", LPS, edge=True),
         lambda p: _nifti(p / "sagittal.nii", SAGITTAL),
         lambda p: _nifti(p / "tilted.nii.gz", TILTED),
         lambda p: _nifti(p / "scaled.nii.gz", LPS, dtype=np.float32, slope=(0.5, -10.0)),
         lambda p: _dicom(p / "series"),
     ],
-    ids=["lps", "sagittal", "oblique", "scaled-float", "dicom"],
+    ids=["lps", "body-at-border", "sagittal", "oblique", "scaled-float", "dicom"],
 )
 def test_cache_equals_the_monai_chain(tmp_path, make):
     source = make(tmp_path)
