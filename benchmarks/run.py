@@ -10,7 +10,8 @@ and the cached crop stream (against MONAI's uncached LoadImaged → ... chain) o
 .nii.gz and as a DICOM series and on sample_data's lung1, and the default loader's delivery against the default
 model's consumption. Compared timings are interleaved; figures are medians with min–max over the repeats. Progress
 goes to stderr. The CPU is measured; ``benchmarks/gpu.sh`` covers the GPU and writes ``benchmarks/gpu_results.md``,
-which is included here when present.
+which is included here when present. ``benchmarks/CHANGES.md``, the hand-kept record of what each optimisation did
+(and what was tried and dropped), is appended.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ctmae.inputs import find_volumes
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_CT = REPO / "sample_data" / "ct" / "lung1.nii.gz"
 GPU_FRAGMENT = Path(__file__).resolve().parent / "gpu_results.md"
+CHANGES = Path(__file__).resolve().parent / "CHANGES.md"  # hand-kept log of what each change did, appended
 PATCH, BATCH, RATIO = 16, 2, 0.75
 
 
@@ -195,6 +197,7 @@ def markdown(rows: list[Row], info: dict[str, str], command: str, size: str) -> 
             "Not measured in this run: no GPU figures yet. Run `bash benchmarks/gpu.sh` on a CUDA machine; it "
             "writes `benchmarks/gpu_results.md`, which the next `python -m benchmarks.run` includes here."
         ]
+    lines += ["", CHANGES.read_text().strip()]
     return "\n".join(lines) + "\n"
 
 
