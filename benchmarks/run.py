@@ -53,7 +53,7 @@ class Plan:
     loader_batches: int
 
 
-FULL = Plan({96: 7, 160: 5}, 2, 3, 5, 25, 6, 5, 32)
+FULL = Plan({96: 11, 160: 5}, 2, 3, 5, 25, 6, 5, 32)
 QUICK = Plan({96: 3, 160: 3}, 1, 2, 3, 10, 3, 3, 16)
 
 
