@@ -47,7 +47,7 @@ class StepInBackward:
     """Steps ``optimizer`` one parameter at a time from post-accumulate-grad hooks, then frees that gradient.
 
     Each parameter gets a one-parameter AdamW that shares ``optimizer``'s state (moments, step counts) and copies its
-    group's hyper-parameters (the scheduler's current lr) before every step, so ``optimizer.state_dict()`` and
+    group's hyper-parameters (the current lr) before every step, so ``optimizer.state_dict()`` and
     ``load_state_dict()`` keep working for checkpoints and resume.
     """
 
