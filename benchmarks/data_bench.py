@@ -18,9 +18,10 @@ from monai.data import PydicomReader
 from monai.transforms import Compose, LoadImaged, Orientationd, RandSpatialCropSamplesd, ScaleIntensityRanged, Spacingd
 
 from benchmarks.common import Figure, Row, Target, interleaved, progress
-from ctmae.config import DataConfig
-from ctmae.data import VolumeCache, crop_batches
-from ctmae.inputs import VolumeSource
+from ctmae.io.discovery import VolumeSource
+from ctmae.mae.config import DataConfig
+from ctmae.mae.crops import crop_batches
+from ctmae.preprocess.cache import VolumeCache
 
 FIRST_PASS_TARGET = Target("<=", 0.5, "≤ 0.5×")
 CROPS_TARGET = Target(">=", 10.0, "≥ 10×")

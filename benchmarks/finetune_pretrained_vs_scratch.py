@@ -15,11 +15,11 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from ctmae.checkpoint import load_checkpoint
-from ctmae.finetune import finetune
-from ctmae.seg_config import SegConfig, SegDataConfig
-from ctmae.seg_data import check_case, find_cases, split_cases
-from ctmae.segmenter import net_config_from_mae
+from ctmae.mae.checkpoint import load_checkpoint
+from ctmae.seg.config import SegConfig, SegDataConfig
+from ctmae.seg.data import check_case, find_cases, split_cases
+from ctmae.seg.network import net_config_from_mae
+from ctmae.seg.train import finetune
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "sample_data"
 

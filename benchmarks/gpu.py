@@ -31,9 +31,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.step_vs_monai import ctmae_update, monai_mae, monai_update
-from ctmae.config import DataConfig, MaskConfig, ModelConfig, RunConfig
-from ctmae.masking import sample_mask
-from ctmae.model import MaskedAutoencoder3D
+from ctmae.mae.config import DataConfig, MaskConfig, ModelConfig, RunConfig
+from ctmae.mae.masking import sample_mask
+from ctmae.mae.model import MaskedAutoencoder3D
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name(); the first
 # match wins, so the more specific names come first.

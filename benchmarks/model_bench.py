@@ -22,8 +22,8 @@ import torch
 
 from benchmarks.common import Figure, Row, Target, interleaved, matmul_flops, progress
 from benchmarks.step_vs_monai import ctmae_step, encoder_step, flops, monai_step
-from ctmae.config import MaskConfig, ModelConfig, RunConfig
-from ctmae.masking import num_predicted
+from ctmae.mae.config import MaskConfig, ModelConfig, RunConfig
+from ctmae.mae.masking import num_predicted
 
 REPO = Path(__file__).resolve().parent.parent
 STEP_TARGETS = {96: Target(">=", 1.5, "≥ 1.5×"), 160: Target(">=", 1.75, "≥ 1.75×")}

@@ -29,8 +29,8 @@ import torch
 from benchmarks import data_bench, model_bench, synthetic
 from benchmarks.common import Row, machine, not_measured, progress
 from benchmarks.step_vs_monai import ctmae_step
-from ctmae.config import DataConfig, RunConfig
-from ctmae.inputs import find_volumes
+from ctmae.io.discovery import find_volumes
+from ctmae.mae.config import DataConfig, RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_CT = REPO / "sample_data" / "ct" / "lung1.nii.gz"

@@ -3,7 +3,7 @@
 Both models get the same encoder/decoder width, depth, heads and MLP widths, the same crops and batch, 75% masking
 (block masking for ctmae; MONAI's model can only mask random patches) and a fused AdamW step. Each side runs its
 own training step: ctmae's as ``ctmae pretrain`` does (its default mask config, which predicts a third of the hidden
-tokens; AdamW stepped inside backward, ``ctmae.optim``), MONAI's model in the usual loop (forward, masked-patch MSE,
+tokens; AdamW stepped inside backward, ``ctmae.runtime.optim``), MONAI's model in the usual loop (forward, masked-patch MSE,
 backward, ``optimizer.step()``, ``zero_grad``). Runs are interleaved
 (ctmae, MONAI, ctmae, ...) and the medians compared; FLOPs per step come from ``torch.utils.flop_counter``.
 
@@ -24,17 +24,17 @@ import torch.nn.functional as F
 from monai.networks.nets import MaskedAutoEncoderViT
 from torch.utils.flop_counter import FlopCounterMode
 
-from ctmae.config import RunConfig
-from ctmae.masking import sample_mask
-from ctmae.model import MaskedAutoencoder3D
-from ctmae.optim import build_optimizer, updater
+from ctmae.mae.config import RunConfig
+from ctmae.mae.masking import sample_mask
+from ctmae.mae.model import MaskedAutoencoder3D
+from ctmae.runtime.optim import build_optimizer, updater
 
 
 def ctmae_update(model: MaskedAutoencoder3D, cfg: RunConfig) -> Callable[[torch.Tensor], None]:
     """``update(loss)`` as ``ctmae pretrain`` applies it: ``build_optimizer``'s fused AdamW through ``updater``
     (stepped inside backward with the default config). The hooks stay on ``model`` for its lifetime."""
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg.train)
     return contextlib.ExitStack().enter_context(updater(model, optimizer, scaler, cfg.train.grad_clip))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ctmae.dicom import deterministic_uid, write_series
+from ctmae.io.dicom_writer import deterministic_uid, write_series
 
 SHAPE = (512, 512, 200)  # (X, Y, Z)
 SPACING = (0.7, 0.7, 1.5)  # mm

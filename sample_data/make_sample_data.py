@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ctmae.dicom import deterministic_uid, write_series
-from ctmae.inputs import find_volumes
-from ctmae.io import CTReader, read_volume, write_nifti
+from ctmae.io.dicom_writer import deterministic_uid, write_series
+from ctmae.io.discovery import find_volumes
+from ctmae.io.volume import CTReader, read_volume, write_nifti
 
 TARGET_INPLANE_MM = 1.5
 OUT = Path(__file__).resolve().parent

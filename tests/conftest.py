@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ctmae.dicom import deterministic_uid, write_series
+from ctmae.io.dicom_writer import deterministic_uid, write_series
 
 # A right-handed oblique direction (rotations of 0.4 rad about z, then 0.3 rad about x), LPS, row-major 3x3.
 OBLIQUE = tuple(
@@ -124,10 +124,10 @@ SAMPLE_DATA = Path(__file__).resolve().parent.parent / "sample_data"
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny MAE (64³ crops, 16³ patches, block masking) trained for a few CPU steps on the sample scan."""
-    from ctmae.config import RunConfig
-    from ctmae.data import prepare_cache
-    from ctmae.engine import pretrain
-    from ctmae.inputs import find_volumes
+    from ctmae.io.discovery import find_volumes
+    from ctmae.mae.config import RunConfig
+    from ctmae.mae.train import pretrain
+    from ctmae.preprocess.cache import prepare_cache
 
     root = tmp_path_factory.mktemp("tiny_mae")
     cfg = RunConfig.from_dict(

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from ctmae.config import RunConfig
-from ctmae.data import prepare_cache
-from ctmae.distributed import barrier, cleanup, setup
-from ctmae.engine import pretrain
-from ctmae.inputs import find_volumes
+from ctmae.io.discovery import find_volumes
+from ctmae.mae.config import RunConfig
+from ctmae.mae.train import pretrain
+from ctmae.preprocess.cache import prepare_cache
+from ctmae.runtime.distributed import barrier, cleanup, setup
 
 if __name__ == "__main__":
     scans, out, cache = sys.argv[1], Path(sys.argv[2]), sys.argv[3]

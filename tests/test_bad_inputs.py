@@ -17,9 +17,10 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import write_dicom_series, write_volume
-from ctmae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ctmae.cli import app
-from ctmae.config import FORMAT_VERSION, RunConfig
+from ctmae.mae.checkpoint import load_checkpoint
+from ctmae.mae.config import RunConfig
+from ctmae.runtime.checkpoint import FORMAT_VERSION, CheckpointError, save_checkpoint
 
 TINY = ["--model", "tiny", "--crop", "32", "--patch", "8", "--workers", "0", "--steps", "1"]
 GEOMETRY = dict(spacing=(1.5, 1.5, 1.5), origin=(0.0, 0.0, 0.0), direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))

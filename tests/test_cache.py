@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import OBLIQUE, write_dicom_series
-from ctmae.config import DataConfig
-from ctmae.data import VolumeCache, preprocess_transforms
-from ctmae.inputs import VolumeSource
+from ctmae.io.discovery import VolumeSource
+from ctmae.mae.config import DataConfig
+from ctmae.preprocess.cache import VolumeCache
+from ctmae.preprocess.transforms import preprocess_transforms
 
 LPS = np.diag([-0.7, -0.8, 2.5, 1.0])  # RAS affine of an LPS-stored volume, spacing 0.7 x 0.8 x 2.5 mm
 SAGITTAL = np.array([[0.0, 0.0, -2.5, 40.0], [0.8, 0.0, 0.0, -20.0], [0.0, -0.7, 0.0, 60.0], [0, 0, 0, 1]])

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from ctmae.config import MODEL_PRESETS, RunConfig, load_yaml, save_yaml
+from ctmae.mae.config import MODEL_PRESETS, RunConfig
 
 
 def test_dict_round_trip_and_presets(tmp_path):
     cfg = RunConfig.from_dict({"model": {"size": "small"}, "data": {"crop": 128}, "mask": {"kind": "random"}})
     assert cfg.model.dim == MODEL_PRESETS["small"]["dim"] and cfg.model.img_size == 128
-    save_yaml(cfg, tmp_path / "c.yaml")
-    assert load_yaml(tmp_path / "c.yaml") == cfg
+    cfg.save_yaml(tmp_path / "c.yaml")
+    assert RunConfig.load_yaml(tmp_path / "c.yaml") == cfg
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
 
 
@@ -31,7 +31,7 @@ def test_bad_config_names_the_key(tmp_path, text, key):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(ValueError) as err:
-        load_yaml(path)
+        RunConfig.load_yaml(path)
     message = str(err.value)
     assert key in message and str(path) in message and "\n" not in message
 

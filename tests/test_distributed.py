@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import write_body_scans, write_volume
-from ctmae.checkpoint import load_checkpoint
+from ctmae.mae.checkpoint import load_checkpoint
 
 TESTS = Path(__file__).resolve().parent
 ENV = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{TESTS.parent}", "OMP_NUM_THREADS": "1"}
@@ -211,6 +211,6 @@ def test_finetune_stop_signal_checkpoints_and_exits_cleanly(tmp_path, spheres):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "stopped early" in err and "Traceback" not in err, err[-2000:]
-    from ctmae.segmenter import load_seg_checkpoint
+    from ctmae.seg.network import load_seg_checkpoint
 
     assert load_seg_checkpoint(out / "checkpoints" / "last.pt")["step"] >= 2

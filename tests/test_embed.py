@@ -13,14 +13,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import ctmae.embed
+import ctmae.apps.embed
 from conftest import write_dicom_series, write_volume
-from ctmae.checkpoint import load_checkpoint
+from ctmae.apps.embed import token_name
 from ctmae.cli import app
-from ctmae.data import preprocess_transforms
-from ctmae.embed import token_name
-from ctmae.inputs import find_volumes
-from ctmae.io import read_volume
+from ctmae.io.discovery import find_volumes
+from ctmae.io.volume import read_volume
+from ctmae.mae.checkpoint import load_checkpoint
+from ctmae.preprocess.transforms import preprocess_transforms
 
 runner = CliRunner()
 
@@ -43,13 +43,13 @@ def scans(tmp_path: Path) -> Path:
 def counted(monkeypatch) -> list[int]:
     """Counts token-map computations: one per scan actually embedded."""
     calls: list[int] = []
-    real = ctmae.embed.token_features
+    real = ctmae.apps.embed.token_features
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ctmae.embed, "token_features", counting)
+    monkeypatch.setattr(ctmae.apps.embed, "token_features", counting)
     return calls
 
 
@@ -109,7 +109,7 @@ def test_resume_skips_finished_ids(tiny_checkpoint, scans, tmp_path, counted):
 
 def test_a_crash_mid_run_loses_only_the_scan_in_progress(tiny_checkpoint, scans, tmp_path, monkeypatch):
     out = tmp_path / "emb.csv"
-    real = ctmae.embed.token_features
+    real = ctmae.apps.embed.token_features
     calls: list[str] = []
 
     def dies_on_second(*args, **kwargs):
@@ -118,7 +118,7 @@ def test_a_crash_mid_run_loses_only_the_scan_in_progress(tiny_checkpoint, scans,
             raise KeyboardInterrupt  # as a kill while the second scan is being embedded
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ctmae.embed, "token_features", dies_on_second)
+    monkeypatch.setattr(ctmae.apps.embed, "token_features", dies_on_second)
     assert _run(tiny_checkpoint, scans, "--out", out).exit_code == 130
     journal = out.with_name(out.name + ".partial.jsonl")
     assert not out.exists() and journal.is_file()

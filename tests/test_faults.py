@@ -16,15 +16,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import ctmae.checkpoint
+import ctmae.runtime.checkpoint
 from conftest import write_body_scans
-from ctmae.checkpoint import load_checkpoint, save_checkpoint
 from ctmae.cli import app
-from ctmae.config import RunConfig
-from ctmae.data import VolumeCache
-from ctmae.engine import MAX_BAD_STEPS, pretrain
-from ctmae.inputs import find_volumes
-from ctmae.model import MaskedAutoencoder3D
+from ctmae.io.discovery import find_volumes
+from ctmae.mae.checkpoint import load_checkpoint
+from ctmae.mae.config import RunConfig
+from ctmae.mae.model import MaskedAutoencoder3D
+from ctmae.mae.train import MAX_BAD_STEPS, pretrain
+from ctmae.preprocess.cache import VolumeCache
+from ctmae.runtime.checkpoint import save_checkpoint
 
 TESTS = Path(__file__).resolve().parent
 ENV = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{TESTS.parent}"}
@@ -94,7 +95,7 @@ def test_death_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkey
         f.write(b"PK\x03\x04 half a zip")
         raise KeyboardInterrupt  # the process is stopped mid-write
 
-    monkeypatch.setattr(ctmae.checkpoint.torch, "save", dies_half_way)
+    monkeypatch.setattr(ctmae.runtime.checkpoint.torch, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint({"config": cfg.to_dict(), "model": {"w": torch.zeros(3)}, "step": 8}, path)
     assert load_checkpoint(path)["step"] == 7
@@ -195,7 +196,7 @@ def test_disk_full_while_checkpointing_is_one_line_and_keeps_earlier_outputs(tmp
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(ctmae.checkpoint.torch, "save", full)
+    monkeypatch.setattr(ctmae.runtime.checkpoint.torch, "save", full)
     result = CliRunner().invoke(app, ["pretrain", *common, "--steps", "4", "--resume"])
     assert result.exit_code == 1 and "No space left on device" in result.output
     assert "Traceback" not in result.output

@@ -12,15 +12,16 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import OBLIQUE, SAMPLE_DATA, write_volume
-from ctmae.checkpoint import load_checkpoint
 from ctmae.cli import app
-from ctmae.inputs import find_volumes
-from ctmae.io import InputError, read_volume
-from ctmae.model import MaskedAutoencoder3D, sincos_embedding_3d
-from ctmae.seg_config import SegConfig, SegDataConfig, SegNetConfig
-from ctmae.seg_data import LabelledCase, check_case, find_cases, split_cases
-from ctmae.seg_predict import output_name
-from ctmae.segmenter import load_seg_checkpoint, net_config_from_mae
+from ctmae.io.checks import InputError
+from ctmae.io.discovery import find_volumes
+from ctmae.io.volume import read_volume
+from ctmae.mae.checkpoint import load_checkpoint
+from ctmae.mae.model import MaskedAutoencoder3D, sincos_embedding_3d
+from ctmae.seg.config import SegConfig, SegDataConfig, SegNetConfig
+from ctmae.seg.data import LabelledCase, check_case, find_cases, split_cases
+from ctmae.seg.network import load_seg_checkpoint, net_config_from_mae
+from ctmae.seg.predict import output_name
 
 IDENTITY = (1, 0, 0, 0, 1, 0, 0, 0, 1)
 ISO = (1.5, 1.5, 1.5)
@@ -178,7 +179,7 @@ def seg_config(mae_cfg, crop: int) -> SegConfig:
 
 @pytest.mark.parametrize("crop", [64, 32])
 def test_encoder_transfer_loads_every_encoder_tensor(tiny_checkpoint, crop):
-    from ctmae.finetune import build_segmenter
+    from ctmae.seg.train import build_segmenter
 
     state = load_checkpoint(tiny_checkpoint)
     encoder = {k.removeprefix("encoder."): v for k, v in state["model"].items() if k.startswith("encoder.")}
@@ -200,7 +201,7 @@ def test_encoder_transfer_loads_every_encoder_tensor(tiny_checkpoint, crop):
 
 
 def test_from_scratch_differs_only_in_init(tiny_checkpoint):
-    from ctmae.finetune import build_segmenter
+    from ctmae.seg.train import build_segmenter
 
     state = load_checkpoint(tiny_checkpoint)
     cfg = seg_config(state["config"], 64)
@@ -215,8 +216,8 @@ def test_from_scratch_differs_only_in_init(tiny_checkpoint):
 
 @pytest.mark.parametrize("freeze", [False, True])
 def test_layer_decay_and_frozen_encoder_groups(freeze):
-    from ctmae.finetune import build_segmenter
-    from ctmae.segmenter import param_groups
+    from ctmae.seg.network import param_groups
+    from ctmae.seg.train import build_segmenter
 
     cfg = SegConfig(data=SegDataConfig(crop=32), net=SegNetConfig(dim=48, heads=4, feature_size=4)).replace(
         train={"freeze_encoder": freeze}
@@ -236,9 +237,9 @@ def test_layer_decay_and_frozen_encoder_groups(freeze):
 
 
 def test_patch_8_checkpoint_is_refused(tmp_path, phantom):
-    from ctmae.config import RunConfig
-    from ctmae.data import prepare_cache
-    from ctmae.engine import pretrain
+    from ctmae.mae.config import RunConfig
+    from ctmae.mae.train import pretrain
+    from ctmae.preprocess.cache import prepare_cache
 
     cfg = RunConfig.from_dict(
         {

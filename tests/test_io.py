@@ -16,8 +16,9 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImaged
 
 from conftest import expected_affine, write_dicom_series, write_volume
-from ctmae.inputs import VolumeSource, find_volumes
-from ctmae.io import CTReader, InputError, read_volume, write_nifti
+from ctmae.io.checks import InputError
+from ctmae.io.discovery import VolumeSource, find_volumes
+from ctmae.io.volume import CTReader, read_volume, write_nifti
 
 # GDCM stores positions and orientations as decimal strings of at most 16 characters.
 DICOM_ATOL = 1e-4

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctmae.config import MaskConfig
-from ctmae.masking import corrupt, num_masked, num_predicted, sample_mask
+from ctmae.mae.config import MaskConfig
+from ctmae.mae.masking import corrupt, num_masked, num_predicted, sample_mask
 
 GRID = (6, 6, 6)
 CPU = torch.device("cpu")

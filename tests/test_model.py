@@ -8,9 +8,9 @@ import pytest
 import torch
 from monai.networks.nets import ViT
 
-from ctmae.config import MaskConfig, RunConfig
-from ctmae.masking import sample_mask
-from ctmae.model import MaskedAutoencoder3D
+from ctmae.mae.config import MaskConfig, RunConfig
+from ctmae.mae.masking import sample_mask
+from ctmae.mae.model import MaskedAutoencoder3D
 
 CPU = torch.device("cpu")
 CFG = RunConfig.from_dict({"model": {"size": "tiny", "patch": 8}, "data": {"crop": 32}}).model

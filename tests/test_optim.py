@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from ctmae.config import RunConfig
-from ctmae.masking import sample_mask
-from ctmae.model import MaskedAutoencoder3D
-from ctmae.optim import StepInBackward, build_optimizer, updater
+from ctmae.mae.config import RunConfig
+from ctmae.mae.masking import sample_mask
+from ctmae.mae.model import MaskedAutoencoder3D
+from ctmae.runtime.optim import StepInBackward, build_optimizer, updater
 
 CFG = RunConfig.from_dict({"model": {"size": "tiny", "patch": 8}, "data": {"crop": 32}})
 NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)
@@ -29,7 +29,7 @@ def test_stepping_in_backward_equals_stepping_after_it():
     torch.manual_seed(0)
     a = MaskedAutoencoder3D(CFG.model)
     b = copy.deepcopy(a)
-    opt_a, opt_b = build_optimizer(a, CFG), build_optimizer(b, CFG)
+    opt_a, opt_b = build_optimizer(a, CFG.train), build_optimizer(b, CFG.train)
     with (
         updater(a, opt_a, NO_SCALER, grad_clip=0.0) as in_backward,
         updater(b, opt_b, NO_SCALER, 0.0, world=2) as after,
@@ -48,7 +48,7 @@ def test_in_backward_state_survives_a_state_dict_round_trip_and_hooks_are_remove
     torch.manual_seed(0)
     a = MaskedAutoencoder3D(CFG.model)
     b = copy.deepcopy(a)
-    opt_a, opt_b = build_optimizer(a, CFG), build_optimizer(b, CFG)
+    opt_a, opt_b = build_optimizer(a, CFG.train), build_optimizer(b, CFG.train)
     with updater(a, opt_a, NO_SCALER, 0.0) as update_a, updater(b, opt_b, NO_SCALER, 0.0) as update_b:
         train(a, opt_a, update_a, steps=2)
         train(b, opt_b, update_b, steps=2)
@@ -69,7 +69,7 @@ def test_clipping_ddp_and_fp16_step_after_backward(monkeypatch, clip, world, fp1
     made = []
     monkeypatch.setattr(StepInBackward, "__init__", lambda self, opt: made.append(opt))
     model = MaskedAutoencoder3D(CFG.model)
-    opt = build_optimizer(model, CFG)
+    opt = build_optimizer(model, CFG.train)
     scaler = torch.amp.GradScaler("cpu", enabled=fp16)
     with updater(model, opt, scaler, clip, world):
         pass

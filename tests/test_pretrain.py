@@ -11,8 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import write_volume
-from ctmae.checkpoint import load_checkpoint
 from ctmae.cli import app
+from ctmae.mae.checkpoint import load_checkpoint
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data"
 FAST = ["--model", "tiny", "--crop", "32", "--patch", "8", "--batch-size", "2", "--workers", "0"]

@@ -14,14 +14,15 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import SAMPLE_DATA, write_dicom_series, write_volume
-from ctmae.checkpoint import load_checkpoint, save_checkpoint
+from ctmae.apps.reconstruct import OUTPUTS
 from ctmae.cli import app
-from ctmae.config import MaskConfig
-from ctmae.inputs import find_volumes
-from ctmae.io import read_volume
-from ctmae.masking import num_masked
-from ctmae.model import Decoder
-from ctmae.reconstruct import OUTPUTS
+from ctmae.io.discovery import find_volumes
+from ctmae.io.volume import read_volume
+from ctmae.mae.checkpoint import load_checkpoint
+from ctmae.mae.config import MaskConfig
+from ctmae.mae.masking import num_masked
+from ctmae.mae.model import Decoder
+from ctmae.runtime.checkpoint import save_checkpoint
 
 runner = CliRunner()
 LUNG = SAMPLE_DATA / "ct" / "lung1.nii.gz"

@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ctmae.checkpoint import CheckpointError
-from ctmae.distributed import DistInfo, barrier, setup
-from ctmae.io import InputError
+from ctmae.io.checks import InputError
+from ctmae.runtime.checkpoint import CheckpointError
+from ctmae.runtime.distributed import DistInfo, barrier, setup
 
 INPUTS_HELP = "Scans: NIfTI/NRRD/MHA files, DICOM series folders, folders (searched recursively) or .txt/.csv lists."
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)

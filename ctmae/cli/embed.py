@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ctmae.cli.common import INPUTS_HELP, UsageError, app, console, progress_bar, report_skipped, run_command
-from ctmae.io import InputError
+from ctmae.io.checks import InputError
 
 
 @app.command()
@@ -46,9 +46,9 @@ def embed(
     """Embed scans with a pretrained encoder: one vector per scan (no masking; the whole scan is covered)."""
 
     def body() -> None:
-        from ctmae.embed import check_options
-        from ctmae.embed import embed as run_embed
-        from ctmae.inference import load_model
+        from ctmae.apps.embed import check_options
+        from ctmae.apps.embed import embed as run_embed
+        from ctmae.apps.inference import load_model
 
         if device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")

@@ -10,7 +10,6 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ctmae.checkpoint import load_checkpoint
 from ctmae.cli.common import (
     UsageError,
     app,
@@ -21,11 +20,12 @@ from ctmae.cli.common import (
     report_skipped,
     run_command,
 )
-from ctmae.config import MODEL_PRESETS
-from ctmae.distributed import DistInfo, cleanup
-from ctmae.inputs import find_volumes
-from ctmae.io import InputError
-from ctmae.seg_config import UNETR_DEPTH, SegConfig, SegDataConfig, SegNetConfig
+from ctmae.io.checks import InputError
+from ctmae.io.discovery import find_volumes
+from ctmae.mae.checkpoint import load_checkpoint
+from ctmae.mae.config import MODEL_PRESETS
+from ctmae.runtime.distributed import DistInfo, cleanup
+from ctmae.seg.config import UNETR_DEPTH, SegConfig, SegDataConfig, SegNetConfig
 
 PathList = Optional[list[Path]]
 
@@ -42,7 +42,7 @@ def _net_from_preset(size: str, feature_size: int, num_classes: int) -> SegNetCo
 
 
 def _cases(images: PathList, labels: PathList, what: str) -> list:
-    from ctmae.seg_data import find_cases
+    from ctmae.seg.data import find_cases
 
     if not images:
         raise UsageError(f"--{what}images is required (with --{what}labels, or one datalist / nnU-Net folder)")
@@ -51,7 +51,7 @@ def _cases(images: PathList, labels: PathList, what: str) -> list:
 
 def _check(cases: list, num_classes: Optional[int]) -> int:
     """Check every pair's geometry and values, with progress; returns the class count the labels need."""
-    from ctmae.seg_data import check_case
+    from ctmae.seg.data import check_case
 
     top = 0
     with progress_bar() as progress:
@@ -63,7 +63,7 @@ def _check(cases: list, num_classes: Optional[int]) -> int:
 
 
 def _predict(checkpoint: Path, inputs: list[Path], out: Optional[Path], device: Optional[str]) -> None:
-    from ctmae.seg_predict import predict
+    from ctmae.seg.predict import predict
 
     if not inputs:
         raise UsageError("--predict needs INPUTS: the scans to segment")
@@ -164,8 +164,8 @@ def finetune_seg(
         if predict is not None:
             _predict(predict, args or [], out, device)
             return
-        from ctmae.seg_data import split_cases
-        from ctmae.segmenter import load_seg_checkpoint, net_config_from_mae
+        from ctmae.seg.data import split_cases
+        from ctmae.seg.network import load_seg_checkpoint, net_config_from_mae
 
         if out is None:
             raise UsageError("--out RUN_DIR is required")
@@ -251,7 +251,7 @@ def _train(
     stop_at: Optional[int],
     dist: DistInfo,
 ) -> None:
-    from ctmae.finetune import finetune
+    from ctmae.seg.train import finetune
 
     with progress_bar() as progress:
         task = progress.add_task("fine-tuning", total=None, info="")

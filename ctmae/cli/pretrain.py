@@ -9,7 +9,6 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ctmae.checkpoint import load_checkpoint
 from ctmae.cli.common import (
     INPUTS_HELP,
     UsageError,
@@ -22,10 +21,11 @@ from ctmae.cli.common import (
     run_command,
     sample_data_dir,
 )
-from ctmae.config import MASK_KINDS, MODEL_PRESETS, RunConfig, load_yaml
-from ctmae.distributed import DistInfo, barrier, cleanup, gather
-from ctmae.inputs import check_modality, find_volumes
-from ctmae.io import InputError
+from ctmae.io.checks import InputError
+from ctmae.io.discovery import check_modality, find_volumes
+from ctmae.mae.checkpoint import load_checkpoint
+from ctmae.mae.config import MASK_KINDS, MODEL_PRESETS, RunConfig
+from ctmae.runtime.distributed import DistInfo, barrier, cleanup, gather
 
 # With no INPUTS, `ctmae pretrain` is a short CPU demo on the bundled scan; options given explicitly still win.
 DEMO = {
@@ -47,7 +47,7 @@ def _volumes(inputs: list[Path], cfg: RunConfig, dist: DistInfo, modality: str |
     Under torchrun the ranks preprocess disjoint shares of the volumes, then meet at a barrier: each volume is
     cached once, by one process (cache files are written atomically, so a reader never sees half of one).
     """
-    from ctmae.data import prepare_cache
+    from ctmae.preprocess.cache import prepare_cache
 
     sources, problems = find_volumes([str(p) for p in inputs])
     sources, lines = check_modality(sources, modality)
@@ -142,7 +142,7 @@ def pretrain(
     """Pretrain a 3D masked autoencoder on CT scans."""
 
     def body() -> None:
-        from ctmae.engine import pretrain as run_pretrain
+        from ctmae.mae.train import pretrain as run_pretrain
 
         if out is None and inputs:
             raise UsageError("--out RUN_DIR is required when INPUTS are given")
@@ -154,7 +154,7 @@ def pretrain(
         try:
             cfg = base or (RunConfig() if inputs else RunConfig.from_dict(DEMO))
             if config is not None:
-                cfg = load_yaml(config, base=cfg)
+                cfg = RunConfig.load_yaml(config, base=cfg)
             cfg = cfg.replace(
                 **_given(
                     model={"size": model, "patch": patch},

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ctmae.cli.common import UsageError, app, console, run_command
-from ctmae.config import MASK_KINDS
+from ctmae.mae.config import MASK_KINDS
 
 
 @app.command()
@@ -34,9 +34,9 @@ def reconstruct(
     """Mask a scan, reconstruct it, and write the result on the scan's own grid (opens in 3D Slicer / ITK-SNAP)."""
 
     def body() -> None:
-        from ctmae.inference import load_model
-        from ctmae.reconstruct import mask_config
-        from ctmae.reconstruct import reconstruct as run_reconstruct
+        from ctmae.apps.inference import load_model
+        from ctmae.apps.reconstruct import mask_config
+        from ctmae.apps.reconstruct import reconstruct as run_reconstruct
 
         if device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")

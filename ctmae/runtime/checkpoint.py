@@ -1,9 +1,9 @@
-"""Checkpoints: atomic save, safe load (``weights_only=True``), format checks, and the model they rebuild.
+"""Checkpoints: atomic save, safe load (``weights_only=True``), format and kind checks, RNG state.
 
-A checkpoint is a plain dict of tensors and primitives: ``format``, ``format_version``, ``config`` (the run's
-``RunConfig.to_dict()``), ``model``, ``step`` and, for training state, ``optimizer``, ``scaler``, ``rng`` (and
-fine-tuning's ``scheduler``; pretraining's learning rate is a function of the step). The model is rebuilt from the
-config alone (``model_from_checkpoint``).
+A checkpoint is a plain dict of tensors and primitives: ``format`` (its kind), ``format_version``, ``config`` (the
+run's ``to_dict()``), ``model``, ``step`` and, for training state, ``optimizer``, ``scaler``, ``rng`` (and
+fine-tuning's ``scheduler``; pretraining's learning rate is a function of the step). Each kind rebuilds its model from
+the config alone (``ctmae.mae.checkpoint``, ``ctmae.seg.network``).
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
-from ctmae.config import FORMAT_VERSION, RunConfig
-from ctmae.model import MaskedAutoencoder3D
+from ctmae.runtime.files import atomic_path
+
+FORMAT_VERSION = 2  # bump when checkpoint or config layout changes incompatibly
 
 FORMAT = "ctmae-mae3d"  # pretraining checkpoints
-SEG_FORMAT = "ctmae-unetr-seg"  # fine-tuned segmentation checkpoints (ctmae.segmenter)
+SEG_FORMAT = "ctmae-unetr-seg"  # fine-tuned segmentation checkpoints (ctmae.seg.network)
 # How each kind is named in messages, so a checkpoint of the wrong kind is told apart from a foreign file.
 KINDS = {FORMAT: "an MAE pretraining checkpoint", SEG_FORMAT: "a fine-tuned segmentation checkpoint"}
 WRONG_KIND_HINT = {
@@ -33,18 +34,13 @@ class CheckpointError(Exception):
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike, fmt: str = FORMAT) -> None:
-    """Write ``state`` plus the format tags to ``path`` atomically: temp file in the same folder, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({**state, "format": fmt, "format_version": FORMAT_VERSION}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``state`` plus the format tags to ``path`` atomically: temp file in the same folder, fsync, rename.
+
+    Raises:
+        OutputError: one line naming ``path`` (a full disk is named as such); the previous file stays intact.
+    """
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
+        torch.save({**state, "format": fmt, "format_version": FORMAT_VERSION}, f)
 
 
 def read_checkpoint(
@@ -77,26 +73,6 @@ def read_checkpoint(
             f"(this ctmae reads version {FORMAT_VERSION})"
         )
     return state
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a pretraining checkpoint (see ``read_checkpoint``); ``state["config"]`` becomes a RunConfig."""
-    state = read_checkpoint(path, FORMAT, map_location)
-    try:
-        state["config"] = RunConfig.from_dict(state["config"])
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: checkpoint config is invalid: {e}") from None
-    return state
-
-
-def model_from_checkpoint(state: dict[str, Any]) -> MaskedAutoencoder3D:
-    """Rebuild the MAE from a loaded checkpoint's config and weights."""
-    model = MaskedAutoencoder3D(state["config"].model)
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError) as e:
-        raise CheckpointError(f"checkpoint weights do not match its own config: {str(e).splitlines()[0]}") from None
-    return model
 
 
 def rng_state() -> dict[str, Any]:

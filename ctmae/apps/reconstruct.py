@@ -24,10 +24,7 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.metrics import PSNRMetric, SSIMMetric
 
-from ctmae.checkpoint import CheckpointError
-from ctmae.config import MaskConfig
-from ctmae.data import preprocess_transforms
-from ctmae.inference import (
+from ctmae.apps.inference import (
     LoadedModel,
     pad_to_patches,
     patch_aligned_overlap,
@@ -35,9 +32,13 @@ from ctmae.inference import (
     to_source_grid,
     window_tokens,
 )
-from ctmae.inputs import VolumeSource, ensure_not_inputs, find_volumes
-from ctmae.io import InputError, read_volume, write_nifti
-from ctmae.masking import TokenMask, corrupt, sample_mask
+from ctmae.io.checks import InputError
+from ctmae.io.discovery import VolumeSource, ensure_not_inputs, find_volumes
+from ctmae.io.volume import read_volume, write_nifti
+from ctmae.mae.config import MaskConfig
+from ctmae.mae.masking import TokenMask, corrupt, sample_mask
+from ctmae.preprocess.transforms import preprocess_transforms
+from ctmae.runtime.checkpoint import CheckpointError
 
 OUTPUTS = ("input.nii.gz", "masked.nii.gz", "reconstruction.nii.gz", "error.nii.gz", "mask.nii.gz")
 PREVIEW_WINDOW = (-1000.0, 400.0)  # HU shown black..white: lung parenchyma and soft tissue both readable
@@ -63,7 +64,7 @@ def reconstruct(
     """Mask, reconstruct and write one scan's outputs (NIfTI, preview.png, metrics.json) into ``out_dir``.
 
     Args:
-        loaded: the checkpoint's model (``ctmae.inference.load_model``).
+        loaded: the checkpoint's model (``ctmae.apps.inference.load_model``).
         input_path: one image file or DICOM series folder.
         out_dir: created if missing; the files in ``OUTPUTS`` plus preview.png and metrics.json are replaced.
         mask: mask kind, ratio and block edge (``mask_config``).

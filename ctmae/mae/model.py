@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctmae.config import ModelConfig
-from ctmae.masking import TokenMask
+from ctmae.mae.config import ModelConfig
+from ctmae.mae.masking import TokenMask
 
 
 def sincos_embedding_3d(grid: int, dim: int) -> torch.Tensor:
@@ -216,7 +216,7 @@ class MaskedAutoencoder3D(nn.Module):
 
         Args:
             images: clean crops (B, C, D, H, W), the reconstruction targets.
-            mask: visible and predicted tokens (see ``ctmae.masking``).
+            mask: visible and predicted tokens (see ``ctmae.mae.masking``).
             inputs: what the encoder reads (e.g. noise-corrupted images); defaults to ``images``.
 
         Returns:
@@ -229,6 +229,17 @@ class MaskedAutoencoder3D(nn.Module):
         pred = self.decoder(latent, mask)
         loss = F.mse_loss(pred.float(), self.targets(patches, mask.ids_pred).float())
         return loss, pred, mask.mask
+
+
+# Architectures by ``ModelConfig.arch``: a second one plugs in with one entry (its class takes a ModelConfig).
+ARCHITECTURES: dict[str, type[MaskedAutoencoder3D]] = {"mae3d": MaskedAutoencoder3D}
+
+
+def build_model(cfg: ModelConfig) -> MaskedAutoencoder3D:
+    """The model ``cfg`` describes; every caller (training, checkpoints, inference) builds models here."""
+    if cfg.arch not in ARCHITECTURES:
+        raise ValueError(f"unknown model arch {cfg.arch!r}; known: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[cfg.arch](cfg)
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -18,13 +18,14 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Invertd
 
-from ctmae.data import preprocess_transforms
-from ctmae.engine import autocast_for, resolve_device, resolve_precision
-from ctmae.finetune import sliding_window
-from ctmae.inputs import VolumeSource, ensure_not_inputs
-from ctmae.io import IMAGE_SUFFIXES, InputError, write_nifti
-from ctmae.seg_config import SegConfig
-from ctmae.segmenter import load_seg_checkpoint, segmenter_from_checkpoint
+from ctmae.io.checks import IMAGE_SUFFIXES, InputError
+from ctmae.io.discovery import VolumeSource, ensure_not_inputs
+from ctmae.io.volume import write_nifti
+from ctmae.preprocess.transforms import preprocess_transforms
+from ctmae.runtime.device import autocast_for, resolve_device, resolve_precision
+from ctmae.seg.config import SegConfig
+from ctmae.seg.network import load_seg_checkpoint, segmenter_from_checkpoint
+from ctmae.seg.train import sliding_window
 
 
 def output_name(source_id: str, taken: set[str]) -> str:
@@ -52,7 +53,7 @@ def predict(
 
     Args:
         checkpoint: ``best.pt`` or ``last.pt`` of a fine-tuning run.
-        sources: volumes from ``ctmae.inputs.find_volumes``.
+        sources: volumes from ``ctmae.io.discovery.find_volumes``.
         out_dir: output folder (created).
         device: auto|cpu|cuda.
         on_volume: called after each volume with ``{"source", "path", "voxels_per_class"}``.

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ctmae.runtime.config import Sections, check_common
 
 # Encoder/decoder sizes, one entry per preset; head_dim = dim / heads. tiny, small and base keep 12 encoder blocks
 # because MONAI's UNETR (finetune-seg) reads blocks 3, 6, 9 and 12 of a 12-block ViT with 16³ patches.
@@ -24,9 +23,6 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
     "large": dict(dim=1024, depth=24, heads=16, dec_dim=512, dec_depth=4, dec_heads=16),
 }
 MASK_KINDS = ("block", "random", "none", "noise")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-DEVICES = ("auto", "cpu", "cuda")
-FORMAT_VERSION = 2  # bump when checkpoint or config layout changes incompatibly
 
 
 def default_cache_dir() -> str:
@@ -46,6 +42,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    arch: str = "mae3d"  # architecture in ctmae.mae.model.ARCHITECTURES that this config builds
     size: str = "base"  # preset name the widths below came from (informative)
     img_size: int = 96  # crop edge the position embeddings are built for
     patch: int = 16  # edge of the cubic, non-overlapping patches
@@ -88,7 +85,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     # max global gradient norm; 0 (MAE's recipe) disables clipping and lets each weight step inside backward, which
-    # never holds all gradients at once (ctmae.optim)
+    # never holds all gradients at once (ctmae.runtime.optim)
     grad_clip: float = 0.0
     seed: int = 0  # seeds weights, data order, crops and masks
     device: str = "auto"  # auto picks CUDA when present
@@ -98,7 +95,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(Sections):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -107,49 +104,19 @@ class RunConfig:
     def __post_init__(self) -> None:
         check(self)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (tuples as lists), as written to config.yaml and checkpoints."""
-        return plain(dataclasses.asdict(self))
-
-    @staticmethod
-    def from_dict(d: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
-        """Build a config from a (possibly partial) nested dict over ``base``; raises ValueError naming a bad key."""
-        base = base or RunConfig()
-        if not isinstance(d, dict):
-            raise ValueError(f"config must be a mapping of sections, got {type(d).__name__}")
-        d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    @classmethod
+    def expand(cls, d: dict[str, Any], base: RunConfig) -> tuple[dict[str, Any], RunConfig]:
+        """A ``model.size`` preset brings its widths (other model keys refine it); ``data.crop`` sets the model's
+        ``img_size`` too (one crop size for both)."""
         model = d.get("model") or {}
-        if isinstance(model, dict) and "size" in model:  # a preset name brings its widths; other keys refine it
+        if isinstance(model, dict) and "size" in model:
             if model["size"] not in MODEL_PRESETS:
                 raise ValueError(f"unknown model size {model['size']!r}; choose one of {', '.join(MODEL_PRESETS)}")
             base = dataclasses.replace(base, model=dataclasses.replace(base.model, **MODEL_PRESETS[model["size"]]))
         data = d.get("data") or {}
-        if isinstance(data, dict) and "crop" in data and isinstance(model, dict):  # one crop size for both
+        if isinstance(data, dict) and "crop" in data and isinstance(model, dict):
             d["model"] = {"img_size": data["crop"], **model}
-        sections = {}
-        for f in dataclasses.fields(RunConfig):
-            sections[f.name] = update_section(getattr(base, f.name), d.get(f.name) or {}, f.name)
-        unknown = set(d) - set(sections)
-        if unknown:
-            raise ValueError(f"unknown config section {sorted(unknown)[0]!r}; known: {', '.join(sections)}")
-        return RunConfig(**sections)
-
-    def replace(self, **sections: dict[str, Any]) -> RunConfig:
-        """Copy with some fields changed, e.g. ``cfg.replace(train={"steps": 5})``."""
-        return RunConfig.from_dict(sections, base=self)
-
-
-def load_yaml(path: str | os.PathLike, base: RunConfig | None = None) -> RunConfig:
-    """Read a config file (same layout as a run's config.yaml) over ``base``; ValueError names the file and key."""
-    try:
-        d = yaml.safe_load(Path(path).read_text()) or {}
-        return RunConfig.from_dict(d, base)
-    except (OSError, yaml.YAMLError, ValueError) as e:
-        raise ValueError(f"{path}: {str(e).splitlines()[0]}") from None
-
-
-def save_yaml(cfg: RunConfig, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return d, base
 
 
 def check(cfg: RunConfig) -> None:
@@ -172,56 +139,3 @@ def check(cfg: RunConfig) -> None:
     if t.batch_size < 1 or d.crops_per_volume < 1 or d.workers < 0:
         raise ValueError("batch_size and crops_per_volume must be >= 1, workers >= 0")
     check_common(d, t)
-
-
-def check_common(data: Any, train: Any) -> None:
-    """Checks shared by pretraining and fine-tuning configs: device, precision, schedule, HU window, spacing."""
-    if train.precision not in PRECISIONS or train.device not in DEVICES:
-        raise ValueError(f"precision must be one of {PRECISIONS} and device one of {DEVICES}")
-    if (train.steps is not None and train.steps < 1) or (train.epochs is not None and train.epochs <= 0):
-        raise ValueError(f"steps and epochs must be positive, got steps={train.steps} epochs={train.epochs}")
-    if data.hu_window[0] >= data.hu_window[1] or min(data.spacing) <= 0:
-        raise ValueError(f"hu_window must be (low, high) with low < high and spacing positive, got {data}")
-
-
-def update_section(base: Any, d: dict[str, Any], name: str) -> Any:
-    """``base`` (a config dataclass) with the fields in ``d`` replaced, each type-checked; ValueError names the key."""
-    if not isinstance(d, dict):
-        raise ValueError(f"config section {name!r} must be a mapping, got {type(d).__name__}")
-    hints = typing.get_type_hints(type(base))
-    values = {}
-    for key, value in d.items():
-        if key not in hints:
-            raise ValueError(f"unknown config key '{name}.{key}'; known: {', '.join(hints)}")
-        values[key] = _coerce(value, hints[key], f"{name}.{key}")
-    return dataclasses.replace(base, **values)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against a field's type hint; ints are accepted for floats, lists for tuples."""
-    args = typing.get_args(hint)
-    if type(None) in args:  # Optional[X]
-        return None if value is None else _coerce(value, next(a for a in args if a is not type(None)), key)
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ValueError(f"config key '{key}' must be a list of {len(args)} numbers, got {value!r}")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }[hint]
-    if not ok:
-        raise ValueError(f"config key '{key}' must be {hint.__name__}, got {value!r}")
-    return float(value) if hint is float else value
-
-
-def plain(x: Any) -> Any:
-    """Tuples to lists, recursively: the YAML- and checkpoint-friendly form of ``dataclasses.asdict``."""
-    if isinstance(x, dict):
-        return {k: plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [plain(v) for v in x]
-    return x

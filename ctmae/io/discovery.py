@@ -1,6 +1,6 @@
 """Finding the volumes named on a command line: files, folders, DICOM series and lists, each with a private id.
 
-Discovery reads headers only; ``ctmae.io`` reads the voxels. DICOM series are split by SeriesInstanceUID and named by
+Discovery reads headers only; ``ctmae.io.volume`` reads the voxels. DICOM series are split by SeriesInstanceUID and named by
 their folder and a one-way hash of the UID, so ids carry no patient identifiers.
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from ctmae.dicom import has_dicom_magic, itk_warnings_off, series_in_folder, series_modality
-from ctmae.io import IMAGE_SUFFIXES, InputError, condense_sitk_error, shape_problem
+from ctmae.io.checks import IMAGE_SUFFIXES, InputError, condense_sitk_error, shape_problem
+from ctmae.io.dicom import has_dicom_magic, itk_warnings_off, series_in_folder, series_modality
 
 LIST_SUFFIXES = (".txt", ".csv")
 # Files in scanned folders that are never volumes (and never DICOM), so GDCM is not asked about them.

@@ -6,11 +6,10 @@ checkpoint alone (``SegConfig.from_dict``).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
-from ctmae.config import DataConfig, check_common, plain, update_section
+from ctmae.mae.config import DataConfig
+from ctmae.runtime.config import Sections, check_common
 
 UNETR_PATCH = 16  # MONAI's UNETR hard-codes 16³ patches
 UNETR_DEPTH = 12  # ... and a 12-block ViT whose blocks 3, 6, 9 feed the skip connections
@@ -26,7 +25,7 @@ class SegDataConfig:
     workers: int = 0  # DataLoader processes drawing crops (0: in the training process)
 
     def preprocessing(self) -> DataConfig:
-        """The pretraining ``DataConfig`` that ``ctmae.data.preprocess_transforms`` reads."""
+        """The pretraining ``DataConfig`` that ``ctmae.preprocess.transforms.preprocess_transforms`` reads."""
         return DataConfig(spacing=self.spacing, hu_window=self.hu_window, crop=self.crop, cache_dir="", workers=0)
 
 
@@ -61,7 +60,7 @@ class SegTrainConfig:
 
 
 @dataclass(frozen=True)
-class SegConfig:
+class SegConfig(Sections):
     data: SegDataConfig = field(default_factory=SegDataConfig)
     net: SegNetConfig = field(default_factory=SegNetConfig)
     train: SegTrainConfig = field(default_factory=SegTrainConfig)
@@ -69,30 +68,6 @@ class SegConfig:
 
     def __post_init__(self) -> None:
         check(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (tuples as lists), as stored in checkpoints and config.yaml."""
-        return plain(dataclasses.asdict(self))
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> SegConfig:
-        """Rebuild from ``to_dict``'s form; ValueError names an unknown key."""
-        sections = {"data": SegDataConfig, "net": SegNetConfig, "train": SegTrainConfig}
-        values: dict[str, Any] = {"pretrained": d.get("pretrained", "")}
-        for name, cls in sections.items():
-            values[name] = update_section(cls(), d.get(name) or {}, name)
-        return SegConfig(**values)
-
-    def replace(self, **sections: dict[str, Any]) -> SegConfig:
-        """Copy with some fields changed, e.g. ``cfg.replace(train={"steps": 5})``."""
-        return SegConfig(
-            **{
-                f.name: dataclasses.replace(getattr(self, f.name), **sections[f.name])
-                if f.name in sections
-                else getattr(self, f.name)
-                for f in dataclasses.fields(self)
-            }
-        )
 
 
 def check(cfg: SegConfig) -> None:

@@ -1,6 +1,6 @@
 """The segmentation network: MONAI's UNETR, its ViT initialised from a ctmae MAE encoder; seg checkpoints.
 
-Our encoder mirrors MONAI's ViT parameter names (see ``ctmae.model``), so ``encoder.*`` tensors of an MAE checkpoint
+Our encoder mirrors MONAI's ViT parameter names (see ``ctmae.mae.model``), so ``encoder.*`` tensors of an MAE checkpoint
 load into ``unetr.vit`` by name. MONAI's ``norm_cross_attn`` (unused without cross-attention) has no counterpart and
 keeps its init; our fixed sin-cos position embedding loads into UNETR's learnable one, recomputed exactly for another
 crop size.
@@ -15,10 +15,10 @@ import torch
 from monai.networks.nets import UNETR
 from torch import nn
 
-from ctmae.checkpoint import SEG_FORMAT, CheckpointError, read_checkpoint, save_checkpoint
-from ctmae.config import ModelConfig
-from ctmae.model import sincos_embedding_3d
-from ctmae.seg_config import UNETR_DEPTH, UNETR_PATCH, SegConfig, SegNetConfig
+from ctmae.mae.config import ModelConfig
+from ctmae.mae.model import sincos_embedding_3d
+from ctmae.runtime.checkpoint import SEG_FORMAT, CheckpointError, read_checkpoint, save_checkpoint
+from ctmae.seg.config import UNETR_DEPTH, UNETR_PATCH, SegConfig, SegNetConfig
 
 _POS_KEY = "patch_embedding.position_embeddings"
 
@@ -127,7 +127,7 @@ def param_groups(unetr: nn.Module, lr: float, weight_decay: float, layer_decay: 
 
 
 def save_seg_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Atomic save (``ctmae.checkpoint.save_checkpoint``) with the segmentation format tag."""
+    """Atomic save (``ctmae.runtime.checkpoint.save_checkpoint``) with the segmentation format tag."""
     save_checkpoint({**state, "task": "segmentation"}, path, fmt=SEG_FORMAT)
 
 

@@ -5,8 +5,8 @@ Three layouts pair images and labels: two lists of files/folders matched by file
 nnU-Net channel suffix ``_0000`` on the image allowed), a CSV/JSON datalist with ``image`` and ``label`` columns/keys
 (MSD's ``dataset.json`` ``training`` list included), and an nnU-Net folder holding ``imagesTr/`` and ``labelsTr/``.
 
-The deterministic preprocessing (``ctmae.data.preprocess_transforms`` with the label) runs once per case into
-memory (``monai.data.CacheDataset``). Crops follow ``ctmae.data``'s schedule: visit ``v`` is epoch ``v // V``, slot
+The deterministic preprocessing (``ctmae.preprocess.transforms.preprocess_transforms`` with the label) runs once per case into
+memory (``monai.data.CacheDataset``). Crops follow ``ctmae.preprocess.schedule``'s schedule: visit ``v`` is epoch ``v // V``, slot
 ``v % V`` of that epoch's seeded permutation, its random draws seeded by ``(seed, v)``; so any step's batch is a
 pure function of the seed and ``--resume`` is exact.
 """
@@ -14,7 +14,6 @@ pure function of the seed and ``--resume`` is exact.
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import os
 import re
@@ -26,12 +25,14 @@ import numpy as np
 import torch
 from monai.data import CacheDataset
 from monai.transforms import Compose, RandCropByPosNegLabeld, RandFlipd
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from ctmae.data import preprocess_transforms
-from ctmae.inputs import VolumeSource, find_volumes
-from ctmae.io import IMAGE_SUFFIXES, InputError, read_volume
-from ctmae.seg_config import SegDataConfig
+from ctmae.io.checks import IMAGE_SUFFIXES, InputError
+from ctmae.io.discovery import VolumeSource, find_volumes
+from ctmae.io.volume import read_volume
+from ctmae.preprocess.schedule import global_visit, visit_batches, visit_volume
+from ctmae.preprocess.transforms import preprocess_transforms
+from ctmae.seg.config import SegDataConfig
 
 KEYS = ("image", "label")
 _CHANNEL_SUFFIX = re.compile(r"_(\d{4})$")  # nnU-Net's per-channel image suffix
@@ -237,10 +238,8 @@ class CaseVisits(Dataset):
         return 2**62  # endless; the sampler decides which visits are read
 
     def __getitem__(self, local_visit: int) -> tuple[torch.Tensor, torch.Tensor]:
-        visit = local_visit * self.world + self.rank  # under torchrun, rank r reads visits r, r + world, ...
-        epoch, slot = divmod(visit, len(self.cached))
-        order = torch.randperm(len(self.cached), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        case = self.cached[int(order[slot])]
+        visit = global_visit(local_visit, self.rank, self.world)
+        case = self.cached[visit_volume(len(self.cached), self.seed, visit)]
         draw = random_transforms(self.cfg)
         draw.set_random_state(seed=(self.seed * 1_000_003 + visit) % 2**32)
         crops = draw({k: case[k] for k in KEYS})
@@ -257,23 +256,6 @@ def crop_batches(
     world: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (images, labels) batches (B, 1, c, c, c), continuing exactly where step ``start_step`` would be;
-    ``rank`` of ``world`` processes reads its own share of the visits (as ``ctmae.data.crop_batches``)."""
-    first_visit, skip = divmod(start_step * batch_size, cfg.crops_per_volume)
-    loader = DataLoader(
-        CaseVisits(cached, cfg, seed, rank, world),
-        batch_size=None,
-        sampler=itertools.count(first_visit),
-        num_workers=cfg.workers,
-        persistent_workers=cfg.workers > 0,
-    )
-    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-    have = 0
-    for images, labels in loader:
-        if skip:
-            images, labels, skip = images[skip:], labels[skip:], 0
-        pending.append((images, labels))
-        have += len(images)
-        while have >= batch_size:
-            images, labels = (torch.cat([p[i] for p in pending]) for i in range(2))
-            yield images[:batch_size], labels[:batch_size]
-            pending, have = [(images[batch_size:], labels[batch_size:])], have - batch_size
+    ``rank`` of ``world`` processes reads its own share of the visits (``ctmae.preprocess.schedule``)."""
+    visits = CaseVisits(cached, cfg, seed, rank, world)
+    yield from visit_batches(visits, cfg.crops_per_volume, batch_size, start_step, cfg.workers)

@@ -1,30 +1,30 @@
 """The pretraining optimiser and how one update is applied: AdamW, stepped after backward or inside it.
 
-``build_optimizer`` makes the AdamW every run uses (its state dict is what checkpoints hold). ``make_update`` returns
-the function that turns a loss into an update. When nothing needs all gradients at once (one process, no global-norm
-clipping, no fp16 loss scaling) each parameter is stepped inside backward, as soon as its gradient is complete, and
-its gradient is freed straight away (PyTorch's "optimizer step in backward" recipe): the model's full set of
-gradients never exists, which saves a weights-sized block of memory (about 370 MiB for ViT-B) at the peak. The update
-is the same AdamW, element for element, as stepping after backward.
+``build_optimizer`` makes the AdamW pretraining uses (its state dict is what checkpoints hold). ``updater`` yields
+the function that turns a loss into an update; ``backward_and_step`` is the plain update fine-tuning uses. When
+nothing needs all gradients at once (one process, no global-norm clipping, no fp16 loss scaling) each parameter is
+stepped inside backward, as soon as its gradient is complete, and its gradient is freed straight away (PyTorch's
+"optimizer step in backward" recipe): the model's full set of gradients never exists, which saves a weights-sized
+block of memory (about 370 MiB for ViT-B) at the peak. The update is the same AdamW, element for element, as stepping
+after backward.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
-from ctmae.config import RunConfig
 
-
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, train: Any) -> torch.optim.AdamW:
     """Fused AdamW (one kernel for all tensors, on CPU and CUDA) without weight decay on biases, norms and the mask
-    token (1-D parameters)."""
+    token (1-D parameters); ``train`` gives ``lr``, ``betas`` and ``weight_decay``."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas, fused=True)
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, fused=True)
 
 
 def backward_and_step(

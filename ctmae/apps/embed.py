@@ -29,9 +29,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch.utils.data import DataLoader, Dataset
 
-from ctmae.config import DataConfig
-from ctmae.data import preprocess_transforms
-from ctmae.inference import (
+from ctmae.apps.inference import (
     LoadedModel,
     pad_to_patches,
     patch_aligned_overlap,
@@ -39,8 +37,10 @@ from ctmae.inference import (
     source_geometry,
     token_affine,
 )
-from ctmae.inputs import VolumeSource, find_volumes
-from ctmae.io import InputError
+from ctmae.io.checks import InputError
+from ctmae.io.discovery import VolumeSource, find_volumes
+from ctmae.mae.config import DataConfig
+from ctmae.preprocess.transforms import preprocess_transforms
 
 POOLS = ("mean", "max")
 FORMATS = (".npz", ".csv", ".parquet")
@@ -85,8 +85,8 @@ def embed(
     """Embed every volume among ``inputs`` not already in ``out`` and (re)write ``out``.
 
     Args:
-        loaded: the checkpoint's model (``ctmae.inference.load_model``).
-        inputs: files, folders, series folders or lists, as for ``ctmae.inputs.find_volumes``.
+        loaded: the checkpoint's model (``ctmae.apps.inference.load_model``).
+        inputs: files, folders, series folders or lists, as for ``ctmae.io.discovery.find_volumes``.
         out: .npz (arrays ids, embeddings, shapes, spacings), .csv (id, shape, spacing, e0..eN) or .parquet.
         pool: mean or max over the token map.
         tokens_dir: if given, also ``<name>.npy`` (D, gx, gy, gz) and ``<name>.json`` (RAS affine of token centres)

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import gzip
 import os
-import uuid
 import zlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -22,42 +20,15 @@ from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
-from ctmae.dicom import itk_warnings_off, read_series, series_geometry_problem
+from ctmae.io.checks import IMAGE_SUFFIXES, InputError, condense_sitk_error, shape_problem
+from ctmae.io.dicom import itk_warnings_off, read_series, series_geometry_problem
+from ctmae.io.discovery import VolumeSource, find_volumes
+from ctmae.runtime.files import atomic_path
 
-if TYPE_CHECKING:
-    from ctmae.inputs import VolumeSource
-
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # CTReader.read stores the name it was given on the image, so get_data can report "filename_or_obj".
 _FILENAME_KEY = "ctmae_filename"
 _NIFTI2_SIZEOF_HDR = (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")  # 540, little- or big-endian
-
-
-class InputError(Exception):
-    """A problem with one input, as one user-facing line that names the file and what is wrong (no traceback)."""
-
-
-def shape_problem(size: tuple[int, ...], components: int) -> str | None:
-    """Why a (size, components) image is not a scalar 3D volume, or None. `size` is in ITK order (X, Y, Z)."""
-    shape = "x".join(str(n) for n in size)
-    if components != 1:
-        return f"{components} components per voxel (RGB/vector image, shape {shape}); ctmae needs a scalar volume"
-    if len(size) != 3:
-        return f"{len(size)}D image (shape {shape}); ctmae needs a 3D volume"
-    if min(size) < 2:
-        return f"a dimension smaller than 2 (shape {shape}); ctmae needs a 3D volume"
-    return None
-
-
-def condense_sitk_error(error: RuntimeError) -> str:
-    """A short reason from a SimpleITK error, whose text carries C++ source paths and several lines."""
-    text = str(error)
-    if "Unable to determine ImageIO reader" in text:
-        return "not a readable image (unknown format or corrupt header)"
-    if "does not exist" in text:
-        return "does not exist"
-    return "truncated or corrupt image data"
 
 
 def _read_nifti(path: str) -> sitk.Image:
@@ -199,8 +170,6 @@ class CTReader(ImageReader):
         names = [os.path.abspath(os.fspath(n)) for n in ensure_tuple(data)]
         files: Sequence[str] = names
         if len(names) == 1 and os.path.isdir(names[0]):
-            from ctmae.inputs import find_volumes  # inputs builds on this module; a folder needs its series search
-
             sources, problems = find_volumes(names)
             if len(sources) != 1:
                 reason = problems[0] if problems else f"{names[0]}: holds {len(sources)} volumes, expected one"
@@ -252,13 +221,5 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) 
     image.set_sform(affine, code=1)
     image.set_qform(affine, code=1)
     image.header.set_xyzt_units("mm")
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    # nibabel picks gzip from the name's suffix, so the temporary name keeps it.
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp{suffix}")
-    try:
+    with atomic_path(path) as tmp:  # the temporary name keeps .nii.gz: nibabel picks gzip from the suffix
         nib.save(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

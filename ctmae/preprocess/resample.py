@@ -21,7 +21,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.transforms.utils import generate_spatial_bounding_box
 
-from ctmae.io import itk_grid, ras_affine
+from ctmae.io.volume import itk_grid, ras_affine
 
 
 def resample_to_grid(image: sitk.Image, steps: Sequence[MapTransform], above: float | None = None) -> MetaTensor:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ctmae.config import MaskConfig
+from ctmae.mae.config import MaskConfig
 
 
 @dataclass(frozen=True)

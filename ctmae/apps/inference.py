@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.transforms import Compose
 
-from ctmae.checkpoint import load_checkpoint, model_from_checkpoint
-from ctmae.config import RunConfig
-from ctmae.engine import resolve_device
-from ctmae.inputs import VolumeSource
-from ctmae.io import InputError
-from ctmae.model import MaskedAutoencoder3D
+from ctmae.io.checks import InputError
+from ctmae.io.discovery import VolumeSource
+from ctmae.mae.checkpoint import load_checkpoint, model_from_checkpoint
+from ctmae.mae.config import RunConfig
+from ctmae.mae.model import MaskedAutoencoder3D
+from ctmae.runtime.device import resolve_device
 
 
 @dataclass

@@ -1,0 +1,31 @@
+"""What makes an input unusable, said in one line: the error type, the suffixes ctmae reads, shape checks."""
+
+from __future__ import annotations
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+class InputError(Exception):
+    """A problem with one input, as one user-facing line that names the file and what is wrong (no traceback)."""
+
+
+def shape_problem(size: tuple[int, ...], components: int) -> str | None:
+    """Why a (size, components) image is not a scalar 3D volume, or None. `size` is in ITK order (X, Y, Z)."""
+    shape = "x".join(str(n) for n in size)
+    if components != 1:
+        return f"{components} components per voxel (RGB/vector image, shape {shape}); ctmae needs a scalar volume"
+    if len(size) != 3:
+        return f"{len(size)}D image (shape {shape}); ctmae needs a 3D volume"
+    if min(size) < 2:
+        return f"a dimension smaller than 2 (shape {shape}); ctmae needs a 3D volume"
+    return None
+
+
+def condense_sitk_error(error: RuntimeError) -> str:
+    """A short reason from a SimpleITK error, whose text carries C++ source paths and several lines."""
+    text = str(error)
+    if "Unable to determine ImageIO reader" in text:
+        return "not a readable image (unknown format or corrupt header)"
+    if "does not exist" in text:
+        return "does not exist"
+    return "truncated or corrupt image data"

@@ -1,0 +1,66 @@
+"""The seeded stream of random training crops for pretraining, cut straight from the memory-mapped cache.
+
+Crops follow ``ctmae.preprocess.schedule``'s visits: any step's batch is a pure function of the seed and the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ctmae.io.discovery import VolumeSource
+from ctmae.mae.config import DataConfig
+from ctmae.preprocess.cache import VolumeCache
+from ctmae.preprocess.schedule import global_visit, visit_batches, visit_volume
+
+
+class CropVisits(Dataset):
+    """Item ``v`` is visit ``v`` of the seeded schedule: ``crops_per_volume`` random crops (N, 1, c, c, c).
+
+    Crops are cut straight from the memory-mapped cache, so a visit reads only the crops' bytes, not the volume
+    (MONAI's RandSpatialCropSamplesd would first load the whole array). Offsets are uniform over the valid range.
+    """
+
+    def __init__(
+        self, sources: Sequence[VolumeSource], cfg: DataConfig, seed: int, rank: int = 0, world: int = 1
+    ) -> None:
+        self.sources, self.cfg, self.seed, self.rank, self.world = list(sources), cfg, seed, rank, world
+        self.cache = VolumeCache(cfg)
+
+    def __len__(self) -> int:
+        return 2**62  # endless; the sampler decides which visits are read
+
+    def __getitem__(self, local_visit: int) -> tuple[torch.Tensor]:
+        visit = global_visit(local_visit, self.rank, self.world)
+        source = self.sources[visit_volume(len(self.sources), self.seed, visit)]
+        volume = self.cache.load(source)  # (X, Y, Z) memmap, each edge >= crop
+        rng = np.random.default_rng([self.seed, visit])
+        c = self.cfg.crop
+        crops = []
+        for _ in range(self.cfg.crops_per_volume):
+            x, y, z = (int(rng.integers(0, n - c + 1)) for n in volume.shape)
+            crops.append(np.array(volume[x : x + c, y : y + c, z : z + c]))  # reads only this crop
+        return (torch.from_numpy(np.stack(crops))[:, None],)  # (N, c, c, c) -> (N, 1, c, c, c)
+
+
+def crop_batches(
+    sources: Sequence[VolumeSource],
+    cfg: DataConfig,
+    seed: int,
+    batch_size: int,
+    start_step: int = 0,
+    rank: int = 0,
+    world: int = 1,
+) -> Iterator[torch.Tensor]:
+    """Endless batches (B, 1, c, c, c) of crops, continuing exactly where step ``start_step`` would be.
+
+    Under ``world`` processes, rank ``r`` reads visits r, r + world, r + 2·world, ...: disjoint volumes in each
+    epoch. When ``crops_per_volume`` equals the per-rank batch, the global batch of a step holds the same crops
+    as a single process with ``world`` times the batch.
+    """
+    visits = CropVisits(sources, cfg, seed, rank, world)
+    for (crops,) in visit_batches(visits, cfg.crops_per_volume, batch_size, start_step, cfg.workers):
+        yield crops

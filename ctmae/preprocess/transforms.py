@@ -1,0 +1,79 @@
+"""The deterministic preprocessing as MONAI dictionary transforms: load, orientation to RAS, resampling, HU window,
+crop to the body, padding to the crop size. Every step is invertible, which brings results back to a scan's grid."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    MapTransform,
+    Orientationd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+from ctmae.io.volume import CTReader
+from ctmae.mae.config import DataConfig
+
+BODY_HU = -500.0  # voxels above this HU count as foreground (body) for the foreground crop
+
+
+class LoadCTd(MapTransform):
+    """Load volumes with ``CTReader`` alone, as MetaTensors carrying the RAS affine.
+
+    Not ``LoadImaged``: MONAI's LoadImage registers every installed reader and falls back to them when the designated
+    one refuses a file, which would let NaN-filled or truncated volumes through (and some readers warn at creation).
+    """
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        super().__init__(keys)
+        self.reader = CTReader()
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            array, meta = self.reader.get_data(self.reader.read(d[key]))
+            d[key] = MetaTensor(torch.from_numpy(array), meta=meta)  # meta["affine"] becomes .affine
+        return d
+
+
+def preprocess_transforms(cfg: DataConfig, label: bool = False, pad: bool = True) -> Compose:
+    """The deterministic chain: {"image": files} -> {"image": MetaTensor (1, X, Y, Z) float32 in 0..1, RAS}.
+
+    With ``label``, a "label" key (a label volume on the image's grid) follows every spatial step with
+    nearest-neighbour resampling, so image and label stay aligned. Every step is invertible (``Compose.inverse``),
+    which brings results back to the source geometry. ``pad=False`` leaves out the final padding to the crop size.
+    """
+    lo, hi = cfg.hu_window
+    keys = ["image", "label"] if label else ["image"]
+    return Compose(
+        [
+            LoadCTd(keys),
+            EnsureChannelFirstd(keys, channel_dim="no_channel"),
+            *ras_grid(keys, cfg),
+            ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
+            CropForegroundd(keys, source_key="image", select_fn=functools.partial(torch.gt, other=body_threshold(cfg))),
+            *([SpatialPadd(keys, spatial_size=(cfg.crop,) * 3, value=0.0)] if pad else []),
+        ]
+    )
+
+
+def ras_grid(keys: list[str], cfg: DataConfig, lazy: bool = False) -> list[MapTransform]:
+    """Orientation to RAS, then resampling to ``cfg.spacing`` (bilinear for the image, nearest for a label)."""
+    return [
+        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), lazy=lazy),
+        Spacingd(keys, pixdim=cfg.spacing, mode=["bilinear", "nearest"][: len(keys)], dtype=torch.float32, lazy=lazy),
+    ]
+
+
+def body_threshold(cfg: DataConfig) -> float:
+    """The foreground (body) threshold ``BODY_HU`` in HU-window units (0..1)."""
+    lo, hi = cfg.hu_window
+    return min(max((BODY_HU - lo) / (hi - lo), 0.0), 0.99)

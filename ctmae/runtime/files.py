@@ -1,0 +1,61 @@
+"""Atomic file writes: every output ctmae writes appears whole or not at all, and a full disk is one line."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class OutputError(OSError):
+    """An output that could not be written, as one line naming the file."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write to; on success it is renamed over ``path``.
+
+    The temporary name keeps the file's suffixes (nibabel and SimpleITK choose the format from them) and is removed
+    if writing fails, so an earlier ``path`` stays intact. A failed write becomes ``OutputError`` naming ``path``:
+    "No space left on device" when the folder's file system is full, whatever the writer said (torch's zip writer
+    reports a full disk as ``RuntimeError: ... unexpected pos``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        raise OutputError(f"{path}: could not write ({_reason(e, path.parent)}); earlier outputs are intact") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _reason(error: BaseException, folder: Path) -> str:
+    """A short reason for a failed write; a full disk is named whatever the writer's message was."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return "No space left on device"
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(folder).free < (1 << 20):
+            return "No space left on device"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())

@@ -1,0 +1,82 @@
+"""Stop signals as a cluster and a terminal send them: to the whole process group, data-loader workers included.
+
+SLURM (time limit, preemption), ``timeout`` and a terminal's Ctrl-C signal every process of the job. The training
+process turns SIGTERM/SIGUSR1 and a first Ctrl-C into a flag: the loop finishes its step, writes a checkpoint and
+returns. Data-loader workers ignore those signals (they would otherwise die first and take the run down with a
+"DataLoader worker is killed by signal" error); they end with their loader, or when their parent is gone.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: SLURM's warning before the time limit
+WORKER_IGNORED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1 or a first Ctrl-C; a second Ctrl-C aborts at once. Restores handlers on exit.
+
+    ``signal`` names the first stop signal received (``"SIGTERM"``, ``"SIGUSR1"``, ``"SIGINT"``) or is None.
+    """
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (*STOP_SIGNALS, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether the stop came from Ctrl-C (the command then exits with 130, after the checkpoint)."""
+        return self.signal == "SIGINT"
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            if self.signal == "SIGINT":
+                raise KeyboardInterrupt  # the second Ctrl-C: abort now, the last checkpoint stays as it was
+            # said at once, not after the step: the user is waiting at the terminal
+            sys.stderr.write("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again aborts)\n")
+        self.signal = self.signal or signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: leave stop signals to the training process, then let them through."""
+    for sig in WORKER_IGNORED:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED)
+
+
+def iterate_workers(loader: DataLoader) -> Iterator:
+    """Iterate ``loader`` with workers that ignore stop signals; its workers are shut down when this ends.
+
+    Signals are blocked while the workers are forked, so one sent to the process group in that instant neither
+    kills a worker before it has set its handlers nor gets lost in the parent (it is delivered on unblocking).
+    """
+    if loader.num_workers == 0:
+        yield from loader
+        return
+    loader.worker_init_fn = _ignore_stop_signals
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED)
+    try:
+        it = iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    try:
+        yield from it
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()

@@ -1,0 +1,1 @@
+"""Segmentation from the pretrained encoder: config, labelled data, UNETR, fine-tuning loop, prediction."""
