@@ -92,7 +92,7 @@ def pretrain(
     )
     min_ratio = t.min_lr / t.lr if t.lr else 0.0  # the lr is a pure function of the step: no scheduler state
     net.train()
-    step, first_loss, bad_steps, skipped, stopped = run.start, None, 0, 0, None
+    step, losses, bad_steps, skipped, stopped = run.start, [], 0, 0, None
     with run.flag, updater(model, optimizer, scaler, t.grad_clip, dist.world) as update:
         while step < run.end:
             lr = t.lr * lr_factor(step, run.total, t.warmup, min_ratio)
@@ -113,7 +113,7 @@ def pretrain(
                 break
             rate = (step - run.start) * global_batch / (time.perf_counter() - run.started)
             logged = run.log_loss(step, lr=lr, crops_per_s=round(rate, 3))
-            first_loss = logged if first_loss is None else first_loss
+            losses += [] if logged is None else [logged]
             signalled = run.stop_requested()
             if ((step % t.ckpt_every == 0 or step == run.end) and bad_steps == 0) or signalled:  # keep the last good
                 checkpoint(step)
@@ -127,7 +127,7 @@ def pretrain(
     figures = run.figures(step)
     return {
         **figures,
-        "first_loss": first_loss,
+        "first_loss": losses[0] if len(losses) > 1 else None,  # with one logged row there is no first vs last
         "crops_per_s": (step - run.start) * global_batch / figures["seconds"],
         "checkpoint": str(run.checkpoints / "last.pt"),
         "skipped_steps": skipped,
