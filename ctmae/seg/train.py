@@ -8,6 +8,7 @@ a plain dict of figures. ``evaluate`` is the validation alone, for benchmarks.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch import nn
 from ctmae.runtime.device import autocast_for
 from ctmae.runtime.distributed import DistInfo
 from ctmae.runtime.optim import backward_and_step
-from ctmae.runtime.run import open_run
+from ctmae.runtime.run import Run, open_run
 from ctmae.runtime.schedule import lr_factor
 from ctmae.seg.config import SegConfig
 from ctmae.seg.data import LabelledCase, cache_cases, crop_batches
@@ -74,6 +75,56 @@ def build_segmenter(cfg: SegConfig, mae_weights: dict[str, torch.Tensor] | None)
     return unetr, loaded
 
 
+@dataclass
+class _SegTraining:
+    """The UNETR, its optimiser, schedule and scaler, restored from the resumed checkpoint; writes checkpoints."""
+
+    unetr: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    loaded: int  # encoder tensors taken from the MAE checkpoint
+    best: float = -1.0  # best validation Dice so far
+
+    @staticmethod
+    def build(run: Run, mae_weights: dict[str, torch.Tensor] | None) -> _SegTraining:
+        cfg, t = run.cfg, run.cfg.train
+        unetr, loaded = build_segmenter(cfg, mae_weights if run.state is None else None)
+        unetr.to(run.device)
+        optimizer = torch.optim.AdamW(param_groups(unetr, t.lr, t.weight_decay, t.layer_decay), lr=t.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, run.total, t.warmup, t.min_lr / t.lr if t.lr else 0.0)
+        )
+        parts = _SegTraining(unetr, optimizer, scheduler, run.scaler(), loaded)
+        if run.state is not None:
+            unetr.load_state_dict(run.state["model"])
+            optimizer.load_state_dict(run.state["optimizer"])
+            scheduler.load_state_dict(run.state["scheduler"])
+            run.restore_rng()
+            parts.best, parts.loaded = run.state["best_dice"], run.state["encoder_tensors"]
+        return parts
+
+    def save(self, run: Run, step: int, val_dice: float | None) -> None:
+        """Write last.pt (rank 0), and best.pt when ``val_dice`` beats the best so far."""
+        state = run.training_state(
+            step,
+            model=self.unetr.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            val_dice=val_dice,
+            best_dice=self.best if val_dice is None else max(self.best, val_dice),
+            encoder_tensors=self.loaded,
+        )
+        best = run.checkpoints / "best.pt"
+        if run.dist.is_main and val_dice is not None and val_dice > self.best:
+            save_seg_checkpoint(state, best)
+            run.log.info(f"step {step}: validation Dice {val_dice:.4f}, new best, written to {best}")
+        self.best = state["best_dice"]
+        if run.dist.is_main:
+            save_seg_checkpoint(state, run.checkpoints / "last.pt")
+
+
 def finetune(
     cfg: SegConfig,
     train_cases: Sequence[LabelledCase],
@@ -108,19 +159,14 @@ def finetune(
         cfg, run_dir, dist, len(train_cases), cfg.data.crops_per_volume, load_seg_checkpoint, resume, stop_at
     )
     cfg, t = run.cfg, run.cfg.train
-    unetr, loaded = build_segmenter(cfg, mae_weights if run.state is None else None)
-    unetr.to(run.device)
-    optimizer = torch.optim.AdamW(param_groups(unetr, t.lr, t.weight_decay, t.layer_decay), lr=t.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, run.total, t.warmup, t.min_lr / t.lr if t.lr else 0.0)
+    parts = _SegTraining.build(run, mae_weights)
+    unetr, optimizer, scheduler, scaler, loaded = (
+        parts.unetr,
+        parts.optimizer,
+        parts.scheduler,
+        parts.scaler,
+        parts.loaded,
     )
-    scaler, best = run.scaler(), -1.0
-    if run.state is not None:
-        unetr.load_state_dict(run.state["model"])
-        optimizer.load_state_dict(run.state["optimizer"])
-        scheduler.load_state_dict(run.state["scheduler"])
-        run.restore_rng()
-        best, loaded = run.state["best_dice"], run.state["encoder_tensors"]
     net = run.wrap(unetr)
     origin = f"encoder from {cfg.pretrained} ({loaded} tensors)" if cfg.pretrained else "from scratch"
     run.begin(f"{origin}; {len(train_cases)} training and {len(val_cases)} validation case(s)")
@@ -136,27 +182,6 @@ def finetune(
                 "encoder_tensors": loaded,
             }
         )
-
-    def checkpoint(step: int, val_dice: float | None) -> None:
-        nonlocal best
-        state = run.training_state(
-            step,
-            model=unetr.state_dict(),
-            optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
-            scaler=scaler.state_dict(),
-            val_dice=val_dice,
-            best_dice=best if val_dice is None else max(best, val_dice),
-            encoder_tensors=loaded,
-        )
-        if dist.is_main and val_dice is not None and val_dice > best:
-            save_seg_checkpoint(state, run.checkpoints / "best.pt")
-            run.log.info(
-                f"step {step}: validation Dice {val_dice:.4f}, new best, written to {run.checkpoints / 'best.pt'}"
-            )
-        best = state["best_dice"]
-        if dist.is_main:
-            save_seg_checkpoint(state, run.checkpoints / "last.pt")
 
     train_data, val_data = cache_cases(train_cases, cfg.data), cache_cases(val_cases, cfg.data)
     batches = crop_batches(
@@ -186,7 +211,7 @@ def finetune(
                     run.log.metrics(
                         {"step": step, "val_dice": val_dice, **{f"val_dice_{c}": d for c, d in enumerate(per_class, 1)}}
                     )
-                checkpoint(step, val_dice)
+                parts.save(run, step, val_dice)
             if on_step:
                 on_step({"step": step, "loss": loss_value, "lr": lr, "val_dice": val_dice})
             if signalled:
@@ -197,7 +222,7 @@ def finetune(
     return {
         **run.figures(step),
         "stopped": stopped,
-        "best_dice": best,
+        "best_dice": parts.best,
         "last_dice": None if per_class is None else sum(per_class) / len(per_class),
         "dice_per_class": per_class,
         "encoder_tensors": loaded,
