@@ -202,3 +202,46 @@ def test_disk_full_while_checkpointing_is_one_line_and_keeps_earlier_outputs(tmp
     assert "Traceback" not in result.output
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 2
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 64 MiB file system (tmpfs) to fill up; needs root, as CI and the developers' machines run."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path, leave: int) -> None:
+    """Fill ``disk`` until only ``leave`` bytes are free (tmpfs frees a deleted file's pages at once)."""
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+
+
+def test_a_really_full_disk_while_checkpointing_and_reconstructing_is_one_line(tmp_path, scans, tiny_disk):
+    """torch's zip writer reports a full disk as 'RuntimeError: [enforce fail at inline_container.cc] unexpected
+    pos'; ctmae names the file and the full disk, exits 1 and keeps the earlier checkpoint."""
+    out = tiny_disk / "run"
+    common = [str(scans), "--out", str(out), "--cache-dir", str(tmp_path / "c"), *TINY]
+    assert CliRunner().invoke(app, ["pretrain", *common, "--steps", "2"]).exit_code == 0
+    last = out / "checkpoints" / "last.pt"
+    fill(tiny_disk, leave=last.stat().st_size // 2)
+    result = CliRunner().invoke(app, ["pretrain", *common, "--steps", "4", "--resume"])
+    assert result.exit_code == 1, result.output
+    assert f"{last}: could not write (No space left on device)" in " ".join(result.output.split())
+    assert "Traceback" not in result.output and "internal error" not in result.output
+    assert load_checkpoint(last)["step"] == 2
+
+    (tiny_disk / "filler").unlink()
+    fill(tiny_disk, leave=4096)  # room for a little, not for the NIfTIs
+    scan = str(next(scans.iterdir()))
+    result = CliRunner().invoke(app, ["reconstruct", str(last), scan, "--out", str(tiny_disk / "recon")])
+    assert result.exit_code == 1
+    assert "could not write (No space left on device)" in " ".join(result.output.split())
+    assert str(tiny_disk / "recon") in " ".join(result.output.split())
+    assert "Traceback" not in result.output
