@@ -21,6 +21,8 @@ TESTS = Path(__file__).resolve().parent
 ENV = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{TESTS.parent}", "OMP_NUM_THREADS": "1"}
 TINY = ["--model", "tiny", "--crop", "32", "--patch", "8", "--workers", "0"]
 
+pytestmark = pytest.mark.slow  # every test here launches torchrun or subprocesses
+
 
 def torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     cmd = [

@@ -50,6 +50,7 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path, scans):
     cmd = [
         sys.executable,

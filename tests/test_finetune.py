@@ -299,6 +299,7 @@ def phantom_run(phantom, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_phantom_reaches_high_dice(phantom_run):
     rows = [json.loads(line) for line in (phantom_run / "metrics.jsonl").read_text().splitlines()]
     dice = [r["val_dice"] for r in rows if "val_dice" in r]

@@ -32,6 +32,7 @@ def test_dockerfile_structure():
     assert "/runs" in DOCKERFILE and "/data" in DOCKERFILE
 
 
+@pytest.mark.slow
 def test_the_dockerfile_install_gives_a_working_entrypoint(tmp_path):
     """`pip install .` as in the image (a real wheel, not editable), then the ENTRYPOINT runs the demo's first step."""
     wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
