@@ -17,7 +17,7 @@ from monai.transforms import LoadImaged
 
 from conftest import expected_affine, write_dicom_series, write_volume
 from ctmae.io.checks import InputError
-from ctmae.io.discovery import VolumeSource, find_volumes
+from ctmae.io.discovery import Note, VolumeSource, find_volumes, skipped_only
 from ctmae.io.volume import CTReader, read_volume, write_nifti
 
 # GDCM stores positions and orientations as decimal strings of at most 16 characters.
@@ -158,7 +158,8 @@ def test_folders_are_scanned_recursively_with_ids_relative_to_the_common_root(tm
         (tmp_path / "data" / junk).write_text("not an image")
     data = tmp_path / "data"
     sources, problems = find_volumes([data / "ct", data / "dicom", data / "ct" / "b.nrrd"])  # b.nrrd twice
-    assert problems == []
+    ignored = f"ignored 2 files: {data / 'ct' / 'preview.png'}, {data / 'dicom' / 'lung1' / 'info.txt'}"
+    assert problems == [ignored] and isinstance(problems[0], Note) and skipped_only(problems) == []
     ids = [s.id for s in sources]
     assert ids[:2] == ["ct/b.nrrd", "ct/deep/a.nii.gz"] and ids[2].startswith("dicom/lung1#")
     assert [s.is_dicom for s in sources] == [False, False, True]
@@ -271,3 +272,58 @@ def test_read_volume_refuses_each_bad_volume_in_one_line(tmp_path, ct_array):
         _assert_one_line_naming(message, source.files[0] if not source.is_dicom else tmp_path / "gap")
         assert words in message, (name, message)
         assert "sitk" not in message and ".cxx" not in message, message
+
+
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def _move_slice(path: Path, z_mm: float) -> None:
+    """Rewrite one slice file of an axis-aligned series at another position along the slice normal."""
+    one = sitk.ReadImage(str(path))
+    x, y, _ = one.GetOrigin()
+    one.SetOrigin((x, y, z_mm))
+    one.SetMetaData("0020|0032", f"{x:g}\\{y:g}\\{z_mm:g}")  # the writer keeps the tag it read, so set it too
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(path))
+    writer.Execute(one)
+
+
+@pytest.mark.parametrize(
+    "case, stray, position, gap",
+    [("stray", "slice_0005.dcm", 220.0, 200.0), ("missing", "slice_0003.dcm", 15.0, 10.0)],
+)
+def test_uneven_spacing_names_the_slice_and_its_distance(tmp_path, ct_array, case, stray, position, gap):
+    geometry = dict(spacing=(1.0, 1.0, 5.0), origin=(0.0, 0.0, 0.0), direction=IDENTITY)
+    skip = (2,) if case == "missing" else ()
+    files = write_dicom_series(tmp_path / "series", ct_array[:, :, :6], **geometry, skip_slices=skip)
+    if case == "stray":
+        _move_slice(files[-1], 220.0)  # 200 mm beyond slice 4, where slice 5 belongs 5 mm away
+    with pytest.raises(InputError) as caught:
+        read_volume(_only([tmp_path / "series"]))
+    assert str(caught.value) == (
+        f"{tmp_path / 'series'}: uneven slice spacing: {stray} (at {position:.1f} mm along the slice normal) lies "
+        f"{gap:.1f} mm from its neighbour, expected 5.0 mm (a missing slice or a stray one?)"
+    )
+
+
+def test_messages_about_a_dicom_series_name_its_folder(tmp_path):
+    from ctmae.mae.config import DataConfig
+    from ctmae.preprocess.cache import prepare_cache
+
+    series = tmp_path / "SERIES"
+    write_dicom_series(series, np.zeros((16, 16, 5), np.int16), spacing=(1.0, 1.0, 2.5), direction=IDENTITY)
+    cfg = DataConfig(spacing=(1.5, 1.5, 1.5), crop=32, cache_dir=str(tmp_path / "cache"), workers=0)
+    good, problems = prepare_cache(find_volumes([series])[0], cfg, min_edge=16)
+    assert good == [] and len(problems) == 1
+    assert problems[0].startswith(f"{series}: body region is ") and "slice_" not in problems[0], problems[0]
+
+
+def test_a_series_sharing_its_folder_is_named_by_folder_and_hash(tmp_path, ct_array):
+    merged = tmp_path / "both"
+    for n in range(2):
+        for f in write_dicom_series(tmp_path / f"s{n}", ct_array + n, series_uid=f"1.2.826.0.1.3680043.8.498.{n}"):
+            merged.mkdir(exist_ok=True)
+            f.rename(merged / f"s{n}_{f.name}")
+    sources, _ = find_volumes([merged])
+    assert len(sources) == 2 and [s.label for s in sources] == [f"{merged}#{s.id.split('#')[1]}" for s in sources]

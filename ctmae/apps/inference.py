@@ -64,7 +64,7 @@ def preprocess(source: VolumeSource, transform: Compose) -> MetaTensor:
             e = e.__cause__
         if isinstance(e, InputError):
             raise e from None
-        raise InputError(f"{source.files[0]}: could not preprocess: {str(e).splitlines()[0]}") from None
+        raise InputError(f"{source.label}: could not preprocess: {str(e).splitlines()[0]}") from None
 
 
 def pad_to_patches(volume: torch.Tensor, patch: int) -> torch.Tensor:

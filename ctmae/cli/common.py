@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ctmae.io.checks import InputError
+from ctmae.io.discovery import Note
 from ctmae.runtime.checkpoint import CheckpointError
 from ctmae.runtime.distributed import DistInfo, barrier, setup
 
@@ -62,9 +63,10 @@ def run_command(body: Callable[[], None]) -> None:
 
 
 def report_skipped(problems: list[str]) -> None:
-    """One yellow line per skipped input."""
-    for line in problems:
-        errors.print(f"[yellow]skipped:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
+    """One yellow line per skipped input, then any note (files that are not scans were ignored; nothing skipped)."""
+    for line in sorted(problems, key=lambda line: isinstance(line, Note)):  # stable: the order stays otherwise
+        tag = "note" if isinstance(line, Note) else "skipped"
+        errors.print(f"[yellow]{tag}:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def progress_bar() -> Progress:

@@ -9,6 +9,7 @@ import typer
 
 from ctmae.cli.common import INPUTS_HELP, UsageError, app, console, progress_bar, report_skipped, run_command
 from ctmae.io.checks import InputError
+from ctmae.io.discovery import skipped_only
 
 
 @app.command()
@@ -75,11 +76,12 @@ def embed(
                 on_scan=scanned,
             )
         report_skipped(result["skipped"])
+        skipped = len(skipped_only(result["skipped"]))  # a note on ignored files skips no scan
         if result["embedded"] + result["resumed"] == 0:
-            raise InputError(f"no scan embedded ({len(result['skipped'])} skipped)")
+            raise InputError(f"no scan embedded ({skipped} skipped)")
         console.print(
             f"embedded {result['embedded']} scan(s), {result['resumed']} already done, "
-            f"{len(result['skipped'])} skipped; {result['rows']} row(s) in {out}",
+            f"{skipped} skipped; {result['rows']} row(s) in {out}",
             highlight=False,
         )
 

@@ -21,7 +21,7 @@ from ctmae.cli.common import (
     run_command,
 )
 from ctmae.io.checks import InputError
-from ctmae.io.discovery import find_volumes
+from ctmae.io.discovery import find_volumes, skipped_only
 from ctmae.mae.checkpoint import load_checkpoint
 from ctmae.mae.config import MODEL_PRESETS
 from ctmae.runtime.distributed import DistInfo, cleanup
@@ -74,7 +74,7 @@ def _predict(checkpoint: Path, inputs: list[Path], out: Optional[Path], device: 
     sources, problems = find_volumes([str(p) for p in inputs])
     report_skipped(problems)
     if not sources:
-        raise InputError(f"no usable volume among the inputs ({len(problems)} skipped)")
+        raise InputError(f"no usable volume among the inputs ({len(skipped_only(problems))} skipped)")
     with progress_bar() as progress:
         task = progress.add_task("segmenting", total=len(sources), info="")
 

@@ -22,7 +22,7 @@ from ctmae.cli.common import (
     sample_data_dir,
 )
 from ctmae.io.checks import InputError
-from ctmae.io.discovery import check_modality, find_volumes
+from ctmae.io.discovery import check_modality, find_volumes, skipped_only
 from ctmae.mae.checkpoint import load_checkpoint
 from ctmae.mae.config import MASK_KINDS, MODEL_PRESETS, RunConfig
 from ctmae.runtime.distributed import DistInfo, barrier, cleanup, gather
@@ -64,9 +64,10 @@ def _volumes(inputs: list[Path], cfg: RunConfig, dist: DistInfo, modality: str |
     ready_ids, bad = set(gather([s.id for s in ready], dist)), gather(bad, dist)
     good = [s for s in sources if s.id in ready_ids]
     report_skipped(problems + bad)
+    count = len(skipped_only(problems)) + len(bad)  # a note on ignored files skips no volume
     if not good:
-        raise InputError(f"no usable volume among the inputs ({len(problems) + len(bad)} skipped)")
-    skipped = f", {len(problems) + len(bad)} skipped" if problems or bad else ""
+        raise InputError(f"no usable volume among the inputs ({count} skipped)")
+    skipped = f", {count} skipped" if count else ""
     console.print(f"{len(good)} volume(s) ready{skipped}; cache: {cfg.data.cache_dir}", highlight=False)
     return good
 

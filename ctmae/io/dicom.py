@@ -106,13 +106,30 @@ def series_geometry_problem(files: Sequence[str]) -> str | None:
         return None
     # ITK derives the third direction column as the slice normal (row x column cosines).
     normal = np.asarray(directions[0]).reshape(3, 3)[:, 2]
-    gaps = np.diff(np.asarray(positions) @ normal)
+    along = np.asarray(positions) @ normal  # (N,) mm along the slice normal
+    gaps = np.diff(along)
     expected = float(np.median(gaps))
     if abs(expected) < SPACING_ABS_TOL_MM or np.any(np.abs(gaps) < SPACING_ABS_TOL_MM):
         return "duplicate slice positions"
-    if np.any(np.abs(gaps - expected) > max(SPACING_REL_TOL * abs(expected), SPACING_ABS_TOL_MM)):
-        return "uneven slice spacing (missing slice?)"
+    uneven = np.flatnonzero(np.abs(gaps - expected) > max(SPACING_REL_TOL * abs(expected), SPACING_ABS_TOL_MM))
+    if uneven.size:
+        return _uneven_spacing(files, along, gaps, expected, uneven)
     return None
+
+
+def _uneven_spacing(
+    files: Sequence[str], along: np.ndarray, gaps: np.ndarray, expected: float, uneven: np.ndarray
+) -> str:
+    """Name the slice that breaks the spacing: the outer one of a gap at either end of the series (a stray slice),
+    otherwise the one after the first uneven gap (a missing slice lies just before it)."""
+    gap = int(uneven[0])
+    index = 0 if gap == 0 else gap + 1
+    more = f"; {uneven.size - 1} more uneven gap(s)" if uneven.size > 1 else ""
+    return (
+        f"uneven slice spacing: {os.path.basename(files[index])} (at {along[index]:.1f} mm along the slice normal) "
+        f"lies {abs(gaps[gap]):.1f} mm from its neighbour, expected {abs(expected):.1f} mm "
+        f"(a missing slice or a stray one?){more}"
+    )
 
 
 def series_modality(path: str) -> str:

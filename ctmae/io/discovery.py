@@ -1,7 +1,9 @@
 """Finding the volumes named on a command line: files, folders, DICOM series and lists, each with a private id.
 
-Discovery reads headers only; ``ctmae.io.volume`` reads the voxels. DICOM series are split by SeriesInstanceUID and named by
-their folder and a one-way hash of the UID, so ids carry no patient identifiers.
+Discovery reads headers only; ``ctmae.io.volume`` reads the voxels. DICOM series are split by SeriesInstanceUID and
+named by their folder and a one-way hash of the UID, so ids carry no patient identifiers. In a scanned folder, label
+maps under a dataset's ``labelsTr/`` (``labelsTs/``, ``labels/``) folder are skipped by path, and files that are not
+scans (notes, pictures, tables) are listed once.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import csv
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -26,7 +28,27 @@ _SKIP_SUFFIXES = (
     ".py", ".yaml", ".yml", ".xml", ".html", ".log", ".npy", ".npz", ".pt", ".pth", ".raw", ".zraw", ".zip", ".gz",
 )
 # fmt: on
+_COMPANION_SUFFIXES = (".raw", ".zraw")  # a MetaImage header's voxel data: part of the .mhd, never listed as ignored
 _CSV_PATH_COLUMNS = ("path", "image")
+# A dataset root (nnU-Net, MSD, or plain images/ + labels/) holds one of these label folders next to an image folder.
+LABEL_FOLDERS = ("labelsTr", "labelsTs", "labels")
+IMAGE_FOLDERS = ("imagesTr", "imagesTs", "images")
+_IGNORED_SHOWN = 5  # ignored files named in the note; the rest are counted
+
+
+class Note(str):
+    """A line from ``find_volumes`` that skips no volume (files that are not scans were ignored): report it, but
+    do not count it as a skipped input."""
+
+
+def files_label(files: Sequence[str | os.PathLike]) -> str:
+    """How messages name a volume given by its files: the one file, or a DICOM series' folder."""
+    return os.fspath(files[0]) if len(files) == 1 else os.path.dirname(os.fspath(files[0]))
+
+
+def skipped_only(lines: Sequence[str]) -> list[str]:
+    """The lines of ``find_volumes``' problems that skip an input (every line but a ``Note``)."""
+    return [line for line in lines if not isinstance(line, Note)]
 
 
 @dataclass(frozen=True)
@@ -39,12 +61,23 @@ class VolumeSource:
         files: absolute paths: one image file, or a DICOM series' files sorted by slice position.
         is_dicom: whether `files` is a DICOM series.
         modality: the DICOM Modality tag ("CT", "MR", ...); empty for other formats, which do not record it.
+        shared_folder: a DICOM series whose folder holds other series too.
     """
 
     id: str
     files: tuple[str, ...]
     is_dicom: bool
     modality: str = ""
+    shared_folder: bool = False
+
+    @property
+    def label(self) -> str:
+        """How messages name this volume: its file, or a DICOM series' folder (plus "#hash" of the series when the
+        folder holds several)."""
+        if not self.is_dicom:
+            return self.files[0]
+        folder = os.path.dirname(self.files[0])
+        return f"{folder}#{self.id.rsplit('#', 1)[1]}" if self.shared_folder and "#" in self.id else folder
 
     def identity(self) -> str:
         """sha256 hex over (absolute path, size, mtime_ns) of every file; changes whenever a file does.
@@ -71,68 +104,123 @@ class _Found:
     anchor: str
     name: str  # absolute path of the file, or of the series folder plus "#hash"
     modality: str = ""
+    shared_folder: bool = False
 
 
-def find_volumes(inputs: Sequence[str | os.PathLike]) -> tuple[list[VolumeSource], list[str]]:
+@dataclass
+class _Search:
+    """What one ``find_volumes`` call has gathered so far."""
+
+    skip_labels: bool
+    found: list[_Found] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # files in scanned folders that are not scans, as given
+
+
+def find_volumes(inputs: Sequence[str | os.PathLike], skip_labels: bool = True) -> tuple[list[VolumeSource], list[str]]:
     """Expand CLI INPUTS into volumes.
 
     Args:
         inputs: image files (.nii, .nii.gz, .nrrd, .mha, .mhd), folders (scanned recursively; DICOM files are split
             into series), DICOM series folders, and .txt / .csv lists of such paths.
+        skip_labels: in scanned folders, skip the volumes under a ``labelsTr``, ``labelsTs`` or ``labels`` folder
+            of a dataset root (a folder that also holds ``imagesTr``, ``imagesTs`` or ``images``), one problem line
+            each. False where labels are read on purpose (finetune-seg).
 
     Returns:
         (sources, problems): sources deduplicated and sorted by id; problems are one-line messages, each naming the
-        path, for inputs that were skipped.
+        path, for inputs that were skipped, and last, when scanned folders held files that are not scans, one
+        ``Note`` naming them ("ignored 2 files: a.png, b.txt"); ``skipped_only`` drops it.
     """
-    found: list[_Found] = []
-    problems: list[str] = []
+    search = _Search(skip_labels)
     for item in inputs:
-        _expand(os.fspath(item), found, problems, allow_lists=True)
+        _expand(os.fspath(item), search, allow_lists=True)
     unique: dict[tuple[str, ...], _Found] = {}
-    for f in found:
+    for f in search.found:
         unique.setdefault(tuple(os.path.realpath(p) for p in f.files), f)
+    problems = search.problems + ([Note(f"ignored {_listing(search.ignored)}")] if search.ignored else [])
     return sorted(_with_ids(list(unique.values())), key=lambda s: s.id), problems
 
 
-def _expand(path: str, found: list[_Found], problems: list[str], allow_lists: bool) -> None:
-    """Add the volumes one input names to `found`, or one line to `problems`."""
+def _listing(paths: Sequence[str]) -> str:
+    """The count and the names, as in "2 files: a.png, b.txt"; at most ``_IGNORED_SHOWN`` names."""
+    shown = ", ".join(paths[:_IGNORED_SHOWN])
+    more = f" and {len(paths) - _IGNORED_SHOWN} more" if len(paths) > _IGNORED_SHOWN else ""
+    return f"{len(paths)} file{'s' if len(paths) > 1 else ''}: {shown}{more}"
+
+
+def _expand(path: str, search: _Search, allow_lists: bool) -> None:
+    """Add the volumes one input names to the search, or one line to its problems."""
     lower = path.lower()
+    problems = search.problems
     if not os.path.exists(path):
         problems.append(f"{path}: does not exist")
     elif os.path.isdir(path):
-        before = (len(found), len(problems))
-        _scan_folder(path, found, problems)
-        if before == (len(found), len(problems)):
+        before = (len(search.found), len(problems), len(search.ignored))
+        _scan_folder(path, search)
+        if before[:2] == (len(search.found), len(problems)):
             empty = not any(files for _, _, files in os.walk(path))
-            problems.append(f"{path}: {'empty folder' if empty else 'folder with no readable volumes'}")
+            ignored = search.ignored[before[2] :]  # named in this line rather than in the note
+            del search.ignored[before[2] :]
+            reason = "empty folder" if empty else "folder with no readable volumes"
+            problems.append(f"{path}: {reason}" + (f" (ignored {_listing(ignored)})" if ignored else ""))
     elif lower.endswith(LIST_SUFFIXES):
         if allow_lists:
-            _expand_list(path, found, problems)
+            _expand_list(path, search)
         else:
             problems.append(f"{path}: a list inside a list; nested lists are not supported")
     elif lower.endswith(IMAGE_SUFFIXES):
-        _add_image_file(path, found, problems)
+        _add_image_file(path, search.found, problems)
     elif has_dicom_magic(path):
         problems.append(f"{path}: a single DICOM file; pass its folder to read the whole series")
     else:
         problems.append(f"{path}: not an image (expected .nii(.gz), .nrrd, .mha, .mhd, a folder or a .txt/.csv list)")
 
 
-def _scan_folder(folder: str, found: list[_Found], problems: list[str]) -> None:
-    """Add every image file and DICOM series under `folder`, in a deterministic order."""
+def _scan_folder(folder: str, search: _Search) -> None:
+    """Add every image file and DICOM series under `folder`, in a deterministic order; note files that are not
+    scans, and skip label folders of a dataset root (when the search skips labels)."""
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
-        dicom_candidates = False
+        hidden = any(part.startswith(".") for part in Path(os.path.relpath(dirpath, folder)).parts)
+        labels = _label_folder(dirpath, folder) if search.skip_labels else None
+        others = []
         for name in sorted(filenames):
-            lower = name.lower()
-            if name.startswith("."):
+            lower, path = name.lower(), os.path.join(dirpath, name)
+            if name.startswith(".") or lower.endswith(_COMPANION_SUFFIXES):
                 continue
             if lower.endswith(IMAGE_SUFFIXES):
-                _add_image_file(os.path.join(dirpath, name), found, problems)
-            elif not lower.endswith(_SKIP_SUFFIXES):
-                dicom_candidates = True
-        if dicom_candidates:
-            _add_dicom_folder(dirpath, found, problems)
+                if labels:
+                    search.problems.append(f"{path}: a label map ({labels}), not a scan")
+                else:
+                    _add_image_file(path, search.found, search.problems)
+            elif lower.endswith(_SKIP_SUFFIXES):
+                search.ignored += [] if hidden else [path]
+            else:
+                others.append(name)
+        if others and labels:
+            search.problems.append(f"{dirpath}: label maps ({labels}), not scans; its DICOM files were not read")
+        elif others:
+            in_series = _add_dicom_folder(dirpath, search.found, search.problems)
+            for name in others:
+                path = os.path.join(dirpath, name)
+                # without any series, DICOM files were reported as holding none; the rest are not DICOM at all
+                if not hidden and name not in in_series and (in_series or not has_dicom_magic(path)):
+                    search.ignored.append(path)
+
+
+def _label_folder(dirpath: str, top: str) -> str | None:
+    """Where `dirpath` (at or below the scanned folder `top`) lies inside a dataset root's label folder, as
+    "under labelsTr/ next to imagesTr/", or None."""
+    path, stop = os.path.abspath(dirpath), os.path.dirname(os.path.abspath(top))
+    while path not in (stop, os.path.dirname(path)):
+        parent = os.path.dirname(path)
+        if os.path.basename(path) in LABEL_FOLDERS:
+            images = next((d for d in IMAGE_FOLDERS if os.path.isdir(os.path.join(parent, d))), None)
+            if images:
+                return f"under {os.path.basename(path)}/ next to {images}/"
+        path = parent
+    return None
 
 
 def _add_image_file(path: str, found: list[_Found], problems: list[str]) -> None:
@@ -145,24 +233,29 @@ def _add_image_file(path: str, found: list[_Found], problems: list[str]) -> None
     found.append(_Found((absolute,), False, os.path.dirname(absolute), absolute))
 
 
-def _add_dicom_folder(folder: str, found: list[_Found], problems: list[str]) -> None:
-    """Add the image series whose files lie directly in `folder`; report DICOM files that hold none."""
+def _add_dicom_folder(folder: str, found: list[_Found], problems: list[str]) -> set[str]:
+    """Add the image series whose files lie directly in `folder`; report DICOM files that hold none.
+
+    Returns:
+        The names of the files that belong to an image series (empty when there is none).
+    """
     series = series_in_folder(folder)
     if not series:
         if any(has_dicom_magic(str(p)) for p in Path(folder).iterdir() if p.is_file()):
             problems.append(f"{folder}: DICOM files here hold no image series")
-        return
+        return set()
     for s in series:
         problem = _header_problem(s.files[0], slices=len(s.files))
         if problem:
-            problems.append(f"{folder}#{s.uid_hash}: {problem}")
+            where = f"{folder}#{s.uid_hash}" if len(series) > 1 else folder
+            problems.append(f"{where}: {problem}")
             continue
-        found.append(
-            _Found(s.files, True, os.path.dirname(s.folder), f"{s.folder}#{s.uid_hash}", series_modality(s.files[0]))
-        )
+        name, modality = f"{s.folder}#{s.uid_hash}", series_modality(s.files[0])
+        found.append(_Found(s.files, True, os.path.dirname(s.folder), name, modality, len(series) > 1))
+    return {os.path.basename(f) for s in series for f in s.files}
 
 
-def _expand_list(list_path: str, found: list[_Found], problems: list[str]) -> None:
+def _expand_list(list_path: str, search: _Search) -> None:
     """Expand a .txt (one path a line) or .csv (first column, or the `path`/`image` column) list of inputs."""
     base = os.path.dirname(os.path.abspath(list_path))
     try:
@@ -172,16 +265,17 @@ def _expand_list(list_path: str, found: list[_Found], problems: list[str]) -> No
             else:
                 entries = [(n, line.strip()) for n, line in enumerate(f, start=1)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        problems.append(f"{list_path}: unreadable list ({type(e).__name__})")
+        search.problems.append(f"{list_path}: unreadable list ({type(e).__name__})")
         return
-    entry_problems: list[str] = []
+    problems = search.problems
     for lineno, entry in entries:
         if not entry or entry.startswith("#"):
             continue
         path = entry if os.path.isabs(entry) else os.path.join(base, entry)
-        _expand(path, found, entry_problems, allow_lists=False)
-        problems.extend(f"{list_path}:{lineno}: {p}" for p in entry_problems)
-        entry_problems.clear()
+        search.problems = []
+        _expand(path, search, allow_lists=False)
+        problems.extend(f"{list_path}:{lineno}: {p}" for p in search.problems)
+    search.problems = problems
 
 
 def _csv_entries(rows: list[list[str]]) -> list[tuple[int, str]]:
@@ -202,7 +296,8 @@ def _with_ids(found: list[_Found]) -> list[VolumeSource]:
         return []
     root = os.path.commonpath([f.anchor for f in found])
     return [
-        VolumeSource(Path(os.path.relpath(f.name, root)).as_posix(), f.files, f.is_dicom, f.modality) for f in found
+        VolumeSource(Path(os.path.relpath(f.name, root)).as_posix(), f.files, f.is_dicom, f.modality, f.shared_folder)
+        for f in found
     ]
 
 

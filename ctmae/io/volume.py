@@ -22,7 +22,7 @@ from nibabel.spatialimages import HeaderDataError
 
 from ctmae.io.checks import IMAGE_SUFFIXES, InputError, condense_sitk_error, shape_problem
 from ctmae.io.dicom import itk_warnings_off, read_series, series_geometry_problem
-from ctmae.io.discovery import VolumeSource, find_volumes
+from ctmae.io.discovery import VolumeSource, files_label, find_volumes
 from ctmae.runtime.files import atomic_path
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -71,18 +71,13 @@ def _read_nifti(path: str) -> sitk.Image:
     return image
 
 
-def _label(files: Sequence[str]) -> str:
-    """How messages name a volume: its file, or its DICOM series' folder."""
-    return files[0] if len(files) == 1 else os.path.dirname(files[0])
-
-
 def _read_image(files: Sequence[str]) -> sitk.Image:
     """Read and check one volume: a single image file, or a DICOM series' files sorted by position.
 
     Raises:
         InputError: one line naming the file (or the series' folder) and what is wrong.
     """
-    label = _label(files)
+    label = files_label(files)
     missing = next((p for p in files if not os.path.isfile(p)), None)
     if missing is not None:
         raise InputError(f"{missing}: does not exist")
@@ -170,7 +165,7 @@ class CTReader(ImageReader):
         names = [os.path.abspath(os.fspath(n)) for n in ensure_tuple(data)]
         files: Sequence[str] = names
         if len(names) == 1 and os.path.isdir(names[0]):
-            sources, problems = find_volumes(names)
+            sources, problems = find_volumes(names, skip_labels=False)  # read what was named, labels included
             if len(sources) != 1:
                 reason = problems[0] if problems else f"{names[0]}: holds {len(sources)} volumes, expected one"
                 raise InputError(reason)

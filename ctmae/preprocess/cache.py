@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import VolumeSource
+from ctmae.io.labels import refuse_label_map
 from ctmae.io.volume import CTReader
 from ctmae.mae.config import DataConfig
 from ctmae.preprocess.resample import resample_to_grid
@@ -89,19 +90,20 @@ class VolumeCache:
         comes from MONAI's ``generate_spatial_bounding_box`` on a NumPy view (10x faster than on a torch tensor).
         """
         image = self.reader.read(list(source.files))
+        refuse_label_map(image, source.label)  # a segmentation among the scans is not trained on as CT
         lo, hi = self.window
         try:
             # only the box that can hold body voxels; 1 HU below the threshold covers float rounding
             image = resample_to_grid(image, self.grid, above=lo + self.body * (hi - lo) - 1.0)  # (1, X, Y, Z) HU
         except RuntimeError as e:
-            raise InputError(f"{source.files[0]}: could not preprocess: {str(e).splitlines()[0]}") from None
+            raise InputError(f"{source.label}: could not preprocess: {str(e).splitlines()[0]}") from None
         image.as_tensor().sub_(lo).div_(hi - lo).clamp_(0.0, 1.0)
         start, end = generate_spatial_bounding_box(image.numpy(), lambda v: v > self.body)
         image = SpatialCrop(roi_start=start, roi_end=end)(image)
         if min(image.shape[1:]) < self.min_edge:
             shape = "x".join(str(n) for n in image.shape[1:])
             raise InputError(
-                f"{source.files[0]}: body region is {shape} voxels after resampling, smaller than one "
+                f"{source.label}: body region is {shape} voxels after resampling, smaller than one "
                 f"{self.min_edge}³ patch"
             )
         return self.pad({"image": image})["image"]

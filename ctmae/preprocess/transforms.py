@@ -18,7 +18,10 @@ from monai.transforms import (
     Spacingd,
     SpatialPadd,
 )
+from monai.utils import ensure_tuple
 
+from ctmae.io.discovery import files_label
+from ctmae.io.labels import refuse_label_map
 from ctmae.io.volume import CTReader
 from ctmae.mae.config import DataConfig
 
@@ -39,7 +42,10 @@ class LoadCTd(MapTransform):
     def __call__(self, data: dict) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            array, meta = self.reader.get_data(self.reader.read(d[key]))
+            image = self.reader.read(d[key])
+            if key == "image":  # labels are read as labels (finetune-seg); an image must not be one
+                refuse_label_map(image, files_label(ensure_tuple(d[key])))
+            array, meta = self.reader.get_data(image)
             d[key] = MetaTensor(torch.from_numpy(array), meta=meta)  # meta["affine"] becomes .affine
         return d
 

@@ -28,7 +28,7 @@ from monai.transforms import Compose, RandCropByPosNegLabeld, RandFlipd
 from torch.utils.data import Dataset
 
 from ctmae.io.checks import IMAGE_SUFFIXES, InputError
-from ctmae.io.discovery import VolumeSource, find_volumes
+from ctmae.io.discovery import VolumeSource, find_volumes, skipped_only
 from ctmae.io.volume import read_volume
 from ctmae.preprocess.schedule import global_visit, visit_batches, visit_volume
 from ctmae.preprocess.transforms import preprocess_transforms
@@ -65,7 +65,9 @@ def case_name(source: VolumeSource, image: bool) -> tuple[str, int]:
 
 
 def _found(paths: Sequence[str | os.PathLike], what: str) -> list[VolumeSource]:
-    sources, problems = find_volumes([os.fspath(p) for p in paths])
+    # labels are read on purpose here; a note on files that are not scans (a README.md) is no problem
+    sources, problems = find_volumes([os.fspath(p) for p in paths], skip_labels=False)
+    problems = skipped_only(problems)
     if problems:
         raise InputError(f"{what}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     if not sources:
