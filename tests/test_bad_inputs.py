@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -20,7 +21,7 @@ from conftest import write_dicom_series, write_volume
 from ctmae.cli import app
 from ctmae.mae.checkpoint import load_checkpoint
 from ctmae.mae.config import RunConfig
-from ctmae.runtime.checkpoint import FORMAT_VERSION, CheckpointError, save_checkpoint
+from ctmae.runtime.checkpoint import FORMAT_VERSION, SEG_FORMAT, CheckpointError, save_checkpoint
 
 TINY = ["--model", "tiny", "--crop", "32", "--patch", "8", "--workers", "0", "--steps", "1"]
 GEOMETRY = dict(spacing=(1.5, 1.5, 1.5), origin=(0.0, 0.0, 0.0), direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
@@ -238,3 +239,116 @@ def test_reconstruct_never_overwrites_an_input(tmp_path, tiny_checkpoint):
     result = CliRunner().invoke(app, ["reconstruct", str(tiny_checkpoint), str(scan), "--out", str(scan.parent)])
     assert result.exit_code == 1 and "never overwrites inputs" in result.output
     assert scan.read_bytes() == before and sorted(p.name for p in scan.parent.iterdir()) == ["input.nii.gz"]
+
+
+MAE_WHERE = "RUN_DIR/checkpoints/last.pt written by ctmae pretrain"
+SEG_WHERE = "RUN_DIR/checkpoints/best.pt written by ctmae finetune-seg"
+TO_SEGMENT = "to segment scans with it, use ctmae finetune-seg --predict"
+PASS_MAE = f"pass an MAE pretraining checkpoint ({MAE_WHERE})"
+
+
+def _wrong_file(folder: Path, kind: str) -> Path:
+    """A file passed where a checkpoint belongs: another kind of ctmae checkpoint, a scan, text, an archive."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = RunConfig.from_dict({"model": {"size": "tiny"}}).to_dict()
+    if kind == "mae":
+        save_checkpoint({"config": cfg, "model": {}, "step": 1}, folder / "last.pt")
+        return folder / "last.pt"
+    if kind in ("seg", "seg-scratch"):
+        pretrained = "runs/mae/checkpoints/last.pt" if kind == "seg" else ""
+        save_checkpoint({"config": {"pretrained": pretrained}, "model": {}, "step": 1}, folder / "best.pt", SEG_FORMAT)
+        return folder / "best.pt"
+    if kind == "nifti":
+        return write_volume(folder / "scan.nii.gz", body(), **GEOMETRY)
+    if kind == "nifti-plain":
+        return write_volume(folder / "scan.nii", body(), **GEOMETRY)
+    if kind == "text":
+        (folder / "notes.pt").write_text("checkpoint: runs/mae/checkpoints/last.pt\n")
+        return folder / "notes.pt"
+    if kind == "zip":
+        with zipfile.ZipFile(folder / "archive.pt", "w") as archive:
+            archive.writestr("readme.txt", "not weights")
+        return folder / "archive.pt"
+    (folder / "empty.pt").write_bytes(b"")
+    return folder / "empty.pt"
+
+
+@pytest.mark.parametrize(
+    "kind, command, message",
+    [
+        (
+            "mae",
+            "predict",
+            "an MAE pretraining checkpoint, not a fine-tuned segmentation checkpoint; --predict needs a fine-tuned "
+            f"one ({SEG_WHERE})",
+        ),
+        (
+            "seg",
+            "reconstruct",
+            "a fine-tuned segmentation checkpoint, not an MAE pretraining checkpoint; pass the MAE pretraining "
+            f"checkpoint it was fine-tuned from (runs/mae/checkpoints/last.pt); {TO_SEGMENT}",
+        ),
+        (
+            "seg",
+            "embed",
+            "a fine-tuned segmentation checkpoint, not an MAE pretraining checkpoint; pass the MAE pretraining "
+            f"checkpoint it was fine-tuned from (runs/mae/checkpoints/last.pt); {TO_SEGMENT}",
+        ),
+        (
+            "seg-scratch",
+            "reconstruct",
+            "a fine-tuned segmentation checkpoint, not an MAE pretraining checkpoint; it was trained from scratch: "
+            f"pass an MAE pretraining checkpoint ({MAE_WHERE}); {TO_SEGMENT}",
+        ),
+        (
+            "nifti",
+            "reconstruct",
+            f"not a ctmae checkpoint: it is a gzip-compressed NIfTI image; {PASS_MAE}",
+        ),
+        (
+            "nifti-plain",
+            "embed",
+            f"not a ctmae checkpoint: it is a NIfTI image; {PASS_MAE}",
+        ),
+        (
+            "text",
+            "reconstruct",
+            f"not a ctmae checkpoint: it is a text file; {PASS_MAE}",
+        ),
+        (
+            "text",
+            "predict",
+            f"not a ctmae checkpoint: it is a text file; pass a fine-tuned segmentation checkpoint ({SEG_WHERE})",
+        ),
+        (
+            "zip",
+            "reconstruct",
+            f"not a ctmae checkpoint: it is a zip archive, not a torch file; {PASS_MAE}",
+        ),
+        (
+            "empty",
+            "embed",
+            f"not a ctmae checkpoint: it is an empty file; {PASS_MAE}",
+        ),
+    ],
+)
+def test_a_wrong_checkpoint_is_named_for_what_it_is(tmp_path, kind, command, message):
+    checkpoint = _wrong_file(tmp_path / "given", kind)
+    scan = write_volume(tmp_path / "scans" / "s.nii.gz", body(), **GEOMETRY)
+    args = {
+        "predict": ["finetune-seg", "--predict", str(checkpoint), str(scan), "--out", str(tmp_path / "pred")],
+        "reconstruct": ["reconstruct", str(checkpoint), str(scan), "--out", str(tmp_path / "recon")],
+        "embed": ["embed", str(checkpoint), str(scan), "--out", str(tmp_path / "e.npz")],
+    }[command]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1] == f"error: {checkpoint}: {message}", result.output
+
+
+def test_a_pickle_that_would_run_code_is_still_refused_as_such(tmp_path):
+    path = _ckpt(tmp_path, "exploit")
+    scan = write_volume(tmp_path / "s.nii.gz", body(), **GEOMETRY)
+    result = CliRunner().invoke(app, ["reconstruct", str(path), str(scan), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1] == f"error: {path}: refused to load: it holds objects that could run code"
+    assert not (Path(__file__).parent / ".pwned-by-ctmae-test").exists()

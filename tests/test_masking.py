@@ -1,12 +1,30 @@
-"""Token masks: exact ratio, block contiguity, determinism, equal visible counts, identity and noise modes."""
+"""The masking registry (a toy strategy registered here trains), and the masks: exact ratio, block contiguity,
+determinism, equal visible counts, identity and noise modes."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from ctmae.mae.config import MaskConfig
-from ctmae.mae.masking import corrupt, num_masked, num_predicted, sample_mask
+from conftest import write_body_scans
+from ctmae.cli import app
+from ctmae.io.discovery import find_volumes
+from ctmae.mae.config import MaskConfig, RunConfig
+from ctmae.mae.masking import (
+    MASKS,
+    MaskStrategy,
+    corrupt,
+    num_masked,
+    num_predicted,
+    register,
+    sample_mask,
+    unregister,
+)
+from ctmae.mae.train import pretrain
+from ctmae.preprocess.cache import prepare_cache
 
 GRID = (6, 6, 6)
 CPU = torch.device("cpu")
@@ -87,3 +105,57 @@ def test_noise_corrupts_every_voxel_and_other_kinds_do_not():
     noisy = corrupt(x, MaskConfig(kind="noise", noise_std=0.2), torch.Generator().manual_seed(0))
     assert (noisy != 0).all() and 0.15 < noisy.std().item() < 0.25
     assert corrupt(x, MaskConfig(kind="block"), torch.Generator()) is x
+
+
+def test_the_registry_holds_the_built_in_strategies_and_drives_config_and_cli():
+    assert list(MASKS) == ["block", "random", "none", "noise"]
+    assert [k for k, s in MASKS.items() if s.hides_tokens] == ["block", "random"]
+    assert [k for k, s in MASKS.items() if s.corrupt is not None] == ["noise"]
+    with pytest.raises(ValueError, match="unknown mask kind 'holes'; choose one of block, random, none, noise"):
+        RunConfig.from_dict({"mask": {"kind": "holes"}})
+    with pytest.raises(ValueError, match="mask ratio"):
+        RunConfig.from_dict({"mask": {"kind": "random", "ratio": 1.0}})
+    RunConfig.from_dict({"mask": {"kind": "noise", "ratio": 1.0}})  # the ratio means nothing to noise
+    for command in ("pretrain", "reconstruct"):
+        assert "block|random|none|noise" in CliRunner().invoke(app, [command, "--help"], terminal_width=200).output
+
+
+def test_a_strategy_is_checked_when_registered():
+    with pytest.raises(ValueError, match="already registered"):
+        register(MaskStrategy("block", "again", scores=MASKS["block"].scores, uses_ratio=True))
+    with pytest.raises(ValueError, match="hides MaskConfig.ratio"):
+        MaskStrategy("odd", "hides tokens without a ratio", scores=MASKS["block"].scores)
+
+
+def _slab_scores(cfg, batch, grid, generator, device):
+    """Whole z-slabs of tokens: a random rank per slab (last grid axis) plus a tie-break inside it. (B, L)."""
+    rank = torch.rand(batch, grid[2], generator=generator, device=device).argsort(1).argsort(1)  # (B, gw)
+    within = torch.rand(batch, *grid, generator=generator, device=device)  # (B, gd, gh, gw)
+    return (rank[:, None, None, :] + within).reshape(batch, -1)
+
+
+@pytest.fixture
+def slab():
+    strategy = register(MaskStrategy("slab", "hides whole z-slabs of tokens", scores=_slab_scores, uses_ratio=True))
+    yield strategy
+    unregister("slab")
+    assert "slab" not in MASKS
+
+
+def test_a_toy_strategy_registered_in_a_test_masks_and_trains(slab, tmp_path):
+    m = draw(MaskConfig(kind="slab", ratio=0.5, predict_ratio=1.0))
+    per_slab = m.mask.view(4, *GRID).sum((1, 2))  # (B, gw): hidden tokens in each z-slab
+    assert (per_slab == 36).sum(1).tolist() == [3] * 4 and (per_slab == 0).sum(1).tolist() == [3] * 4
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"size": "tiny", "patch": 8},
+            "data": {"crop": 32, "workers": 0, "cache_dir": str(tmp_path / "cache")},
+            "mask": {"kind": "slab", "ratio": 0.5},
+            "train": {"steps": 2, "batch_size": 2, "log_every": 1},
+        }
+    )
+    sources, _ = find_volumes([write_body_scans(tmp_path / "scans", 1)])
+    good, _ = prepare_cache(sources, cfg.data)
+    result = pretrain(cfg, good, tmp_path / "run")
+    assert result["steps"] == 2 and math.isfinite(result["last_loss"])
+    assert "kind: slab" in (tmp_path / "run" / "config.yaml").read_text()

@@ -1,4 +1,5 @@
-"""The MAE: shapes, finite outputs, gradients everywhere, masked-only loss, MONAI ViT compatibility."""
+"""The MAE: shapes, finite outputs, gradients everywhere, masked-only loss, MONAI ViT compatibility, and the
+inference API (encode, reconstruct) that reconstruct and embed use."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from monai.networks.nets import ViT
 
 from ctmae.mae.config import MaskConfig, RunConfig
 from ctmae.mae.masking import sample_mask
-from ctmae.mae.model import MaskedAutoencoder3D
+from ctmae.mae.model import MaskedAutoencoder3D, build_model
 
 CPU = torch.device("cpu")
 CFG = RunConfig.from_dict({"model": {"size": "tiny", "patch": 8}, "data": {"crop": 32}}).model
@@ -18,7 +19,7 @@ CFG = RunConfig.from_dict({"model": {"size": "tiny", "patch": 8}, "data": {"crop
 
 def make(seed: int = 0, **over) -> MaskedAutoencoder3D:
     torch.manual_seed(seed)
-    return MaskedAutoencoder3D(replace(CFG, **over))
+    return build_model(replace(CFG, **over))
 
 
 def masks(kind: str = "block", batch: int = 2, seed: int = 0):
@@ -109,7 +110,7 @@ def test_encoder_weights_load_into_monai_vit_and_compute_the_same_features():
         qkv_bias=True,
         pos_embed_type="sincos",
     )
-    result = vit.load_state_dict(model.encoder.state_dict(), strict=False)
+    result = vit.load_state_dict(model.encoder.state_dict(), strict=False)  # MONAI reads the encoder's weights
     assert not result.unexpected_keys
     assert all("norm_cross_attn" in k for k in result.missing_keys)
     x = torch.rand(2, 1, 32, 32, 32)
@@ -117,3 +118,40 @@ def test_encoder_weights_load_into_monai_vit_and_compute_the_same_features():
         ours = model.encoder.forward_features(model.patchify(x))
         theirs, _ = vit(x)
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_build_model_names_the_architectures():
+    assert isinstance(make(), MaskedAutoencoder3D)
+    with pytest.raises(ValueError, match="unknown model arch 'vit9d'; known: mae3d"):
+        build_model(replace(CFG, arch="vit9d"))
+
+
+@pytest.mark.parametrize("visible", [None, "masked"])
+def test_encode_is_the_encoder_on_patchified_images(visible):
+    model, x = make(), torch.rand(2, 1, 32, 32, 32)
+    ids = None if visible is None else masks("block").ids_keep
+    with torch.no_grad():
+        reference = model.encoder.forward_features(model.patchify(x), ids)
+        assert torch.equal(model.encode(x, ids), reference)
+        assert torch.equal(model.encoder(model.patchify(x), ids), reference)  # ViTEncoder.forward
+    assert model.encode(x, ids).shape == (2, 64 if ids is None else ids.shape[1], CFG.dim)
+    with pytest.raises(ValueError, match="expects 32³ crops"):
+        model.encode(torch.rand(1, 1, 16, 16, 16))
+
+
+@pytest.mark.parametrize("kind", ["block", "noise"])
+def test_reconstruct_gives_what_forward_decodes_for_the_same_tokens(kind):
+    """The voxels ``reconstruct`` returns at the predicted tokens are forward's ``pred``; other tokens are 0; and
+    predicting every token gives the same values at those tokens (queries do not attend to each other)."""
+    model, x, m = make(), torch.rand(2, 1, 32, 32, 32), masks(kind)
+    with torch.no_grad():
+        _, pred, _ = model(x, m)  # (B, Lp, p³)
+        volume = model.reconstruct(x, m.ids_keep, m.ids_pred)  # (B, 1, 32, 32, 32)
+        full = model.reconstruct(x, m.ids_keep)
+    assert volume.shape == x.shape
+    patches, every = model.patchify(volume), model.patchify(full)
+    index = m.ids_pred[..., None].expand(-1, -1, pred.shape[-1])
+    assert torch.allclose(torch.gather(patches, 1, index), pred, atol=1e-6)
+    others = torch.ones(2, 64, dtype=torch.bool).scatter_(1, m.ids_pred, False)
+    assert (patches[others] == 0).all()
+    assert torch.allclose(torch.gather(every, 1, index), pred, atol=1e-5)

@@ -1,9 +1,11 @@
-"""``ctmae reconstruct``: outputs on the source grid, mask ratio, visible voxels kept, whole-volume coverage, errors."""
+"""``ctmae reconstruct``: outputs on the source grid, mask ratio, visible voxels kept, whole-volume coverage, errors,
+metrics that the written files reproduce, and a preview laid out at true aspect with titles and an error scale."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import math
 from pathlib import Path
 
 import nibabel as nib
@@ -14,6 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import SAMPLE_DATA, write_dicom_series, write_volume
+from ctmae.apps.preview import BACKGROUND, COLUMNS, ERROR_LUT, SEP, TEXT, WINDOW, render_preview
 from ctmae.apps.reconstruct import OUTPUTS
 from ctmae.cli import app
 from ctmae.io.discovery import find_volumes
@@ -52,7 +55,7 @@ def test_outputs_have_the_source_geometry(sample_run):
         np.testing.assert_allclose(image.affine, affine, atol=1e-4, err_msg=name)
     assert _load(sample_run, "mask.nii.gz").dtype == np.uint8
     png = sitk.GetArrayFromImage(sitk.ReadImage(str(sample_run / "preview.png")))
-    assert png.dtype == np.uint8 and png.ndim == 2 and png.max() > png.min()
+    assert png.dtype == np.uint8 and png.ndim == 3 and png.shape[2] == 3 and png.max() > png.min()
 
 
 def test_metrics_report_the_requested_mask(sample_run):
@@ -62,9 +65,8 @@ def test_metrics_report_the_requested_mask(sample_run):
     assert metrics["token_mask_ratio"] == metrics["tokens_masked"] / metrics["tokens"]
     assert metrics["mask"] == {"kind": "block", "ratio": 0.6, "block": 2, "noise_std": 0.1, "seed": 3}
     mask = _load(sample_run, "mask.nii.gz").astype(bool)
-    inside = metrics["masked"]["voxels"] + metrics["visible"]["voxels"]
     assert mask.sum() == metrics["masked"]["voxels"]
-    assert metrics["mask_ratio"] == pytest.approx(mask.sum() / inside)
+    assert metrics["mask_ratio"] == pytest.approx(mask.sum() / metrics["field_of_view_voxels"])
     # on source voxels the share only approximates the token share (padding tokens, resampling); a sanity bound
     assert abs(metrics["mask_ratio"] - 0.6) < 0.1
     assert np.isfinite(metrics["masked"]["mse"]) and np.isfinite(metrics["masked"]["psnr"])
@@ -98,7 +100,9 @@ def test_whole_volume_is_covered(tiny_checkpoint, tmp_path, monkeypatch, kind):
     monkeypatch.setattr(
         Decoder,
         "forward",
-        lambda self, latent, mask: torch.full((latent.shape[0], mask.ids_pred.shape[1], self.head.out_features), 0.25),
+        lambda self, latent, ids_keep, ids_pred: torch.full(
+            (latent.shape[0], ids_pred.shape[1], self.head.out_features), 0.25
+        ),
     )
     out = tmp_path / "out"
     assert _run(tiny_checkpoint, scan, "--out", out, "--mask", kind).exit_code == 0
@@ -162,3 +166,112 @@ def test_errors_are_one_line(tiny_checkpoint, tmp_path, ct_array):
         result = _run(*args[:2], "--out", tmp_path / "o", *args[2:])
         assert result.exit_code == code, (args, result.output)
         assert words in result.output and "Traceback" not in result.output, result.output
+
+
+def _assert_metrics_match_the_files(out: Path) -> dict:
+    """Every figure of metrics.json but model_on_visible, recomputed from the written NIfTIs."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    lo, hi = metrics["hu_window"]
+    original = _load(out, "input.nii.gz").astype(np.float64)
+    recon = _load(out, "reconstruction.nii.gz").astype(np.float64)
+    mask = _load(out, "mask.nii.gz").astype(bool)
+    np.testing.assert_allclose(_load(out, "error.nii.gz"), np.abs(recon - original), atol=1e-3)
+    assert metrics["voxels"] == mask.size and metrics["field_of_view_voxels"] <= mask.size
+    assert metrics["mask_ratio"] == pytest.approx(mask.sum() / metrics["field_of_view_voxels"])
+    for name, where in (("masked", mask), ("visible", ~mask)):
+        figure = metrics[name]
+        assert figure["voxels"] == where.sum(), name
+        if not where.any():
+            assert figure["mse"] is None and figure["psnr"] is None
+            continue
+        mse = float(np.mean(((recon[where] - original[where]) / (hi - lo)) ** 2))
+        assert figure["mse"] == pytest.approx(mse, rel=1e-5, abs=1e-12), name
+        assert figure["psnr"] == (None if mse == 0 else pytest.approx(-10 * math.log10(mse), abs=1e-3)), name
+    seen = metrics["model_on_visible"]  # the model's own output on visible voxels: in no file, named for that
+    assert seen["voxels"] == metrics["field_of_view_voxels"] - mask.sum() and seen["mse"] > 0
+    assert set(metrics["definitions"]) >= {"masked", "visible", "model_on_visible", "mask_ratio"}
+    return metrics
+
+
+def test_metrics_describe_the_written_files(sample_run):
+    metrics = _assert_metrics_match_the_files(sample_run)
+    # block masking copies visible voxels from the input: the visible error is 0 by construction, and says so
+    assert metrics["visible"]["mse"] == 0.0 and metrics["visible"]["psnr"] is None
+    assert metrics["masked"]["mse"] > 0 and "copied from the input" in metrics["definitions"]["visible"]
+
+
+def test_metrics_describe_the_files_when_nothing_is_hidden(tiny_checkpoint, tmp_path, ct_array):
+    scan = write_volume(tmp_path / "small.nii.gz", ct_array, spacing=(3.0, 3.0, 5.0))
+    assert _run(tiny_checkpoint, scan, "--out", tmp_path / "o", "--mask", "noise").exit_code == 0
+    metrics = _assert_metrics_match_the_files(tmp_path / "o")
+    assert metrics["masked"]["voxels"] == 0 and metrics["visible"]["mse"] > 0 and metrics["mask_ratio"] == 0
+
+
+def _head(shape=(180, 220, 30), value: float | None = None) -> np.ndarray:
+    """A head-shaped volume, 180 x 220 x 30 voxels (R-L x A-P x S-I) of 1 x 1 x 5 mm: an ellipsoid of soft tissue
+    in air with a brighter skull shell, or a uniform ``value`` filling the whole field."""
+    if value is not None:
+        return np.full(shape, value, np.float32)
+    axes = np.meshgrid(*[np.linspace(-1.1, 1.1, n) for n in shape], indexing="ij")
+    r = np.sqrt(sum(a**2 for a in axes))
+    return np.where(r < 0.92, 40.0, np.where(r < 1.0, 900.0, -1000.0)).astype(np.float32)
+
+
+HEAD_AFFINE = np.diag([1.0, 1.0, 5.0, 1.0])
+
+
+def test_preview_panels_have_true_aspect_and_no_bands_between_views():
+    uniform = _head(value=0.0)  # 0 HU everywhere: any pixel of a panel is grey, a band would show as background
+    image, layout, _ = render_preview([uniform] * 3 + [uniform * 0], uniform < 0, HEAD_AFFINE, ["title", "line 2"])
+    assert image.shape == (layout.height, layout.width, 3)
+    (ax_h, ax_w), (co_h, co_w), (sa_h, sa_w) = layout.sizes
+    assert ax_h / ax_w == pytest.approx(220 / 180, abs=0.02)  # axial: A-P rows, R-L columns
+    assert co_h / co_w == pytest.approx(150 / 180, abs=0.02) and sa_h / sa_w == pytest.approx(150 / 220, abs=0.02)
+    assert co_w == ax_w and sa_w == ax_h  # one millimetre is the same number of pixels in every panel
+    grey = round((0 - WINDOW[0]) / (WINDOW[1] - WINDOW[0]) * 255)
+    for c in range(3):
+        column = image[layout.top : layout.row_top(2) + sa_h, layout.column_left(c) + layout.cell_w // 2]
+        is_grey = (column == grey).all(axis=1)
+        assert (column[~is_grey] == BACKGROUND).all()  # nothing but panels and separators
+        assert (~is_grey).sum() == 2 * SEP  # exactly one separator between views: each row is as tall as its panels
+    title_band = image[: layout.top]
+    assert (title_band == TEXT).all(axis=2).sum() > 200 and not (title_band == grey).all(axis=2).any()
+
+
+@pytest.mark.parametrize(("error_hu", "scale_hu"), [(20.0, 25.0), (300.0, 400.0)])
+def test_error_column_is_coloured_on_a_stated_scale_without_saturating(error_hu, scale_hu):
+    head = _head()
+    hidden = np.zeros(head.shape, bool)
+    hidden[60:120, 80:160, 10:20] = True
+    error = np.where(hidden, error_hu, 0.0).astype(np.float32)
+    image, layout, scale = render_preview([head, head, head + error, error], hidden, HEAD_AFFINE, ["t"])
+    assert scale == scale_hu
+    h, w = layout.sizes[0]
+    left = layout.column_left(len(COLUMNS) - 1) + (layout.cell_w - w) // 2
+    panel = image[layout.top : layout.top + h, left : left + w].reshape(-1, 3)
+    colours = {tuple(c) for c in panel}
+    assert tuple(ERROR_LUT[0]) in colours  # no error: the map's dark end
+    assert tuple(ERROR_LUT[round(error_hu / scale_hu * 255)]) in colours  # the error: mid-map, not saturated
+    assert not (panel == ERROR_LUT[255]).all(axis=1).any()
+
+
+@pytest.mark.slow
+def test_head_preview_is_what_the_written_files_show(tiny_checkpoint, tmp_path):
+    scan = write_volume(tmp_path / "head.nii.gz", _head(), spacing=(1.0, 1.0, 5.0), origin=(0, 0, 0))
+    out = tmp_path / "out"
+    result = _run(tiny_checkpoint, scan, "--out", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    png = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "preview.png")))
+    metrics = json.loads((out / "metrics.json").read_text())
+    volumes = [_load(out, name).astype(np.float32) for name in OUTPUTS[:4]]
+    affine = nib.load(out / "input.nii.gz").affine
+    title = [
+        f"{tiny_checkpoint} (step 4)",
+        f"mask block ratio 0.75 block 2 seed 0 | masked PSNR {metrics['masked']['psnr']:.2f} dB, "
+        f"SSIM {metrics['ssim']:.3f}",
+    ]
+    image, layout, scale = render_preview(volumes, _load(out, "mask.nii.gz").astype(bool), affine, title)
+    np.testing.assert_array_equal(png, image)
+    assert metrics["preview"] == {"window_hu": list(WINDOW), "error_scale_hu": scale}
+    (ax_h, ax_w), (co_h, _), _ = layout.sizes
+    assert co_h < 0.75 * ax_h  # the short head gets short coronal and sagittal rows, not bands

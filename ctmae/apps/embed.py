@@ -150,7 +150,7 @@ def token_features(loaded: LoadedModel, volume: torch.Tensor, batch_size: int) -
 
     def predictor(windows: torch.Tensor) -> torch.Tensor:
         """(B, 1, c, c, c) -> (B, D, g, g, g): MONAI scales the output grid by g / c."""
-        feats = model.encoder.forward_features(model.patchify(windows))  # (B, L, D)
+        feats = model.encode(windows)  # (B, L, D)
         return feats.transpose(1, 2).reshape(windows.shape[0], -1, g, g, g)  # (B, D, L) -> (B, D, g, g, g)
 
     out = sliding_window_inference(

@@ -2,10 +2,13 @@
 
 One token mask is drawn for the whole (patch-padded) preprocessed volume, not one per window: windows start on the
 patch grid, so a voxel is hidden in every window that holds it or in none, and overlapping windows blend
-predictions of the same hidden voxels. The decoder predicts every token of a window (``ids_pred`` = all), so the
-model's output on visible voxels can be scored too; ``reconstruction.nii.gz`` takes hidden voxels from the model and
-visible voxels from the input. With ``none`` and ``noise`` nothing is hidden and the reconstruction is the model's
-output everywhere (plain / denoising autoencoder).
+predictions of the same hidden voxels. The decoder predicts every token of a window, so the model's output on
+visible voxels can be scored too (``model_on_visible`` in metrics.json); ``reconstruction.nii.gz`` takes hidden
+voxels from the model and visible voxels from the input. With a strategy that hides no tokens (``none``, ``noise``)
+the reconstruction is the model's output everywhere in the field of view (plain / denoising autoencoder).
+
+metrics.json's ``masked`` and ``visible`` figures are recomputable from the written files: reconstruction vs input
+where mask.nii.gz is 1, resp. 0 (so ``visible`` is exactly 0 when visible voxels are copied from the input).
 """
 
 from __future__ import annotations
@@ -16,11 +19,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.metrics import PSNRMetric, SSIMMetric
 
@@ -32,18 +32,31 @@ from ctmae.apps.inference import (
     to_source_grid,
     window_tokens,
 )
+from ctmae.apps.preview import WINDOW, write_preview
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import VolumeSource, ensure_not_inputs, find_volumes
 from ctmae.io.volume import read_volume, write_nifti
 from ctmae.mae.config import MaskConfig
-from ctmae.mae.masking import TokenMask, corrupt, sample_mask
+from ctmae.mae.masking import corrupt, sample_mask, strategy
 from ctmae.preprocess.transforms import preprocess_transforms
 from ctmae.runtime.checkpoint import CheckpointError
+from ctmae.runtime.files import atomic_write_text
 
 OUTPUTS = ("input.nii.gz", "masked.nii.gz", "reconstruction.nii.gz", "error.nii.gz", "mask.nii.gz")
-PREVIEW_WINDOW = (-1000.0, 400.0)  # HU shown black..white: lung parenchyma and soft tissue both readable
-PREVIEW_ERROR_MAX = 500.0  # |error| in HU shown as white
-PREVIEW_PANEL = 320  # longest panel edge in pixels
+# What each figure of metrics.json measures, written into it so the file explains itself.
+DEFINITIONS = {
+    "voxels": "voxels of every output file (the input's grid)",
+    "field_of_view_voxels": "voxels the preprocessed volume covers (the body crop); outside it every file copies "
+    "the input and nothing is hidden",
+    "mask_ratio": "hidden voxels (mask.nii.gz = 1) / field_of_view_voxels",
+    "masked": "reconstruction.nii.gz vs input.nii.gz where mask.nii.gz = 1 (= error.nii.gz there)",
+    "visible": "reconstruction.nii.gz vs input.nii.gz where mask.nii.gz = 0; 0 when the strategy hides tokens, "
+    "because visible voxels are copied from the input (PSNR null: infinite)",
+    "model_on_visible": "the model's own prediction of the visible voxels in the field of view vs the input; "
+    "not written to any file",
+    "ssim": "reconstruction.nii.gz vs input.nii.gz over the whole volume",
+    "tokens": "token grid of the whole patch-padded preprocessed volume; tokens_masked of them hidden",
+}
 
 
 def mask_config(loaded: LoadedModel, kind: str | None, ratio: float | None, block: int | None) -> MaskConfig:
@@ -88,6 +101,7 @@ def reconstruct(
     array, affine = read_volume(source)  # (X0, Y0, Z0) HU, the geometry every output keeps
     lo, hi = cfg.data.hu_window
 
+    kind = strategy(mask)
     raw, hidden, encoder_view, tokens_hidden = _predict(loaded, image.as_tensor(), mask, seed, batch_size)
     back = to_source_grid(torch.stack([raw, hidden, encoder_view, torch.ones_like(raw)]), image, transform)
     cover = back[3]
@@ -96,12 +110,12 @@ def reconstruct(
     inside = cover >= 0.5
     raw, hidden, encoder_view = (back[:3] / np.maximum(cover, 1e-6)).astype(np.float32)
     hidden = inside & (hidden >= 0.5)
-    predicted = hidden if mask.kind in ("block", "random") else inside
+    predicted = hidden if kind.hides_tokens else inside
 
     original = np.clip(array, lo, hi)  # what the model sees, in HU
     model_hu = np.clip(raw, 0.0, 1.0) * (hi - lo) + lo
     recon = np.where(predicted, model_hu, original).astype(np.float32)
-    shown = np.where(inside, encoder_view, 0.0) * (hi - lo) + lo if mask.kind == "noise" else original
+    shown = np.where(inside, encoder_view, 0.0) * (hi - lo) + lo if kind.corrupt is not None else original
     masked = np.where(hidden, lo, shown).astype(np.float32)
     error = np.abs(recon - original)
 
@@ -109,12 +123,8 @@ def reconstruct(
     out.mkdir(parents=True, exist_ok=True)
     for name, volume in zip(OUTPUTS, (original, masked, recon, error, hidden.astype(np.uint8))):
         write_nifti(volume, affine, out / name)
-    title = (
-        f"{checkpoint_name or 'checkpoint'} (step {loaded.step}) | mask {mask.kind} ratio {mask.ratio:g} "
-        f"block {mask.block} seed {seed}"
-    )
     metrics = {
-        "title": title,
+        "title": f"{checkpoint_name or 'checkpoint'} (step {loaded.step}) | {_mask_words(mask, seed)}",
         "checkpoint": checkpoint_name,
         "checkpoint_step": loaded.step,
         "input": source.id,
@@ -125,18 +135,51 @@ def reconstruct(
             "noise_std": mask.noise_std,
             "seed": seed,
         },
-        "units": "errors in scaled intensity: HU window mapped to 0..1 (PSNR peak 1)",
-        "hu_window": [lo, hi],
-        "mask_ratio": float(hidden.sum() / max(inside.sum(), 1)),
+        **_figures(recon, original, model_hu, hidden, inside, (lo, hi)),
         "tokens": int(tokens_hidden.numel()),  # over the whole patch-padded preprocessed volume
         "tokens_masked": int(tokens_hidden.sum()),
         "token_mask_ratio": int(tokens_hidden.sum()) / tokens_hidden.numel(),
-        **_scores(model_hu, original, hidden, inside, lo, hi),
         "ssim": _ssim(recon, original, lo, hi, loaded.device),
     }
-    _atomic_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    _write_preview(out / "preview.png", [original, masked, recon, error], affine)
+    title = [
+        f"{checkpoint_name or 'checkpoint'} (step {loaded.step})",
+        f"{_mask_words(mask, seed)} | masked PSNR {_db(metrics['masked']['psnr'])}, SSIM {metrics['ssim']:.3f}",
+    ]
+    scale = write_preview(out / "preview.png", [original, masked, recon, error], hidden, affine, title)
+    metrics["preview"] = {"window_hu": list(WINDOW), "error_scale_hu": scale}
+    metrics["definitions"] = DEFINITIONS
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _figures(
+    recon: np.ndarray,
+    original: np.ndarray,
+    model_hu: np.ndarray,
+    hidden: np.ndarray,
+    inside: np.ndarray,
+    window: tuple[float, float],
+) -> dict[str, Any]:
+    """Voxel counts and errors as ``DEFINITIONS`` states them; all (X, Y, Z) on the source grid, HU / bool."""
+    lo, hi = window
+    return {
+        "units": "errors in scaled intensity: HU window mapped to 0..1 (PSNR peak 1)",
+        "hu_window": [lo, hi],
+        "voxels": int(hidden.size),
+        "field_of_view_voxels": int(inside.sum()),
+        "mask_ratio": float(hidden.sum() / max(inside.sum(), 1)),
+        "masked": _score(recon, original, hidden, lo, hi),
+        "visible": _score(recon, original, ~hidden, lo, hi),
+        "model_on_visible": _score(model_hu, original, inside & ~hidden, lo, hi),
+    }
+
+
+def _mask_words(mask: MaskConfig, seed: int) -> str:
+    return f"mask {mask.kind} ratio {mask.ratio:g} block {mask.block} seed {seed}"
+
+
+def _db(psnr: float | None) -> str:
+    return "n/a" if psnr is None else f"{psnr:.2f} dB"
 
 
 def _refuse_norm_pix(loaded: LoadedModel, name: str) -> None:
@@ -188,10 +231,7 @@ def _predict(
         for count in keep.sum(1).unique().tolist():
             rows = (keep.sum(1) == count).nonzero().flatten()
             ids_keep = keep[rows].nonzero()[:, 1].view(len(rows), count)  # (b, Lv), sorted
-            all_ids = torch.arange(keep.shape[1], device=device).expand(len(rows), -1)
-            latent = model.encoder.forward_features(model.patchify(windows[rows, 1:]), ids_keep)
-            pred = model.decoder(latent, TokenMask(ids_keep, all_ids, ~keep[rows]))  # (b, L, p³)
-            out[rows] = model.unpatchify(pred, (crop // p,) * 3)
+            out[rows] = model.reconstruct(windows[rows, 1:], ids_keep)  # every token predicted: (b, 1, c, c, c)
         return out
 
     raw = sliding_window_inference(
@@ -211,22 +251,19 @@ def _predict(
     return raw[crop_back].cpu(), hidden_voxels[crop_back].cpu(), view[crop_back].cpu(), hidden.cpu()
 
 
-def _scores(
-    model_hu: np.ndarray, original: np.ndarray, hidden: np.ndarray, inside: np.ndarray, lo: float, hi: float
-) -> dict[str, Any]:
-    """MSE and PSNR of the model's output against the input on hidden and on visible voxels, in 0..1 units."""
-    result = {}
-    for name, where in (("masked", hidden), ("visible", inside & ~hidden)):
-        n = int(where.sum())
-        if n == 0:
-            result[name] = {"voxels": 0, "mse": None, "psnr": None}
-            continue
-        pred = torch.from_numpy((model_hu[where] - lo) / (hi - lo)).view(1, 1, n)
-        true = torch.from_numpy((original[where] - lo) / (hi - lo)).view(1, 1, n)
-        mse = float(((pred - true) ** 2).mean())
-        psnr = float(PSNRMetric(max_val=1.0)(pred, true).item())
-        result[name] = {"voxels": n, "mse": mse, "psnr": psnr if math.isfinite(psnr) else None}
-    return result
+def _score(values: np.ndarray, original: np.ndarray, where: np.ndarray, lo: float, hi: float) -> dict[str, Any]:
+    """Voxel count, MSE and PSNR of ``values`` against ``original`` (HU) on the voxels ``where``, in 0..1 units.
+
+    PSNR is null when there are no voxels or the MSE is 0 (infinite).
+    """
+    n = int(where.sum())
+    if n == 0:
+        return {"voxels": 0, "mse": None, "psnr": None}
+    pred = torch.from_numpy((values[where] - lo) / (hi - lo)).view(1, 1, n)
+    true = torch.from_numpy((original[where] - lo) / (hi - lo)).view(1, 1, n)
+    mse = float(((pred - true) ** 2).mean())
+    psnr = float(PSNRMetric(max_val=1.0)(pred, true).item()) if mse > 0 else math.inf
+    return {"voxels": n, "mse": mse, "psnr": psnr if math.isfinite(psnr) else None}
 
 
 def _ssim(recon: np.ndarray, original: np.ndarray, lo: float, hi: float, device: torch.device) -> float:
@@ -238,52 +275,3 @@ def _ssim(recon: np.ndarray, original: np.ndarray, lo: float, hi: float, device:
     win = min(7, min(recon.shape) - (1 - min(recon.shape) % 2))  # odd and no larger than the thinnest axis
     a, b = (torch.from_numpy((v - lo) / (hi - lo))[None, None].to(device) for v in (recon, original))
     return float(SSIMMetric(spatial_dims=3, data_range=1.0, win_size=win)(a, b).item())
-
-
-def _write_preview(path: Path, volumes: list[np.ndarray], affine: np.ndarray) -> None:
-    """A grey uint8 PNG: rows axial, coronal, sagittal mid-slices; columns input, masked, reconstruction, error.
-
-    Slices are taken in RAS (nibabel's closest canonical orientation), shown radiologically (patient right on the
-    left, anterior / superior up) and scaled to square millimetres. No title is drawn (no text renderer among the
-    dependencies); metrics.json carries it.
-    """
-    panels = []  # per volume: [axial, coronal, sagittal] (rows, cols) float arrays
-    for i, volume in enumerate(volumes):
-        canonical = nib.as_closest_canonical(nib.Nifti1Image(volume, affine))
-        data = np.asarray(canonical.dataobj, dtype=np.float32)  # (R, A, S) voxel axes
-        zooms = canonical.header.get_zooms()[:3]
-        lo, hi = (0.0, PREVIEW_ERROR_MAX) if i == len(volumes) - 1 else PREVIEW_WINDOW
-        data = np.clip((data - lo) / (hi - lo), 0, 1)
-        x, y, z = (n // 2 for n in data.shape)
-        views = [
-            (data[::-1, ::-1, z].T, (zooms[1], zooms[0])),  # axial: rows A->P, cols R->L
-            (data[::-1, y, ::-1].T, (zooms[2], zooms[0])),  # coronal: rows S->I, cols R->L
-            (data[x, ::-1, ::-1].T, (zooms[2], zooms[1])),  # sagittal: rows S->I, cols A->P
-        ]
-        panels.append([_square_mm(v, mm) for v, mm in views])
-    cell_h = max(p.shape[0] for col in panels for p in col)
-    cell_w = max(p.shape[1] for col in panels for p in col)
-    gap = 4
-    montage = np.zeros((3 * cell_h + 2 * gap, len(panels) * cell_w + (len(panels) - 1) * gap), dtype=np.uint8)
-    for c, col in enumerate(panels):
-        for r, panel in enumerate(col):
-            top, left = r * (cell_h + gap), c * (cell_w + gap)
-            montage[top : top + panel.shape[0], left : left + panel.shape[1]] = np.round(panel * 255).astype(np.uint8)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")  # SimpleITK picks the writer from the suffix
-    sitk.WriteImage(sitk.GetImageFromArray(montage), str(tmp))
-    os.replace(tmp, path)
-
-
-def _square_mm(view: np.ndarray, mm: tuple[float, float]) -> np.ndarray:
-    """Resize a (rows, cols) slice so pixels are square in mm, the longest edge at most ``PREVIEW_PANEL``."""
-    extent = (view.shape[0] * mm[0], view.shape[1] * mm[1])
-    scale = min(PREVIEW_PANEL / max(extent), 1.0 / min(mm))  # never finer than the finest voxel edge
-    size = tuple(max(1, round(e * scale)) for e in extent)
-    t = torch.from_numpy(np.ascontiguousarray(view))[None, None]
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -24,7 +24,8 @@ from ctmae.cli.common import (
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import check_modality, find_volumes, skipped_only
 from ctmae.mae.checkpoint import load_checkpoint
-from ctmae.mae.config import MASK_KINDS, MODEL_PRESETS, RunConfig
+from ctmae.mae.config import MODEL_PRESETS, RunConfig
+from ctmae.mae.masking import MASKS
 from ctmae.runtime.distributed import DistInfo, barrier, cleanup, gather
 
 # With no INPUTS, `ctmae pretrain` is a short CPU demo on the bundled scan; options given explicitly still win.
@@ -103,7 +104,7 @@ def pretrain(
     ] = None,
     crop: Annotated[Optional[int], typer.Option(help="Cubic crop edge in voxels (default: 96)")] = None,
     patch: Annotated[Optional[int], typer.Option(help="Cubic patch edge in voxels (default: 16)")] = None,
-    mask: Annotated[Optional[str], typer.Option(help=f"Corruption: {'|'.join(MASK_KINDS)} (default: block)")] = None,
+    mask: Annotated[Optional[str], typer.Option(help=f"Corruption: {'|'.join(MASKS)} (default: block)")] = None,
     mask_ratio: Annotated[Optional[float], typer.Option(help="Share of patches hidden (default: 0.75)")] = None,
     block: Annotated[Optional[int], typer.Option(help="Block edge in patches for --mask block (default: 2)")] = None,
     predict_ratio: Annotated[

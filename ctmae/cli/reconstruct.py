@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ctmae.cli.common import UsageError, app, console, run_command
-from ctmae.mae.config import MASK_KINDS
+from ctmae.mae.masking import MASKS
 
 
 @app.command()
@@ -20,7 +20,7 @@ def reconstruct(
         Path, typer.Argument(help="One scan: a NIfTI/NRRD/MHA file or a DICOM series folder.", show_default=False)
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the NIfTIs, preview.png, metrics.json.")] = ...,
-    mask: Annotated[Optional[str], typer.Option(help=f"{'|'.join(MASK_KINDS)} (default: the checkpoint's)")] = None,
+    mask: Annotated[Optional[str], typer.Option(help=f"{'|'.join(MASKS)} (default: the checkpoint's)")] = None,
     mask_ratio: Annotated[
         Optional[float], typer.Option(help="Share of patches hidden (default: the checkpoint's)")
     ] = None,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctmae.mae.masking import MaskConfig, strategy  # the mask section lives with the registry it names
 from ctmae.runtime.config import Sections, check_common
 
 # Encoder/decoder sizes, one entry per preset; head_dim = dim / heads. tiny, small and base keep 12 encoder blocks
@@ -22,7 +23,6 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
     "base": dict(dim=768, depth=12, heads=12, dec_dim=384, dec_depth=4, dec_heads=12),  # ViT-B; MONAI MAE's decoder
     "large": dict(dim=1024, depth=24, heads=16, dec_dim=512, dec_depth=4, dec_heads=16),
 }
-MASK_KINDS = ("block", "random", "none", "noise")
 
 
 def default_cache_dir() -> str:
@@ -61,17 +61,6 @@ class ModelConfig:
     def grid(self) -> int:
         """Patches along each axis of a crop."""
         return self.img_size // self.patch
-
-
-@dataclass(frozen=True)
-class MaskConfig:
-    kind: str = "block"  # block | random | none (identity, plain autoencoder) | noise (denoising autoencoder)
-    ratio: float = 0.75  # share of tokens hidden from the encoder (block and random)
-    block: int = 2  # block masking hides cuboids of block x block x block patches
-    noise_std: float = 0.1  # std of the gaussian added to every voxel (noise), in scaled 0..1 intensity units
-    # share of all tokens the decoder predicts and the loss covers: a random subset of the hidden tokens, capped at
-    # all of them (CrossMAE's prediction ratio; 0.25 of 0.75 hidden reconstructs a third of them per step)
-    predict_ratio: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -128,9 +117,7 @@ def check(cfg: RunConfig) -> None:
         raise ValueError(f"data.crop ({d.crop}) and model.img_size ({m.img_size}) must be equal")
     if m.dim % m.heads or m.dec_dim % m.dec_heads:
         raise ValueError(f"widths must divide by heads: dim {m.dim}/{m.heads}, dec_dim {m.dec_dim}/{m.dec_heads}")
-    if k.kind not in MASK_KINDS:
-        raise ValueError(f"unknown mask kind {k.kind!r}; choose one of {', '.join(MASK_KINDS)}")
-    if k.kind in ("block", "random") and not 0.0 < k.ratio < 1.0:
+    if strategy(k).uses_ratio and not 0.0 < k.ratio < 1.0:  # ValueError naming the known kinds for an unknown one
         raise ValueError(f"mask ratio must be between 0 and 1 (exclusive), got {k.ratio}")
     if not 0.0 < k.predict_ratio <= 1.0:
         raise ValueError(f"predict_ratio must be in (0, 1], got {k.predict_ratio}")

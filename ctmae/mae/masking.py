@@ -1,4 +1,10 @@
-"""Token-level masks (block, random, none) and the voxel corruption of the denoising mode (noise).
+"""The masking registry: each strategy is one registered ``MaskStrategy``, found by ``MaskConfig.kind``.
+
+A strategy either hides tokens (``scores``: per-token scores, the lowest ``num_masked`` of each sample are hidden)
+or corrupts voxels (``corrupt``: the encoder's input), or both. Built in: ``block`` (cuboids of block³ tokens),
+``random`` (independent tokens), ``none`` (identity, plain autoencoder) and ``noise`` (gaussian noise on every voxel,
+denoising autoencoder). Config validation, the CLIs' ``--mask`` help and ``reconstruct`` read ``MASKS``, so a new
+strategy is one ``register`` call.
 
 Masks are drawn on the training device from an explicit ``torch.Generator`` with no host synchronisation. Every
 sample of a batch hides exactly the same number of tokens, so the encoder runs batched without padding. The loss
@@ -9,11 +15,73 @@ the subset of the full prediction.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ctmae.mae.config import MaskConfig
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """The ``mask`` section of a run's config (``ctmae.mae.config.RunConfig``), kept here beside the registry
+    its ``kind`` names, so that config validation can read ``MASKS`` without an import cycle."""
+
+    kind: str = "block"  # a strategy in MASKS: block | random | none (identity) | noise (denoising)
+    ratio: float = 0.75  # share of tokens hidden from the encoder (strategies that hide tokens: block, random)
+    block: int = 2  # block masking hides cuboids of block x block x block patches
+    noise_std: float = 0.1  # std of the gaussian added to every voxel (noise), in scaled 0..1 intensity units
+    # share of all tokens the decoder predicts and the loss covers: a random subset of the hidden tokens, capped at
+    # all of them (CrossMAE's prediction ratio; 0.25 of 0.75 hidden reconstructs a third of them per step)
+    predict_ratio: float = 0.25
+
+
+# (cfg, batch B, grid (gd, gh, gw), generator, device) -> (B, L) scores; the lowest num_masked per sample are hidden
+ScoreFn = Callable[[MaskConfig, int, tuple[int, int, int], torch.Generator, torch.device], torch.Tensor]
+# (images (B, C, D, H, W), cfg, generator) -> the encoder's input, same shape
+CorruptFn = Callable[[torch.Tensor, MaskConfig, torch.Generator], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MaskStrategy:
+    """One masking strategy, registered under ``name`` (the value of ``MaskConfig.kind`` and ``--mask``)."""
+
+    name: str
+    description: str  # one line saying what the encoder is shown
+    scores: ScoreFn | None = None  # token-hiding strategies: which tokens to hide (lowest scores first)
+    corrupt: CorruptFn | None = None  # voxel corruption applied to the encoder's input, or None
+    uses_ratio: bool = False  # MaskConfig.ratio applies (and must lie strictly between 0 and 1)
+
+    def __post_init__(self) -> None:
+        if self.scores is not None and not self.uses_ratio:
+            raise ValueError(f"mask strategy {self.name!r}: a token-hiding strategy hides MaskConfig.ratio of tokens")
+
+    @property
+    def hides_tokens(self) -> bool:
+        """The encoder sees a subset of the tokens; otherwise it sees all of them and the loss covers a subset."""
+        return self.scores is not None
+
+
+MASKS: dict[str, MaskStrategy] = {}
+
+
+def register(strategy: MaskStrategy) -> MaskStrategy:
+    """Add ``strategy`` to ``MASKS`` under its name; ValueError if the name is taken."""
+    if strategy.name in MASKS:
+        raise ValueError(f"mask strategy {strategy.name!r} is already registered")
+    MASKS[strategy.name] = strategy
+    return strategy
+
+
+def unregister(name: str) -> None:
+    """Remove a registered strategy (tests register toy strategies and remove them again)."""
+    MASKS.pop(name, None)
+
+
+def strategy(cfg: MaskConfig) -> MaskStrategy:
+    """The registered strategy ``cfg.kind`` names; ValueError listing the known ones otherwise."""
+    if cfg.kind not in MASKS:
+        raise ValueError(f"unknown mask kind {cfg.kind!r}; choose one of {', '.join(MASKS)}")
+    return MASKS[cfg.kind]
 
 
 @dataclass(frozen=True)
@@ -26,8 +94,8 @@ class TokenMask:
 
 
 def num_masked(cfg: MaskConfig, num_tokens: int) -> int:
-    """Tokens hidden per sample: the requested ratio rounded to whole tokens (0 for none/noise)."""
-    if cfg.kind in ("none", "noise"):
+    """Tokens hidden per sample: the requested ratio rounded to whole tokens (0 for strategies hiding none)."""
+    if not strategy(cfg).hides_tokens:
         return 0
     return min(num_tokens - 1, max(1, round(cfg.ratio * num_tokens)))
 
@@ -57,15 +125,18 @@ def sample_mask(
         ids = torch.arange(num_tokens, device=device).expand(batch, num_tokens)
         hidden = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)
         return TokenMask(ids, _subset(ids, num_predicted(cfg, num_tokens), generator), hidden)
-    if cfg.kind == "block":
-        score = _block_scores(batch, grid, cfg.block, generator, device)
-    else:
-        score = torch.rand(batch, num_tokens, generator=generator, device=device)
+    score = strategy(cfg).scores(cfg, batch, grid, generator, device)  # (B, L)
     order = torch.argsort(score, dim=1)  # lowest scores are masked
     ids_masked = order[:, :n_mask]  # (B, n_mask)
     ids_keep = order[:, n_mask:].sort(dim=1).values
     mask = torch.zeros(batch, num_tokens, dtype=torch.bool, device=device).scatter_(1, ids_masked, True)
     return TokenMask(ids_keep, _subset(ids_masked, num_predicted(cfg, num_tokens), generator), mask)
+
+
+def corrupt(images: torch.Tensor, cfg: MaskConfig, generator: torch.Generator) -> torch.Tensor:
+    """The encoder's input: the strategy's voxel corruption (e.g. noise), or the images unchanged."""
+    fn = strategy(cfg).corrupt
+    return images if fn is None else fn(images, cfg, generator)
 
 
 def _subset(ids: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -77,7 +148,7 @@ def _subset(ids: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tens
 
 
 def _block_scores(
-    batch: int, grid: tuple[int, int, int], block: int, generator: torch.Generator, device: torch.device
+    cfg: MaskConfig, batch: int, grid: tuple[int, int, int], generator: torch.Generator, device: torch.device
 ) -> torch.Tensor:
     """Per-token scores that order whole cuboids of block³ tokens: rank of the token's cell + a value in [0, 1).
 
@@ -85,6 +156,7 @@ def _block_scores(
     and border cells are clipped. Masking the lowest n scores hides complete cells and, to hit n exactly, part of one.
     Returns (B, L).
     """
+    block = cfg.block
     offsets = torch.randint(0, block, (batch, 3), generator=generator, device=device)  # (B, 3)
     cells = [(g + block - 1) // block + 1 for g in grid]  # cells per axis, enough for any offset
     cell_idx = []
@@ -101,9 +173,20 @@ def _block_scores(
     return torch.gather(cell_rank, 1, flat_cell).to(within.dtype) + within
 
 
-def corrupt(images: torch.Tensor, cfg: MaskConfig, generator: torch.Generator) -> torch.Tensor:
-    """The encoder's input: gaussian noise added to every voxel for ``noise``, the images unchanged otherwise."""
-    if cfg.kind != "noise":
-        return images
+def _random_scores(
+    cfg: MaskConfig, batch: int, grid: tuple[int, int, int], generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """Independent uniform scores: any ``num_masked`` tokens are equally likely to be hidden. Returns (B, L)."""
+    return torch.rand(batch, grid[0] * grid[1] * grid[2], generator=generator, device=device)
+
+
+def _gaussian_noise(images: torch.Tensor, cfg: MaskConfig, generator: torch.Generator) -> torch.Tensor:
+    """Every voxel plus gaussian noise of std ``cfg.noise_std`` (scaled 0..1 intensity units)."""
     noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
     return images + cfg.noise_std * noise
+
+
+register(MaskStrategy("block", "hides cuboids of block³ patches", scores=_block_scores, uses_ratio=True))
+register(MaskStrategy("random", "hides independent patches", scores=_random_scores, uses_ratio=True))
+register(MaskStrategy("none", "hides nothing: a plain autoencoder (identity)"))
+register(MaskStrategy("noise", "adds gaussian noise of noise_std to every voxel (denoising)", corrupt=_gaussian_noise))

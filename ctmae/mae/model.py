@@ -122,7 +122,8 @@ class PatchEmbedding(nn.Module):
 
 
 class ViTEncoder(nn.Module):
-    """3D ViT that encodes any subset of a crop's tokens. ``forward_features`` is the API every consumer uses."""
+    """3D ViT that encodes any subset of a crop's tokens from patch vectors; ``forward`` is ``forward_features``
+    (there is no head: the features are the output)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -142,6 +143,10 @@ class ViTEncoder(nn.Module):
             x = blk(x)
         return self.norm(x)
 
+    def forward(self, patches: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Same as ``forward_features``: (B, L, C·p³) patches, optional ``ids`` (B, Lv) -> (B, Lv, D)."""
+        return self.forward_features(patches, ids)
+
 
 class Decoder(nn.Module):
     """CrossMAE decoder: a query per predicted token reads the visible tokens; the voxel head runs on the queries."""
@@ -157,18 +162,22 @@ class Decoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.dec_dim)
         self.head = nn.Linear(cfg.dec_dim, cfg.in_chans * cfg.patch**3)
 
-    def forward(self, latent: torch.Tensor, mask: TokenMask) -> torch.Tensor:
-        """latent (B, Lv, D) at ``mask.ids_keep`` -> voxel predictions (B, Lp, C·p³) at ``mask.ids_pred``."""
+    def forward(self, latent: torch.Tensor, ids_keep: torch.Tensor, ids_pred: torch.Tensor) -> torch.Tensor:
+        """latent (B, Lv, D) at tokens ``ids_keep`` (B, Lv) -> voxel predictions (B, Lp, C·p³) at ``ids_pred``."""
         pos = self.position_embeddings[0]  # (L, Dd)
-        context = self.embed(latent) + pos[mask.ids_keep]  # (B, Lv, Dd)
-        x = self.mask_token + pos[mask.ids_pred]  # (B, Lp, Dd)
+        context = self.embed(latent) + pos[ids_keep]  # (B, Lv, Dd)
+        x = self.mask_token + pos[ids_pred]  # (B, Lp, Dd)
         for blk in self.blocks:
             x = blk(x, context)
         return self.head(self.norm(x))
 
 
 class MaskedAutoencoder3D(nn.Module):
-    """Patch-decoded 3D MAE; ``forward`` returns ``(loss, pred, mask)`` like MAE's reference."""
+    """Patch-decoded 3D MAE; ``forward`` returns ``(loss, pred, mask)`` like MAE's reference.
+
+    Inference goes through ``encode`` (token features) and ``reconstruct`` (voxel predictions); callers outside the
+    model need neither ``encoder``/``decoder`` nor ``patchify``.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -225,10 +234,38 @@ class MaskedAutoencoder3D(nn.Module):
         self.grid(images)
         patches = self.patchify(images)  # (B, L, C·p³), patchified once for the encoder input and the targets
         encoder_in = patches if inputs is None else self.patchify(inputs)
-        latent = self.encoder.forward_features(encoder_in, mask.ids_keep)
-        pred = self.decoder(latent, mask)
+        latent = self.encoder(encoder_in, mask.ids_keep)
+        pred = self.decoder(latent, mask.ids_keep, mask.ids_pred)
         loss = F.mse_loss(pred.float(), self.targets(patches, mask.ids_pred).float())
         return loss, pred, mask.mask
+
+    def encode(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder features of crops (B, C, D, H, W): every token, or those in ``ids_keep`` (B, Lv). (B, Lv, D)."""
+        self.grid(images)
+        return self.encoder(self.patchify(images), ids_keep)
+
+    def reconstruct(
+        self, images: torch.Tensor, ids_keep: torch.Tensor | None = None, ids_pred: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The decoder's voxels for crops (B, C, D, H, W), which are what the encoder reads (e.g. noise-corrupted).
+
+        Args:
+            images: the encoder's input crops.
+            ids_keep: (B, Lv) tokens the encoder sees; default every token.
+            ids_pred: (B, Lp) tokens to predict; default every token.
+
+        Returns:
+            (B, C, D, H, W): predicted voxels at the ``ids_pred`` tokens, 0 elsewhere. Predictions of a subset equal
+            the same tokens of the full prediction (the decoder's queries do not attend to each other).
+        """
+        grid = self.grid(images)
+        every = torch.arange(grid[0] * grid[1] * grid[2], device=images.device).expand(images.shape[0], -1)  # (B, L)
+        ids_keep = every if ids_keep is None else ids_keep
+        pred = self.decoder(self.encode(images, ids_keep), ids_keep, every if ids_pred is None else ids_pred)
+        if ids_pred is not None:  # (B, Lp, C·p³) -> (B, L, C·p³), zeros at the tokens not predicted
+            index = ids_pred[..., None].expand(-1, -1, pred.shape[2])
+            pred = pred.new_zeros(*every.shape, pred.shape[2]).scatter(1, index, pred)
+        return self.unpatchify(pred, grid)
 
 
 # Architectures by ``ModelConfig.arch``: a second one plugs in with one entry (its class takes a ModelConfig).
