@@ -1,25 +1,41 @@
-"""The volume cache holds what ``preprocess_transforms`` produces, although it resamples with SimpleITK."""
+"""The volume cache: int16 HU in blosc2 chunks that hold what ``preprocess_transforms`` produces (within half a HU
+step), read crop by crop; labels on their image's grid; damaged, old and concurrently written entries."""
 
 from __future__ import annotations
 
+import errno
 import json
+import multiprocessing
+import os
 import zlib
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+import ctmae.preprocess.cache as cache_module
 from conftest import OBLIQUE, write_dicom_series
+from ctmae.io.checks import InputError
 from ctmae.io.discovery import VolumeSource
 from ctmae.mae.config import DataConfig
-from ctmae.preprocess.cache import VolumeCache
+from ctmae.preprocess.cache import OLD_CACHE_NOTE, CachedVolume, VolumeCache, prepare_cache
 from ctmae.preprocess.transforms import preprocess_transforms
+from ctmae.runtime.files import OutputError
 
 LPS = np.diag([-0.7, -0.8, 2.5, 1.0])  # RAS affine of an LPS-stored volume, spacing 0.7 x 0.8 x 2.5 mm
 SAGITTAL = np.array([[0.0, 0.0, -2.5, 40.0], [0.8, 0.0, 0.0, -20.0], [0.0, -0.7, 0.0, 60.0], [0, 0, 0, 1]])
 TILTED = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.block(  # conftest's oblique LPS direction, as a RAS affine
     [[np.asarray(OBLIQUE).reshape(3, 3) @ np.diag([0.7, 0.8, 2.5]), np.array([[5.0], [-3.0], [2.0]])], [0, 0, 0, 1]]
 )
+# Spacings 0.7 x 0.9 x 2.5 mm: resampled to 1.5 mm, no output voxel centre lies halfway between two input voxels.
+NO_TIES = np.diag([-0.7, -0.9, 2.5, 1.0])
+SAGITTAL_NO_TIES = SAGITTAL @ np.diag([0.9 / 0.8, 1.0, 1.0, 1.0])  # its 0.8 mm axis is the first
+TILTED_NO_TIES = TILTED @ np.diag([1.0, 0.9 / 0.8, 1.0, 1.0])
+WINDOW = DataConfig().hu_window
+# The cache stores whole HU (int16), so a value differs from the float chain by at most half a HU step, on top of
+# the float rounding in which SimpleITK's resampling and MONAI's differ (the tolerance of the float32 cache before).
+HALF_STEP = 0.5 / (WINDOW[1] - WINDOW[0])
+RESAMPLE_ATOL = 1e-4
 
 
 def _ct(shape=(90, 80, 24), seed=0, edge=False) -> np.ndarray:
@@ -32,8 +48,8 @@ def _ct(shape=(90, 80, 24), seed=0, edge=False) -> np.ndarray:
     return a
 
 
-def _nifti(path, affine, dtype=np.int16, slope=None, edge=False) -> VolumeSource:
-    image = nib.Nifti1Image(_ct(edge=edge).astype(dtype), affine)
+def _save(path, array, affine, slope=None) -> VolumeSource:
+    image = nib.Nifti1Image(array, affine)
     image.set_sform(affine, code=1)
     if slope is not None:  # stored values v mean v * slope + inter HU
         image.header.set_slope_inter(*slope)
@@ -41,9 +57,25 @@ def _nifti(path, affine, dtype=np.int16, slope=None, edge=False) -> VolumeSource
     return VolumeSource(path.name, (str(path),), False)
 
 
+def _nifti(path, affine, dtype=np.int16, slope=None, edge=False) -> VolumeSource:
+    return _save(path, _ct(edge=edge).astype(dtype), affine, slope)
+
+
+def _label(path, affine, dtype=np.uint8, classes=4, seed=1) -> VolumeSource:
+    """A label on ``_ct``'s grid: random classes inside the tissue box, 0 elsewhere."""
+    rng = np.random.default_rng(seed)
+    a = np.zeros((90, 80, 24), dtype)
+    a[10:70, 15:60, 3:20] = rng.integers(0, classes, (60, 45, 17))
+    return _save(path, a, affine)
+
+
 def _dicom(path) -> VolumeSource:
     files = write_dicom_series(path, _ct(), spacing=(0.7, 0.8, 2.5), origin=(5.0, -3.0, 2.0))
     return VolumeSource(path.name, tuple(str(f) for f in files), True)
+
+
+def _cfg(tmp_path, **kw) -> DataConfig:
+    return DataConfig(cache_dir=str(tmp_path / "cache"), crop=16, workers=0, **kw)
 
 
 @pytest.mark.parametrize(
@@ -58,14 +90,198 @@ def _dicom(path) -> VolumeSource:
     ],
     ids=["lps", "body-at-border", "sagittal", "oblique", "scaled-float", "dicom"],
 )
-def test_cache_equals_the_monai_chain(tmp_path, make):
+def test_cache_equals_the_monai_chain_within_half_a_hu_step(tmp_path, make):
     source = make(tmp_path)
-    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), crop=16)
+    cfg = _cfg(tmp_path)
     expected = preprocess_transforms(cfg)({"image": list(source.files)})["image"]  # (1, X, Y, Z), padded to 16
-    npy = VolumeCache(cfg).ensure(source)
-    cached = np.load(npy)
-    meta = json.loads(npy.with_suffix(".json").read_text())
-    assert cached.shape == tuple(expected.shape[1:])
-    assert meta["bytes"] == npy.stat().st_size and meta["crc32"] == zlib.crc32(npy.read_bytes())  # CRC from memory
+    path = VolumeCache(cfg).ensure(source)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert path.suffix == ".b2nd" and meta["bytes"] == path.stat().st_size
+    assert meta["crc32"] == zlib.crc32(path.read_bytes())  # the file's bytes, computed from memory
+    volume = VolumeCache(cfg).load(source)
+    assert isinstance(volume, CachedVolume) and volume.array.dtype == np.int16
+    assert volume.shape == tuple(expected.shape[1:]) == tuple(meta["shape"])
     np.testing.assert_allclose(meta["affine"], expected.affine.numpy(), atol=1e-6)
-    np.testing.assert_allclose(cached, expected[0].numpy(), atol=1e-4)
+    whole = volume.numpy()
+    assert whole.dtype == np.float32
+    np.testing.assert_allclose(whole, expected[0].numpy(), rtol=0, atol=HALF_STEP + RESAMPLE_ATOL)
+    lo, hi = WINDOW
+    np.testing.assert_array_equal(volume.array[...], np.rint(whole * (hi - lo) + lo))  # whole HU
+    box = whole[2:14, 1:9, 3:16]
+    np.testing.assert_array_equal(volume[2:14, 1:9, 3:16], box)  # a crop is the same box of the whole volume
+
+
+def test_a_crop_decompresses_only_the_blocks_it_touches(tmp_path):
+    """Reading one crop touches far fewer bytes than the volume: blosc2 chunks (and their blocks)."""
+    source = _nifti(tmp_path / "lps.nii.gz", LPS)
+    volume = VolumeCache(_cfg(tmp_path)).load(source)
+    assert volume.array.chunks[0] <= cache_module.CHUNKS[0] and volume.array.blocks == tuple(
+        min(b, c) for b, c in zip(cache_module.BLOCKS, volume.array.chunks)
+    )
+    out = np.full((4, 4, 4), np.nan, np.float32)
+    volume.read((1, 2, 3), (4, 4, 4), out=out)
+    np.testing.assert_array_equal(out, volume.numpy()[1:5, 2:6, 3:7])
+
+
+def test_compressed_entry_is_a_fraction_of_the_float32_volume(tmp_path):
+    source = _nifti(tmp_path / "lps.nii.gz", LPS)
+    path = VolumeCache(_cfg(tmp_path)).ensure(source)
+    float32_bytes = np.prod(json.loads(path.with_suffix(".json").read_text())["shape"]) * 4
+    assert path.stat().st_size < 0.5 * float32_bytes  # noisy synthetic tissue; a real scan compresses to ~0.25
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_a_byte", "drop_sidecar"])
+def test_damaged_entries_are_detected_and_rebuilt(tmp_path, monkeypatch, damage):
+    source = _nifti(tmp_path / "lps.nii.gz", LPS)
+    cfg = _cfg(tmp_path)
+    path = VolumeCache(cfg).ensure(source)
+    good = VolumeCache(cfg).load(source).numpy()
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "flip_a_byte":
+        raw[len(raw) // 2] ^= 0xFF
+        path.write_bytes(raw)  # the same size
+    else:
+        path.with_suffix(".json").unlink()
+    built = []
+    monkeypatch.setattr(cache_module, "_VERIFIED", set())  # as in a new process, which checks the CRC once
+    cache = VolumeCache(cfg)
+    real = cache._preprocess
+    cache._preprocess = lambda s: built.append(s) or real(s)
+    np.testing.assert_array_equal(cache.load(source).numpy(), good)
+    assert built == [source]  # detected and rebuilt
+    assert zlib.crc32(path.read_bytes()) == json.loads(path.with_suffix(".json").read_text())["crc32"]
+
+
+def test_a_valid_entry_is_used_without_reading_the_scan(tmp_path, monkeypatch):
+    source = _nifti(tmp_path / "lps.nii.gz", LPS)
+    cfg = _cfg(tmp_path)
+    VolumeCache(cfg).ensure(source)
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("the scan was read although its entry is valid")
+
+    monkeypatch.setattr(cache_module.CTReader, "read", no_read)
+    monkeypatch.setattr(cache_module, "_VERIFIED", set())  # as in a fresh process: the CRC is checked again
+    assert VolumeCache(cfg).load(source).shape[0] >= 16
+
+
+def test_an_entry_of_an_older_ctmae_is_rebuilt_and_said_once(tmp_path):
+    sources = [_nifti(tmp_path / f"s{i}.nii.gz", LPS) for i in range(2)]
+    cfg = _cfg(tmp_path)
+    cache = VolumeCache(cfg)
+    cache.dir.mkdir(parents=True)
+    olds = []
+    for s in sources:  # what CACHE_VERSION 1 wrote: <key>.npy + <key>.json with the old settings in the key
+        key = cache_module.hashlib.sha256(f"{s.identity()}|{cache.old_settings}".encode()).hexdigest()[:32]
+        np.save(cache.dir / f"{key}.npy", np.zeros((16, 16, 16), np.float32))
+        (cache.dir / f"{key}.json").write_text('{"bytes": 16512, "crc32": 0}')
+        olds.append(cache.dir / key)
+    notes = []
+    good, problems = prepare_cache(sources, cfg, on_note=notes.append)
+    assert good == sources and problems == [] and notes == [OLD_CACHE_NOTE]
+    assert not any(o.with_suffix(x).exists() for o in olds for x in (".npy", ".json"))
+    assert sorted(p.suffix for p in cache.dir.iterdir()) == [".b2nd", ".b2nd", ".json", ".json"]
+
+
+def test_a_full_disk_is_one_line_and_earlier_entries_stay_intact(tmp_path, monkeypatch):
+    sources = [_nifti(tmp_path / f"s{i}.nii.gz", LPS) for i in range(3)]
+    cfg = _cfg(tmp_path)
+    real, calls = cache_module.write_bytes, []
+
+    def fills_up(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, data)
+
+    monkeypatch.setattr(cache_module, "write_bytes", fills_up)
+    with pytest.raises(OutputError) as info:
+        prepare_cache(sources, cfg)
+    message = str(info.value)
+    assert "\n" not in message and "No space left on device" in message and ".b2nd" in message
+    names = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(names) == 2 and not any(n.startswith(".") for n in names)  # one complete entry, no temporary file
+    monkeypatch.setattr(cache_module, "_VERIFIED", set())
+    assert VolumeCache(cfg).load(sources[0]).shape[0] >= 16
+
+
+def _build_at_once(cache_dir: str, path: str, barrier) -> None:
+    source = VolumeSource("lps", (path,), False)
+    barrier.wait()
+    VolumeCache(DataConfig(cache_dir=cache_dir, crop=16, workers=0)).ensure(source)
+
+
+def test_two_writers_of_one_entry_leave_a_whole_entry(tmp_path):
+    source = _nifti(tmp_path / "lps.nii.gz", LPS)
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_build_at_once, args=(str(tmp_path / "cache"), source.files[0], barrier)) for _ in "ab"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    names = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(names) == 2 and not any(n.startswith(".") for n in names)  # no torn or temporary file
+    path = VolumeCache(_cfg(tmp_path)).path(source)
+    assert zlib.crc32(path.read_bytes()) == json.loads(path.with_suffix(".json").read_text())["crc32"]
+
+
+@pytest.mark.parametrize("affine", [NO_TIES, TILTED_NO_TIES, SAGITTAL_NO_TIES], ids=["lps", "oblique", "sagittal"])
+def test_case_entries_equal_the_monai_chain_with_labels(tmp_path, affine):
+    image, label = _nifti(tmp_path / "img.nii.gz", affine), _label(tmp_path / "lab.nii.gz", affine)
+    cfg = _cfg(tmp_path)
+    item = {"image": list(image.files), "label": list(label.files)}
+    expected = preprocess_transforms(cfg, label=True)(item)
+    case = VolumeCache(cfg).load_case(image, label)
+    for key in ("image", "label"):
+        assert case[key].shape == expected[key].shape and case[key].dtype == expected[key].dtype
+        np.testing.assert_allclose(case[key].affine.numpy(), expected[key].affine.numpy(), atol=1e-6)
+    np.testing.assert_allclose(case["image"].numpy(), expected["image"].numpy(), atol=HALF_STEP + RESAMPLE_ATOL)
+    np.testing.assert_array_equal(case["label"].numpy(), expected["label"].numpy())  # exactly
+
+
+def test_labels_differ_from_monai_only_at_halfway_ties(tmp_path):
+    """1 mm voxels to 1.5 mm: every other output voxel centre is halfway between two input voxels. SimpleITK's
+    nearest neighbour rounds those halves up; MONAI's grid_sample rounds them to even (or as float rounding falls):
+    both are a nearest voxel. Everywhere else the labels are equal."""
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    image, label = _nifti(tmp_path / "img.nii.gz", affine), _label(tmp_path / "lab.nii.gz", affine)
+    cfg = _cfg(tmp_path)
+    expected = preprocess_transforms(cfg, label=True)({"image": list(image.files), "label": list(label.files)})
+    ours = VolumeCache(cfg).load_case(image, label)["label"]
+    to_input = np.linalg.inv(affine)  # RAS -> input voxel index
+    index = np.indices(ours.shape[1:]).reshape(3, -1)  # output voxel indices (3, N)
+    position = (to_input @ ours.affine.numpy())[:3] @ np.vstack([index, np.ones(index.shape[1])])  # input indices
+    halfway = (np.abs(position - np.floor(position) - 0.5) < 1e-3).any(0).reshape(ours.shape[1:])
+    differs = ours[0].numpy() != expected["label"][0].numpy()
+    assert differs.any() and not (differs & ~halfway).any()
+
+
+def test_case_entries_are_reused_and_shared_with_the_image_entry(tmp_path, monkeypatch):
+    image, label = _nifti(tmp_path / "img.nii.gz", NO_TIES), _label(tmp_path / "lab.nii.gz", NO_TIES)
+    cfg = _cfg(tmp_path)
+    first = VolumeCache(cfg).load_case(image, label)
+    assert len(list((tmp_path / "cache").glob("*.b2nd"))) == 2  # the image entry (pretraining's) and the label's
+    monkeypatch.setattr(cache_module.CTReader, "read", lambda *a, **k: pytest.fail("a cached case was read again"))
+    again = VolumeCache(cfg).load_case(image, label)
+    for key in ("image", "label"):
+        np.testing.assert_array_equal(again[key].numpy(), first[key].numpy())
+
+
+@pytest.mark.parametrize(
+    "values, words",
+    [(np.float32(0.5), "non-integer"), (np.float32(-1), "found -1"), (np.int16(300), "holds class 300")],
+    ids=["fraction", "negative", "above-255"],
+)
+def test_a_label_that_is_not_class_indices_is_named(tmp_path, values, words):
+    image = _nifti(tmp_path / "img.nii.gz", NO_TIES)
+    label = _label(tmp_path / "lab.nii.gz", NO_TIES, dtype=values.dtype)
+    array = nib.load(label.files[0]).get_fdata().astype(values.dtype)
+    array[40, 40, 10] = values
+    label = _save(tmp_path / "lab.nii.gz", array, NO_TIES)
+    with pytest.raises(InputError) as info:
+        VolumeCache(_cfg(tmp_path)).load_case(image, label)
+    assert str(info.value).startswith(f"{label.files[0]}: ") and words in str(info.value)

@@ -1,4 +1,4 @@
-"""The seeded stream of random training crops for pretraining, cut straight from the memory-mapped cache.
+"""The seeded stream of random training crops for pretraining, cut straight from the compressed cache.
 
 Crops follow ``ctmae.preprocess.schedule``'s visits: any step's batch is a pure function of the seed and the step.
 """
@@ -20,8 +20,9 @@ from ctmae.preprocess.schedule import global_visit, visit_batches, visit_volume
 class CropVisits(Dataset):
     """Item ``v`` is visit ``v`` of the seeded schedule: ``crops_per_volume`` random crops (N, 1, c, c, c).
 
-    Crops are cut straight from the memory-mapped cache, so a visit reads only the crops' bytes, not the volume
-    (MONAI's RandSpatialCropSamplesd would first load the whole array). Offsets are uniform over the valid range.
+    Crops are cut straight from the cache, so a visit decompresses only the blocks its crops touch, not the volume
+    (MONAI's RandSpatialCropSamplesd would first load the whole array), straight into the batch as float32 0..1.
+    Offsets are uniform over the valid range.
     """
 
     def __init__(
@@ -36,14 +37,14 @@ class CropVisits(Dataset):
     def __getitem__(self, local_visit: int) -> tuple[torch.Tensor]:
         visit = global_visit(local_visit, self.rank, self.world)
         source = self.sources[visit_volume(len(self.sources), self.seed, visit)]
-        volume = self.cache.load(source)  # (X, Y, Z) memmap, each edge >= crop
+        volume = self.cache.load(source)  # (X, Y, Z), each edge >= crop
         rng = np.random.default_rng([self.seed, visit])
         c = self.cfg.crop
-        crops = []
-        for _ in range(self.cfg.crops_per_volume):
-            x, y, z = (int(rng.integers(0, n - c + 1)) for n in volume.shape)
-            crops.append(np.array(volume[x : x + c, y : y + c, z : z + c]))  # reads only this crop
-        return (torch.from_numpy(np.stack(crops))[:, None],)  # (N, c, c, c) -> (N, 1, c, c, c)
+        crops = np.empty((self.cfg.crops_per_volume, 1, c, c, c), np.float32)  # (N, 1, c, c, c)
+        for crop in crops:
+            start = [int(rng.integers(0, n - c + 1)) for n in volume.shape]  # x, y, z
+            volume.read(start, (c, c, c), out=crop[0])  # decompresses only the blocks this crop touches
+        return (torch.from_numpy(crops),)
 
 
 def crop_batches(

@@ -1,19 +1,46 @@
-"""The on-disk cache of preprocessed volumes, built in parallel workers, read back memory-mapped.
+"""The on-disk cache of preprocessed volumes: int16 HU in chunked, compressed blosc2 arrays, read crop by crop.
 
-The deterministic part of the preprocessing (``ctmae.preprocess.transforms``) runs once per volume and is cached as
-an uncompressed float32 ``.npy``. The cache computes what ``preprocess_transforms`` gives with SimpleITK doing the
-resampling, several times faster (the cache test checks that they agree).
+The deterministic part of the preprocessing (``ctmae.preprocess.transforms``) runs once per volume. The cache
+computes what ``preprocess_transforms`` gives with SimpleITK doing the resampling, several times faster (the cache
+test checks that they agree).
+
+Format (``CACHE_VERSION`` 2): one entry per (scan identity, settings), ``<key>.b2nd`` holding the array and
+``<key>.json`` describing it.
+
+- An image is stored as int16 in 1-HU steps of the HU window (lo, hi): value = round(HU) clipped to the window
+  (in general round(lo + x·(hi − lo)) of the windowed value x in 0..1, which is the same for a window with integer
+  ends). Crops are read as float32 (v − lo) / (hi − lo) in 0..1, within half a HU step, 0.5 / (hi − lo), of
+  ``preprocess_transforms``' output (2.5e-4 for the default 2000-HU window).
+- A label (finetune-seg) is stored as uint8 class indices on its image's grid: resampled by nearest neighbour onto
+  the image's body box, padded with 0 where the image is padded.
+- Arrays are (X, Y, Z) in C order (z varies fastest, which compresses best on CT), in blosc2 chunks of 64³ voxels
+  made of 32x16x8 blocks, LZ4HC-compressed after bit-shuffling: a crop decompresses only the blocks it touches.
+
+Files are written under a temporary name and renamed, so a reader never sees half a file; the ``.json`` is renamed
+last: it marks the entry complete and records the array file's size and CRC-32. The size is checked at every read,
+the CRC once per process and entry (an entry verified or built by this process, or by ``prepare_cache``'s workers for
+it, stays verified in DataLoader workers forked afterwards). A damaged entry is removed and rebuilt. The sidecar also
+keeps facts about the scan (spacing, shape, modality, an HU histogram) that ``ctmae prepare`` summarises without
+reading the scan again.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
+import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import blosc2
 import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.data import MetaTensor
 from monai.transforms import SpatialCrop, SpatialPadd
 from monai.transforms.utils import generate_spatial_bounding_box
 from torch.utils.data import DataLoader, Dataset
@@ -21,76 +48,207 @@ from torch.utils.data import DataLoader, Dataset
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import VolumeSource
 from ctmae.io.labels import refuse_label_map
-from ctmae.io.volume import CTReader
+from ctmae.io.volume import CTReader, itk_grid
 from ctmae.mae.config import DataConfig
 from ctmae.preprocess.resample import resample_to_grid
 from ctmae.preprocess.transforms import body_threshold, ras_grid
-from ctmae.runtime.files import atomic_path, atomic_write_text
+from ctmae.runtime.files import OutputError, atomic_path, atomic_write_text
 from ctmae.runtime.signals import iterate_workers
 
-CACHE_VERSION = 1  # bump when the preprocessing code changes what it produces
+CACHE_VERSION = 2  # bump when the preprocessing code or the format changes what an entry holds
+CHUNKS = (64, 64, 64)  # (X, Y, Z) voxels per chunk
+BLOCKS = (32, 16, 8)  # voxels per block, the unit a crop decompresses
+CPARAMS = {"codec": blosc2.Codec.LZ4HC, "clevel": 5, "filters": [blosc2.Filter.BITSHUFFLE]}
+HU_BIN = 8  # HU per bin of the histogram kept in each image's sidecar
+HU_RANGE = (-4096, 8192)  # histogram range; values outside count in the first/last bin
+HU_SAMPLE = 1 << 20  # about this many voxels (a strided subsample) go into the histogram
+MAX_LABEL_CLASS = 255  # labels are stored as uint8
+OLD_CACHE_NOTE = "cache written by an older ctmae: rebuilding"
+
+# (path, mtime_ns, crc32) of entries whose CRC this process checked or wrote; forked workers inherit it.
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def encode(values: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Windowed values (X, Y, Z) float in 0..1 -> int16 HU codes (X, Y, Z), C order: round(lo + x·(hi - lo))."""
+    lo, hi = window
+    hu = values * np.float32(hi - lo) + np.float32(lo)  # float32, in the memory order of values
+    np.rint(hu, out=hu)
+    np.clip(hu, math.ceil(lo), math.floor(hi), out=hu)
+    return np.ascontiguousarray(hu, dtype=np.int16)
+
+
+def decode(codes: np.ndarray, window: tuple[float, float], out: np.ndarray | None = None) -> np.ndarray:
+    """int16 HU codes -> float32 (v - lo) / (hi - lo), the windowed 0..1 values, into ``out`` if given."""
+    lo, hi = window
+    out = np.empty(codes.shape, np.float32) if out is None else out
+    np.subtract(codes, np.float32(lo), out=out, dtype=np.float32, casting="unsafe")
+    np.divide(out, np.float32(hi - lo), out=out)
+    return out
+
+
+class CachedVolume:
+    """A cached image, (X, Y, Z), sliced like an array: ``volume[x:x+c, y:y+c, z:z+c]`` decompresses only the blocks
+    that box touches and returns float32 0..1 (X, Y, Z)."""
+
+    def __init__(self, array: blosc2.NDArray, window: tuple[float, float]) -> None:
+        self.array, self.window = array, window  # array: (X, Y, Z) int16 HU codes
+        self.shape = tuple(int(n) for n in array.shape)
+
+    def __getitem__(self, box: tuple[slice, slice, slice]) -> np.ndarray:
+        bounds = [s.indices(n) for s, n in zip(box, self.shape)]
+        if len(bounds) != 3 or any(step != 1 for _, _, step in bounds):
+            raise IndexError("a CachedVolume is sliced by three unit-step slices (x, y, z)")
+        return self.read([a for a, _, _ in bounds], [max(0, b - a) for a, b, _ in bounds])
+
+    def read(self, start: Sequence[int], size: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+        """The box of ``size`` (X, Y, Z) voxels at ``start`` as float32 0..1, written into ``out`` if given."""
+        (x, y, z), (nx, ny, nz) = start, size
+        codes = self.array[x : x + nx, y : y + ny, z : z + nz]  # int16, decompressing only the blocks it touches
+        return decode(codes, self.window, out)
+
+    def numpy(self) -> np.ndarray:
+        """The whole volume, float32 0..1 (X, Y, Z)."""
+        return decode(self.array[...], self.window)
+
+
+@dataclass
+class Built:
+    """What building (or finding) one entry gave: its sidecar, or why the scan is skipped."""
+
+    meta: dict | None = None  # the entry's sidecar
+    problem: str | None = None  # one line: the scan is unusable and skipped
+    fatal: str | None = None  # one line: the cache could not be written (e.g. a full disk); the job stops
+    stale: bool = False  # it replaced an entry written by an older ctmae
+    path: str = ""  # the entry's array file
 
 
 class VolumeCache:
-    """Preprocessed volumes on disk, one ``<key>.npy`` + ``<key>.json`` pair per (file identity, settings).
+    """Preprocessed volumes on disk, one ``<key>.b2nd`` + ``<key>.json`` pair per (file identity, settings).
 
-    Files are written to a temporary name in the cache folder and renamed, so a reader never sees half a file. The
-    ``.json`` is renamed last: it marks the entry complete and records the ``.npy``'s size and CRC-32. The size is
-    checked at every read and the checksum once per process and entry; a truncated or corrupted entry is rebuilt.
+    The key hashes the scan's files' path, size and mtime with the settings, so finding a valid entry reads no
+    voxel of the scan. ``stale`` counts entries of an older ctmae this object replaced.
     """
 
     def __init__(self, cfg: DataConfig, min_edge: int = 1) -> None:
+        lo, hi = cfg.hu_window
+        if not -32768 <= lo < hi <= 32767:
+            raise ValueError(f"hu_window {cfg.hu_window}: the cache stores HU as int16; use a window in -32768..32767")
         self.dir = Path(cfg.cache_dir)
         self.reader = CTReader()
         self.grid = ras_grid(["image"], cfg, lazy=True)
         self.window = cfg.hu_window
         self.body = body_threshold(cfg)
-        self.pad = SpatialPadd("image", spatial_size=(cfg.crop,) * 3, value=0.0)
+        self.pad = SpatialPadd(["image"], spatial_size=(cfg.crop,) * 3, value=0.0)
         self.min_edge = min_edge
-        settings = dict(v=CACHE_VERSION, spacing=cfg.spacing, window=cfg.hu_window, crop=cfg.crop)
-        self.settings = json.dumps(settings, sort_keys=True)
-        self._verified: set[str] = set()
+        self.settings, self.old_settings = (
+            json.dumps(dict(v=v, spacing=cfg.spacing, window=cfg.hu_window, crop=cfg.crop), sort_keys=True)
+            for v in (CACHE_VERSION, 1)
+        )
+        self.stale = 0
 
     def key(self, source: VolumeSource) -> str:
         return hashlib.sha256(f"{source.identity()}|{self.settings}".encode()).hexdigest()[:32]
 
+    def label_key(self, source: VolumeSource, label: VolumeSource) -> str:
+        """The key of ``label``'s entry on the grid of ``source``'s image entry."""
+        return hashlib.sha256(f"{self.key(source)}|{label.identity()}|label".encode()).hexdigest()[:32]
+
+    def path(self, source: VolumeSource) -> Path:
+        return self.dir / f"{self.key(source)}.b2nd"
+
     def ensure(self, source: VolumeSource) -> Path:
-        """Preprocess ``source`` unless validly cached; returns the ``.npy`` path. Raises InputError if unusable."""
-        npy = self.dir / f"{self.key(source)}.npy"
-        if self._valid(npy):
-            return npy
-        image = self._preprocess(source)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        # (1, X, Y, Z) -> (X, Y, Z) in Fortran order, SimpleITK's own layout: a block copy of the body box, no transpose
-        array = np.asfortranarray(image.numpy()[0])
-        with atomic_path(npy) as tmp:  # no fsync: every read checks the size (and once per process the CRC-32)
-            np.save(tmp, array)
-        size = npy.stat().st_size
-        with open(npy, "rb") as f:
-            header = f.read(size - array.nbytes)
-        meta = {
-            "affine": image.affine.tolist(),
-            "shape": list(array.shape),
-            "bytes": size,
-            "crc32": zlib.crc32(memoryview(array.T).cast("B"), zlib.crc32(header)),  # the file's bytes, from memory
+        """Preprocess ``source`` unless validly cached; returns the ``.b2nd`` path. Raises InputError if unusable."""
+        self.entry(source)
+        return self.path(source)
+
+    def entry(self, source: VolumeSource) -> dict:
+        """The sidecar of ``source``'s entry, built first if missing or damaged.
+
+        Raises:
+            InputError: the scan is unusable (unreadable, a label map, a body region smaller than ``min_edge``).
+            OutputError: the entry could not be written (e.g. a full disk); earlier entries are intact.
+        """
+        path = self.path(source)
+        meta = self._valid(path)
+        if meta is None:
+            old = self.dir / f"{hashlib.sha256(f'{source.identity()}|{self.old_settings}'.encode()).hexdigest()[:32]}"
+            image, facts = self._preprocess(source)
+            padded = self.pad({"image": image})["image"]  # (1, X, Y, Z)
+            pad = np.rint(np.linalg.solve(padded.affine.numpy(), image.affine.numpy()[:, 3])[:3]).astype(int)
+            meta = {
+                "affine": padded.affine.tolist(),
+                "shape": list(padded.shape[1:]),  # (X, Y, Z)
+                "body": list(image.shape[1:]),  # the body box before padding
+                "pad": pad.tolist(),  # voxels of padding before the body box, along X, Y, Z
+                "source": facts,
+            }
+            meta = self._write(path, encode(padded.numpy()[0], self.window), meta)
+            if old.with_suffix(".npy").exists():  # an entry of the float32 .npy format (CACHE_VERSION 1)
+                self.stale += 1
+                old.with_suffix(".npy").unlink(missing_ok=True)
+                old.with_suffix(".json").unlink(missing_ok=True)
+        if min(meta["body"]) < self.min_edge:
+            raise InputError(
+                f"{source.label}: body region is {'x'.join(map(str, meta['body']))} voxels after resampling, smaller "
+                f"than one {self.min_edge}³ patch"
+            )
+        return meta
+
+    def load(self, source: VolumeSource) -> CachedVolume:
+        """The preprocessed volume (X, Y, Z), read crop by crop; built first if missing or damaged."""
+        return CachedVolume(blosc2.open(str(self.ensure(source)), mode="r"), self.window)
+
+    def label_entry(self, source: VolumeSource, label: VolumeSource) -> tuple[Path, dict]:
+        """(array path, sidecar) of ``label``'s entry on ``source``'s grid, built (with the image's) if missing.
+
+        Raises:
+            InputError: the scan or the label is unusable (a label with values that are not class indices 0..255).
+        """
+        path = self.dir / f"{self.label_key(source, label)}.b2nd"
+        meta = self._valid(path)
+        if meta is None:
+            image = self.entry(source)
+            codes, top = _label_on_grid(self.reader.read(list(label.files)), label.label, image)
+            meta = self._write(path, codes, {"shape": image["shape"], "max_class": top})
+        return path, meta
+
+    def load_case(self, source: VolumeSource, label: VolumeSource) -> dict[str, MetaTensor]:
+        """``{"image", "label"}``: MetaTensors (1, X, Y, Z) float32 with the grid's RAS affine, the image in 0..1 and
+        the label holding class indices; what ``preprocess_transforms(cfg, label=True)`` gives (within half a HU
+        step for the image). Builds the entries first if missing or damaged."""
+        label_path, _ = self.label_entry(source, label)
+        image = self.entry(source)
+        affine = torch.tensor(image["affine"], dtype=torch.float64)
+        volume = self.load(source).numpy()  # (X, Y, Z)
+        labels = blosc2.open(str(label_path), mode="r")[...].astype(np.float32)  # (X, Y, Z)
+        return {
+            key: MetaTensor(torch.from_numpy(array)[None], affine=affine, meta={"filename_or_obj": src.label})
+            for key, array, src in (("image", volume, source), ("label", labels, label))
         }
-        atomic_write_text(npy.with_suffix(".json"), json.dumps(meta))
-        self._verified.add(npy.name)
-        return npy
 
-    def load(self, source: VolumeSource) -> np.ndarray:
-        """The preprocessed volume (X, Y, Z) float32, memory-mapped; built first if missing or damaged."""
-        return np.load(self.ensure(source), mmap_mode="r")
+    def trust(self, path: str | os.PathLike, meta: dict) -> None:
+        """Count an entry checked or written by another process (a worker) as verified in this one."""
+        _VERIFIED.add((os.fspath(path), os.stat(path).st_mtime_ns, meta["crc32"]))
 
-    def _preprocess(self, source: VolumeSource):
-        """What ``preprocess_transforms(cfg)`` gives, built faster (the cache test checks that they agree).
+    def _preprocess(self, source: VolumeSource) -> tuple[MetaTensor, dict]:
+        """What ``preprocess_transforms(cfg)`` gives before its padding, built faster, and facts about the scan.
 
-        SimpleITK resamples onto the grid MONAI's Orientationd → Spacingd plan (``ctmae.preprocess.resample``); the HU window is
-        ScaleIntensityRanged's formula applied in place (its out-of-place passes take 5x longer); the body's box
-        comes from MONAI's ``generate_spatial_bounding_box`` on a NumPy view (10x faster than on a torch tensor).
+        SimpleITK resamples onto the grid MONAI's Orientationd → Spacingd plan (``ctmae.preprocess.resample``); the HU
+        window is ScaleIntensityRanged's formula applied in place (its out-of-place passes take 5x longer); the body's
+        box comes from MONAI's ``generate_spatial_bounding_box`` on a NumPy view (10x faster than on a torch tensor).
+
+        Returns:
+            (MetaTensor (1, X, Y, Z) float32 0..1 cropped to the body, the scan's facts for ``ctmae prepare``).
         """
         image = self.reader.read(list(source.files))
         refuse_label_map(image, source.label)  # a segmentation among the scans is not trained on as CT
+        facts = {
+            "spacing": list(image.GetSpacing()),
+            "size": list(image.GetSize()),
+            "modality": source.modality,
+            "hu_histogram": hu_histogram(image),
+        }
         lo, hi = self.window
         try:
             # only the box that can hold body voxels; 1 HU below the threshold covers float rounding
@@ -99,31 +257,44 @@ class VolumeCache:
             raise InputError(f"{source.label}: could not preprocess: {str(e).splitlines()[0]}") from None
         image.as_tensor().sub_(lo).div_(hi - lo).clamp_(0.0, 1.0)
         start, end = generate_spatial_bounding_box(image.numpy(), lambda v: v > self.body)
-        image = SpatialCrop(roi_start=start, roi_end=end)(image)
-        if min(image.shape[1:]) < self.min_edge:
-            shape = "x".join(str(n) for n in image.shape[1:])
-            raise InputError(
-                f"{source.label}: body region is {shape} voxels after resampling, smaller than one "
-                f"{self.min_edge}³ patch"
-            )
-        return self.pad({"image": image})["image"]
+        return SpatialCrop(roi_start=start, roi_end=end)(image), facts
 
-    def _valid(self, npy: Path) -> bool:
-        """True for a complete, undamaged entry; a damaged one is removed so that it is rebuilt."""
-        sidecar = npy.with_suffix(".json")
+    def _write(self, path: Path, codes: np.ndarray, meta: dict) -> dict:
+        """Write ``codes`` (X, Y, Z) and then the sidecar ``meta`` plus size and CRC-32; returns the sidecar."""
+        chunks = tuple(min(c, n) for c, n in zip(CHUNKS, codes.shape))
+        blocks = tuple(min(b, c) for b, c in zip(BLOCKS, chunks))
+        frame = blosc2.asarray(codes, chunks=chunks, blocks=blocks, cparams=CPARAMS).to_cframe()
+        with atomic_path(path) as tmp:  # no fsync: every read checks the size (and once per process the CRC-32)
+            write_bytes(tmp, frame)
+        meta = {**meta, "bytes": len(frame), "crc32": zlib.crc32(frame)}
+        atomic_write_text(path.with_suffix(".json"), json.dumps(meta))
+        self.trust(path, meta)
+        return meta
+
+    def _valid(self, path: Path) -> dict | None:
+        """The sidecar of a complete, undamaged entry, else None; a damaged entry is removed so that it is rebuilt."""
+        sidecar = path.with_suffix(".json")
         if not sidecar.is_file():
-            return False
+            return None
         try:
             meta = json.loads(sidecar.read_text())
-            ok = npy.stat().st_size == meta["bytes"] and (npy.name in self._verified or _crc32(npy) == meta["crc32"])
-        except (OSError, ValueError, KeyError):
+            stat = path.stat()
+            mark = (os.fspath(path), stat.st_mtime_ns, meta["crc32"])
+            ok = stat.st_size == meta["bytes"] and (mark in _VERIFIED or _crc32(path) == meta["crc32"])
+        except (OSError, ValueError, KeyError, TypeError):
             ok = False
         if ok:
-            self._verified.add(npy.name)
-        else:
-            sidecar.unlink(missing_ok=True)
-            npy.unlink(missing_ok=True)
-        return ok
+            _VERIFIED.add(mark)
+            return meta
+        sidecar.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """The one place entry bytes are written (tests make it fail as a full disk would)."""
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def _crc32(path: Path) -> int:
@@ -134,8 +305,67 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-class _Prepare(Dataset):
-    """Builds cache entries in DataLoader workers; an item is None on success or the one-line problem."""
+def hu_histogram(image: sitk.Image) -> dict:
+    """Counts of a strided subsample's values in ``HU_BIN``-wide bins: ``{"start": HU, "bin": HU, "counts": [...]}``
+    from the first to the last non-empty bin (values outside ``HU_RANGE`` count in the edge bins)."""
+    array = sitk.GetArrayViewFromImage(image)  # (Z, Y, X), no copy
+    step = max(1, round((array.size / HU_SAMPLE) ** (1 / 3)))
+    sample = array[::step, ::step, ::step]
+    lo, hi = HU_RANGE
+    bins = np.clip(np.floor((sample.astype(np.float64) - lo) / HU_BIN), 0, (hi - lo) // HU_BIN - 1).astype(np.intp)
+    counts = np.bincount(bins.ravel(), minlength=(hi - lo) // HU_BIN)
+    used = np.flatnonzero(counts)
+    first, last = (int(used[0]), int(used[-1])) if used.size else (0, -1)
+    return {"start": lo + first * HU_BIN, "bin": HU_BIN, "counts": counts[first : last + 1].tolist()}
+
+
+def label_classes(image: sitk.Image, name: str) -> int:
+    """The largest class index in a label volume, checked to hold whole numbers 0..255, slab by slab.
+
+    Raises:
+        InputError: naming ``name``: a value that is negative, not a whole number (or not finite), or above 255.
+    """
+    array = sitk.GetArrayViewFromImage(image)  # (Z, Y, X), no copy
+    top, rows = 0, max(1, (1 << 22) // max(1, array[0].size))
+    for start in range(0, array.shape[0], rows):
+        slab = array[start : start + rows]
+        if array.dtype.kind == "f" and not np.array_equal(slab, np.round(slab)):  # NaN is never equal
+            raise InputError(f"{name}: label values must be class indices 0, 1, 2, ... (found non-integer values)")
+        if slab.min() < 0:
+            raise InputError(f"{name}: label values must be class indices 0, 1, 2, ... (found {slab.min():g})")
+        top = max(top, int(slab.max()))
+    if top > MAX_LABEL_CLASS:
+        raise InputError(f"{name}: holds class {top}; labels hold class indices up to {MAX_LABEL_CLASS}")
+    return top
+
+
+def _label_on_grid(label: sitk.Image, name: str, image: dict) -> tuple[np.ndarray, int]:
+    """(uint8 codes (X, Y, Z) on the image entry's grid, largest class): nearest neighbour onto the body box, which
+    is what Spacingd's nearest mode then CropForegroundd give, and 0 in the padding, as SpatialPadd gives."""
+    top = label_classes(label, name)
+    shift = np.eye(4)
+    shift[:3, 3] = image["pad"]
+    origin, spacing, direction = itk_grid(np.asarray(image["affine"]) @ shift)  # the body box's grid
+    on_box = sitk.Resample(
+        label,
+        [int(n) for n in image["body"]],
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor,
+        origin,
+        spacing,
+        direction,
+        0.0,
+        sitk.sitkUInt8,
+        True,  # nearest-neighbour extrapolation: Spacingd's border padding
+    )
+    codes = np.zeros(image["shape"], np.uint8)  # (X, Y, Z)
+    (px, py, pz), (bx, by, bz) = image["pad"], image["body"]
+    codes[px : px + bx, py : py + by, pz : pz + bz] = sitk.GetArrayViewFromImage(on_box).T  # (Z, Y, X) -> (X, Y, Z)
+    return codes, top
+
+
+class _Build(Dataset):
+    """Builds cache entries in DataLoader workers; item ``i`` is the ``Built`` of source ``i``."""
 
     def __init__(self, sources: Sequence[VolumeSource], cache: VolumeCache) -> None:
         self.sources, self.cache = sources, cache
@@ -143,16 +373,55 @@ class _Prepare(Dataset):
     def __len__(self) -> int:
         return len(self.sources)
 
-    def __getitem__(self, i: int) -> str | None:
+    def __getitem__(self, i: int) -> Built:
+        stale = self.cache.stale
         try:
-            self.cache.ensure(self.sources[i])
+            meta = self.cache.entry(self.sources[i])
         except InputError as e:
-            return str(e)
-        return None
+            return Built(problem=str(e))
+        except OSError as e:  # OutputError: one line naming the entry
+            return Built(fatal=str(e))
+        return Built(meta=meta, stale=self.cache.stale > stale, path=os.fspath(self.cache.path(self.sources[i])))
+
+
+def _share_cores(workers: int, worker_id: int) -> None:
+    """Each of ``workers`` processes gets its share of the cores for SimpleITK, blosc2 and torch threads."""
+    threads = max(1, len(os.sched_getaffinity(0)) // max(1, workers))
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    blosc2.set_nthreads(threads)
+    torch.set_num_threads(threads)
+
+
+def build_entries(
+    sources: Sequence[VolumeSource], cfg: DataConfig, min_edge: int = 1, workers: int | None = None
+) -> Iterator[tuple[VolumeSource, Built]]:
+    """Build (or find) every source's entry in ``workers`` processes (default ``cfg.workers``), yielding in order.
+
+    Raises:
+        OutputError: an entry could not be written (e.g. a full disk); entries written before are intact.
+    """
+    cache = VolumeCache(cfg, min_edge)
+    workers = min(cfg.workers if workers is None else workers, len(sources))
+    loader = DataLoader(
+        _Build(sources, cache),
+        batch_size=None,
+        num_workers=workers,
+        worker_init_fn=functools.partial(_share_cores, workers) if workers else None,
+    )
+    for source, built in zip(sources, iterate_workers(loader)):
+        if built.fatal:
+            raise OutputError(built.fatal)
+        if built.meta is not None:
+            cache.trust(built.path, built.meta)  # later readers in this process (and its forks) skip the CRC
+        yield source, built
 
 
 def prepare_cache(
-    sources: Sequence[VolumeSource], cfg: DataConfig, on_volume=None, min_edge: int = 1
+    sources: Sequence[VolumeSource],
+    cfg: DataConfig,
+    on_volume: Callable[[], None] | None = None,
+    min_edge: int = 1,
+    on_note: Callable[[str], None] | None = None,
 ) -> tuple[list[VolumeSource], list[str]]:
     """Preprocess every volume into the cache (in parallel workers); returns (usable sources, problems).
 
@@ -161,12 +430,17 @@ def prepare_cache(
         cfg: preprocessing settings and cache folder.
         on_volume: optional callback called once per finished volume (progress).
         min_edge: refuse volumes whose body region is smaller than this many voxels along an axis (one patch).
+        on_note: called once with ``OLD_CACHE_NOTE`` when entries of an older ctmae are being rebuilt.
+
+    Raises:
+        OutputError: the cache could not be written (e.g. a full disk); entries written before are intact.
     """
-    cache = VolumeCache(cfg, min_edge)
-    loader = DataLoader(_Prepare(sources, cache), batch_size=None, num_workers=min(cfg.workers, len(sources)))
-    good, problems = [], []
-    for source, problem in zip(sources, iterate_workers(loader)):
-        (problems.append(problem) if problem else good.append(source))
+    good, problems, noted = [], [], False
+    for source, built in build_entries(sources, cfg, min_edge):
+        (problems.append(built.problem) if built.problem else good.append(source))
+        if built.stale and on_note and not noted:
+            on_note(OLD_CACHE_NOTE)
+            noted = True
         if on_volume:
             on_volume()
     return good, problems
