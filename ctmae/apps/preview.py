@@ -116,7 +116,7 @@ def render_preview(
     """The preview as an (H, W, 3) uint8 array, its layout, and the error scale in HU (arguments as for
     ``write_preview``)."""
     err_max = error_scale(volumes[3])
-    slices = [_mid_slices(v, affine) for v in (*volumes, hidden.astype(np.float32))]  # [volume][view] -> (2D, mm)
+    slices = [_mid_slices(v, affine) for v in (*volumes, hidden.view(np.uint8))]  # [volume][view] -> (2D, mm)
     extents = [(s.shape[0] * mm[0], s.shape[1] * mm[1]) for s, mm in slices[0]]
     px_per_mm = min(PANEL / max(max(e) for e in extents), 1.0 / min(min(mm) for _, mm in slices[0]))
     sizes = tuple((max(1, round(h * px_per_mm)), max(1, round(w * px_per_mm))) for h, w in extents)
@@ -149,14 +149,15 @@ def render_preview(
 def _mid_slices(volume: np.ndarray, affine: np.ndarray) -> list[tuple[np.ndarray, tuple[float, float]]]:
     """Axial, coronal and sagittal mid-slices in RAS, oriented for display, each with its (row, col) mm per pixel."""
     canonical = nib.as_closest_canonical(nib.Nifti1Image(volume, affine))
-    data = np.asarray(canonical.dataobj, dtype=np.float32)  # (R, A, S) voxel axes
+    data = np.asanyarray(canonical.dataobj)  # (R, A, S) voxel axes; a flipped / transposed view, not a copy
     zooms = canonical.header.get_zooms()[:3]
     x, y, z = (n // 2 for n in data.shape)
-    return [
+    views = [
         (data[::-1, ::-1, z].T, (zooms[1], zooms[0])),  # axial: rows A->P, cols R->L
         (data[::-1, y, ::-1].T, (zooms[2], zooms[0])),  # coronal: rows S->I, cols R->L
         (data[x, ::-1, ::-1].T, (zooms[2], zooms[1])),  # sagittal: rows S->I, cols A->P
     ]
+    return [(view.astype(np.float32), mm) for view, mm in views]
 
 
 def _resize(view: np.ndarray, size: tuple[int, int]) -> np.ndarray:
