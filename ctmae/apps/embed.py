@@ -29,6 +29,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch.utils.data import DataLoader, Dataset
 
+from ctmae.apps.contract import image_warnings, preprocessing_of, with_input_probe
 from ctmae.apps.inference import (
     LoadedModel,
     pad_to_patches,
@@ -96,7 +97,8 @@ def embed(
         on_scan: called after each of them with "embedded" or "skipped".
 
     Returns:
-        {"out", "embedded", "resumed", "rows", "skipped": one-line problems}.
+        {"out", "embedded", "resumed", "rows", "skipped": one-line problems, "warnings": one-line departures
+        from the checkpoint's preprocessing contract (``ctmae.apps.contract``)}.
     """
     check_options(out, pool)
     out = Path(out)
@@ -111,7 +113,7 @@ def embed(
     if on_start:
         on_start(len(todo))
 
-    embedded = 0
+    embedded, warnings = 0, []
     with _Journal(journal, digest, pool) as log:
         for item in _stream(todo, loaded.cfg.data):
             if "problem" in item:
@@ -119,6 +121,7 @@ def embed(
                 if on_scan:
                     on_scan("skipped")
                 continue
+            warnings += item["warnings"]
             token_map = token_features(loaded, item["image"], batch_size)  # (D, gx, gy, gz)
             flat = token_map.flatten(1)  # (D, L)
             vector = (flat.mean(1) if pool == "mean" else flat.amax(1)).numpy().astype(np.float32)
@@ -135,7 +138,14 @@ def embed(
     if done:
         _write_output(out, done)
     journal.unlink(missing_ok=True)
-    return {"out": str(out), "embedded": embedded, "resumed": resumed, "rows": len(done), "skipped": problems}
+    return {
+        "out": str(out),
+        "embedded": embedded,
+        "resumed": resumed,
+        "rows": len(done),
+        "skipped": problems,
+        "warnings": warnings,
+    }
 
 
 @torch.inference_mode()
@@ -177,7 +187,7 @@ class _Prepare(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         source = self.sources[i]
-        self.transform = self.transform or preprocess_transforms(self.cfg)
+        self.transform = self.transform or with_input_probe(preprocess_transforms(self.cfg))
         try:
             image = preprocess(source, self.transform)
         except InputError as e:
@@ -189,6 +199,7 @@ class _Prepare(Dataset):
             "affine": np.asarray(image.affine, dtype=np.float64),
             "shape": shape,
             "spacing": spacing,
+            "warnings": image_warnings(preprocessing_of(self.cfg), image, source),  # the encoder's input contract
         }
 
 

@@ -9,7 +9,9 @@ import sys
 
 from ctmae.cli import (  # noqa: F401
     embed,
+    export,  # noqa: F401
     finetune,  # noqa: F401
+    info,  # noqa: F401
     pretrain,  # noqa: F401  (registers the subcommand)
     reconstruct,
 )

@@ -6,8 +6,18 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
-from ctmae.cli.common import INPUTS_HELP, UsageError, app, console, progress_bar, report_skipped, run_command
+from ctmae.cli.common import (
+    INPUTS_HELP,
+    UsageError,
+    app,
+    console,
+    errors,
+    progress_bar,
+    report_skipped,
+    run_command,
+)
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import skipped_only
 
@@ -76,6 +86,8 @@ def embed(
                 on_scan=scanned,
             )
         report_skipped(result["skipped"])
+        for line in result["warnings"]:  # the checkpoint's preprocessing contract (ctmae.apps.contract)
+            errors.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
         skipped = len(skipped_only(result["skipped"]))  # a note on ignored files skips no scan
         if result["embedded"] + result["resumed"] == 0:
             raise InputError(f"no scan embedded ({skipped} skipped)")

@@ -62,7 +62,13 @@ def _check(cases: list, num_classes: Optional[int]) -> int:
     return max(2, top + 1)
 
 
+def _warn(lines: list[str]) -> None:
+    for line in lines:
+        errors.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
+
+
 def _predict(checkpoint: Path, inputs: list[Path], out: Optional[Path], device: Optional[str]) -> None:
+    from ctmae.apps.contract import checkpoint_preprocessing, source_warnings
     from ctmae.seg.predict import predict
 
     if not inputs:
@@ -75,6 +81,8 @@ def _predict(checkpoint: Path, inputs: list[Path], out: Optional[Path], device: 
     report_skipped(problems)
     if not sources:
         raise InputError(f"no usable volume among the inputs ({len(skipped_only(problems))} skipped)")
+    trained = checkpoint_preprocessing(checkpoint)
+    _warn(source_warnings(trained, sources) if trained else [])  # the segmenter's input contract
     with progress_bar() as progress:
         task = progress.add_task("segmenting", total=len(sources), info="")
 
@@ -164,6 +172,12 @@ def finetune_seg(
         if predict is not None:
             _predict(predict, args or [], out, device)
             return
+        from ctmae.apps.contract import (
+            checkpoint_preprocessing,
+            preprocessing_change,
+            preprocessing_of,
+            source_warnings,
+        )
         from ctmae.seg.data import split_cases
         from ctmae.seg.network import load_seg_checkpoint, net_config_from_mae
 
@@ -182,6 +196,11 @@ def finetune_seg(
         val_cases = _cases(val_images, val_labels, "val-") if val_images else None
         dist = open_run_dir(out, resume, overwrite, device)
         last = out / "checkpoints" / "last.pt"
+        fixed = last if resume and last.is_file() else None if from_scratch else checkpoint
+        trained = checkpoint_preprocessing(fixed) if fixed is not None and spacing is not None else None
+        change = trained and preprocessing_change(trained, {"spacing": (spacing,) * 3}, ["spacing"])
+        if change:  # a pretrained encoder's input contract is not an option
+            raise UsageError(f"--spacing {spacing:g}: {change} ({fixed}); omit --spacing, or train --from-scratch")
         classes = _check(cases + (val_cases or []), num_classes)
         mae = None
         if resume and last.is_file():
@@ -227,6 +246,8 @@ def finetune_seg(
                 )
             except ValueError as e:
                 raise UsageError(str(e)) from None
+        if cfg.pretrained:  # the encoder's input contract, from each image's header and a few slices
+            _warn(source_warnings(preprocessing_of(cfg.data), [c.image for c in cases + (val_cases or [])]))
         train_cases, held_out = (cases, val_cases) if val_cases else split_cases(cases, val_fraction, cfg.train.seed)
         if len(cases) == 1 and not val_cases:
             console.print(

@@ -144,6 +144,7 @@ def pretrain(
     """Pretrain a 3D masked autoencoder on CT scans."""
 
     def body() -> None:
+        from ctmae.apps.contract import preprocessing_change
         from ctmae.mae.train import pretrain as run_pretrain
 
         if out is None and inputs:
@@ -188,6 +189,9 @@ def pretrain(
                 cfg = cfg.replace(train={"steps": None})
         except ValueError as e:
             raise UsageError(str(e)) from None
+        change = base and preprocessing_change(base.data, cfg.data)
+        if change:  # the checkpoint's encoder learned from that preprocessing: a resumed run keeps it
+            raise UsageError(f"--resume: {change} ({last}); resume without changing it, or start a new RUN_DIR")
         sources = _volumes(scans, cfg, dist, modality)
         with progress_bar() as progress:
             task = progress.add_task("pretraining", total=None, info="")

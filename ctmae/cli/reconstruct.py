@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
-from ctmae.cli.common import UsageError, app, console, run_command
+from ctmae.cli.common import UsageError, app, console, errors, run_command
 from ctmae.mae.masking import MASKS
 
 
@@ -34,6 +35,7 @@ def reconstruct(
     """Mask a scan, reconstruct it, and write the result on the scan's own grid (opens in 3D Slicer / ITK-SNAP)."""
 
     def body() -> None:
+        from ctmae.apps.contract import path_warnings, preprocessing_of
         from ctmae.apps.inference import load_model
         from ctmae.apps.reconstruct import mask_config
         from ctmae.apps.reconstruct import reconstruct as run_reconstruct
@@ -45,6 +47,8 @@ def reconstruct(
             mask_cfg = mask_config(loaded, mask, mask_ratio, block)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        for line in path_warnings(preprocessing_of(loaded.cfg.data), input):  # the encoder's input contract
+            errors.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
         metrics = run_reconstruct(
             loaded, input, out, mask_cfg, seed=seed, batch_size=batch_size, checkpoint_name=str(checkpoint)
         )
