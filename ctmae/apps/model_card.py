@@ -122,7 +122,7 @@ def _training(train: dict[str, Any]) -> list[str]:
 def _final_loss(train: dict[str, Any]) -> str:
     if train.get("final_loss") is None:
         return "not available (no metrics.jsonl beside the checkpoint)"
-    return f"{train['final_loss']:.4f} (masked-voxel MSE in 0..1 units, logged at step {train['final_loss_step']})"
+    return f"{train['final_loss']:.4f} (MSE on predicted patches, 0..1 units, at step {train['final_loss_step']})"
 
 
 def _evaluation(evaluation: dict[str, Any] | None) -> list[str]:
