@@ -181,25 +181,26 @@ def test_probe_and_evaluation_figures_reach_the_card_but_case_ids_do_not(tiny_ch
     (run_dir / "checkpoints").mkdir(parents=True)
     shutil.copy(tiny_checkpoint, run_dir / "checkpoints" / "last.pt")
     rows = (tiny_checkpoint.parent.parent / "metrics.jsonl").read_text()
-    rows += json.dumps({"step": 4, "probe_dice": [0.9, 0.41]}) + "\n" + json.dumps({"step": 9, "loss": 7.0}) + "\n"
+    probe = {"step": 4, "probe_dice": 0.41, "probe_dice_1": 0.41, "preview_psnr_masked": 12.5}
+    rows += json.dumps(probe) + "\n" + json.dumps({"step": 9, "loss": 7.0}) + "\n"
     (run_dir / "metrics.jsonl").write_text(rows)  # the row after the checkpoint's step 4 is not its figure
-    report = {
-        "test_cases": ["smith_john", "case7.nii.gz"],
-        "probe": {"dice": 0.41, "raw_intensity_dice": 0.12},
-        "per_case": {"smith_john": 0.5, "case7.nii.gz": 0.3},
-        "checkpoint_sha256": "abc",
+    report = {  # the layout of ctmae evaluate's report.json, with per-case figures keyed by case id
+        "settings": {"seed": 0, "shots": [1, 2]},
+        "cases": {"test": ["smith_john", "case7.nii.gz"]},
+        "probe": {"ckpt0": {"dice": 0.41, "per_case": {"smith_john": 0.5, "case7.nii.gz": 0.3}}},
+        "fewshot": {"ckpt0": {"1": {"runs": [{"repeat": 0, "dice": 0.2}], "n": 1, "mean": 0.2, "sd": None}}},
     }
     (run_dir / "report.json").write_text(json.dumps(report))
     result = _run("export", run_dir / "checkpoints" / "last.pt", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["evaluation"] == {
-        "probe_dice": {"step": 4, "value": [0.9, 0.41]},
-        "report": {"probe": {"dice": 0.41, "raw_intensity_dice": 0.12}},
+        "probe_dice": {"step": 4, "probe_dice": 0.41, "probe_dice_1": 0.41},
+        "report": {"probe": {"ckpt0": {"dice": 0.41}}, "fewshot": {"ckpt0": {"1": {"n": 1, "mean": 0.2}}}},
     }
     assert config["training"]["final_loss"] != 7.0 and config["training"]["final_loss_step"] == 4
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "Frozen-encoder probe Dice at step 4" in card and '"raw_intensity_dice": 0.12' in card
+    assert "Frozen-encoder probe Dice at step 4" in card and '"mean": 0.2' in card
     for path in (tmp_path / "out").iterdir():
         assert b"smith_john" not in path.read_bytes() and b"case7" not in path.read_bytes()
 

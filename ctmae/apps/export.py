@@ -33,6 +33,7 @@ EXPORT_FORMAT = "ctmae-encoder"  # config.json's "format"
 EXPORT_VERSION = 1  # bump when config.json's layout changes incompatibly
 FORMATS = ("safetensors", "monai-bundle")
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "config.json", "encoder.safetensors", "README.md"
+EVALUATE_SECTIONS = ("probe", "fewshot", "recon")  # the figures of ctmae evaluate's report.json
 POSITION_NOTE = (
     "fixed 3D sin-cos table (ctmae.mae.model.sincos_embedding_3d), stored with the weights; MONAI's own sincos table "
     "differs, so load the stored one (for another img_size, ctmae.load_encoder(..., img_size=N) recomputes it exactly)"
@@ -203,15 +204,19 @@ def run_figures(checkpoint: Path, step: int) -> dict[str, Any]:
         if losses:
             out["training"] = {"final_loss": float(losses[-1]["loss"]), "final_loss_step": losses[-1]["step"]}
         probes = [r for r in rows if "probe_dice" in r]
-        if probes:
-            out["probe_dice"] = {"step": probes[-1]["step"], "value": _numbers(probes[-1]["probe_dice"])}
+        if probes:  # probe_dice (mean over classes) and probe_dice_<class>, as ctmae pretrain --probe-every logs them
+            last = probes[-1]
+            out["probe_dice"] = {"step": last["step"], **_numbers({k: v for k, v in last.items() if "probe" in k})}
     for folder in dict.fromkeys(d for d in (run_dir, checkpoint.parent) if d is not None):
         report = folder / "report.json"
         if report.is_file():
             try:
-                found = _numbers(json.loads(report.read_text(encoding="utf-8")))
+                data = json.loads(report.read_text(encoding="utf-8"))
             except (OSError, ValueError):
-                found = None
+                data = None
+            # ctmae evaluate's protocols (probe, fewshot, recon per subject); another report: all its numbers
+            sections = {k: v for k, v in data.items() if k in EVALUATE_SECTIONS} if isinstance(data, dict) else {}
+            found = _numbers(sections or data, frozenset(_strings(data)))
             if found:
                 out["report"] = found
             break
@@ -219,19 +224,17 @@ def run_figures(checkpoint: Path, step: int) -> dict[str, Any]:
 
 
 def _numbers(value: Any, banned: frozenset[str] = frozenset(), depth: int = 0) -> Any:
-    """The numeric content of a JSON value: numbers kept, dicts and lists of numbers recursed (3 levels), strings
+    """The numeric content of a JSON value: numbers kept, dicts and lists of numbers recursed (4 levels), strings
     and anything else dropped, so an evaluation's case ids or paths never reach an export.
 
     A dict key is kept only if it looks like a figure's name: short, no path or file-suffix characters, and none of
-    the strings the value itself lists (``banned``: e.g. the report's test case ids).
+    ``banned`` (the strings the report lists anywhere, e.g. its test case ids).
     """
-    if depth == 0:
-        banned = frozenset(_strings(value))
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
         return value
-    if depth >= 3:
+    if depth >= 4:
         return None
     if isinstance(value, dict):
         kept = {

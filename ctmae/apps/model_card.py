@@ -131,7 +131,8 @@ def _evaluation(evaluation: dict[str, Any] | None) -> list[str]:
     lines = ["## Evaluation", ""]
     if "probe_dice" in evaluation:
         probe = evaluation["probe_dice"]
-        lines.append(f"- Frozen-encoder probe Dice at step {probe['step']}: `{json.dumps(probe['value'])}`")
+        figures = {k: v for k, v in probe.items() if k != "step"}
+        lines.append(f"- Frozen-encoder probe Dice at step {probe['step']} (metrics.jsonl): `{json.dumps(figures)}`")
     if "report" in evaluation:
         lines.append(f"- `ctmae evaluate` report (numbers only): `{json.dumps(evaluation['report'])}`")
     return [*lines, ""]
