@@ -6,6 +6,7 @@ returns a plain dict of figures.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,9 +17,11 @@ import torch
 from ctmae.io.discovery import VolumeSource
 from ctmae.mae.checkpoint import load_checkpoint
 from ctmae.mae.config import RunConfig
-from ctmae.mae.crops import crop_batches
+from ctmae.mae.crops import CropVisits, crop_batches
 from ctmae.mae.masking import TokenMask, corrupt, sample_mask
 from ctmae.mae.model import MaskedAutoencoder3D, build_model
+from ctmae.mae.shift import CROPS_PER_SCAN, MAX_REFERENCE_SCANS, crops_error, reference
+from ctmae.mae.shift import SEED as SHIFT_SEED
 from ctmae.runtime.checkpoint import CheckpointError, save_checkpoint
 from ctmae.runtime.distributed import DistInfo, any_rank
 from ctmae.runtime.optim import build_optimizer, updater
@@ -37,6 +40,7 @@ def pretrain(
     dist: DistInfo = DistInfo(),
     on_start: Callable[[dict[str, Any]], None] | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    monitor: Callable[[int, MaskedAutoencoder3D, Any], None] | None = None,
 ) -> dict[str, Any]:
     """Train the MAE and write ``run_dir``: config.yaml, metrics.jsonl, train.log, checkpoints/.
 
@@ -49,6 +53,8 @@ def pretrain(
         dist: this process's rank under torchrun; ranks read disjoint volumes, rank 0 alone writes files.
         on_start: called once with ``{"start_step", "total_steps", "device", "precision", "global_batch"}``.
         on_step: called after each step with ``{"step", "loss", "lr"}`` (loss only on logged steps, else None).
+        monitor: called on rank 0 after each step (unless stopping) with ``(step, model, run.log)``; it picks its own
+            steps to probe or preview the model (``ctmae.apps.monitor.TrainingMonitor``).
 
     Returns:
         Figures of the run: steps, first/last logged loss, seconds, crops per second, checkpoint path,
@@ -82,6 +88,8 @@ def pretrain(
         state = run.training_state(
             step, model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict()
         )
+        if step == run.total:  # the finished model: store its error on the training scans (ctmae.mae.shift)
+            state["shift_reference"] = _shift_reference(model, sources, cfg)
         save_checkpoint(state, run.checkpoints / "last.pt")
         if step % t.ckpt_every == 0:
             save_checkpoint(state, run.checkpoints / f"step_{step:07d}.pt")
@@ -117,6 +125,8 @@ def pretrain(
             signalled = run.stop_requested()
             if ((step % t.ckpt_every == 0 or step == run.end) and bad_steps == 0) or signalled:  # keep the last good
                 checkpoint(step)
+            if monitor is not None and dist.is_main and not signalled:
+                monitor(step, model, run.log)
             if on_step:
                 on_step({"step": step, "loss": logged, "lr": lr})
             if signalled:
@@ -135,6 +145,14 @@ def pretrain(
         "global_batch": global_batch,
         "model": model,
     }
+
+
+def _shift_reference(model: MaskedAutoencoder3D, sources: Sequence[VolumeSource], cfg: RunConfig) -> dict:
+    """The masked-reconstruction error of up to MAX_REFERENCE_SCANS training scans (seeded crops, fixed mask)."""
+    data = dataclasses.replace(cfg.data, crops_per_volume=CROPS_PER_SCAN)
+    visits = CropVisits(sources, data, seed=SHIFT_SEED)  # epoch 0 of the schedule visits each scan once
+    count = min(len(sources), MAX_REFERENCE_SCANS)
+    return reference([crops_error(model, visits[v][0], cfg) for v in range(count)])
 
 
 def _restore(model: MaskedAutoencoder3D, optimizer: torch.optim.Optimizer, run: Run) -> None:
