@@ -81,3 +81,22 @@ def test_a_chest_trained_model_scores_a_head_as_more_shifted_than_a_chest(tmp_pa
 
     chest, head = score(other_chest), score(head_phantom(tmp_path / "head.nii.gz"))
     assert head > chest + 1.0, (chest, head)
+
+
+def test_reconstruct_reports_the_shift_score_and_warns_far_from_the_training_scans(tiny_checkpoint, tmp_path):
+    """The fixture was pretrained on the sample chest CT: the sample scores near 0, a head phantom far above."""
+    import json
+
+    from ctmae.cli import app as cli
+
+    chest = CliRunner().invoke(cli, ["reconstruct", str(tiny_checkpoint), str(SAMPLE), "--out", str(tmp_path / "a")])
+    assert chest.exit_code == 0, chest.output
+    shift = json.loads((tmp_path / "a" / "metrics.json").read_text())["shift"]
+    assert abs(shift["shift_score"]) < WARN_SCORE and shift["warning"] is None and "shift score" not in chest.output
+
+    head = head_phantom(tmp_path / "head.nii.gz")
+    far = CliRunner().invoke(cli, ["reconstruct", str(tiny_checkpoint), str(head), "--out", str(tmp_path / "b")])
+    assert far.exit_code == 0, far.output
+    shift = json.loads((tmp_path / "b" / "metrics.json").read_text())["shift"]
+    assert shift["shift_score"] > WARN_SCORE
+    assert "shift score" in " ".join(far.output.split()) and "unlike the pretraining data" in far.output

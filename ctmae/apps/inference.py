@@ -34,6 +34,7 @@ class LoadedModel:
     cfg: RunConfig
     step: int
     device: torch.device
+    shift_reference: dict | None = None  # the training scans' error distribution (ctmae.mae.shift), if stored
 
 
 def load_model(checkpoint: str | os.PathLike, device: str) -> LoadedModel:
@@ -46,7 +47,7 @@ def load_model(checkpoint: str | os.PathLike, device: str) -> LoadedModel:
     state = load_checkpoint(checkpoint)
     dev = resolve_device(device)
     model = model_from_checkpoint(state).to(dev).eval()
-    return LoadedModel(model, state["config"], int(state.get("step", 0)), dev)
+    return LoadedModel(model, state["config"], int(state.get("step", 0)), dev, state.get("shift_reference"))
 
 
 def preprocess(source: VolumeSource, transform: Compose) -> MetaTensor:

@@ -38,6 +38,7 @@ from ctmae.io.discovery import VolumeSource, ensure_not_inputs, find_volumes
 from ctmae.io.volume import read_volume, write_nifti
 from ctmae.mae.config import MaskConfig
 from ctmae.mae.masking import corrupt, sample_mask, strategy
+from ctmae.mae.shift import crops_error, scan_crops, shift_score, shift_warning
 from ctmae.preprocess.transforms import preprocess_transforms
 from ctmae.runtime.checkpoint import CheckpointError
 from ctmae.runtime.files import atomic_write_text
@@ -56,6 +57,8 @@ DEFINITIONS = {
     "not written to any file",
     "ssim": "reconstruction.nii.gz vs input.nii.gz over the whole volume",
     "tokens": "token grid of the whole patch-padded preprocessed volume; tokens_masked of them hidden",
+    "shift": "the model's masked-reconstruction error on fixed seeded crops of this scan, and shift_score: how many "
+    "standard deviations it lies above the training scans' (ctmae.mae.shift; null when the checkpoint stores none)",
 }
 
 
@@ -140,6 +143,7 @@ def reconstruct(
         "tokens_masked": int(tokens_hidden.sum()),
         "token_mask_ratio": int(tokens_hidden.sum()) / tokens_hidden.numel(),
         "ssim": _ssim(recon, original, lo, hi, loaded.device),
+        "shift": _shift(loaded, image.as_tensor(), source.label),
     }
     title = [
         f"{checkpoint_name or 'checkpoint'} (step {loaded.step})",
@@ -150,6 +154,14 @@ def reconstruct(
     metrics["definitions"] = DEFINITIONS
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _shift(loaded: LoadedModel, image: torch.Tensor, name: str) -> dict[str, Any]:
+    """The scan's masked-reconstruction error and its shift score against the training scans' (1, X, Y, Z) in."""
+    error = crops_error(loaded.model, scan_crops(image[0], loaded.cfg.data.crop), loaded.cfg)
+    ref = loaded.shift_reference
+    score = shift_score(error, ref) if ref else None
+    return {"error": error, "shift_score": score, "warning": shift_warning(name, score) if ref else None}
 
 
 def _figures(

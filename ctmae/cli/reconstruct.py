@@ -52,6 +52,10 @@ def reconstruct(
         metrics = run_reconstruct(
             loaded, input, out, mask_cfg, seed=seed, batch_size=batch_size, checkpoint_name=str(checkpoint)
         )
+        if metrics["shift"]["warning"]:
+            errors.print(
+                f"[yellow]warning:[/yellow] {escape(metrics['shift']['warning'])}", highlight=False, soft_wrap=True
+            )
         masked = metrics["masked"]["psnr"]
         summary = f"masked PSNR {masked:.2f} dB, " if masked is not None else ""
         console.print(
