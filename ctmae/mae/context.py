@@ -11,7 +11,7 @@ from __future__ import annotations
 from ctmae.mae.config import RunConfig
 from ctmae.mae.masking import num_masked, strategy
 
-MIN_VISIBLE_TOKENS = 4  # fewer visible tokens per crop than this is refused
+MIN_VISIBLE_TOKENS = 2  # fewer visible tokens per crop than this is refused: one token relates to nothing
 WARN_VISIBLE_TOKENS = 16  # fewer than this gets a warning
 
 
