@@ -22,9 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctmae.apps.export import CONFIG_FILE, write_json
 from ctmae.apps.inference import patch_aligned_overlap
-from ctmae.runtime.files import atomic_path, atomic_write_text
+from ctmae.runtime.files import atomic_path, atomic_write_json, atomic_write_text
 
 METADATA, INFERENCE, LOGGING = "configs/metadata.json", "configs/inference.json", "configs/logging.conf"
 WEIGHTS, CARD = "models/model.pt", "docs/README.md"
@@ -189,12 +188,13 @@ def write_bundle(out: Path, config: dict[str, Any], tensors: dict[str, torch.Ten
     config = {**config, "weights": {**config["weights"], "file": WEIGHTS}}
     with atomic_path(out / WEIGHTS) as tmp:
         torch.save(tensors, tmp)
-    write_json(out / METADATA, metadata(config))
-    write_json(out / INFERENCE, inference_config(config))
+    atomic_write_json(out / METADATA, metadata(config))
+    atomic_write_json(out / INFERENCE, inference_config(config))
     atomic_write_text(out / LOGGING, LOGGING_CONF)
     atomic_write_text(out / CARD, model_card(config, "monai-bundle"))
     return [out / p for p in (WEIGHTS, METADATA, INFERENCE, LOGGING, CARD)]
 
 
 def is_bundle(folder: Path) -> bool:
-    return (folder / METADATA).is_file() and (folder / WEIGHTS).is_file() and not (folder / CONFIG_FILE).is_file()
+    """Whether ``folder`` holds a MONAI bundle (a safetensors export has neither of these files)."""
+    return (folder / METADATA).is_file() and (folder / WEIGHTS).is_file()

@@ -27,7 +27,7 @@ from monai.networks.nets import ViT
 from ctmae.apps.contract import preprocessing_of
 from ctmae.mae.config import ModelConfig, RunConfig
 from ctmae.runtime.checkpoint import FORMAT, KINDS, SEG_FORMAT, CheckpointError, read_checkpoint
-from ctmae.runtime.files import atomic_path, atomic_write_text
+from ctmae.runtime.files import atomic_path, atomic_write_json, atomic_write_text
 
 EXPORT_FORMAT = "ctmae-encoder"  # config.json's "format"
 EXPORT_VERSION = 1  # bump when config.json's layout changes incompatibly
@@ -275,10 +275,6 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
@@ -307,7 +303,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "sa
     if fmt == "monai-bundle":
         return config, write_bundle(out, config, tensors)
     write_safetensors(out / WEIGHTS_FILE, tensors)
-    write_json(out / CONFIG_FILE, config)
+    atomic_write_json(out / CONFIG_FILE, config)
     atomic_write_text(out / CARD_FILE, model_card(config, "safetensors"))
     return config, [out / WEIGHTS_FILE, out / CONFIG_FILE, out / CARD_FILE]
 

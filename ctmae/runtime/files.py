@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 class OutputError(OSError):
@@ -59,3 +61,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    """Indented JSON with a final newline, written atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
