@@ -72,15 +72,7 @@ def pretrain(
     net = run.wrap(model)
     run.begin(f"global batch {global_batch}")
     if on_start:
-        on_start(
-            {
-                "start_step": run.start,
-                "total_steps": run.total,
-                "device": run.device.type,
-                "precision": run.precision,
-                "global_batch": global_batch,
-            }
-        )
+        on_start(run.start_info(global_batch=global_batch))
 
     def checkpoint(step: int) -> None:
         if not dist.is_main:

@@ -81,6 +81,16 @@ class Run:
             f"({self.precision}), {self.dist.world} process(es); {description}"
         )
 
+    def start_info(self, **extra: Any) -> dict[str, Any]:
+        """What a loop's ``on_start`` callback receives: where the run starts and ends, on what, plus ``extra``."""
+        return {
+            "start_step": self.start,
+            "total_steps": self.total,
+            "device": self.device.type,
+            "precision": self.precision,
+            **extra,
+        }
+
     def add_loss(self, loss: torch.Tensor) -> None:
         """Sum a step's loss on the device (no host sync) until the next logged step."""
         self._loss = loss.detach() if self._loss is None else self._loss + loss.detach()
