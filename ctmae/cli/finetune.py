@@ -155,6 +155,9 @@ def finetune_seg(
         Optional[str], typer.Option(help="auto|bf16|fp16|fp32; auto = bf16 on GPU, fp32 on CPU")
     ] = None,
     workers: Annotated[int, typer.Option(help="Data loader processes drawing crops")] = 0,
+    cache_dir: Annotated[
+        Optional[Path], typer.Option(help="Preprocessing cache, as pretrain's and prepare's (default: ~/.cache/ctmae)")
+    ] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue from RUN_DIR/checkpoints/last.pt (fresh if none yet).")
     ] = False,
@@ -256,7 +259,7 @@ def finetune_seg(
                 highlight=False,
             )
         weights = None if from_scratch or mae is None else mae["model"]
-        _train(cfg, train_cases, held_out, out, weights, resume, stop_at, dist)
+        _train(cfg, train_cases, held_out, out, weights, resume, stop_at, dist, cache_dir)
         cleanup(dist)
 
     run_command(body)
@@ -271,6 +274,7 @@ def _train(
     resume: bool,
     stop_at: Optional[int],
     dist: DistInfo,
+    cache_dir: Optional[Path] = None,
 ) -> None:
     from ctmae.seg.train import finetune
 
@@ -306,6 +310,7 @@ def _train(
             dist=dist,
             on_start=started,
             on_step=stepped,
+            cache_dir=str(cache_dir) if cache_dir else None,
         )
     table = Table(title="fine-tuning summary", show_header=False)
     per_class = result["dice_per_class"] or []

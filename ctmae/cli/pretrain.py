@@ -60,7 +60,13 @@ def _volumes(inputs: list[Path], cfg: RunConfig, dist: DistInfo, modality: str |
     mine = sources[dist.rank :: dist.world]
     with progress_bar() as progress:
         task = progress.add_task("preprocessing", total=len(mine), info="")
-        ready, bad = prepare_cache(mine, cfg.data, on_volume=lambda: progress.advance(task), min_edge=cfg.model.patch)
+        ready, bad = prepare_cache(
+            mine,
+            cfg.data,
+            on_volume=lambda: progress.advance(task),
+            min_edge=cfg.model.patch,
+            on_note=lambda line: console.print(f"[yellow]note:[/yellow] {escape(line)}", highlight=False),
+        )
     barrier(dist)
     ready_ids, bad = set(gather([s.id for s in ready], dist)), gather(bad, dist)
     good = [s for s in sources if s.id in ready_ids]

@@ -127,7 +127,8 @@ class VolumeCache:
     """Preprocessed volumes on disk, one ``<key>.b2nd`` + ``<key>.json`` pair per (file identity, settings).
 
     The key hashes the scan's files' path, size and mtime with the settings, so finding a valid entry reads no
-    voxel of the scan. ``stale`` counts entries of an older ctmae this object replaced.
+    voxel of the scan. An unusable scan leaves ``<key>.problem``, its one-line reason, so that it is reported again
+    without being read again. ``stale`` counts entries of an older ctmae this object replaced.
     """
 
     def __init__(self, cfg: DataConfig, min_edge: int = 1) -> None:
@@ -173,7 +174,14 @@ class VolumeCache:
         meta = self._valid(path)
         if meta is None:
             old = self.dir / f"{hashlib.sha256(f'{source.identity()}|{self.old_settings}'.encode()).hexdigest()[:32]}"
-            image, facts = self._preprocess(source)
+            known = path.with_suffix(".problem")  # an unusable scan (same files, same settings) is not read again
+            if known.is_file():
+                raise InputError(known.read_text(encoding="utf-8"))
+            try:
+                image, facts = self._preprocess(source)
+            except InputError as e:
+                atomic_write_text(known, str(e))
+                raise
             padded = self.pad({"image": image})["image"]  # (1, X, Y, Z)
             pad = np.rint(np.linalg.solve(padded.affine.numpy(), image.affine.numpy()[:, 3])[:3]).astype(int)
             meta = {

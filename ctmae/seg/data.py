@@ -1,37 +1,44 @@
 """Labelled cases for ``finetune-seg``: pairing images with labels, geometry checks, the validation split, and the
 seeded stream of foreground-balanced training crops.
 
-Three layouts pair images and labels: two lists of files/folders matched by file name (``case.nii.gz`` in both, an
-nnU-Net channel suffix ``_0000`` on the image allowed), a CSV/JSON datalist with ``image`` and ``label`` columns/keys
-(MSD's ``dataset.json`` ``training`` list included), and an nnU-Net folder holding ``imagesTr/`` and ``labelsTr/``.
+Four layouts pair images and labels: two lists of image files paired in the order given; two lists of
+files/folders matched by file name (``case.nii.gz`` in both, an nnU-Net channel suffix ``_0000`` on the image
+allowed); a CSV/JSON datalist with ``image`` and ``label`` columns/keys (MSD's ``dataset.json`` ``training`` list
+included); and an nnU-Net folder holding ``imagesTr/`` and ``labelsTr/``.
 
-The deterministic preprocessing (``ctmae.preprocess.transforms.preprocess_transforms`` with the label) runs once per case into
-memory (``monai.data.CacheDataset``). Crops follow ``ctmae.preprocess.schedule``'s schedule: visit ``v`` is epoch ``v // V``, slot
-``v % V`` of that epoch's seeded permutation, its random draws seeded by ``(seed, v)``; so any step's batch is a
-pure function of the seed and ``--resume`` is exact.
+The deterministic preprocessing runs once per case into the on-disk cache (``ctmae.preprocess.cache``): the image
+through SimpleITK's resampling as for pretraining (the same entry), the label by nearest neighbour onto the image's
+grid, cropped with the image's body box; what ``preprocess_transforms(cfg, label=True)`` gives. A later run over the
+same cases preprocesses nothing. Crops follow ``ctmae.preprocess.schedule``'s schedule: visit ``v`` is epoch
+``v // V``, slot ``v % V`` of that epoch's seeded permutation, its random draws seeded by ``(seed, v)``; so any step's
+batch is a pure function of the seed and ``--resume`` is exact.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import torch
-from monai.data import CacheDataset
+from monai.data import MetaTensor
 from monai.transforms import Compose, RandCropByPosNegLabeld, RandFlipd
 from torch.utils.data import Dataset
 
-from ctmae.io.checks import IMAGE_SUFFIXES, InputError
+from ctmae.io.checks import IMAGE_SUFFIXES, InputError, condense_sitk_error
+from ctmae.io.dicom import itk_warnings_off
 from ctmae.io.discovery import VolumeSource, find_volumes, skipped_only
-from ctmae.io.volume import read_volume
+from ctmae.io.volume import CTReader, ras_affine
+from ctmae.mae.config import default_cache_dir
+from ctmae.preprocess.cache import OLD_CACHE_NOTE, VolumeCache, label_classes
 from ctmae.preprocess.schedule import global_visit, visit_batches, visit_volume
-from ctmae.preprocess.transforms import preprocess_transforms
 from ctmae.seg.config import SegDataConfig
 
 KEYS = ("image", "label")
@@ -132,14 +139,40 @@ def read_datalist(path: str | os.PathLike) -> list[LabelledCase]:
     return cases
 
 
-def find_cases(images: Sequence[str | os.PathLike], labels: Sequence[str | os.PathLike] = ()) -> list[LabelledCase]:
-    """Labelled cases in any of the three layouts: ``images`` + ``labels`` paired by name; or ``images`` alone
-    as one datalist (.csv/.json) or one nnU-Net folder with ``imagesTr/`` and ``labelsTr/``.
+def pair_in_order(images: Sequence[str | os.PathLike], labels: Sequence[str | os.PathLike]) -> list[LabelledCase]:
+    """Pair explicitly named image and label files one by one, in the order given (their names need not match).
 
     Raises:
-        InputError: unpaired volumes, unreadable lists, or a layout that is none of these.
+        InputError: the lists differ in length, or a file is not a readable volume.
+    """
+    if len(images) != len(labels):
+        raise InputError(
+            f"{len(images)} image file(s) but {len(labels)} label file(s): image and label files named one by one "
+            f"pair in the order given, so their counts must match (give folders to pair by file name)"
+        )
+    cases = []
+    for image, label in zip(images, labels):
+        (i,), (lab,) = _found([image], "images"), _found([label], "labels")  # a file is one volume
+        cases.append(LabelledCase(case_name(i, image=False)[0], i, lab))
+    return cases
+
+
+def _image_file(path: str | os.PathLike) -> bool:
+    return os.path.isfile(path) and os.fspath(path).lower().endswith(IMAGE_SUFFIXES)
+
+
+def find_cases(images: Sequence[str | os.PathLike], labels: Sequence[str | os.PathLike] = ()) -> list[LabelledCase]:
+    """Labelled cases in any of the four layouts: ``images`` + ``labels`` all image files, paired in order; else
+    paired by name; or ``images`` alone as one datalist (.csv/.json) or one nnU-Net folder with ``imagesTr/`` and
+    ``labelsTr/``.
+
+    Raises:
+        InputError: lists of files of different lengths, unpaired volumes, unreadable lists, or a layout that is none
+            of these.
     """
     if labels:
+        if all(_image_file(p) for p in (*images, *labels)):
+            return pair_in_order(images, labels)
         return pair_by_name(images, labels)
     if len(images) == 1:
         one = Path(images[0])
@@ -156,14 +189,19 @@ def find_cases(images: Sequence[str | os.PathLike], labels: Sequence[str | os.Pa
 def check_case(case: LabelledCase, num_classes: int | None = None) -> int:
     """Check that the label lies on its image's grid and holds class indices; returns the largest class.
 
+    The image's geometry comes from its header (a DICOM series is read whole); the label's voxels are read once, in
+    their stored type, and checked slab by slab.
+
     Raises:
-        InputError: one line naming the pair and what differs (shape, spacing, direction, origin, values).
+        InputError: one line naming the pair and what differs (shape, spacing, direction, origin), or the label and
+            its values (not whole numbers 0..255, or a class >= ``num_classes``).
     """
-    image, image_affine = read_volume(case.image)
-    label, label_affine = read_volume(case.label)
+    image_shape, image_affine = _geometry(case.image)
+    label = CTReader().read(list(case.label.files))  # a SimpleITK image in the stored pixel type
+    label_shape, label_affine = tuple(label.GetSize()), ras_affine(label)
     where = f"pair {case.id!r} ({case.image.files[0]} / {case.label.files[0]})"
-    if image.shape != label.shape:
-        raise InputError(f"{where}: label shape {label.shape} differs from image shape {image.shape}")
+    if image_shape != label_shape:
+        raise InputError(f"{where}: label shape {label_shape} differs from image shape {image_shape}")
     spacing = [np.linalg.norm(a[:3, :3], axis=0) for a in (image_affine, label_affine)]
     if not np.allclose(spacing[0], spacing[1], rtol=SPACING_RTOL, atol=0):
         raise InputError(
@@ -177,9 +215,7 @@ def check_case(case: LabelledCase, num_classes: int | None = None) -> int:
             f"{where}: label origin {np.round(label_affine[:3, 3], 3).tolist()} differs from image "
             f"origin {np.round(image_affine[:3, 3], 3).tolist()}"
         )
-    if (label < 0).any() or (label != np.round(label)).any():
-        raise InputError(f"{case.label.files[0]}: label values must be class indices 0, 1, 2, ...")
-    top = int(label.max())
+    top = label_classes(label, case.label.label)
     if num_classes is not None and top >= num_classes:
         raise InputError(f"{case.label.files[0]}: holds class {top}, but --num-classes is {num_classes}")
     return top
@@ -199,15 +235,67 @@ def split_cases(
     return [c for i, c in enumerate(cases) if i not in val], [cases[i] for i in val]
 
 
-def cache_cases(cases: Sequence[LabelledCase], cfg: SegDataConfig) -> CacheDataset:
-    """The deterministic preprocessing of image and label, run once per case and kept in memory."""
-    return CacheDataset(
-        [c.item() for c in cases],
-        transform=preprocess_transforms(cfg.preprocessing(), label=True),
-        cache_rate=1.0,
-        num_workers=0,
-        progress=False,
-    )
+def _geometry(source: VolumeSource) -> tuple[tuple[int, ...], np.ndarray]:
+    """(shape (X, Y, Z), RAS affine 4x4) of a volume: from an image file's header, or a DICOM series read whole."""
+    if source.is_dicom:
+        image = CTReader().read(list(source.files))
+        return tuple(image.GetSize()), ras_affine(image)
+    header = sitk.ImageFileReader()
+    header.SetFileName(source.files[0])
+    try:
+        with itk_warnings_off():
+            header.ReadImageInformation()
+    except RuntimeError as e:
+        raise InputError(f"{source.label}: {condense_sitk_error(e)}") from None
+    return tuple(header.GetSize()), ras_affine(header)  # the header has an image's geometry getters
+
+
+class CachedCases(Sequence):
+    """Labelled cases in the on-disk cache. Item ``i`` is ``{"image", "label"}``: MetaTensors (1, X, Y, Z) float32
+    with the grid's RAS affine, the image in 0..1 and the label holding class indices, read from the cache at each
+    access (nothing is held in memory, and DataLoader workers receive only paths)."""
+
+    def __init__(self, cache: VolumeCache, cases: Sequence[LabelledCase]) -> None:
+        self.cache, self.cases = cache, list(cases)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, i: int) -> dict[str, MetaTensor]:
+        case = self.cases[i]
+        return self.cache.load_case(case.image, case.label)
+
+
+def cache_cases(
+    cases: Sequence[LabelledCase],
+    cfg: SegDataConfig,
+    cache_dir: str | os.PathLike | None = None,
+    on_case: Callable[[], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> CachedCases:
+    """Preprocess each case into the on-disk cache unless cached; returns them, read from there on access.
+
+    Args:
+        cases: checked labelled cases.
+        cfg: spacing, HU window and crop (the padding); the entries' key, as pretraining's.
+        cache_dir: the cache folder (default: pretraining's default, ``ctmae.mae.config.default_cache_dir``).
+        on_case: called once per case made ready (progress).
+        on_note: called once with ``OLD_CACHE_NOTE`` when entries of an older ctmae are being rebuilt.
+
+    Raises:
+        InputError: an image or label is unusable (one line naming it).
+        OutputError: the cache could not be written (e.g. a full disk).
+    """
+    folder = os.fspath(cache_dir) if cache_dir else default_cache_dir()
+    cache = VolumeCache(dataclasses.replace(cfg.preprocessing(), cache_dir=folder))
+    for case in cases:
+        cache.label_entry(case.image, case.label)  # builds the image's entry too
+        if cache.stale and on_note:
+            on_note(OLD_CACHE_NOTE)
+            on_note = None
+        if on_case:
+            on_case()
+    return CachedCases(cache, cases)
 
 
 def random_transforms(cfg: SegDataConfig) -> Compose:
@@ -233,7 +321,7 @@ def random_transforms(cfg: SegDataConfig) -> Compose:
 class CaseVisits(Dataset):
     """Item ``v`` is visit ``v`` of the seeded schedule: (images (N, 1, c, c, c), labels (N, 1, c, c, c))."""
 
-    def __init__(self, cached: CacheDataset, cfg: SegDataConfig, seed: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, cached: CachedCases, cfg: SegDataConfig, seed: int, rank: int = 0, world: int = 1) -> None:
         self.cached, self.cfg, self.seed, self.rank, self.world = cached, cfg, seed, rank, world
 
     def __len__(self) -> int:
@@ -249,7 +337,7 @@ class CaseVisits(Dataset):
 
 
 def crop_batches(
-    cached: CacheDataset,
+    cached: CachedCases,
     cfg: SegDataConfig,
     seed: int,
     batch_size: int,

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.data import CacheDataset
 from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
@@ -42,7 +41,7 @@ def sliding_window(cfg: SegConfig) -> SlidingWindowInferer:
 
 @torch.no_grad()
 def evaluate(
-    unetr: nn.Module, cached: CacheDataset, cfg: SegConfig, device: torch.device, precision: str = "fp32"
+    unetr: nn.Module, cached: Sequence[dict], cfg: SegConfig, device: torch.device, precision: str = "fp32"
 ) -> list[float]:
     """Dice per foreground class (1..C-1) over whole preprocessed volumes, by sliding-window inference.
 
@@ -136,6 +135,7 @@ def finetune(
     dist: DistInfo = DistInfo(),
     on_start: Callable[[dict[str, Any]], None] | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    cache_dir: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune a UNETR and write ``run_dir``: config.yaml, metrics.jsonl, train.log, checkpoints/{last,best}.pt.
 
@@ -150,6 +150,7 @@ def finetune(
             rank 0 alone writes files. SIGTERM/SIGUSR1/Ctrl-C on any rank: finish the step, write last.pt, stop.
         on_start: called once with ``{"start_step", "total_steps", "device", "precision", "encoder_tensors"}``.
         on_step: called after each step with ``{"step", "loss", "lr", "val_dice"}`` (None when not computed).
+        cache_dir: the preprocessing cache the cases are read through (``ctmae.seg.data.cache_cases``' default if None).
 
     Returns:
         Figures of the run: steps, last loss, best and last mean validation Dice (and per class), seconds, paths,
@@ -183,7 +184,7 @@ def finetune(
             }
         )
 
-    train_data, val_data = cache_cases(train_cases, cfg.data), cache_cases(val_cases, cfg.data)
+    train_data, val_data = (cache_cases(c, cfg.data, cache_dir, on_note=run.log.info) for c in (train_cases, val_cases))
     batches = crop_batches(
         train_data, cfg.data, t.seed, t.batch_size, start_step=run.start, rank=dist.rank, world=dist.world
     )
