@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
 import sys
@@ -14,13 +15,17 @@ import torch
 from typer.testing import CliRunner
 
 import ctmae.apps.embed
+import ctmae.apps.embed_files
 from conftest import write_dicom_series, write_volume
 from ctmae.apps.embed import token_name
+from ctmae.apps.embed_files import read_output
 from ctmae.cli import app
 from ctmae.io.discovery import find_volumes
 from ctmae.io.volume import read_volume
 from ctmae.mae.checkpoint import load_checkpoint
+from ctmae.mae.shift import WARN_SCORE
 from ctmae.preprocess.transforms import preprocess_transforms
+from ctmae.runtime.checkpoint import save_checkpoint
 
 runner = CliRunner()
 
@@ -90,10 +95,10 @@ def test_csv_holds_the_same_numbers_as_npz(tiny_checkpoint, scans, tmp_path):
     z = _npz(tmp_path / "e.npz")
     with open(tmp_path / "e.csv", newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0][:4] == ["id", "shape", "spacing", "e0"] and len(rows) == 3
+    assert rows[0][:5] == ["id", "shape", "spacing", "shift_score", "e0"] and len(rows) == 3
     assert [r[0] for r in rows[1:]] == list(z["ids"])
     assert rows[1][1] == "x".join(map(str, z["shapes"][0]))
-    np.testing.assert_array_equal(np.array([r[3:] for r in rows[1:]], dtype=np.float32), z["embeddings"])
+    np.testing.assert_array_equal(np.array([r[4:] for r in rows[1:]], dtype=np.float32), z["embeddings"])
 
 
 def test_resume_skips_finished_ids(tiny_checkpoint, scans, tmp_path, counted):
@@ -208,3 +213,151 @@ def test_errors_are_one_line(tiny_checkpoint, scans, tmp_path, monkeypatch):
         assert result.exit_code == code, (args, result.output)
         assert words in result.output and "Traceback" not in result.output, result.output
     assert not (tmp_path / "e.npz").exists()
+
+
+# Distribution shift (ctmae.mae.shift): the tiny checkpoint was pretrained on the sample chest CT, so a slab of it
+# (mirrored) is "like the training scans" and a skull-and-brain phantom or a uniform block is not.
+SAMPLE_CT = Path(__file__).resolve().parents[1] / "sample_data" / "ct" / "lung1.nii.gz"
+AXIS = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def _chest_slab(path: Path) -> Path:
+    """12 axial slices of the sample chest, mirrored left-right: a chest the model has not seen as such."""
+    import nibabel as nib
+
+    sample = nib.load(SAMPLE_CT)
+    slab = np.asarray(sample.dataobj)[::-1, :, 18:30].copy()  # (X, Y, 12)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(slab, sample.affine), path)
+    return path
+
+
+def _head_phantom(path: Path) -> Path:
+    """A small head: air, a skull shell at 1000 HU, brain at 35 HU, in 2 mm voxels."""
+    x, y, z = np.mgrid[0:80, 0:95, 0:75].astype(np.float32)
+    r = np.sqrt(((x - 40) / 35) ** 2 + ((y - 47) / 42) ** 2 + ((z - 37) / 32) ** 2)
+    ct = np.where(r < 1.0, 1000.0, -1000.0)
+    ct[r < 0.85] = 35.0
+    return write_volume(path, ct, spacing=(2.0, 2.0, 2.0), direction=AXIS)
+
+
+def _shift_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if "shift score" in line]
+
+
+def test_shift_score_is_a_column_of_every_format_and_agrees(tiny_checkpoint, scans, tmp_path):
+    pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    for suffix in (".npz", ".csv", ".parquet"):
+        assert _run(tiny_checkpoint, scans, "--out", tmp_path / f"e{suffix}").exit_code == 0
+    scores = _npz(tmp_path / "e.npz")["shift_scores"]
+    assert scores.shape == (2,) and scores.dtype == np.float64 and np.isfinite(scores).all()
+    with open(tmp_path / "e.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][3] == "shift_score"
+    np.testing.assert_allclose([float(r[3]) for r in rows[1:]], scores, rtol=1e-8)  # 9 significant digits
+    table = pq.read_table(tmp_path / "e.parquet")
+    assert str(table.schema.field("shift_score").type) == "double"
+    np.testing.assert_array_equal(table.column("shift_score").to_numpy(), scores)
+
+
+def test_a_scan_unlike_the_training_scans_scores_higher_and_is_warned_about(tiny_checkpoint, tmp_path):
+    assert load_checkpoint(tiny_checkpoint)["shift_reference"]["errors"]  # pretrain stored the training scans' errors
+    _chest_slab(tmp_path / "in" / "chest.nii.gz")
+    _head_phantom(tmp_path / "in" / "head.nii.gz")
+    result = _run(tiny_checkpoint, tmp_path / "in", "--out", tmp_path / "e.npz")
+    assert result.exit_code == 0, result.output
+    z = _npz(tmp_path / "e.npz")
+    chest, head = (float(z["shift_scores"][list(z["ids"]).index(n)]) for n in ("chest.nii.gz", "head.nii.gz"))
+    assert chest < WARN_SCORE < head and head > chest + 1.0, (chest, head)
+    lines = _shift_lines(result.output)
+    assert len(lines) == 1 and lines[0].startswith("warning: head.nii.gz: shift score"), result.output
+
+
+def _strip_shift_column(path: Path) -> None:
+    """Rewrite an output as ctmae wrote it before the shift_score column existed."""
+    if path.suffix == ".npz":
+        arrays = {k: v for k, v in _npz(path).items() if k != "shift_scores"}
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+    elif path.suffix == ".csv":
+        with open(path, newline="") as f:
+            rows = [r[:3] + r[4:] for r in csv.reader(f)]
+        with open(path, "w", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerows(rows)
+    else:
+        import pyarrow.parquet as pq
+
+        pq.write_table(pq.read_table(path).drop_columns(["shift_score"]), path)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".csv", ".parquet", ".partial.jsonl"])
+def test_an_output_from_before_the_shift_column_resumes_with_nan(
+    tiny_checkpoint, scans, tmp_path, counted, monkeypatch, suffix
+):
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    out = tmp_path / ("e.csv" if suffix == ".partial.jsonl" else f"e{suffix}")
+    if suffix == ".partial.jsonl":  # a run killed before its output was written leaves the journal
+        with monkeypatch.context() as m:
+            m.setattr(ctmae.apps.embed, "write_output", _killed)
+            assert _run(tiny_checkpoint, scans / "a.nii.gz", "--out", out).exit_code == 130
+        journal = out.with_name(out.name + ".partial.jsonl")
+        lines = [json.loads(line) for line in journal.read_text().splitlines()]
+        assert not out.exists() and lines[1].pop("shift_score") is not None  # as journals were written before
+        journal.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    else:
+        assert _run(tiny_checkpoint, scans / "a.nii.gz", "--out", out).exit_code == 0
+        _strip_shift_column(out)
+    result = _run(tiny_checkpoint, scans, "--out", out)
+    assert result.exit_code == 0 and "1 already done" in result.output, result.output
+    assert len(counted) == 2  # a was not embedded again
+    fresh = tmp_path / f"fresh{out.suffix}"
+    assert _run(tiny_checkpoint, scans, "--out", fresh).exit_code == 0
+    old, new = _scores(out), _scores(fresh)
+    assert math.isnan(old["a.nii.gz"]) and math.isfinite(new["a.nii.gz"])
+    assert old["sub/b.nrrd"] == new["sub/b.nrrd"]
+
+
+def _killed(*args: object) -> None:
+    raise KeyboardInterrupt  # as a kill just before the output file is written
+
+
+def _scores(path: Path) -> dict[str, float]:
+    """id -> shift_score of an output, read as ``ctmae embed`` reads it to resume."""
+    return {r.id: r.shift_score for r in read_output(path)}
+
+
+def test_a_checkpoint_without_a_reference_gives_nan_and_no_warning(tiny_checkpoint, tmp_path):
+    state = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    del state["shift_reference"]  # as in checkpoints written before pretraining stored it
+    older = tmp_path / "older.pt"
+    save_checkpoint(state, older)
+    head = _head_phantom(tmp_path / "head.nii.gz")
+    for suffix in (".npz", ".csv"):
+        result = _run(older, head, "--out", tmp_path / f"e{suffix}")
+        assert result.exit_code == 0 and not _shift_lines(result.output), result.output
+    assert np.isnan(_npz(tmp_path / "e.npz")["shift_scores"]).all()
+    with open(tmp_path / "e.csv", newline="") as f:
+        assert [r[3] for r in csv.reader(f)] == ["shift_score", ""]  # an empty cell: no score
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_earlier_output(tiny_checkpoint, scans, tmp_path, monkeypatch):
+    out = tmp_path / "e.npz"
+    assert _run(tiny_checkpoint, scans / "a.nii.gz", "--out", out).exit_code == 0
+    before = out.read_bytes()
+
+    def full(path: Path, rows: object) -> None:
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ctmae.apps.embed_files, "_write_npz", full)
+    result = _run(tiny_checkpoint, scans, "--out", out)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.splitlines()[-1].startswith(f"error: {out}: could not write (No space left on device)")
+    assert out.read_bytes() == before  # no temporary file is left, and the journal keeps b for the next run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npz", "e.npz.partial.jsonl", "scans"]
+    monkeypatch.undo()
+    result = _run(tiny_checkpoint, scans, "--out", out)
+    assert result.exit_code == 0 and "embedded 0 scan(s), 2 already done" in result.output, result.output

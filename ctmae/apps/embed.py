@@ -2,7 +2,9 @@
 
 The encoder sees every patch (no masking). Crop-sized windows start on the patch grid and cover the whole
 preprocessed volume (MONAI's sliding window; a token shared by overlapping windows gets the mean of their features),
-giving a token map (D, gx, gy, gz) that is pooled to one vector.
+giving a token map (D, gx, gy, gz) that is pooled to one vector. Each row also carries the scan's ``shift_score``
+(``ctmae.mae.shift``: how far its masked-reconstruction error lies above the training scans'; NaN when the checkpoint
+stores no reference), and a scan above ``WARN_SCORE`` adds a warning line. The file formats are in ``embed_files``.
 
 Resume: each embedded scan is appended as one JSON line to ``<out>.partial.jsonl`` (flushed and fsynced), and the
 output file is written once at the end, atomically, holding the rows of the previous output, the journal and this
@@ -12,15 +14,10 @@ next run with the same ``--out`` reads the output file and the journal and skips
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
+import math
 import os
-import re
-import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +27,16 @@ from monai.inferers import sliding_window_inference
 from torch.utils.data import DataLoader, Dataset
 
 from ctmae.apps.contract import image_warnings, preprocessing_of, with_input_probe
+from ctmae.apps.embed_files import (
+    Journal,
+    Row,
+    read_journal,
+    read_output,
+    require_pyarrow,
+    token_name,
+    write_output,
+    write_tokens,
+)
 from ctmae.apps.inference import (
     LoadedModel,
     pad_to_patches,
@@ -41,22 +48,11 @@ from ctmae.apps.inference import (
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import VolumeSource, find_volumes
 from ctmae.mae.config import DataConfig
+from ctmae.mae.shift import crops_error, scan_crops, shift_score, shift_warning
 from ctmae.preprocess.transforms import preprocess_transforms
 
 POOLS = ("mean", "max")
 FORMATS = (".npz", ".csv", ".parquet")
-JOURNAL_VERSION = 1
-_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed entry timestamp: the earliest a zip can hold, so bytes repeat
-
-
-@dataclass(frozen=True)
-class Row:
-    """One scan's output: privacy-safe id, pooled embedding (D,) float32, source shape (X, Y, Z) and spacing (mm)."""
-
-    id: str
-    embedding: np.ndarray
-    shape: tuple[int, int, int]
-    spacing: tuple[float, float, float]
 
 
 def check_options(out: str | os.PathLike, pool: str) -> None:
@@ -70,7 +66,7 @@ def check_options(out: str | os.PathLike, pool: str) -> None:
     if Path(out).suffix.lower() not in FORMATS:
         raise ValueError(f"{out}: --out must end in {', '.join(FORMATS)}")
     if Path(out).suffix.lower() == ".parquet":
-        _pyarrow()
+        require_pyarrow()
 
 
 def embed(
@@ -88,7 +84,8 @@ def embed(
     Args:
         loaded: the checkpoint's model (``ctmae.apps.inference.load_model``).
         inputs: files, folders, series folders or lists, as for ``ctmae.io.discovery.find_volumes``.
-        out: .npz (arrays ids, embeddings, shapes, spacings), .csv (id, shape, spacing, e0..eN) or .parquet.
+        out: .npz (arrays ids, embeddings, shapes, spacings, shift_scores), .csv (id, shape, spacing, shift_score,
+            e0..eN) or .parquet (``ctmae.apps.embed_files``).
         pool: mean or max over the token map.
         tokens_dir: if given, also ``<name>.npy`` (D, gx, gy, gz) and ``<name>.json`` (RAS affine of token centres)
             per scan; a scan counts as done only when its token map exists too.
@@ -98,15 +95,16 @@ def embed(
 
     Returns:
         {"out", "embedded", "resumed", "rows", "skipped": one-line problems, "warnings": one-line departures
-        from the checkpoint's preprocessing contract (``ctmae.apps.contract``)}.
+        from the checkpoint's preprocessing contract (``ctmae.apps.contract``) and scans unlike the training scans
+        (``ctmae.mae.shift``)}.
     """
     check_options(out, pool)
     out = Path(out)
     journal = out.with_name(out.name + ".partial.jsonl")
     digest = _weights_digest(loaded)
     sources, problems = find_volumes(inputs)
-    rows = {r.id: r for r in _read_output(out)} if out.is_file() else {}
-    rows.update({r.id: r for r in _read_journal(journal, digest, pool)})
+    rows = {r.id: r for r in read_output(out)} if out.is_file() else {}
+    rows.update({r.id: r for r in read_journal(journal, digest, pool)})
     tokens = Path(tokens_dir) if tokens_dir is not None else None
     todo = [s for s in sources if s.id not in rows or (tokens and not (tokens / f"{token_name(s.id)}.npy").is_file())]
     resumed = len(sources) - len(todo)
@@ -114,21 +112,16 @@ def embed(
         on_start(len(todo))
 
     embedded, warnings = 0, []
-    with _Journal(journal, digest, pool) as log:
+    with Journal(journal, digest, pool) as log:
         for item in _stream(todo, loaded.cfg.data):
             if "problem" in item:
                 problems.append(item["problem"])
                 if on_scan:
                     on_scan("skipped")
                 continue
-            warnings += item["warnings"]
-            token_map = token_features(loaded, item["image"], batch_size)  # (D, gx, gy, gz)
-            flat = token_map.flatten(1)  # (D, L)
-            vector = (flat.mean(1) if pool == "mean" else flat.amax(1)).numpy().astype(np.float32)
-            if tokens is not None:
-                grid_affine = token_affine(item["affine"], loaded.cfg.model.patch)
-                _write_tokens(tokens, item["id"], token_map.numpy(), grid_affine)
-            row = Row(item["id"], vector, item["shape"], item["spacing"])
+            row = _embed_one(loaded, item, pool, batch_size, tokens)
+            line = None if math.isnan(row.shift_score) else shift_warning(row.id, row.shift_score)
+            warnings += item["warnings"] + ([line] if line else [])
             log.append(row)
             rows[row.id] = row
             embedded += 1
@@ -136,7 +129,7 @@ def embed(
                 on_scan("embedded")
     done = [rows[k] for k in sorted(rows)]
     if done:
-        _write_output(out, done)
+        write_output(out, done)
     journal.unlink(missing_ok=True)
     return {
         "out": str(out),
@@ -146,6 +139,17 @@ def embed(
         "skipped": problems,
         "warnings": warnings,
     }
+
+
+def _embed_one(loaded: LoadedModel, item: dict[str, Any], pool: str, batch_size: int, tokens: Path | None) -> Row:
+    """One preprocessed scan's row (pooled embedding and shift score), and its token map written if asked."""
+    token_map = token_features(loaded, item["image"], batch_size)  # (D, gx, gy, gz)
+    flat = token_map.flatten(1)  # (D, L)
+    vector = (flat.mean(1) if pool == "mean" else flat.amax(1)).numpy().astype(np.float32)
+    if tokens is not None:
+        grid_affine = token_affine(item["affine"], loaded.cfg.model.patch)
+        write_tokens(tokens, item["id"], token_map.numpy(), grid_affine)
+    return Row(item["id"], vector, item["shape"], item["spacing"], scan_shift(loaded, item["image"]))
 
 
 @torch.inference_mode()
@@ -169,10 +173,13 @@ def token_features(loaded: LoadedModel, volume: torch.Tensor, batch_size: int) -
     return out[0].float().cpu()
 
 
-def token_name(volume_id: str) -> str:
-    """A file name for a scan's token map: readable, no path separators or '..', and unique per id (hash suffix)."""
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", volume_id).replace("..", "_").strip("._-")[:80] or "scan"
-    return f"{readable}-{hashlib.sha256(volume_id.encode()).hexdigest()[:10]}"
+def scan_shift(loaded: LoadedModel, image: torch.Tensor) -> float:
+    """The shift score (``ctmae.mae.shift``) of a preprocessed volume (1, X, Y, Z); NaN when the checkpoint stores
+    no training-scan reference."""
+    if not loaded.shift_reference:
+        return math.nan
+    error = crops_error(loaded.model, scan_crops(image[0], loaded.cfg.data.crop), loaded.cfg)
+    return shift_score(error, loaded.shift_reference)
 
 
 class _Prepare(Dataset):
@@ -220,175 +227,3 @@ def _weights_digest(loaded: LoadedModel) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-class _Journal:
-    """Append-only JSON lines: a header naming weights and pooling, then one row per line, each fsynced."""
-
-    def __init__(self, path: Path, digest: str, pool: str) -> None:
-        self.path, self.header = path, {"journal": JOURNAL_VERSION, "weights": digest, "pool": pool}
-        self.file = None
-
-    def __enter__(self) -> _Journal:
-        return self
-
-    def append(self, row: Row) -> None:
-        if self.file is None:  # opened on the first row, so a run with nothing to do leaves no journal
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            _drop_partial_line(self.path)
-            fresh = not self.path.is_file() or self.path.stat().st_size == 0
-            self.file = open(self.path, "a", encoding="utf-8")
-            if fresh:
-                self._write(self.header)
-        self._write(
-            {"id": row.id, "embedding": row.embedding.tolist(), "shape": list(row.shape), "spacing": list(row.spacing)}
-        )
-
-    def _write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-    def __exit__(self, *exc: object) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-def _drop_partial_line(path: Path) -> None:
-    """Cut a line a crash left unfinished, so the next append starts on a line of its own."""
-    if not path.is_file():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-
-
-def _read_journal(path: Path, digest: str, pool: str) -> list[Row]:
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    complete = lines[:-1]  # the last piece is empty, or a line a crash cut short
-    if not complete:
-        return []
-    header = json.loads(complete[0])
-    if header.get("weights") != digest or header.get("pool") != pool:
-        raise ValueError(f"{path}: unfinished run with another checkpoint or --pool; delete it or choose another --out")
-    return [
-        Row(r["id"], np.asarray(r["embedding"], dtype=np.float32), tuple(r["shape"]), tuple(r["spacing"]))
-        for r in map(json.loads, complete[1:])
-    ]
-
-
-def _write_output(out: Path, rows: list[Row]) -> None:
-    """Write all rows atomically (temporary file in the same folder, then rename), deterministically."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        {".npz": _write_npz, ".csv": _write_csv, ".parquet": _write_parquet}[out.suffix.lower()](tmp, rows)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_npz(path: Path, rows: list[Row]) -> None:
-    """Like ``np.savez``, but every zip entry carries the same fixed timestamp (savez stamps the current time)."""
-    arrays = {
-        "ids": np.array([r.id for r in rows], dtype=str),
-        "embeddings": np.stack([r.embedding for r in rows]).astype(np.float32),  # (N, D)
-        "shapes": np.array([r.shape for r in rows], dtype=np.int64),  # (N, 3)
-        "spacings": np.array([r.spacing for r in rows], dtype=np.float64),  # (N, 3)
-    }
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
-        for name, array in arrays.items():
-            buffer = io.BytesIO()
-            np.lib.format.write_array(buffer, array, allow_pickle=False)
-            zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_TIME), buffer.getvalue())
-
-
-def _write_csv(path: Path, rows: list[Row]) -> None:
-    """id, shape ("XxYxZ"), spacing ("sxxsyxsz", exact repr), e0..eN (9 significant digits: float32 round-trips)."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["id", "shape", "spacing"] + [f"e{i}" for i in range(len(rows[0].embedding))])
-        for r in rows:
-            writer.writerow(
-                [r.id, "x".join(map(str, r.shape)), "x".join(map(repr, r.spacing))]
-                + [f"{v:.9g}" for v in r.embedding.tolist()]
-            )
-
-
-def _write_parquet(path: Path, rows: list[Row]) -> None:
-    pa, pq = _pyarrow()
-    table = pa.table(
-        {
-            "id": pa.array([r.id for r in rows], pa.string()),
-            "embedding": pa.array([r.embedding.tolist() for r in rows], pa.list_(pa.float32(), len(rows[0].embedding))),
-            "shape": pa.array([list(r.shape) for r in rows], pa.list_(pa.int64(), 3)),
-            "spacing": pa.array([list(r.spacing) for r in rows], pa.list_(pa.float64(), 3)),
-        }
-    )
-    pq.write_table(table, path)
-
-
-def _read_output(out: Path) -> list[Row]:
-    """The rows of an earlier output file (for resume); ValueError naming the file if it cannot be read."""
-    try:
-        suffix = out.suffix.lower()
-        if suffix == ".npz":
-            with np.load(out, allow_pickle=False) as z:
-                return [
-                    Row(str(i), e, tuple(int(n) for n in s), tuple(float(x) for x in sp))
-                    for i, e, s, sp in zip(z["ids"], z["embeddings"], z["shapes"], z["spacings"])
-                ]
-        if suffix == ".csv":
-            with open(out, newline="", encoding="utf-8") as f:
-                records = list(csv.reader(f))[1:]
-            return [
-                Row(
-                    r[0],
-                    np.array([float(v) for v in r[3:]], dtype=np.float32),
-                    tuple(int(n) for n in r[1].split("x")),
-                    tuple(float(x) for x in r[2].split("x")),
-                )
-                for r in records
-            ]
-        _, pq = _pyarrow()
-        table = pq.read_table(out).to_pydict()
-        return [
-            Row(i, np.asarray(e, dtype=np.float32), tuple(s), tuple(sp))
-            for i, e, s, sp in zip(table["id"], table["embedding"], table["shape"], table["spacing"])
-        ]
-    except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as e:
-        raise ValueError(
-            f"{out}: existing output is not readable for resuming ({e}); move it away or choose another --out"
-        ) from None
-
-
-def _pyarrow():
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ValueError("writing .parquet needs pyarrow: pip install 'ctmae[parquet]'") from None
-    return pa, pq
-
-
-def _write_tokens(folder: Path, volume_id: str, token_map: np.ndarray, affine: np.ndarray) -> None:
-    """``<name>.npy`` (D, gx, gy, gz) float32 and ``<name>.json`` (id, shape, RAS affine of token centres)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    name = token_name(volume_id)
-    meta = {
-        "id": volume_id,
-        "shape": list(token_map.shape),
-        "affine": affine.tolist(),
-        "affine_maps": "token index (a, b, c, 1) -> RAS mm of the centre of the patch it encodes",
-    }
-    for suffix, write in (
-        (".json", lambda f: f.write(json.dumps(meta, indent=2).encode() + b"\n")),
-        (".npy", lambda f: np.save(f, token_map.astype(np.float32, copy=False))),
-    ):
-        tmp = folder / f".{name}{suffix}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, folder / f"{name}{suffix}")
