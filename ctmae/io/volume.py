@@ -7,6 +7,7 @@ as MONAI's ITKReader does, so ctmae's geometry agrees with MONAI's readers and t
 
 from __future__ import annotations
 
+import ctypes
 import gzip
 import os
 import zlib
@@ -28,15 +29,37 @@ from ctmae.runtime.files import atomic_path
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # CTReader.read stores the name it was given on the image, so get_data can report "filename_or_obj".
 _FILENAME_KEY = "ctmae_filename"
-_NIFTI2_SIZEOF_HDR = (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")  # 540, little- or big-endian
+_SITK_TYPES = {
+    np.dtype(np.uint8): sitk.sitkUInt8,
+    np.dtype(np.int8): sitk.sitkInt8,
+    np.dtype(np.uint16): sitk.sitkUInt16,
+    np.dtype(np.int16): sitk.sitkInt16,
+    np.dtype(np.uint32): sitk.sitkUInt32,
+    np.dtype(np.int32): sitk.sitkInt32,
+    np.dtype(np.uint64): sitk.sitkUInt64,
+    np.dtype(np.int64): sitk.sitkInt64,
+    np.dtype(np.float32): sitk.sitkFloat32,
+    np.dtype(np.float64): sitk.sitkFloat64,
+}
+_READ_BYTES = 1 << 20  # bytes asked of the (gzip) file at a time: what it decompresses into a temporary buffer
+_SLAB_BYTES = 1 << 23  # scaled voxels are read and converted this many stored bytes at a time
+
+
+class _ShortRead(Exception):
+    """The file ended before the voxel data did."""
 
 
 def _read_nifti(path: str) -> sitk.Image:
-    """Read a NIfTI file, decompressing it once: geometry from SimpleITK's header reader, voxels from nibabel.
+    """Read a NIfTI file, decompressing it once, straight into the SimpleITK image's buffer.
 
-    SimpleITK reads a truncated file with zeros for the missing voxels and silently replaces NaN/inf by 0, so the
-    voxels come from nibabel, which refuses a short file and keeps non-finite values for ``_read_image`` to count.
-    The header is still ITK's, so geometry (its sform/qform choice) and shape checks match every other format.
+    Geometry and shape come from SimpleITK's header reader, so geometry (its sform/qform choice) and shape checks
+    match every other format; the voxel layout (offset, stored type, byte order, scl_slope/scl_inter) from nibabel's
+    header. The voxel bytes are then streamed (through gzip for .nii.gz) into a SimpleITK image of the stored type:
+    the peak is about one decompressed volume (the whole file in memory, decompressed, then copied took ~3x). Scaled
+    voxels are converted slab by slab into a float32 image (float64 for float64 data), as nibabel scales them.
+    SimpleITK's own reader is not used for voxels: it fills a truncated file with zeros and silently replaces NaN/inf
+    by 0; here a short file and a corrupt gzip stream (its CRC is checked to the end) are refused, and non-finite
+    values are kept for ``_read_image`` to count.
 
     Raises:
         InputError: the header is unreadable, the image is not a scalar 3D volume, or the voxel data is incomplete.
@@ -50,25 +73,68 @@ def _read_nifti(path: str) -> sitk.Image:
     if problem:
         raise InputError(f"{path}: {problem}")
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-        if path.lower().endswith(".gz"):
-            data = gzip.decompress(data)
-        klass = nib.Nifti2Image if data[:4] in _NIFTI2_SIZEOF_HDR else nib.Nifti1Image
-        array = np.asanyarray(klass.from_bytes(data).dataobj)  # (X, Y, Z), Fortran order: ITK's (Z, Y, X) buffer
-        array = array.astype(array.dtype.newbyteorder("="), copy=False)  # SimpleITK takes native byte order only
-        array = array.reshape(size, order="F")  # drops trailing length-1 axes that ITK's size leaves out
+        layout = nib.load(path).dataobj  # nibabel's proxy of the voxels, which stay in the file
+        stored, slope, inter = layout.dtype, float(layout.slope), float(layout.inter)
+        if int(np.prod(layout.shape)) != int(np.prod(size)) or stored.fields is not None or layout.order != "F":
+            raise ValueError("nibabel's and ITK's headers disagree")  # ITK's size drops trailing axes of length 1
+        scaled = (slope, inter) != (1.0, 0.0)
+        native = stored.newbyteorder("=")
+        out = (
+            native
+            if not scaled and native in _SITK_TYPES
+            else np.dtype(np.float64 if native.itemsize > 4 else np.float32)
+        )
+        image = sitk.Image(list(size), _SITK_TYPES[out])
+        voxels = _writable_view(image)  # (Z, Y, X): the file's voxel order (x fastest)
+        with gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb") as f:
+            f.seek(int(layout.offset))  # where nibabel reads the voxels (vox_offset, or 352 when it is 0)
+            if out == native and not scaled:
+                _read_exactly(f, voxels.reshape(-1).view(np.uint8))
+                if not stored.isnative:
+                    voxels.byteswap(inplace=True)  # the stored bytes, big-endian on this machine: swapped in place
+            else:
+                _read_scaled(f, voxels.reshape(-1), stored, slope, inter)
+            while f.read(1 << 20):  # to the end of the gzip stream, whose CRC is checked there
+                pass
     except (EOFError, zlib.error, gzip.BadGzipFile):
         raise InputError(f"{path}: truncated or corrupt gzip data") from None
-    except OSError:  # nibabel: "Expected N bytes, got M bytes from object"
+    except _ShortRead:
         raise InputError(f"{path}: truncated file (voxel data incomplete)") from None
-    except (ImageFileError, HeaderDataError, ValueError):
+    except (ImageFileError, HeaderDataError, ValueError, KeyError):
         raise InputError(f"{path}: not a readable image (unknown format or corrupt header)") from None
-    image = sitk.GetImageFromArray(array.T)  # (X, Y, Z) -> ITK's (Z, Y, X): a C-order view, which SimpleITK copies
     image.SetSpacing(header.GetSpacing())
     image.SetOrigin(header.GetOrigin())
     image.SetDirection(header.GetDirection())
     return image
+
+
+def _writable_view(image: sitk.Image) -> np.ndarray:
+    """A writable NumPy view (Z, Y, X) of a new image's own buffer (SimpleITK hands out read-only views only); it is
+    valid while ``image`` lives and is not resized."""
+    view = sitk.GetArrayViewFromImage(image)  # makes the buffer the image's own (MakeUnique)
+    buffer = (ctypes.c_byte * view.nbytes).from_address(view.__array_interface__["data"][0])
+    return np.frombuffer(buffer, dtype=view.dtype).reshape(view.shape)
+
+
+def _read_exactly(f, target: np.ndarray) -> None:
+    """Fill ``target`` (bytes) from ``f``; raises ``_ShortRead`` when the file ends first."""
+    view, done = memoryview(target), 0
+    while done < len(view):
+        n = f.readinto(view[done : done + _READ_BYTES])
+        if not n:
+            raise _ShortRead
+        done += n
+
+
+def _read_scaled(f, target: np.ndarray, stored: np.dtype, slope: float, inter: float) -> None:
+    """Fill ``target`` (flat, float) with stored values · slope + inter, read a slab at a time."""
+    step = max(1, _SLAB_BYTES // stored.itemsize)
+    raw = np.empty(step, stored)
+    for start in range(0, target.size, step):
+        n = min(step, target.size - start)
+        _read_exactly(f, raw[:n].view(np.uint8))
+        np.multiply(raw[:n], slope, out=target[start : start + n], casting="unsafe")
+        target[start : start + n] += inter
 
 
 def _read_image(files: Sequence[str]) -> sitk.Image:
