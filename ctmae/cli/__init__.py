@@ -9,6 +9,7 @@ import sys
 
 from ctmae.cli import (  # noqa: F401
     embed,
+    evaluate,  # noqa: F401
     export,  # noqa: F401
     finetune,  # noqa: F401
     info,  # noqa: F401

@@ -1,0 +1,146 @@
+"""The labelled cases of an evaluation: checked once, split once into fixed test cases and a training pool, the
+few-shot subsets drawn from the pool, and each case preprocessed once per preprocessing setting.
+
+The split is a pure function of ``--seed`` and the sorted case ids, so every checkpoint and every protocol is scored
+on the same test cases, and a resumed evaluation gets the same split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from ctmae.io.checks import InputError
+from ctmae.io.volume import read_volume
+from ctmae.mae.config import DataConfig
+from ctmae.preprocess.transforms import preprocess_transforms
+from ctmae.seg.data import LabelledCase, check_case
+
+
+@dataclass(frozen=True)
+class EvalCases:
+    """Test cases and training pool (disjoint, each sorted by id) and the class count, background included."""
+
+    test: tuple[LabelledCase, ...]
+    pool: tuple[LabelledCase, ...]
+    classes: int
+
+    def ids(self) -> dict[str, list[str]]:
+        return {"test": [c.id for c in self.test], "train_pool": [c.id for c in self.pool]}
+
+
+def split_cases(cases: Sequence[LabelledCase], test_cases: int | None, train_needed: int, seed: int):
+    """(test, pool): a seeded choice of test cases; the rest is the training pool.
+
+    Args:
+        cases: all labelled cases.
+        test_cases: how many to hold out; None: a fifth of the cases (at least one), leaving ``train_needed``.
+        train_needed: training cases the protocols need (the largest few-shot k).
+        seed: picks the test cases.
+
+    Raises:
+        ValueError: too few cases for ``train_needed`` training cases plus the test cases (a usage error).
+    """
+    cases = sorted(cases, key=lambda c: c.id)
+    n = len(cases)
+    if test_cases is None:
+        test_cases = min(max(1, round(0.2 * n)), max(1, n - train_needed))
+    if n < train_needed + test_cases:
+        raise ValueError(
+            f"{n} labelled case(s): {train_needed} training case(s) (the largest --shots) plus {test_cases} test "
+            f"case(s) need {train_needed + test_cases}; lower --shots or --test-cases, or add labelled cases"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    test = set(order[:test_cases])
+    return tuple(cases[i] for i in sorted(test)), tuple(c for i, c in enumerate(cases) if i not in test)
+
+
+def check_cases(
+    test: Sequence[LabelledCase], pool: Sequence[LabelledCase], on_case: Callable[[], None] | None = None
+) -> EvalCases:
+    """Check every pair's geometry and values (``check_case``) and that the training pool holds every class.
+
+    Raises:
+        InputError: one line naming the pair or label at fault: geometry differing from the image, values that
+            are not class indices, a class no label holds, or a class that only test cases hold.
+    """
+    present: dict[str, set[int]] = {}
+    for case in (*pool, *test):
+        check_case(case)
+        label, _ = read_volume(case.label)
+        present[case.id] = set(np.flatnonzero(np.bincount(label.astype(np.int64).ravel())).tolist())
+        if on_case:
+            on_case()
+    every = set().union(*present.values())
+    top = max(every)
+    missing = sorted(set(range(top + 1)) - every)
+    if missing:
+        raise InputError(
+            f"class {missing[0]} appears in no label (the labels hold {', '.join(map(str, sorted(every)))}); "
+            f"number the classes 1..{len(every) - 1} without gaps"
+        )
+    trained = set().union(*(present[c.id] for c in pool))
+    for case in test:
+        absent = sorted(present[case.id] - trained)
+        if absent:
+            raise InputError(
+                f"{case.label.files[0]}: holds class {absent[0]}, which no training case holds (test case "
+                f"{case.id!r}); a probe or fine-tuning run cannot learn it; add a training case that holds it"
+            )
+    return EvalCases(tuple(test), tuple(pool), max(2, top + 1))
+
+
+def shot_subset(pool: Sequence[LabelledCase], k: int, repeat: int, seed: int) -> list[LabelledCase]:
+    """The ``k`` training cases of few-shot run ``repeat``: seeded, the same for every checkpoint and baseline."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + k * 1_009 + repeat)
+    order = torch.randperm(len(pool), generator=gen).tolist()[:k]
+    return [pool[i] for i in sorted(order)]
+
+
+@dataclass
+class Prepared:
+    """One preprocessed case: image (1, X, Y, Z) float32 in 0..1 (a MetaTensor) and label (1, X, Y, Z) uint8."""
+
+    id: str
+    image: MetaTensor
+    label: torch.Tensor
+
+    def item(self) -> dict[str, Any]:
+        """The dict ``ctmae.seg.train.evaluate`` reads (label as a float MetaTensor, as ``cache_cases`` gives)."""
+        return {"image": self.image, "label": MetaTensor(self.label.float())}
+
+
+@dataclass
+class PreparedCases:
+    """Each case preprocessed once per setting (spacing, HU window, padding to the crop) and kept in memory."""
+
+    store: dict[tuple, Prepared] = field(default_factory=dict)
+
+    def get(self, data: DataConfig, cases: Sequence[LabelledCase]) -> list[Prepared]:
+        key = (tuple(data.spacing), tuple(data.hu_window), data.crop)
+        transform = None
+        for case in cases:
+            if (key, case.id) not in self.store:
+                transform = transform or preprocess_transforms(data, label=True)
+                self.store[key, case.id] = _prepare(case, transform)
+        return [self.store[key, c.id] for c in cases]
+
+
+def _prepare(case: LabelledCase, transform) -> Prepared:
+    """Image and label through one chain, so they stay aligned; InputError naming the pair if that fails."""
+    try:
+        d = transform(case.item())
+    except InputError:
+        raise
+    except Exception as e:  # MONAI wraps reader errors in chains: report the innermost one
+        while e.__cause__ is not None:
+            e = e.__cause__
+        if isinstance(e, InputError):
+            raise e from None
+        raise InputError(f"{case.image.files[0]}: could not preprocess: {str(e).splitlines()[0]}") from None
+    return Prepared(case.id, d["image"], d["label"].as_tensor().round().to(torch.uint8))
