@@ -128,9 +128,17 @@ def load_unetr(path: str | os.PathLike, num_classes: int, feature_size: int = 16
         CheckpointError: as ``load_encoder``.
     """
     config, tensors = read_encoder(path)
-    arch = config["architecture"]
-    model = ModelConfig(
-        size=config.get("training", {}).get("model_size", "custom"),
+    model = model_config(config["architecture"], config.get("training", {}).get("model_size", "custom"))
+    net = net_config_from_mae(model, feature_size, num_classes)
+    unetr = build_unetr(net, img_size or model.img_size)
+    load_into_unetr(unetr, {f"encoder.{k}": v for k, v in tensors.items()})
+    return unetr
+
+
+def model_config(arch: dict[str, Any], size: str = "custom") -> ModelConfig:
+    """The encoder half of a ``ModelConfig`` from an export's MONAI ``ViT`` arguments (``config.json``)."""
+    return ModelConfig(
+        size=size,
         img_size=arch["img_size"][0],
         patch=arch["patch_size"][0],
         in_chans=arch["in_channels"],
@@ -140,10 +148,6 @@ def load_unetr(path: str | os.PathLike, num_classes: int, feature_size: int = 16
         mlp_ratio=arch["mlp_dim"] / arch["hidden_size"],
         qkv_bias=arch["qkv_bias"],
     )
-    net = net_config_from_mae(model, feature_size, num_classes)
-    unetr = build_unetr(net, img_size or model.img_size)
-    load_into_unetr(unetr, {f"encoder.{k}": v for k, v in tensors.items()})
-    return unetr
 
 
 def _resized(

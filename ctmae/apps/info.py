@@ -10,9 +10,8 @@ from typing import Any
 
 from ctmae.apps.bundle import is_bundle
 from ctmae.apps.contract import preprocessing_of
-from ctmae.apps.encoder import is_export, read_export
+from ctmae.apps.encoder import is_export, model_config, read_export
 from ctmae.apps.export import describe_checkpoint, peek_format, run_figures
-from ctmae.mae.config import ModelConfig
 from ctmae.runtime.checkpoint import SEG_FORMAT, CheckpointError
 from ctmae.seg.network import net_config_from_mae
 
@@ -111,16 +110,8 @@ def _encoder_feeds(config: dict[str, Any], checkpoint: str = "", export: str = "
 
 
 def _unetr_problem(arch: dict[str, Any]) -> str | None:
-    model = ModelConfig(
-        img_size=arch["img_size"][0],
-        patch=arch["patch_size"][0],
-        in_chans=arch["in_channels"],
-        dim=arch["hidden_size"],
-        depth=arch["num_layers"],
-        heads=arch["num_heads"],
-    )
     try:
-        net_config_from_mae(model, 16, 2)
+        net_config_from_mae(model_config(arch), 16, 2)
     except ValueError as e:
         return str(e)
     return None
