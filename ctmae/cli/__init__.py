@@ -13,9 +13,11 @@ from ctmae.cli import (  # noqa: F401
     export,  # noqa: F401
     finetune,  # noqa: F401
     info,  # noqa: F401
+    mask_check,  # noqa: F401
     prepare,  # noqa: F401
     pretrain,  # noqa: F401  (registers the subcommand)
     reconstruct,
+    study,  # noqa: F401
 )
 from ctmae.cli.common import app
 
