@@ -132,6 +132,20 @@ def test_test_cases_are_fixed_by_the_seed_and_disjoint_from_training(phantoms):
         split_cases(cases, 2, 5, seed=0)
 
 
+def test_several_checkpoints_share_their_baselines_and_keep_apart_names(tiny_checkpoint, tmp_path):
+    copy = tmp_path / "other" / "last.pt"
+    copy.parent.mkdir()
+    copy.write_bytes(tiny_checkpoint.read_bytes())
+    cfg = RunConfig.from_dict({"model": {"size": "tiny", "patch": 8}, "data": {"crop": 32}})
+    patch8 = tmp_path / "patch8.pt"
+    save_checkpoint({"config": cfg.to_dict(), "model": build_model(cfg.model).state_dict(), "step": 0}, patch8)
+    subjects = load_subjects([tiny_checkpoint, copy, patch8], EvalSettings(protocols=("probe",)))
+    assert [s.slug for s in subjects] == ["ckpt0", "ckpt1", "ckpt2", "scratch0", "scratch1", "intensity0", "intensity1"]
+    labels = [s.label for s in subjects]
+    assert len(set(labels)) == len(labels) and labels[1] == "other/last.pt" and labels[2] == "patch8.pt"
+    assert subjects[0].sha256 == subjects[1].sha256 and subjects[3].label == "scratch (tiny) like checkpoints/last.pt"
+
+
 # --- the probe: a phantom whose answer is known -------------------------------------------------------------------
 
 

@@ -59,13 +59,13 @@ def evaluate(
     repeats: Annotated[int, typer.Option(help="Few-shot runs per number of shots (seeds and subsets)")] = 2,
     seed: Annotated[int, typer.Option(help="Picks the test cases and few-shot subsets; seeds probe and masks")] = 0,
     test_cases: Annotated[
-        Optional[int], typer.Option(help="Held-out test cases [default: a fifth, leaving max(shots) to train]")
+        Optional[int], typer.Option(help="Held-out test cases (default: a fifth, leaving max(shots) to train)")
     ] = None,
     steps: Annotated[int, typer.Option(help="Fine-tuning steps per few-shot run")] = 500,
     lr: Annotated[float, typer.Option(help="Fine-tuning peak learning rate")] = 1e-4,
     batch_size: Annotated[int, typer.Option(help="Fine-tuning crops per step")] = 2,
     crop: Annotated[
-        Optional[int], typer.Option(help="Fine-tuning crop, a multiple of 16 [default: the checkpoint's]")
+        Optional[int], typer.Option(help="Fine-tuning crop, a multiple of 16 (default: the checkpoint's)")
     ] = None,
     feature_size: Annotated[int, typer.Option(help="UNETR convolutional feature width")] = 16,
     windows: Annotated[int, typer.Option(help="Crops per test scan for the recon protocol")] = 4,

@@ -151,7 +151,11 @@ def _bars(image: np.ndarray, left: int, top: int, offset: int, width: int, bars:
             continue
         x0 = left + offset + int(i * slot + slot * 0.15)
         x1 = left + offset + int((i + 1) * slot - slot * 0.15)
-        _rect(image, x0, _y(value, top, y_max), max(x1, x0 + 2), top + PANEL_H, c)
+        y = _y(value, top, y_max)
+        _rect(image, x0, y, max(x1, x0 + 2), top + PANEL_H, c)
+        text = f"{value:.2f}" if y_max <= 1 else f"{value:.1f}"
+        if text_width(text) <= x1 - x0 + 4:  # the value above its bar, where it fits
+            draw_text(image, text, (x0 + x1 - text_width(text)) // 2, y - 10, INK)
 
 
 def _rect(image: np.ndarray, x0: int, y0: int, x1: int, y1: int, colour: tuple[int, int, int]) -> None:

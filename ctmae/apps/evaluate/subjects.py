@@ -48,6 +48,7 @@ class Subject:
             "crop": self.cfg.model.img_size,
             "mask": self.cfg.mask.kind,
             "fewshot_problem": self.fewshot_problem,
+            "config": self.cfg.to_dict(),  # the checkpoint's whole config (a baseline: the one it copies)
         }
 
 
