@@ -5,6 +5,8 @@ folder of another study refused, and a failing point recorded while the other co
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +184,35 @@ def test_failed_point_recorded_and_others_go_on(data, tmp_path):
     # a re-run tries the failed point again and skips the finished one
     again = _study(data, out, grid=("mask=block", "mask_ratio=0.99,0.5")).output
     assert "000-block-r0.99: failed" in again and "001-block-r0.5: skip" in again
+
+
+@pytest.mark.slow
+def test_stop_signal_leaves_the_point_resumable(data, tmp_path, monkeypatch):
+    import ctmae.mae.train as train
+
+    real = train.pretrain
+
+    def pretrain_then_sigterm(*args, **kwargs):
+        on_step = kwargs["on_step"]
+
+        def stepped(info):
+            on_step(info)
+            if info["step"] == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        return real(*args, **{**kwargs, "on_step": stepped})
+
+    out = tmp_path / "s"
+    monkeypatch.setattr(train, "pretrain", pretrain_then_sigterm)
+    stopped = _study(data, out)
+    assert stopped.exit_code == 0 and "stopped early" in stopped.output and "SIGTERM" in stopped.output
+    assert _statuses(out) == {}  # the point is unfinished, not failed
+    assert (out / "points" / "000-random" / "run" / "checkpoints" / "last.pt").is_file()
+    monkeypatch.setattr(train, "pretrain", real)
+    resumed = _study(data, out)
+    assert resumed.exit_code == 0, resumed.output
+    assert [s["status"] for s in _statuses(out).values()] == ["done", "done"]
+    assert _statuses(out)["000-random"]["figures"]["pretrain_steps"] == 3
 
 
 def test_other_folder_refused(data, tmp_path):
