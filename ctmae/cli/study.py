@@ -40,6 +40,7 @@ def study(
     crop: Annotated[Optional[int], typer.Option(help="Crop edge in voxels (default: the config's, 96)")] = None,
     patch: Annotated[Optional[int], typer.Option(help="Patch edge in voxels (default: the config's, 16)")] = None,
     seed: Annotated[int, typer.Option(help="One seed for every point's pretraining and the evaluation")] = 0,
+    batch_size: Annotated[Optional[int], typer.Option(help="Pretraining crops per step (default: 2)")] = None,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
     workers: Annotated[Optional[int], typer.Option(help="Data loader processes (default: 2)")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Preprocessing cache (default: ~/.cache/ctmae)")] = None,
@@ -69,7 +70,7 @@ def study(
         if not eval_images:
             raise UsageError("--eval-images is required (with --eval-labels, or one datalist / nnU-Net folder)")
         settings = _settings(protocols, shots, repeats, seed, test_cases, ft_steps, windows, device)
-        base = _base(config, model, crop, patch, steps, seed, device, workers, cache_dir)
+        base = _base(config, model, crop, patch, steps, seed, device, workers, cache_dir, batch_size)
         try:
             if bool(grid) == bool(grid_file):
                 raise st.GridError("give the grid as --grid KEY=V1,V2 (repeatable) or as --grid-file, one of them")
@@ -111,7 +112,7 @@ def _settings(protocols, shots, repeats, seed, test_cases, ft_steps, windows, de
         raise UsageError(str(e)) from None
 
 
-def _base(config, model, crop, patch, steps, seed, device, workers, cache_dir):
+def _base(config, model, crop, patch, steps, seed, device, workers, cache_dir, batch_size):
     """The config every point starts from: --config, then the study's options."""
     from ctmae.mae.config import RunConfig
 
@@ -121,7 +122,8 @@ def _base(config, model, crop, patch, steps, seed, device, workers, cache_dir):
         return cfg.replace(
             model={k: v for k, v in {"size": model, "patch": patch}.items() if v is not None},
             data={k: v for k, v in data.items() if v is not None},
-            train={"steps": steps, "epochs": None, "seed": seed, "device": device},
+            train={"steps": steps, "epochs": None, "seed": seed, "device": device}
+            | ({"batch_size": batch_size} if batch_size else {}),
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
