@@ -115,6 +115,39 @@ def test_ranking_line():
     assert ranking([row("block", 0.3)])["agrees"] is None
 
 
+def test_report_flags_and_ranking_from_status_files(tmp_path):
+    from ctmae.apps.evaluate import EvalSettings
+    from ctmae.apps.study import gather, manifest
+
+    grid = parse_grid(["mask=none,random,block", "dec_depth=1,4"])
+    points = plan_points(grid, TINY)
+    figures = {  # block reconstructs well but its probe sits at the floor with the deep decoder
+        "000-none-dd1": {"probe_dice": 0.20, "probe_floor": 0.25, "psnr_gain": -1.0},
+        "002-random-dd1": {"probe_dice": 0.40, "probe_floor": 0.25, "psnr_gain": 0.5},
+        "004-block-dd1": {"probe_dice": 0.50, "probe_floor": 0.25, "psnr_gain": 1.0},
+        "005-block-dd4": {"probe_dice": 0.25, "probe_floor": 0.25, "psnr_gain": 2.0},
+    }
+    for p in points:
+        folder = tmp_path / "points" / p.folder
+        folder.mkdir(parents=True)
+        if p.folder == "001-none-dd4":
+            status = {"status": "failed", "reason": "RuntimeError: out of memory"}
+        elif p.folder in figures:
+            status = {"status": "done", "figures": {"final_loss": 0.1, **figures[p.folder]}}
+        else:
+            continue
+        (folder / "status.json").write_text(json.dumps(status))
+    study = gather(tmp_path, points, manifest([tmp_path], [tmp_path], grid, TINY, EvalSettings()))
+    assert study["ranking"]["agrees"] is True and study["done"] == 4 and study["failed"] == 1
+    md = (tmp_path / "study.md").read_text()
+    assert "block 0.500 > random 0.400 > none 0.200; this agrees" in md
+    assert "005-block-dd4: reconstruction beats the best trivial fill" in md
+    assert md.count("decoder may be doing the work") == 3  # the row, the line, how to read
+    assert "001-none-dd4 failed: RuntimeError: out of memory" in md
+    assert "| 003-random-dd4 | random | 0.75 | – | 4 | pending |" in md
+    assert sitk.ReadImage(str(tmp_path / "study.png")).GetSize()[0] > 1000
+
+
 # --- running ----------------------------------------------------------------------------------------------------
 
 

@@ -96,14 +96,14 @@ def markdown(study: dict[str, Any]) -> str:
         + (f", {study['failed']} failed." if study["failed"] else ".")
     )
     head = ["point", "mask", "ratio", "block", *grid_keys, "status", "final loss", "masked PSNR", "gain over fill"]
-    head += ["probe Dice", "probe floor", *(f"k={k} Dice" for k in shots), "flag"]
+    head += ["probe Dice", "probe floor", "probe scratch", *(f"k={k} Dice" for k in shots), "flag"]
     lines += ["", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
         f = r["figures"]
         cells = [r["folder"], r["mask"], _f(r["ratio"], 2), _f(r["block"])]
         cells += [_f(r["overrides"].get(k)) for k in grid_keys]
         cells += [r["status"], _f(f.get("final_loss"), 4), _f(f.get("masked_psnr"), 2), _f(f.get("psnr_gain"), 2)]
-        cells += [_f(f.get("probe_dice")), _f(f.get("probe_floor"))]
+        cells += [_f(f.get("probe_dice")), _f(f.get("probe_floor")), _f(f.get("probe_scratch"))]
         cells += [_f(f.get("fewshot_dice", {}).get(k)) for k in shots]
         cells.append(DECODER_FLAG if r["decoder_flag"] else "")
         lines.append("| " + " | ".join(cells) + " |")
@@ -127,7 +127,8 @@ HOW_TO_READ = """## How to read this study
 - **masked PSNR** is the MAE's PSNR on hidden voxels under block masks; **gain over fill** subtracts the better of
   the gaussian and mean fills. Above 0, the model infers hidden anatomy better than smoothing does.
 - **probe Dice** is a linear probe on the frozen encoder; **probe floor** is the same probe on the raw intensity of
-  each patch. What counts is the probe's margin over the floor, compared between points.
+  each patch; **probe scratch** the probe on a randomly initialised encoder of the same size. What counts is the
+  probe's margin over the floor and over scratch, compared between points.
 - **Ranking** compares the best probe Dice of each corruption with the expected block > random > none/noise.
   With few steps, few scans or few test cases the differences are within noise: repeat with other seeds before
   trusting an order.
