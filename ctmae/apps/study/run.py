@@ -114,9 +114,12 @@ def _run_point(
     folder.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     callbacks = hooks.pretrain or {}
+    sources = sources_for(point)
+    if flag.signal:  # arrived while caching: pretraining has its own handler and would not see it
+        return flag.signal
     result = pretrain(
         point.cfg,
-        sources_for(point),
+        sources,
         folder / "run",
         resume=True,
         on_start=callbacks.get("on_start"),
