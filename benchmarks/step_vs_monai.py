@@ -2,9 +2,9 @@
 
 Both models get the same encoder/decoder width, depth, heads and MLP widths, the same crops and batch, 75% masking
 (block masking for ctmae; MONAI's model can only mask random patches) and a fused AdamW step. Each side runs its
-own training step: ctmae's as ``ctmae pretrain`` does (its default mask config, which predicts a third of the hidden
-tokens; AdamW stepped inside backward, ``ctmae.runtime.optim``), MONAI's model in the usual loop (forward, masked-patch MSE,
-backward, ``optimizer.step()``, ``zero_grad``). Runs are interleaved
+own training step: ctmae's as ``ctmae pretrain`` does (its default mask config, which predicts a third of the
+hidden tokens; AdamW stepped inside backward, ``ctmae.runtime.optim``), MONAI's model in the usual loop (forward,
+masked-patch MSE, backward, ``optimizer.step()``, ``zero_grad``). Runs are interleaved
 (ctmae, MONAI, ctmae, ...) and the medians compared; FLOPs per step come from ``torch.utils.flop_counter``.
 
     python -m benchmarks.step_vs_monai                 # ViT-B, 96³, patch 16, batch 2

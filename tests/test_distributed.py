@@ -63,7 +63,7 @@ def test_two_ranks_train_identical_weights_and_cache_each_volume_once(tmp_path, 
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt"]  # rank 0 alone wrote it
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 4
-    assert len(list(cache.glob("*.npy"))) == 4 and len(list(cache.glob("*.json"))) == 4
+    assert len(list(cache.glob("*.b2nd"))) == 4 and len(list(cache.glob("*.json"))) == 4
     assert not list(cache.glob(".*"))  # no temporary files left behind
 
 

@@ -80,7 +80,7 @@ def test_the_dockerfile_install_gives_a_working_entrypoint(tmp_path):
     )
     assert demo.returncode == 0, demo.stderr[-2000:]
     assert (tmp_path / "runs" / "exp1" / "checkpoints" / "last.pt").is_file()
-    assert list((tmp_path / "cache" / "ctmae").glob("*.npy"))  # XDG_CACHE_HOME, as the image sets it
+    assert list((tmp_path / "cache" / "ctmae").glob("*.b2nd"))  # XDG_CACHE_HOME, as the image sets it
 
 
 @pytest.mark.parametrize("script", sorted((ROOT / "examples" / "slurm").glob("*.sbatch")), ids=lambda p: p.name)

@@ -55,7 +55,7 @@ def test_pretrain_on_sample_data_writes_the_run_folder(tmp_path, every_step):
     assert state["step"] == 6 and state["config"].model.size == "tiny"
     assert {"model", "optimizer", "scaler", "rng"} <= set(state)
     assert "checkpoint written to" in (out / "train.log").read_text()
-    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1  # one preprocessed volume, cached
+    assert len(list((tmp_path / "cache").glob("*.b2nd"))) == 1  # one preprocessed volume, cached
 
 
 def test_resume_continues_exactly(tmp_path, every_step):

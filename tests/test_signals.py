@@ -129,9 +129,9 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path, scans):
 
 @pytest.mark.slow
 def test_finetune_group_sigterm_with_workers_keeps_the_run(tmp_path):
-    from conftest import write_volume
-
     import numpy as np
+
+    from conftest import write_volume
 
     images, labels = tmp_path / "images", tmp_path / "labels"
     for i in range(2):

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -19,6 +20,25 @@ from ctmae.runtime.distributed import DistInfo, barrier, setup
 
 INPUTS_HELP = "Scans: NIfTI/NRRD/MHA files, DICOM series folders, folders (searched recursively) or .txt/.csv lists."
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+# Help texts as users of other command lines read them: "CHECKPOINT INPUT" in the usage line (Typer >= 0.20 writes
+# "{checkpoint} {input}"), and no "<bool>" type column for flags such as --resume or --help.
+def _usage_name(self: typer.core.TyperArgument) -> str:
+    name = (self.metavar or self.name or "").upper()
+    name = name if self.required else f"[{name}]"
+    return name + ("..." if self.nargs != 1 else "")
+
+
+def _type_column(self: typer.core.TyperOption, ctx) -> str | None:
+    return None if self.is_flag else _typer_display_type(self, ctx)
+
+
+if hasattr(typer.core.TyperArgument, "_usage_display_name"):
+    typer.core.TyperArgument._usage_display_name = _usage_name
+if hasattr(typer.core.TyperOption, "display_type_rich"):
+    _typer_display_type = typer.core.TyperOption.display_type_rich
+    typer.core.TyperOption.display_type_rich = _type_column
 console = Console()
 errors = Console(stderr=True)
 
@@ -60,6 +80,27 @@ def run_command(body: Callable[[], None]) -> None:
             soft_wrap=True,
         )
         raise typer.Exit(1) from None
+
+
+def announce_start(run_dir: Path, resume: bool, start_step: int) -> None:
+    """Say whether a run continues a checkpoint: "resuming from step N", or why a --resume starts fresh."""
+    if start_step:
+        console.print(f"resuming from step {start_step} ({run_dir / 'checkpoints' / 'last.pt'})", highlight=False)
+    elif resume:
+        console.print(f"no checkpoint in {run_dir}, starting fresh", highlight=False, soft_wrap=True)
+
+
+def end_stopped_run(result: dict) -> None:
+    """After a run that stopped early: say why; Ctrl-C exits 130 (after its checkpoint), a stop signal exits 0,
+    anything else that left steps undone exits 1."""
+    if not result["stopped"]:
+        return
+    errors.print(f"[yellow]stopped early:[/yellow] {escape(result['stopped'])}", highlight=False, soft_wrap=True)
+    if result["interrupted"]:
+        errors.print(f"interrupted: checkpoint saved at step {result['steps']}; --resume continues", highlight=False)
+        raise typer.Exit(130)
+    if result["steps"] < result["total_steps"] and "signal" not in result["stopped"]:
+        raise typer.Exit(1)
 
 
 def report_skipped(problems: list[str]) -> None:

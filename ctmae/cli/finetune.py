@@ -12,8 +12,10 @@ from rich.table import Table
 
 from ctmae.cli.common import (
     UsageError,
+    announce_start,
     app,
     console,
+    end_stopped_run,
     errors,
     open_run_dir,
     progress_bar,
@@ -283,6 +285,7 @@ def _train(
 
         def started(info: dict[str, Any]) -> None:
             progress.update(task, total=info["total_steps"], completed=info["start_step"])
+            announce_start(out, resume, info["start_step"])
             origin = (
                 f"encoder: {info['encoder_tensors']} tensors loaded from {cfg.pretrained}"
                 if cfg.pretrained
@@ -292,6 +295,7 @@ def _train(
                 f"training on {info['device']} ({info['precision']}), {cfg.net.size} UNETR, "
                 f"{len(train_cases)} training / {len(val_cases)} validation case(s); {origin}",
                 highlight=False,
+                soft_wrap=True,
             )
 
         def stepped(info: dict[str, Any]) -> None:
@@ -326,5 +330,4 @@ def _train(
     for key, value in rows.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
-    if result["stopped"]:
-        errors.print(f"[yellow]stopped early:[/yellow] {escape(result['stopped'])}", highlight=False, soft_wrap=True)
+    end_stopped_run(result)

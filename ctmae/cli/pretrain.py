@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.markup import escape
@@ -12,8 +12,10 @@ from rich.table import Table
 from ctmae.cli.common import (
     INPUTS_HELP,
     UsageError,
+    announce_start,
     app,
     console,
+    end_stopped_run,
     errors,
     open_run_dir,
     progress_bar,
@@ -25,8 +27,12 @@ from ctmae.io.checks import InputError
 from ctmae.io.discovery import check_modality, find_volumes, skipped_only
 from ctmae.mae.checkpoint import load_checkpoint
 from ctmae.mae.config import MODEL_PRESETS, RunConfig
+from ctmae.mae.context import context_problem, context_warnings
 from ctmae.mae.masking import MASKS
 from ctmae.runtime.distributed import DistInfo, barrier, cleanup, gather
+
+if TYPE_CHECKING:
+    from ctmae.apps.monitor import TrainingMonitor
 
 # With no INPUTS, `ctmae pretrain` is a short CPU demo on the bundled scan; options given explicitly still win.
 DEMO = {
@@ -75,7 +81,7 @@ def _volumes(inputs: list[Path], cfg: RunConfig, dist: DistInfo, modality: str |
     if not good:
         raise InputError(f"no usable volume among the inputs ({count} skipped)")
     skipped = f", {count} skipped" if count else ""
-    console.print(f"{len(good)} volume(s) ready{skipped}; cache: {cfg.data.cache_dir}", highlight=False)
+    console.print(f"{len(good)} volume(s) ready{skipped}; cache: {cfg.data.cache_dir}", highlight=False, soft_wrap=True)
     return good
 
 
@@ -146,12 +152,28 @@ def pretrain(
             help="Checkpoint and stop after this step (e.g. the end of a job's time slot); --resume continues."
         ),
     ] = None,
+    probe_images: Annotated[
+        Optional[list[Path]],
+        typer.Option(
+            help="Labelled scans for a frozen probe during training (with --probe-labels, or one datalist / "
+            "nnU-Net folder): probe_dice in metrics.jsonl."
+        ),
+    ] = None,
+    probe_labels: Annotated[
+        Optional[list[Path]], typer.Option(help="Labels of --probe-images, paired by name.")
+    ] = None,
+    probe_every: Annotated[
+        Optional[int], typer.Option(help="Steps between probes (default: the checkpoint interval, 500)")
+    ] = None,
+    preview_every: Annotated[
+        Optional[int],
+        typer.Option(help="Steps between reconstruction previews in RUN_DIR/previews/ (default: 500; 0: none)"),
+    ] = None,
 ) -> None:
     """Pretrain a 3D masked autoencoder on CT scans."""
 
     def body() -> None:
         from ctmae.apps.contract import preprocessing_change
-        from ctmae.mae.train import pretrain as run_pretrain
 
         if out is None and inputs:
             raise UsageError("--out RUN_DIR is required when INPUTS are given")
@@ -198,48 +220,97 @@ def pretrain(
         change = base and preprocessing_change(base.data, cfg.data)
         if change:  # the checkpoint's encoder learned from that preprocessing: a resumed run keeps it
             raise UsageError(f"--resume: {change} ({last}); resume without changing it, or start a new RUN_DIR")
+        problem = context_problem(cfg)
+        if problem:
+            raise UsageError(problem)
+        for line in context_warnings(cfg):
+            errors.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
+        probe = _probe_cases(cfg, probe_images, probe_labels, probe_every) if dist.is_main else None
         sources = _volumes(scans, cfg, dist, modality)
-        with progress_bar() as progress:
-            task = progress.add_task("pretraining", total=None, info="")
-
-            def started(info: dict) -> None:
-                progress.update(task, total=info["total_steps"], completed=info["start_step"])
-                console.print(
-                    f"training on {info['device']} ({info['precision']}), {cfg.model.size} model, "
-                    f"mask {cfg.mask.kind}, global batch {info['global_batch']}",
-                    highlight=False,
-                )
-
-            def stepped(info: dict) -> None:
-                if info["loss"] is not None:
-                    rate = progress.tasks[task].speed or 0.0
-                    progress.update(task, info=f"loss {info['loss']:.4f}  {rate * cfg.train.batch_size:.1f} crops/s")
-                progress.update(task, completed=info["step"])
-
-            result = run_pretrain(
-                cfg, sources, run_dir, resume=resume, stop_at=stop_at, dist=dist, on_start=started, on_step=stepped
-            )
+        monitor = _monitor(cfg, run_dir, sources[0], probe, probe_every, preview_every) if dist.is_main else None
+        result = _train(cfg, sources, run_dir, resume, stop_at, dist, monitor)
         cleanup(dist)
-        table = Table(title="pretraining summary", show_header=False)
-        for key in (
-            "start_step",
-            "steps",
-            "total_steps",
-            "first_loss",
-            "last_loss",
-            "crops_per_s",
-            "device",
-            "precision",
-            "checkpoint",
-        ):
-            value = result[key]
-            table.add_row(key.replace("_", " "), f"{value:.4f}" if isinstance(value, float) else str(value))
-        console.print(table)
-        if result["stopped"]:
-            errors.print(
-                f"[yellow]stopped early:[/yellow] {escape(result['stopped'])}", highlight=False, soft_wrap=True
-            )
-            if result["steps"] < result["total_steps"] and "signal" not in result["stopped"]:
-                raise typer.Exit(1)
+        _print_summary(result)
+        end_stopped_run(result)
 
     run_command(body)
+
+
+def _probe_cases(cfg: RunConfig, images: Optional[list[Path]], labels: Optional[list[Path]], every: Optional[int]):
+    """The in-training probe's labelled cases, checked and preprocessed (None without --probe-images)."""
+    from ctmae.apps.monitor import ProbeCases
+    from ctmae.seg.data import find_cases
+
+    if not images:
+        if labels or every:
+            raise UsageError("--probe-labels and --probe-every need --probe-images")
+        return None
+    if every is not None and every < 1:
+        raise UsageError(f"--probe-every must be >= 1, got {every}")
+    return ProbeCases.prepare(find_cases([str(p) for p in images], [str(p) for p in labels or []]), cfg)
+
+
+def _monitor(cfg: RunConfig, run_dir: Path, first_scan, probe, probe_every, preview_every) -> TrainingMonitor:
+    """Rank 0's probe-and-preview hook (``ctmae.apps.monitor``)."""
+    from ctmae.apps.monitor import TrainingMonitor
+
+    if preview_every is not None and preview_every < 0:
+        raise UsageError(f"--preview-every must be >= 0, got {preview_every}")
+    return TrainingMonitor.for_run(cfg, run_dir, first_scan, probe, probe_every, preview_every)
+
+
+def _train(
+    cfg: RunConfig,
+    sources: list,
+    run_dir: Path,
+    resume: bool,
+    stop_at: Optional[int],
+    dist: DistInfo,
+    monitor: Optional[TrainingMonitor] = None,
+) -> dict:
+    """Run the pretraining loop under a progress bar (steps, loss, crops/s, probe Dice, ETA)."""
+    from ctmae.mae.train import pretrain as run_pretrain
+
+    with progress_bar() as progress:
+        task = progress.add_task("pretraining", total=None, info="")
+
+        def started(info: dict) -> None:
+            progress.update(task, total=info["total_steps"], completed=info["start_step"])
+            announce_start(run_dir, resume, info["start_step"])
+            console.print(
+                f"training on {info['device']} ({info['precision']}), {cfg.model.size} model, "
+                f"mask {cfg.mask.kind}, global batch {info['global_batch']}",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+        def stepped(info: dict) -> None:
+            if info["loss"] is not None:
+                rate = progress.tasks[task].speed or 0.0
+                probe = (
+                    f"  probe Dice {monitor.last['probe_dice']:.3f}" if monitor and "probe_dice" in monitor.last else ""
+                )
+                progress.update(task, info=f"loss {info['loss']:.4f}  {rate * cfg.train.batch_size:.1f} crops/s{probe}")
+            progress.update(task, completed=info["step"])
+
+        return run_pretrain(
+            cfg,
+            sources,
+            run_dir,
+            resume=resume,
+            stop_at=stop_at,
+            dist=dist,
+            on_start=started,
+            on_step=stepped,
+            monitor=monitor,
+        )
+
+
+def _print_summary(result: dict) -> None:
+    table = Table(title="pretraining summary", show_header=False)
+    keys = ("start_step", "steps", "total_steps", "first_loss", "last_loss", "crops_per_s", "device", "precision")
+    for key in (*keys, "checkpoint"):
+        value = result[key]
+        if value is not None:
+            table.add_row(key.replace("_", " "), f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)

@@ -174,15 +174,7 @@ def finetune(
     if {c.id for c in val_cases} & {c.id for c in train_cases}:
         run.log.info("validation cases are also training cases (a single labelled case): Dice is not held out")
     if on_start:
-        on_start(
-            {
-                "start_step": run.start,
-                "total_steps": run.total,
-                "device": run.device.type,
-                "precision": run.precision,
-                "encoder_tensors": loaded,
-            }
-        )
+        on_start(run.start_info(encoder_tensors=loaded))
 
     train_data, val_data = (cache_cases(c, cfg.data, cache_dir, on_note=run.log.info) for c in (train_cases, val_cases))
     batches = crop_batches(
