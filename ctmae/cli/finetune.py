@@ -184,7 +184,7 @@ def finetune_seg(
             source_warnings,
         )
         from ctmae.seg.data import split_cases
-        from ctmae.seg.network import load_seg_checkpoint, net_config_from_mae
+        from ctmae.seg.network import load_seg_checkpoint
 
         if out is None:
             raise UsageError("--out RUN_DIR is required")
@@ -207,50 +207,32 @@ def finetune_seg(
         if change:  # a pretrained encoder's input contract is not an option
             raise UsageError(f"--spacing {spacing:g}: {change} ({fixed}); omit --spacing, or train --from-scratch")
         classes = _check(cases + (val_cases or []), num_classes)
-        mae = None
+        data_opts = {"crop": crop, "crops_per_volume": crops_per_volume, "pos_fraction": pos_fraction}
+        train_opts = {
+            "steps": steps,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "freeze_encoder": freeze_encoder,
+            "layer_decay": layer_decay,
+            "seed": seed,
+            "device": device or "auto",
+            "precision": precision or "auto",
+            "val_every": val_every,
+            "log_every": log_every,
+        }
         if resume and last.is_file():
-            cfg = load_seg_checkpoint(last)["config"]
+            mae, cfg = None, load_seg_checkpoint(last)["config"]
             cfg = cfg.replace(
                 train={
                     k: v for k, v in {"steps": steps, "device": device, "precision": precision}.items() if v is not None
                 }
             )
         else:
-            if checkpoint is not None:
-                mae = load_checkpoint(checkpoint)
-                try:
-                    net = net_config_from_mae(mae["config"].model, feature_size, num_classes or classes)
-                except ValueError as e:
-                    raise ValueError(f"{checkpoint}: {e}") from None
-                data = mae["config"].data
-                base = SegDataConfig(spacing=data.spacing, hu_window=data.hu_window, crop=mae["config"].model.img_size)
-            else:
-                net = _net_from_preset(model, feature_size, num_classes or classes)
-                base = SegDataConfig(**({"spacing": (spacing,) * 3} if spacing else {}))
-            try:
-                cfg = SegConfig(data=base, net=net, pretrained="" if from_scratch else str(checkpoint)).replace(
-                    data={
-                        "crop": crop or base.crop,
-                        "crops_per_volume": crops_per_volume,
-                        "pos_fraction": pos_fraction,
-                        "workers": workers,
-                    },
-                    train={
-                        "steps": steps,
-                        "epochs": epochs,
-                        "batch_size": batch_size,
-                        "lr": lr,
-                        "freeze_encoder": freeze_encoder,
-                        "layer_decay": layer_decay,
-                        "seed": seed,
-                        "device": device or "auto",
-                        "precision": precision or "auto",
-                        "val_every": val_every,
-                        "log_every": log_every,
-                    },
-                )
-            except ValueError as e:
-                raise UsageError(str(e)) from None
+            net_opts = {"model": model, "feature_size": feature_size, "num_classes": num_classes or classes}
+            mae, cfg = _new_config(
+                checkpoint, from_scratch, spacing, net_opts, {**data_opts, "workers": workers}, train_opts
+            )
         if cfg.pretrained:  # the encoder's input contract, from each image's header and a few slices
             _warn(source_warnings(preprocessing_of(cfg.data), [c.image for c in cases + (val_cases or [])]))
         train_cases, held_out = (cases, val_cases) if val_cases else split_cases(cases, val_fraction, cfg.train.seed)
@@ -265,6 +247,32 @@ def finetune_seg(
         cleanup(dist)
 
     run_command(body)
+
+
+def _new_config(
+    checkpoint: Optional[Path], from_scratch: bool, spacing: Optional[float], net_opts: dict, data: dict, train: dict
+) -> tuple[Optional[dict], SegConfig]:
+    """(the MAE checkpoint's state or None, the fine-tuning config): data settings and ViT sizes from the checkpoint
+    (or the preset for --from-scratch), then the options."""
+    from ctmae.seg.network import net_config_from_mae
+
+    mae = None
+    if checkpoint is not None:
+        mae = load_checkpoint(checkpoint)
+        try:
+            net = net_config_from_mae(mae["config"].model, net_opts["feature_size"], net_opts["num_classes"])
+        except ValueError as e:
+            raise ValueError(f"{checkpoint}: {e}") from None
+        pre = mae["config"].data
+        base = SegDataConfig(spacing=pre.spacing, hu_window=pre.hu_window, crop=mae["config"].model.img_size)
+    else:
+        net = _net_from_preset(net_opts["model"], net_opts["feature_size"], net_opts["num_classes"])
+        base = SegDataConfig(**({"spacing": (spacing,) * 3} if spacing else {}))
+    try:
+        cfg = SegConfig(data=base, net=net, pretrained="" if from_scratch else str(checkpoint))
+        return mae, cfg.replace(data={**data, "crop": data["crop"] or base.crop}, train=train)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _train(
