@@ -3,8 +3,10 @@ everything else, scored by Dice on the fixed test cases.
 
 A run fine-tunes MONAI's UNETR (``ctmae.seg.train.finetune``) with the seed of its repeat, so a pretrained run and
 its from-scratch twin share the decoder's initial weights, the crops and the schedule and differ only in the ViT's
-starting weights. Validation during the run is on its own training cases (a fit check; the test cases stay unseen);
-the last checkpoint is then scored case by case on the test cases (``ctmae.seg.train.evaluate``).
+starting weights. The run validates once, after its last step, on the test cases: nothing in training depends on
+that figure (no early stopping; ``best.pt`` is not used), and it is the last model's Dice per class, averaged over
+the test cases. With several test cases the last checkpoint is also scored case by case
+(``ctmae.seg.train.evaluate``) for the per-case table.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def seg_config(mae: RunConfig, settings: EvalSettings, classes: int, repeat: int
             "batch_size": settings.batch_size,
             "seed": repeat,
             "device": settings.device,
-            "val_every": settings.steps,  # one fit check, at the end
+            "val_every": settings.steps,  # one validation, after the last step
             "log_every": max(1, settings.steps // 50),
         }
     )
@@ -56,21 +58,25 @@ def seg_config(mae: RunConfig, settings: EvalSettings, classes: int, repeat: int
 def run_fewshot(
     cfg: SegConfig,
     train: Sequence[LabelledCase],
-    test: Sequence[Prepared],
+    test: Sequence[LabelledCase],
+    prepared: Callable[[], Sequence[Prepared]],
     run_dir: Path,
     mae_weights: dict[str, torch.Tensor] | None,
     on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune one few-shot run in ``run_dir`` (continuing its ``last.pt`` if there is one) and score it.
 
+    Args:
+        prepared: the test cases preprocessed as ``cfg.data`` says, asked for only when there are several.
+
     Returns:
-        ``{"dice", "dice_per_class", "per_case", "train_cases", "train_dice", "seconds"}``, or ``{"stopped",
-        "interrupted"}`` when a stop signal ended the run early (its last.pt is kept for ``--resume``).
+        ``{"dice", "dice_per_class", "per_case", "train_cases", "seconds"}``, or ``{"stopped", "interrupted"}``
+        when a stop signal ended the run early (its last.pt is kept for ``--resume``).
     """
     result = finetune(
         cfg,
         train,
-        train,
+        test,
         run_dir,
         mae_weights=mae_weights,
         resume=True,
@@ -78,19 +84,20 @@ def run_fewshot(
     )
     if result["stopped"]:
         return {"stopped": result["stopped"], "interrupted": result["interrupted"]}
-    state = load_seg_checkpoint(run_dir / "checkpoints" / "last.pt")
-    device = resolve_device(cfg.train.device)
-    unetr = segmenter_from_checkpoint(state).to(device)
-    precision = state["config"].train.precision
-    per_case = {case.id: evaluate(unetr, [case.item()], cfg, device, precision) for case in test}
-    classes = cfg.net.num_classes - 1
-    per_class = [sum(d[c] for d in per_case.values()) / len(per_case) for c in range(classes)]
+    per_class = result["dice_per_class"]  # the last step's validation: mean over the test cases
+    if len(test) == 1:
+        per_case = {test[0].id: per_class}
+    else:
+        state = load_seg_checkpoint(run_dir / "checkpoints" / "last.pt")
+        device = resolve_device(cfg.train.device)
+        unetr = segmenter_from_checkpoint(state).to(device)
+        precision = state["config"].train.precision
+        per_case = {case.id: evaluate(unetr, [case.item()], cfg, device, precision) for case in prepared()}
     return {
-        "dice": sum(per_class) / classes,
+        "dice": sum(per_class) / len(per_class),
         "dice_per_class": per_class,
         "per_case": per_case,
         "train_cases": [c.id for c in train],
-        "train_dice": result["last_dice"],
         "seconds": result["seconds"],
     }
 

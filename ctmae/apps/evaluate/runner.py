@@ -173,7 +173,7 @@ class _Worker:
         cfg = seg_config(subject.cfg, s, self.cases.classes, unit.repeat, pretrained)
         weights = load_checkpoint(subject.path)["model"] if pretrained else None
         train = shot_subset(self.cases.pool, unit.k, unit.repeat, s.seed)
-        test = self.prepared.get(cfg.data.preprocessing(), self.cases.test)
+        test = self.cases.test
         last = [0]
 
         def stepped(step: int) -> None:
@@ -181,7 +181,8 @@ class _Worker:
                 tick(step - last[0])
             last[0] = step
 
-        result = run_fewshot(cfg, train, test, self.run_dir(unit), weights, stepped)
+        prepared = lambda: self.prepared.get(cfg.data.preprocessing(), test)  # noqa: E731
+        result = run_fewshot(cfg, train, test, prepared, self.run_dir(unit), weights, stepped)
         if tick and "stopped" not in result:
             tick(unit.ticks - last[0])
         return result
