@@ -82,7 +82,8 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path, scans):
     assert saved % 3 == 0 and saved < 12
     resumed = subprocess.run([*cmd, "--out", str(out), "--resume"], env=ENV, capture_output=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert [r["loss"] for r in rows(out)] == [r["loss"] for r in rows(tmp_path / "full")]
+    losses = [[r["loss"] for r in rows(d) if "loss" in r] for d in (out, tmp_path / "full")]
+    assert losses[0] == losses[1]
     a, b = (load_checkpoint(d / "checkpoints" / "last.pt")["model"] for d in (out, tmp_path / "full"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -175,17 +176,17 @@ def test_nan_run_exits_1_with_a_message_naming_the_step(tmp_path, scans, monkeyp
 def test_damaged_cache_entries_are_rebuilt(tmp_path, scans, damage):
     cfg = RunConfig.from_dict({"data": {"cache_dir": str(tmp_path / "cache"), "crop": 32}, "model": {"patch": 8}})
     source = find_volumes([str(scans / "scan0.nii.gz")])[0][0]
-    npy = VolumeCache(cfg.data).ensure(source)
-    good = np.load(npy).copy()
-    raw = bytearray(npy.read_bytes())
+    entry = VolumeCache(cfg.data).ensure(source)
+    good = VolumeCache(cfg.data).load(source).numpy().copy()
+    raw = bytearray(entry.read_bytes())
     if damage == "truncate":
-        npy.write_bytes(raw[: len(raw) // 2])
+        entry.write_bytes(raw[: len(raw) // 2])
     elif damage == "flip_a_byte":
         raw[-100] ^= 0xFF
-        npy.write_bytes(raw)
+        entry.write_bytes(raw)
     else:
-        npy.with_suffix(".json").unlink()
-    again = VolumeCache(cfg.data).load(source)  # a new process: the checksum is checked once
+        entry.with_suffix(".json").unlink()
+    again = VolumeCache(cfg.data).load(source).numpy()  # a new process: the checksum is checked once
     assert np.array_equal(again, good)
 
 
