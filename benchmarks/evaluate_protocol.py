@@ -117,6 +117,7 @@ def record(out: Path, title: str, commands: list[str], seconds: list[float], tar
             f"## Evaluation: {title}",
             "",
             f"- **machine**: {device}; torch {torch.__version__}; {date}",
+            f"- **load average at the end (1/5/15 min)**: {' / '.join(f'{x:.1f}' for x in os.getloadavg())}",
             "- **commands**:",
         ]
         + [f"  - `{c}` ({s / 60:.1f} min)" for c, s in zip(commands, seconds)]
