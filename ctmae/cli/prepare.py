@@ -56,10 +56,10 @@ def prepare(
     inputs: Annotated[list[Path], typer.Argument(help=INPUTS_HELP, show_default=False)],
     cache_dir: Annotated[
         Optional[Path],
-        typer.Option(help=f"Cache folder, shared with pretrain's --cache-dir [default: {default_cache_dir()}]"),
+        typer.Option(help=f"Cache folder, shared with pretrain's --cache-dir (default: {default_cache_dir()})"),
     ] = None,
     workers: Annotated[
-        Optional[int], typer.Option(help="Processes building entries [default: the CPUs this job may use]", min=0)
+        Optional[int], typer.Option(help="Processes building entries (default: the CPUs this job may use)", min=0)
     ] = None,
     shard: Annotated[
         Optional[str],

@@ -19,11 +19,13 @@ Format (``CACHE_VERSION`` 2): one entry per (scan identity, settings), ``<key>.b
   3x slower; byte shuffling: 0.257).
 
 Files are written under a temporary name and renamed, so a reader never sees half a file; the ``.json`` is renamed
-last: it marks the entry complete and records the array file's size and CRC-32. The size is checked at every read,
-the CRC once per process and entry (an entry verified or built by this process, or by ``prepare_cache``'s workers for
-it, stays verified in DataLoader workers forked afterwards). A damaged entry is removed and rebuilt. The sidecar also
-keeps facts about the scan (spacing, shape, modality, an HU histogram) that ``ctmae prepare`` summarises without
-reading the scan again.
+last: it marks the entry complete and records the array file's size and CRC-32. Entries are byte-for-byte
+deterministic (one blosc2 thread: with several, chunks land in the frame in the order threads finish), so two
+processes building one entry at once write the same bytes, and whichever renames land last leave a whole entry.
+The size is checked at every read, the CRC once per process and entry (an entry verified or built by this process,
+or by ``prepare_cache``'s workers for it, stays verified in DataLoader workers forked afterwards). A damaged entry is
+removed and rebuilt. The sidecar also keeps facts about the scan (spacing, shape, modality, an HU histogram) that
+``ctmae prepare`` summarises without reading the scan again.
 """
 
 from __future__ import annotations
@@ -60,7 +62,10 @@ from ctmae.runtime.signals import iterate_workers
 CACHE_VERSION = 2  # bump when the preprocessing code or the format changes what an entry holds
 CHUNKS = (64, 64, 64)  # (X, Y, Z) voxels per chunk
 BLOCKS = (16, 16, 16)  # voxels per block, the unit a crop decompresses
-CPARAMS = {"codec": blosc2.Codec.LZ4HC, "clevel": 5, "filters": [blosc2.Filter.BITSHUFFLE]}
+# One blosc2 thread everywhere: its thread pools do not survive fork (a DataLoader worker or a process forked while
+# they were live can hang), and the parallelism is in the worker processes.
+CPARAMS = {"codec": blosc2.Codec.LZ4HC, "clevel": 5, "filters": [blosc2.Filter.BITSHUFFLE], "nthreads": 1}
+DPARAMS = {"nthreads": 1}
 HU_BIN = 8  # HU per bin of the histogram kept in each image's sidecar
 HU_RANGE = (-4096, 8192)  # histogram range; values outside count in the first/last bin
 HU_SAMPLE = 1 << 20  # about this many voxels (a strided subsample) go into the histogram
@@ -205,14 +210,9 @@ class VolumeCache:
             )
         return meta
 
-    def load(self, source: VolumeSource, threads: int = 1) -> CachedVolume:
-        """The preprocessed volume (X, Y, Z), read crop by crop; built first if missing or damaged.
-
-        ``threads`` decompress each read: one suits crops (a crop's blocks are few; DataLoader workers are the
-        parallelism), more suit whole volumes.
-        """
-        path = str(self.ensure(source))
-        return CachedVolume(blosc2.open(path, mode="r", mmap_mode="r", dparams={"nthreads": threads}), self.window)
+    def load(self, source: VolumeSource) -> CachedVolume:
+        """The preprocessed volume (X, Y, Z), read crop by crop; built first if missing or damaged."""
+        return _open(self.ensure(source), self.window)
 
     def label_entry(self, source: VolumeSource, label: VolumeSource) -> tuple[Path, dict]:
         """(array path, sidecar) of ``label``'s entry on ``source``'s grid, built (with the image's) if missing.
@@ -235,8 +235,8 @@ class VolumeCache:
         label_path, _ = self.label_entry(source, label)
         image = self.entry(source)
         affine = torch.tensor(image["affine"], dtype=torch.float64)
-        volume = self.load(source, threads=blosc2.nthreads).numpy()  # (X, Y, Z)
-        labels = blosc2.open(str(label_path), mode="r")[...].astype(np.float32)  # (X, Y, Z)
+        volume = self.load(source).numpy()  # (X, Y, Z)
+        labels = blosc2.open(str(label_path), mode="r", dparams=DPARAMS)[...].astype(np.float32)  # (X, Y, Z)
         return {
             key: MetaTensor(torch.from_numpy(array)[None], affine=affine, meta={"filename_or_obj": src.label})
             for key, array, src in (("image", volume, source), ("label", labels, label))
@@ -304,6 +304,11 @@ class VolumeCache:
         sidecar.unlink(missing_ok=True)
         path.unlink(missing_ok=True)
         return None
+
+
+def _open(path: Path, window: tuple[float, float]) -> CachedVolume:
+    """An image entry, memory-mapped, decompressed in the calling thread."""
+    return CachedVolume(blosc2.open(str(path), mode="r", mmap_mode="r", dparams=DPARAMS), window)
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -400,10 +405,9 @@ class _Build(Dataset):
 
 
 def _share_cores(workers: int, worker_id: int) -> None:
-    """Each of ``workers`` processes gets its share of the cores for SimpleITK, blosc2 and torch threads."""
+    """Each of ``workers`` processes gets its share of the cores for SimpleITK's and torch's threads."""
     threads = max(1, len(os.sched_getaffinity(0)) // max(1, workers))
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    blosc2.set_nthreads(threads)
     torch.set_num_threads(threads)
 
 
