@@ -73,10 +73,11 @@ class TrainingMonitor:
         probe_every: int = 0,
         seed: int = 0,
     ) -> None:
-        self.cfg, self.folder = cfg, Path(run_dir) / PREVIEWS
+        self.cfg, self.folder, self.name = cfg, Path(run_dir) / PREVIEWS, f"run {Path(run_dir).name}"
         self.preview, self.preview_every = preview, preview_every
         self.probe, self.probe_every, self.seed = probe, probe_every, seed
         self.last: dict[str, Any] = {}
+        self._told = False  # whether the log says that a single probe case is not held out
 
     @classmethod
     def for_run(
@@ -119,6 +120,9 @@ class TrainingMonitor:
         finally:
             model.train(was_training)
         if len(row) > 1:
+            if probe_now and not self.probe.held_out and not self._told:
+                log.info("probe_dice is scored on the single probe case it was fitted on: a fit, not held out")
+                self._told = True
             log.metrics(row)
             log.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step"))
         self.last = row
@@ -137,7 +141,7 @@ class TrainingMonitor:
         scratch = self.folder / f".step_{step:07d}.tmp"
         try:
             metrics = reconstruct(
-                loaded, _path(self.preview), scratch, self.cfg.mask, seed=self.seed, checkpoint_name=f"step {step}"
+                loaded, _path(self.preview), scratch, self.cfg.mask, seed=self.seed, checkpoint_name=self.name
             )
             os.replace(scratch / "preview.png", self.folder / f"step_{step:07d}.png")
         except (InputError, CheckpointError) as e:  # e.g. a norm_pix_loss model: no previews, training goes on
