@@ -127,7 +127,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from ctmae.io.discovery import find_volumes
     from ctmae.mae.config import RunConfig
     from ctmae.mae.train import pretrain
-    from ctmae.preprocess.cache import prepare_cache
+    from ctmae.preprocess.build import prepare_cache
 
     root = tmp_path_factory.mktemp("tiny_mae")
     cfg = RunConfig.from_dict(

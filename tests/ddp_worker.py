@@ -10,7 +10,7 @@ import torch
 from ctmae.io.discovery import find_volumes
 from ctmae.mae.config import RunConfig
 from ctmae.mae.train import pretrain
-from ctmae.preprocess.cache import prepare_cache
+from ctmae.preprocess.build import prepare_cache
 from ctmae.runtime.distributed import barrier, cleanup, setup
 
 if __name__ == "__main__":

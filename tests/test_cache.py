@@ -18,7 +18,8 @@ from conftest import OBLIQUE, write_dicom_series
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import VolumeSource
 from ctmae.mae.config import DataConfig
-from ctmae.preprocess.cache import OLD_CACHE_NOTE, CachedVolume, VolumeCache, prepare_cache
+from ctmae.preprocess.build import prepare_cache
+from ctmae.preprocess.cache import OLD_CACHE_NOTE, CachedVolume, VolumeCache
 from ctmae.preprocess.transforms import preprocess_transforms
 from ctmae.runtime.files import OutputError
 

@@ -494,7 +494,7 @@ def test_a_preview_of_the_first_training_scan_by_default(small, tmp_path):
     from ctmae.apps.monitor import TrainingMonitor
     from ctmae.io.discovery import find_volumes
     from ctmae.mae.train import pretrain
-    from ctmae.preprocess.cache import prepare_cache
+    from ctmae.preprocess.build import prepare_cache
 
     cfg = RunConfig.from_dict(
         {

@@ -148,7 +148,7 @@ def test_bundle_runs_through_monai_bundle_on_the_sample_scan(tiny_checkpoint, ex
 def test_export_of_a_dicom_trained_model_holds_no_dicom_tags(tmp_path):
     from ctmae.mae.config import RunConfig
     from ctmae.mae.train import pretrain
-    from ctmae.preprocess.cache import prepare_cache
+    from ctmae.preprocess.build import prepare_cache
 
     name, pid = "Doe^Jane", "PID-48151623"
     body = np.full((40, 40, 36), -1000, np.int16)

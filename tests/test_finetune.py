@@ -239,7 +239,7 @@ def test_layer_decay_and_frozen_encoder_groups(freeze):
 def test_patch_8_checkpoint_is_refused(tmp_path, phantom):
     from ctmae.mae.config import RunConfig
     from ctmae.mae.train import pretrain
-    from ctmae.preprocess.cache import prepare_cache
+    from ctmae.preprocess.build import prepare_cache
 
     cfg = RunConfig.from_dict(
         {

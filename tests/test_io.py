@@ -311,7 +311,7 @@ def test_uneven_spacing_names_the_slice_and_its_distance(tmp_path, ct_array, cas
 
 def test_messages_about_a_dicom_series_name_its_folder(tmp_path):
     from ctmae.mae.config import DataConfig
-    from ctmae.preprocess.cache import prepare_cache
+    from ctmae.preprocess.build import prepare_cache
 
     series = tmp_path / "SERIES"
     write_dicom_series(series, np.zeros((16, 16, 5), np.int16), spacing=(1.0, 1.0, 2.5), direction=IDENTITY)

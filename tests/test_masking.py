@@ -24,7 +24,7 @@ from ctmae.mae.masking import (
     unregister,
 )
 from ctmae.mae.train import pretrain
-from ctmae.preprocess.cache import prepare_cache
+from ctmae.preprocess.build import prepare_cache
 
 GRID = (6, 6, 6)
 CPU = torch.device("cpu")

@@ -54,7 +54,7 @@ def _volumes(inputs: list[Path], cfg: RunConfig, dist: DistInfo, modality: str |
     Under torchrun the ranks preprocess disjoint shares of the volumes, then meet at a barrier: each volume is
     cached once, by one process (cache files are written atomically, so a reader never sees half of one).
     """
-    from ctmae.preprocess.cache import prepare_cache
+    from ctmae.preprocess.build import prepare_cache
 
     sources, problems = find_volumes([str(p) for p in inputs])
     sources, lines = check_modality(sources, modality)

@@ -160,7 +160,7 @@ def _sources(scans: list[Path]):
     """The training volumes, found once and cached once per distinct preprocessing (points share the cache)."""
     from ctmae.io.checks import InputError
     from ctmae.io.discovery import find_volumes
-    from ctmae.preprocess.cache import prepare_cache
+    from ctmae.preprocess.build import prepare_cache
 
     found, problems = find_volumes([str(p) for p in scans])
     report_skipped(problems)

@@ -46,7 +46,7 @@ def pretrain(
 
     Args:
         cfg: the run's settings (``train.steps`` may be None: resolved here and saved).
-        sources: usable, already cached volumes (see ``ctmae.preprocess.cache.prepare_cache``).
+        sources: usable, already cached volumes (see ``ctmae.preprocess.build.prepare_cache``).
         run_dir: output folder; ``checkpoints/last.pt`` there is continued when ``resume``.
         resume: continue from ``run_dir/checkpoints/last.pt`` if it exists (start fresh otherwise).
         stop_at: end this process after this step (checkpointing it), as a preempted job would; resume continues.

@@ -22,7 +22,8 @@ import numpy as np
 
 from ctmae.io.discovery import VolumeSource
 from ctmae.mae.config import DataConfig
-from ctmae.preprocess.cache import CACHE_VERSION, HU_BIN, HU_RANGE, OLD_CACHE_NOTE, Built, build_entries
+from ctmae.preprocess.build import build_entries
+from ctmae.preprocess.cache import CACHE_VERSION, HU_BIN, HU_RANGE, OLD_CACHE_NOTE, Built
 from ctmae.runtime.files import atomic_write_text
 
 PERCENTILES = (1, 50, 99)

@@ -1,0 +1,100 @@
+"""Building cache entries in parallel DataLoader workers, each on its share of the cores; the one-line problems of
+unusable scans come back instead of exceptions."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import SimpleITK as sitk
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ctmae.io.checks import InputError
+from ctmae.io.discovery import VolumeSource
+from ctmae.mae.config import DataConfig
+from ctmae.preprocess.cache import OLD_CACHE_NOTE, Built, VolumeCache
+from ctmae.runtime.files import OutputError
+from ctmae.runtime.signals import iterate_workers
+
+
+class _Build(Dataset):
+    """Builds cache entries in DataLoader workers; item ``i`` is the ``Built`` of source ``i``."""
+
+    def __init__(self, sources: Sequence[VolumeSource], cache: VolumeCache) -> None:
+        self.sources, self.cache = sources, cache
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> Built:
+        stale = self.cache.stale
+        try:
+            meta = self.cache.entry(self.sources[i])
+        except InputError as e:
+            return Built(problem=str(e))
+        except OSError as e:  # OutputError: one line naming the entry
+            return Built(fatal=str(e))
+        return Built(meta=meta, stale=self.cache.stale > stale, path=os.fspath(self.cache.path(self.sources[i])))
+
+
+def _share_cores(workers: int, worker_id: int) -> None:
+    """Each of ``workers`` processes gets its share of the cores for SimpleITK's and torch's threads."""
+    threads = max(1, len(os.sched_getaffinity(0)) // max(1, workers))
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    torch.set_num_threads(threads)
+
+
+def build_entries(
+    sources: Sequence[VolumeSource], cfg: DataConfig, min_edge: int = 1, workers: int | None = None
+) -> Iterator[tuple[VolumeSource, Built]]:
+    """Build (or find) every source's entry in ``workers`` processes (default ``cfg.workers``), yielding in order.
+
+    Raises:
+        OutputError: an entry could not be written (e.g. a full disk); entries written before are intact.
+    """
+    cache = VolumeCache(cfg, min_edge)
+    workers = min(cfg.workers if workers is None else workers, len(sources))
+    loader = DataLoader(
+        _Build(sources, cache),
+        batch_size=None,
+        num_workers=workers,
+        worker_init_fn=functools.partial(_share_cores, workers) if workers else None,
+    )
+    for source, built in zip(sources, iterate_workers(loader)):
+        if built.fatal:
+            raise OutputError(built.fatal)
+        if built.meta is not None:
+            cache.trust(built.path, built.meta)  # later readers in this process (and its forks) skip the CRC
+        yield source, built
+
+
+def prepare_cache(
+    sources: Sequence[VolumeSource],
+    cfg: DataConfig,
+    on_volume: Callable[[], None] | None = None,
+    min_edge: int = 1,
+    on_note: Callable[[str], None] | None = None,
+) -> tuple[list[VolumeSource], list[str]]:
+    """Preprocess every volume into the cache (in parallel workers); returns (usable sources, problems).
+
+    Args:
+        sources: volumes from ``ctmae.io.discovery.find_volumes``.
+        cfg: preprocessing settings and cache folder.
+        on_volume: optional callback called once per finished volume (progress).
+        min_edge: refuse volumes whose body region is smaller than this many voxels along an axis (one patch).
+        on_note: called once with ``OLD_CACHE_NOTE`` when entries of an older ctmae are being rebuilt.
+
+    Raises:
+        OutputError: the cache could not be written (e.g. a full disk); entries written before are intact.
+    """
+    good, problems, noted = [], [], False
+    for source, built in build_entries(sources, cfg, min_edge):
+        (problems.append(built.problem) if built.problem else good.append(source))
+        if built.stale and on_note and not noted:
+            on_note(OLD_CACHE_NOTE)
+            noted = True
+        if on_volume:
+            on_volume()
+    return good, problems
