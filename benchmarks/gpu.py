@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.step_vs_monai import ctmae_update, monai_mae, monai_update
 from ctmae.mae.config import DataConfig, MaskConfig, ModelConfig, RunConfig
 from ctmae.mae.masking import sample_mask
-from ctmae.mae.model import MaskedAutoencoder3D
+from ctmae.mae.model import build_model
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name(); the first
 # match wins, so the more specific names come first.
@@ -62,7 +62,7 @@ def flash_available(device: torch.device, head_dim: int) -> bool:
 def build(impl: str, m: ModelConfig, ratio: float, device: torch.device, compiled: bool, flash: bool):
     """(uncompiled model, step(x) -> None) for ``impl`` in {"ctmae", "monai"}; the step runs under bf16 autocast."""
     if impl == "ctmae":
-        model = MaskedAutoencoder3D(m).to(device)
+        model = build_model(m).to(device)
     else:
         model = monai_mae(m, ratio).to(device)
         # MONAI's forward index-puts decoder_embed's output into fp32 mask tokens, which fails under autocast (bf16

@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ctmae.mae.config import RunConfig
 from ctmae.mae.masking import sample_mask
-from ctmae.mae.model import MaskedAutoencoder3D
+from ctmae.mae.model import MaskedAutoencoder3D, build_model
 from ctmae.runtime.optim import build_optimizer, updater
 
 
@@ -42,7 +42,7 @@ def ctmae_step(crop: int, patch: int, size: str, batch: int, ratio: float):
     cfg = RunConfig.from_dict(
         {"model": {"size": size, "patch": patch}, "data": {"crop": crop}, "mask": {"ratio": ratio}}
     )
-    model = MaskedAutoencoder3D(cfg.model)
+    model = build_model(cfg.model)
     update = ctmae_update(model, cfg)
     gen = torch.Generator().manual_seed(0)
     grid = (crop // patch,) * 3
@@ -82,7 +82,7 @@ def encoder_step(crop: int, patch: int, size: str, ratio: float):
     cfg = RunConfig.from_dict(
         {"model": {"size": size, "patch": patch}, "data": {"crop": crop}, "mask": {"ratio": ratio}}
     )
-    model = MaskedAutoencoder3D(cfg.model)
+    model = build_model(cfg.model)
     for p in model.encoder.parameters():
         p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     gen = torch.Generator().manual_seed(0)

@@ -17,7 +17,7 @@ from ctmae.io.checks import InputError
 from ctmae.io.discovery import find_volumes
 from ctmae.io.volume import read_volume
 from ctmae.mae.checkpoint import load_checkpoint
-from ctmae.mae.model import MaskedAutoencoder3D, sincos_embedding_3d
+from ctmae.mae.model import build_model, sincos_embedding_3d
 from ctmae.seg.config import SegConfig, SegDataConfig, SegNetConfig
 from ctmae.seg.data import LabelledCase, check_case, find_cases, split_cases
 from ctmae.seg.network import load_seg_checkpoint, net_config_from_mae
@@ -191,7 +191,7 @@ def test_encoder_transfer_loads_every_encoder_tensor(tiny_checkpoint, crop):
             value = sincos_embedding_3d(crop // 16, value.shape[-1])  # exact for another crop
         assert torch.equal(vit[key], value), key
     if crop == 64:  # the same network: UNETR's ViT computes what the MAE encoder computes
-        mae = MaskedAutoencoder3D(state["config"].model).eval()
+        mae = build_model(state["config"].model).eval()
         mae.load_state_dict(state["model"])
         x = torch.rand(1, 1, 64, 64, 64)
         with torch.no_grad():

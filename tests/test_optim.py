@@ -9,7 +9,7 @@ import torch
 
 from ctmae.mae.config import RunConfig
 from ctmae.mae.masking import sample_mask
-from ctmae.mae.model import MaskedAutoencoder3D
+from ctmae.mae.model import build_model
 from ctmae.runtime.optim import StepInBackward, build_optimizer, updater
 
 CFG = RunConfig.from_dict({"model": {"size": "tiny", "patch": 8}, "data": {"crop": 32}})
@@ -27,7 +27,7 @@ def train(model, optimizer, update, steps: int = 3) -> None:
 
 def test_stepping_in_backward_equals_stepping_after_it():
     torch.manual_seed(0)
-    a = MaskedAutoencoder3D(CFG.model)
+    a = build_model(CFG.model)
     b = copy.deepcopy(a)
     opt_a, opt_b = build_optimizer(a, CFG.train), build_optimizer(b, CFG.train)
     with (
@@ -46,7 +46,7 @@ def test_stepping_in_backward_equals_stepping_after_it():
 
 def test_in_backward_state_survives_a_state_dict_round_trip_and_hooks_are_removed():
     torch.manual_seed(0)
-    a = MaskedAutoencoder3D(CFG.model)
+    a = build_model(CFG.model)
     b = copy.deepcopy(a)
     opt_a, opt_b = build_optimizer(a, CFG.train), build_optimizer(b, CFG.train)
     with updater(a, opt_a, NO_SCALER, 0.0) as update_a, updater(b, opt_b, NO_SCALER, 0.0) as update_b:
@@ -68,7 +68,7 @@ def test_in_backward_state_survives_a_state_dict_round_trip_and_hooks_are_remove
 def test_clipping_ddp_and_fp16_step_after_backward(monkeypatch, clip, world, fp16):
     made = []
     monkeypatch.setattr(StepInBackward, "__init__", lambda self, opt: made.append(opt))
-    model = MaskedAutoencoder3D(CFG.model)
+    model = build_model(CFG.model)
     opt = build_optimizer(model, CFG.train)
     scaler = torch.amp.GradScaler("cpu", enabled=fp16)
     with updater(model, opt, scaler, clip, world):
