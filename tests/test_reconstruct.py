@@ -275,3 +275,11 @@ def test_head_preview_is_what_the_written_files_show(tiny_checkpoint, tmp_path):
     assert metrics["preview"] == {"window_hu": list(WINDOW), "error_scale_hu": scale}
     (ax_h, ax_w), (co_h, _), _ = layout.sizes
     assert co_h < 0.75 * ax_h  # the short head gets short coronal and sagittal rows, not bands
+
+
+@pytest.mark.parametrize("crop, patch, stride", [(32, 16, 32), (64, 16, 48), (96, 16, 64), (32, 8, 24)])
+def test_windows_step_on_the_patch_grid(crop, patch, stride):
+    from ctmae.apps.inference import patch_aligned_overlap
+
+    overlap = patch_aligned_overlap(crop, patch)
+    assert 0.0 <= overlap < 1.0 and int(crop * (1 - overlap)) == stride  # MONAI's stride formula

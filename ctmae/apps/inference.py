@@ -84,7 +84,7 @@ def patch_aligned_overlap(crop: int, patch: int) -> float:
     voxel short of the intended multiple of ``patch``.
     """
     stride = max(1, round(0.75 * (crop // patch))) * patch
-    return 1.0 - (stride + 0.5) / crop
+    return max(0.0, 1.0 - (stride + 0.5) / crop)  # a crop of two patches steps by whole crops: no overlap
 
 
 def window_tokens(slices: list[slice], patch: int) -> tuple[slice, slice, slice]:
