@@ -83,11 +83,14 @@ def encode(values: np.ndarray, window: tuple[float, float]) -> np.ndarray:
 
 
 def decode(codes: np.ndarray, window: tuple[float, float], out: np.ndarray | None = None) -> np.ndarray:
-    """int16 HU codes -> float32 (v - lo) / (hi - lo), the windowed 0..1 values, into ``out`` if given."""
+    """int16 HU codes -> float32 (v - lo) / (hi - lo), the windowed 0..1 values, into ``out`` if given.
+
+    Multiplies by the reciprocal of (hi - lo), which is faster than dividing and differs by at most one float32 ulp.
+    """
     lo, hi = window
     out = np.empty(codes.shape, np.float32) if out is None else out
     np.subtract(codes, np.float32(lo), out=out, dtype=np.float32, casting="unsafe")
-    np.divide(out, np.float32(hi - lo), out=out)
+    np.multiply(out, np.float32(1.0 / (hi - lo)), out=out)
     return out
 
 
@@ -98,6 +101,7 @@ class CachedVolume:
     def __init__(self, array: blosc2.NDArray, window: tuple[float, float]) -> None:
         self.array, self.window = array, window  # array: (X, Y, Z) int16 HU codes
         self.shape = tuple(int(n) for n in array.shape)
+        self._codes = np.empty(0, np.int16)  # reused between reads of one size: no fresh pages to fault in
 
     def __getitem__(self, box: tuple[slice, slice, slice]) -> np.ndarray:
         bounds = [s.indices(n) for s, n in zip(box, self.shape)]
@@ -107,9 +111,11 @@ class CachedVolume:
 
     def read(self, start: Sequence[int], size: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
         """The box of ``size`` (X, Y, Z) voxels at ``start`` as float32 0..1, written into ``out`` if given."""
-        (x, y, z), (nx, ny, nz) = start, size
-        codes = self.array[x : x + nx, y : y + ny, z : z + nz]  # int16, decompressing only the blocks it touches
-        return decode(codes, self.window, out)
+        stop = [a + n for a, n in zip(start, size)]
+        if self._codes.shape != tuple(size):
+            self._codes = np.empty(size, np.int16)
+        self.array.get_slice_numpy(self._codes, (list(start), stop))  # decompresses only the blocks the box touches
+        return decode(self._codes, self.window, out)
 
     def numpy(self) -> np.ndarray:
         """The whole volume, float32 0..1 (X, Y, Z)."""
