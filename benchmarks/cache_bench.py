@@ -106,7 +106,7 @@ def bytes_row(name: str, source: VolumeSource, cfg: DataConfig, scratch: Path) -
     entry = cache.ensure(source)
     npy = write_npy(cache, source, scratch / f"{entry.stem}.npy")
     ours, theirs = entry.stat().st_size, npy.stat().st_size
-    shape = "×".join(map(str, json.loads(entry.with_suffix(".json").read_text())["shape"]))
+    shape = "×".join(map(str, json.loads(entry.with_suffix(".json").read_text(encoding="utf-8"))["shape"]))
     return Row(
         f"Cache bytes per scan: {name}",
         f"{ours / 2**20:.2f} MiB ({ours / theirs:.3f}×)",

@@ -108,7 +108,7 @@ def ctmae(*args: object) -> float:
 
 def record(out: Path, title: str, commands: list[str], seconds: list[float], targets: list[Path]) -> str:
     """A Markdown section: title, machine, commands, then report.md's tables (its reading guide left out)."""
-    report = (out / "eval" / "report.md").read_text()
+    report = (out / "eval" / "report.md").read_text(encoding="utf-8")
     tables = report.split("## How to read this report")[0].split("\n", 2)[2].strip()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} logical cores"
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")

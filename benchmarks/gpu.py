@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     if out is None:
         print(text)
     else:
-        out.write_text(text)
+        out.write_text(text, encoding="utf-8")
         print(f"wrote {out}")
 
 

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     info["load average at end (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    args.out.write_text(markdown(rows, info, command, size))
+    args.out.write_text(markdown(rows, info, command, size), encoding="utf-8")
     progress(f"wrote {args.out}")
     for r in rows:
         met = {True: "met", False: "NOT met", None: "-"}[r.met]
@@ -191,13 +191,13 @@ def markdown(rows: list[Row], info: dict[str, str], command: str, size: str) -> 
     lines += [f"{i}. {r.measure}: {r.notes}" for i, r in enumerate(rows, 1)]
     lines += ["", "## GPU", ""]
     if GPU_FRAGMENT.is_file():
-        lines += [GPU_FRAGMENT.read_text().strip()]
+        lines += [GPU_FRAGMENT.read_text(encoding="utf-8").strip()]
     else:
         lines += [
             "Not measured in this run: no GPU figures yet. Run `bash benchmarks/gpu.sh` on a CUDA machine; it "
             "writes `benchmarks/gpu_results.md`, which the next `python -m benchmarks.run` includes here."
         ]
-    lines += ["", CHANGES.read_text().strip()]
+    lines += ["", CHANGES.read_text(encoding="utf-8").strip()]
     return "\n".join(lines) + "\n"
 
 

@@ -47,7 +47,7 @@ def lines_naming(output: str, name: str) -> list[str]:
 def _bad_files(root: Path) -> dict[str, str]:
     """Write one bad input of each kind; returns {file or folder name: a word its message must hold}."""
     (root / "zero.nii.gz").write_bytes(b"")
-    (root / "text.nii.gz").write_text("this is not an image\n")
+    (root / "text.nii.gz").write_text("this is not an image\n", encoding="utf-8")
     full = write_volume(root.parent / "full.nii.gz", body(seed=1), **GEOMETRY).read_bytes()  # not an input
     (root / "truncated.nii.gz").write_bytes(gzip.compress(gzip.decompress(full)[: len(gzip.decompress(full)) // 2]))
     nan = body(seed=2).astype(np.float32)
@@ -136,7 +136,7 @@ def test_mr_series_warns_by_default_and_is_skipped_with_modality_ct(tmp_path):
 
 
 def test_no_usable_input_exits_1(tmp_path):
-    (tmp_path / "only.nii.gz").write_text("nope")
+    (tmp_path / "only.nii.gz").write_text("nope", encoding="utf-8")
     result = pretrain(tmp_path, tmp_path / "only.nii.gz")
     assert result.exit_code == 1 and "no usable volume" in result.output and "Traceback" not in result.output
 
@@ -145,14 +145,14 @@ def test_no_usable_input_exits_1(tmp_path):
     "text, key", [("train:\n  stepz: 3\n", "train.stepz"), ("mask:\n  ratio: lots\n", "mask.ratio")]
 )
 def test_bad_config_file_exits_2_naming_the_key(tmp_path, text, key):
-    (tmp_path / "c.yaml").write_text(text)
+    (tmp_path / "c.yaml").write_text(text, encoding="utf-8")
     write_volume(tmp_path / "s.nii.gz", body(), **GEOMETRY)
     result = pretrain(tmp_path, tmp_path / "s.nii.gz", "--config", tmp_path / "c.yaml")
     assert result.exit_code == 2 and key in result.output and "c.yaml" in result.output
 
 
 def test_run_dir_that_cannot_be_written_exits_2(tmp_path):
-    (tmp_path / "afile").write_text("x")
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
     result = CliRunner().invoke(app, ["pretrain", "--out", str(tmp_path / "afile" / "run"), *TINY])
     assert result.exit_code == 2 and "cannot write there" in result.output and "afile" in result.output
 
@@ -263,7 +263,7 @@ def _wrong_file(folder: Path, kind: str) -> Path:
     if kind == "nifti-plain":
         return write_volume(folder / "scan.nii", body(), **GEOMETRY)
     if kind == "text":
-        (folder / "notes.pt").write_text("checkpoint: runs/mae/checkpoints/last.pt\n")
+        (folder / "notes.pt").write_text("checkpoint: runs/mae/checkpoints/last.pt\n", encoding="utf-8")
         return folder / "notes.pt"
     if kind == "zip":
         with zipfile.ZipFile(folder / "archive.pt", "w") as archive:

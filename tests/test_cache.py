@@ -96,7 +96,7 @@ def test_cache_equals_the_monai_chain_within_half_a_hu_step(tmp_path, make):
     cfg = _cfg(tmp_path)
     expected = preprocess_transforms(cfg)({"image": list(source.files)})["image"]  # (1, X, Y, Z), padded to 16
     path = VolumeCache(cfg).ensure(source)
-    meta = json.loads(path.with_suffix(".json").read_text())
+    meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
     assert path.suffix == ".b2nd" and meta["bytes"] == path.stat().st_size
     assert meta["crc32"] == zlib.crc32(path.read_bytes())  # the file's bytes, computed from memory
     volume = VolumeCache(cfg).load(source)
@@ -127,7 +127,7 @@ def test_a_crop_decompresses_only_the_blocks_it_touches(tmp_path):
 def test_compressed_entry_is_a_fraction_of_the_float32_volume(tmp_path):
     source = _nifti(tmp_path / "lps.nii.gz", LPS)
     path = VolumeCache(_cfg(tmp_path)).ensure(source)
-    float32_bytes = np.prod(json.loads(path.with_suffix(".json").read_text())["shape"]) * 4
+    float32_bytes = np.prod(json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))["shape"]) * 4
     assert path.stat().st_size < 0.5 * float32_bytes  # noisy synthetic tissue; a real scan compresses to ~0.25
 
 
@@ -152,7 +152,7 @@ def test_damaged_entries_are_detected_and_rebuilt(tmp_path, monkeypatch, damage)
     cache._preprocess = lambda s: built.append(s) or real(s)
     np.testing.assert_array_equal(cache.load(source).numpy(), good)
     assert built == [source]  # detected and rebuilt
-    assert zlib.crc32(path.read_bytes()) == json.loads(path.with_suffix(".json").read_text())["crc32"]
+    assert zlib.crc32(path.read_bytes()) == json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))["crc32"]
 
 
 def test_a_valid_entry_is_used_without_reading_the_scan(tmp_path, monkeypatch):
@@ -177,7 +177,7 @@ def test_an_entry_of_an_older_ctmae_is_rebuilt_and_said_once(tmp_path):
     for s in sources:  # what CACHE_VERSION 1 wrote: <key>.npy + <key>.json with the old settings in the key
         key = cache_module.hashlib.sha256(f"{s.identity()}|{cache.old_settings}".encode()).hexdigest()[:32]
         np.save(cache.dir / f"{key}.npy", np.zeros((16, 16, 16), np.float32))
-        (cache.dir / f"{key}.json").write_text('{"bytes": 16512, "crc32": 0}')
+        (cache.dir / f"{key}.json").write_text('{"bytes": 16512, "crc32": 0}', encoding="utf-8")
         olds.append(cache.dir / key)
     notes = []
     good, problems = prepare_cache(sources, cfg, on_note=notes.append)
@@ -233,7 +233,7 @@ def test_two_writers_of_one_entry_leave_a_whole_entry(tmp_path, round_):
     names = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert len(names) == 4 and not any(n.startswith(".") for n in names)  # no torn or temporary file
     path = VolumeCache(_cfg(tmp_path)).path(source)
-    assert zlib.crc32(path.read_bytes()) == json.loads(path.with_suffix(".json").read_text())["crc32"]
+    assert zlib.crc32(path.read_bytes()) == json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))["crc32"]
 
 
 @pytest.mark.parametrize("affine", [NO_TIES, TILTED_NO_TIES, SAGITTAL_NO_TIES], ids=["lps", "oblique", "sagittal"])

@@ -29,7 +29,7 @@ def test_dict_round_trip_and_presets(tmp_path):
 )
 def test_bad_config_names_the_key(tmp_path, text, key):
     path = tmp_path / "bad.yaml"
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     with pytest.raises(ValueError) as err:
         RunConfig.load_yaml(path)
     message = str(err.value)

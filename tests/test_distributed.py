@@ -52,7 +52,7 @@ def scans(tmp_path_factory) -> Path:
 
 
 def losses(run_dir: Path) -> list[float]:
-    return [json.loads(r)["loss"] for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(r)["loss"] for r in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 def test_two_ranks_train_identical_weights_and_cache_each_volume_once(tmp_path, scans):
@@ -69,7 +69,7 @@ def test_two_ranks_train_identical_weights_and_cache_each_volume_once(tmp_path, 
 
 def test_two_rank_loss_curve_matches_one_process_with_the_same_global_batch(tmp_path, scans):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("train:\n  log_every: 1\ndata:\n  crops_per_volume: 1\n")
+    cfg.write_text("train:\n  log_every: 1\ndata:\n  crops_per_volume: 1\n", encoding="utf-8")
     common = [str(scans), "--steps", "5", "--cache-dir", str(tmp_path / "cache"), "--config", str(cfg), *TINY]
     ddp = torchrun("-m", "ctmae", "pretrain", "--out", str(tmp_path / "ddp"), "--batch-size", "1", *common)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
@@ -89,7 +89,7 @@ def test_two_rank_loss_curve_matches_one_process_with_the_same_global_batch(tmp_
 def test_stop_signal_checkpoints_and_resume_continues(tmp_path, scans, sig):
     out = tmp_path / "run"
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("train:\n  log_every: 1\n  ckpt_every: 100000\n")
+    cfg.write_text("train:\n  log_every: 1\n  ckpt_every: 100000\n", encoding="utf-8")
     cmd = [
         sys.executable,
         "-m",
@@ -109,7 +109,10 @@ def test_stop_signal_checkpoints_and_resume_continues(tmp_path, scans, sig):
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8")
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
+    while (
+        not (metrics.is_file() and len(metrics.read_text(encoding="utf-8").splitlines()) >= 3)
+        and time.time() < deadline
+    ):
         time.sleep(0.2)
     sent = time.time()
     proc.send_signal(sig)
@@ -127,7 +130,10 @@ def test_stop_signal_checkpoints_and_resume_continues(tmp_path, scans, sig):
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == step + 2
-    assert [json.loads(r)["step"] for r in metrics.read_text().splitlines()][-2:] == [step + 1, step + 2]
+    assert [json.loads(r)["step"] for r in metrics.read_text(encoding="utf-8").splitlines()][-2:] == [
+        step + 1,
+        step + 2,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +197,11 @@ def test_two_rank_finetune_matches_one_process_with_the_same_global_batch(tmp_pa
     )
     assert single.returncode == 0, single.stderr[-3000:]
     ddp_losses, one_losses = (
-        [r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        [
+            r["loss"]
+            for r in map(json.loads, (d / "metrics.jsonl").read_text(encoding="utf-8").splitlines())
+            if "loss" in r
+        ]
         for d in (tmp_path / "ddp", tmp_path / "one")
     )
     assert len(ddp_losses) == 3 and np.allclose(ddp_losses, one_losses, rtol=1e-4, atol=1e-6)
@@ -208,7 +218,10 @@ def test_finetune_stop_signal_checkpoints_and_exits_cleanly(tmp_path, spheres):
         encoding="utf-8",
     )
     metrics, deadline = out / "metrics.jsonl", time.time() + 120
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2) and time.time() < deadline:
+    while (
+        not (metrics.is_file() and len(metrics.read_text(encoding="utf-8").splitlines()) >= 2)
+        and time.time() < deadline
+    ):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)

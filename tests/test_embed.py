@@ -146,7 +146,7 @@ def test_token_maps_have_the_stated_shape_and_affine(tiny_checkpoint, scans, tmp
         grid = [math.ceil(n / p) for n in image.shape[1:]]
         token_map = np.load(tokens / f"{token_name(source.id)}.npy")
         assert token_map.shape == (cfg.model.dim, *grid) and token_map.dtype == np.float32
-        meta = json.loads((tokens / f"{token_name(source.id)}.json").read_text())
+        meta = json.loads((tokens / f"{token_name(source.id)}.json").read_text(encoding="utf-8"))
         assert meta["id"] == source.id and meta["shape"] == list(token_map.shape)
         # token (0, 0, 0) is the centre of the first 16³ patch: voxel (7.5, 7.5, 7.5)
         np.testing.assert_allclose(
@@ -304,7 +304,7 @@ def test_an_output_from_before_the_shift_column_resumes_with_nan(
             m.setattr(ctmae.apps.embed, "write_output", _killed)
             assert _run(tiny_checkpoint, scans / "a.nii.gz", "--out", out).exit_code == 130
         journal = out.with_name(out.name + ".partial.jsonl")
-        lines = [json.loads(line) for line in journal.read_text().splitlines()]
+        lines = [json.loads(line) for line in journal.read_text(encoding="utf-8").splitlines()]
         assert not out.exists() and lines[1].pop("shift_score") is not None  # as journals were written before
         journal.write_text("".join(json.dumps(line) + "\n" for line in lines))
     else:

@@ -255,21 +255,23 @@ def test_evaluate_writes_the_report_and_resume_skips_finished_units(small, tiny_
         *FAST,
     )
     assert result.exit_code == 0, result.output
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     test_ids = [c.id for c in split_cases(_cases(small), None, 1, 0)[0]]
     assert report["complete"] and report["cases"]["test"] == test_ids and len(report["cases"]["train_pool"]) == 2
     assert [s["kind"] for s in report["subjects"]] == ["pretrained", "scratch", "intensity"]
     assert report["subjects"][0]["sha256"] == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
     assert set(report["probe"]) == {"ckpt0", "scratch0", "intensity0"} and set(report["recon"]) == {"ckpt0"}
-    md = (out / "report.md").read_text()
+    md = (out / "report.md").read_text(encoding="utf-8")
     assert "## Frozen probe" in md and "## Reconstruction" in md and f"{report['probe']['ckpt0']['dice']:.3f}" in md
-    rows = (out / "cases.csv").read_text().splitlines()
+    rows = (out / "cases.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0] == "protocol,encoder,shots,repeat,case,measure,value" and len(rows) == 1 + 3 + 2 * 3
     png = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "report.png")))
     assert png.ndim == 3 and png.shape[2] == 3 and len(np.unique(png.reshape(-1, 3), axis=0)) > 4
 
-    journal = (out / "journal.jsonl").read_text().splitlines()
-    (out / "journal.jsonl").write_text("\n".join(journal[:-2]) + "\n")  # as if killed before the last two units
+    journal = (out / "journal.jsonl").read_text(encoding="utf-8").splitlines()
+    (out / "journal.jsonl").write_text(
+        "\n".join(journal[:-2]) + "\n", encoding="utf-8"
+    )  # as if killed before the last two units
     ran = []
     from ctmae.apps.evaluate import runner as runner_module
 
@@ -292,8 +294,8 @@ def test_evaluate_writes_the_report_and_resume_skips_finished_units(small, tiny_
     )
     assert result.exit_code == 0, result.output
     assert ran == [json.loads(line)["unit"] for line in journal[-2:]]
-    assert (out / "journal.jsonl").read_text().splitlines()[:-2] == journal[:-2]
-    assert json.loads((out / "report.json").read_text())["probe"] == report["probe"]
+    assert (out / "journal.jsonl").read_text(encoding="utf-8").splitlines()[:-2] == journal[:-2]
+    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["probe"] == report["probe"]
 
 
 def test_a_stop_signal_keeps_finished_units_and_resume_finishes(small, tiny_checkpoint, tmp_path):
@@ -312,7 +314,7 @@ def test_a_stop_signal_keeps_finished_units_and_resume_finishes(small, tiny_chec
     report = run_evaluation(settings, subjects, cases, tmp_path, progress=Progress(tick=tick))
     assert report["stopped"] == "SIGTERM" and not report["interrupted"]
     assert not report["complete"] and list(report["probe"]) == ["ckpt0"]
-    assert json.loads((tmp_path / "report.json").read_text())["units_done"] == 1
+    assert json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))["units_done"] == 1
     report = run_evaluation(settings, subjects, cases, tmp_path, resume=True)
     assert report["complete"] and report["stopped"] is None and len(report["probe"]) == 3
 
@@ -324,7 +326,7 @@ def test_fewshot_runs_pretrained_and_scratch_on_identical_subsets(small, tiny_ch
     args = ["--images", small / "images", "--labels", small / "labels", "--out", out, "--test-cases", "2"]
     result = _evaluate(tiny_checkpoint, *args, "--protocols", "fewshot", "--shots", "1", *FAST)
     assert result.exit_code == 0, result.output
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     test_ids = report["cases"]["test"]
     assert set(report["fewshot"]) == {"ckpt0", "scratch0"} and len(test_ids) == 2
     pre, scratch = (report["fewshot"][s]["1"] for s in ("ckpt0", "scratch0"))
@@ -337,7 +339,7 @@ def test_fewshot_runs_pretrained_and_scratch_on_identical_subsets(small, tiny_ch
     assert pre["runs"][0]["train_cases"] == scratch["runs"][0]["train_cases"]
     run_dir = out / "fewshot" / "ckpt0" / "k1_r0"
     assert (run_dir / "metrics.jsonl").is_file() and not (run_dir / "checkpoints").exists()
-    assert "## Few-shot fine-tuning" in (out / "report.md").read_text()
+    assert "## Few-shot fine-tuning" in (out / "report.md").read_text(encoding="utf-8")
 
 
 # --- bad inputs: one line, exit code, partial work kept ------------------------------------------------------------
@@ -435,7 +437,7 @@ def test_an_encoder_unetr_cannot_hold_skips_fewshot_but_keeps_probe_and_recon(sm
     assert (
         result.exit_code == 1 and "16³" in _one_error_line(result) and "few-shot fine-tuning skipped" in result.output
     )
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["complete"] and not report["fewshot"] and set(report["probe"]) == {"ckpt0", "scratch0", "intensity0"}
     assert report["recon"]["ckpt0"]["block"]["mae"] is not None and report["problems"]
 
@@ -479,13 +481,15 @@ def test_pretraining_logs_probe_dice_and_previews_without_changing_training(smal
     )
     assert result.exit_code == 0, result.output
     assert _pretrain(small / "images", "--out", plain, *PRETRAIN, *cache, "--preview-every", "0").exit_code == 0
-    rows = [json.loads(line) for line in (watched / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (watched / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     probes = [r for r in rows if "probe_dice" in r]
     assert [r["step"] for r in probes] == [2, 4] and all(0.0 <= r["probe_dice"] <= 1.0 for r in probes)
     assert all("preview_psnr_masked" in r for r in probes)
     assert sorted(p.name for p in (watched / "previews").iterdir()) == ["step_0000002.png", "step_0000004.png"]
     losses = [r["loss"] for r in rows if "loss" in r]
-    assert losses == [json.loads(line)["loss"] for line in (plain / "metrics.jsonl").read_text().splitlines()]
+    assert losses == [
+        json.loads(line)["loss"] for line in (plain / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     assert not (plain / "previews").exists()
 
 
@@ -507,7 +511,7 @@ def test_a_preview_of_the_first_training_scan_by_default(small, tmp_path):
     monitor = TrainingMonitor.for_run(cfg, tmp_path / "run", sources[0])
     pretrain(cfg, sources, tmp_path / "run", monitor=monitor)
     assert sorted(p.name for p in (tmp_path / "run" / "previews").iterdir()) == ["step_0000001.png", "step_0000002.png"]
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["step"] for r in rows if "preview_psnr_masked" in r] == [1, 2] and not any(
         "probe_dice" in r for r in rows
     )

@@ -74,7 +74,7 @@ def lung_crop(tiny_checkpoint) -> tuple[torch.Tensor, torch.nn.Module]:
 
 def test_vit_built_from_config_json_gives_ctmae_encoder_features(lung_crop, exports):
     folder = exports["safetensors"]
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     vit = ViT(**config["architecture"]).eval()
     vit.load_state_dict(load_file(folder / "encoder.safetensors"))  # strict: every tensor, nothing else
     crop, mae = lung_crop
@@ -86,7 +86,7 @@ def test_vit_built_from_config_json_gives_ctmae_encoder_features(lung_crop, expo
     assert config["preprocessing"]["spacing"] == [1.5, 1.5, 1.5] and config["preprocessing"]["crop"] == 64
     assert config["training"]["step"] == 4 and config["training"]["mask"]["kind"] == "block"
     assert isinstance(config["training"]["final_loss"], float)  # from the run's metrics.jsonl
-    card = (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text(encoding="utf-8")
     assert config["weights"]["sha256"] in card and "HU window -1000..1000" in card
 
 
@@ -180,26 +180,28 @@ def test_probe_and_evaluation_figures_reach_the_card_but_case_ids_do_not(tiny_ch
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     shutil.copy(tiny_checkpoint, run_dir / "checkpoints" / "last.pt")
-    rows = (tiny_checkpoint.parent.parent / "metrics.jsonl").read_text()
+    rows = (tiny_checkpoint.parent.parent / "metrics.jsonl").read_text(encoding="utf-8")
     probe = {"step": 4, "probe_dice": 0.41, "probe_dice_1": 0.41, "preview_psnr_masked": 12.5}
     rows += json.dumps(probe) + "\n" + json.dumps({"step": 9, "loss": 7.0}) + "\n"
-    (run_dir / "metrics.jsonl").write_text(rows)  # the row after the checkpoint's step 4 is not its figure
+    (run_dir / "metrics.jsonl").write_text(
+        rows, encoding="utf-8"
+    )  # the row after the checkpoint's step 4 is not its figure
     report = {  # the layout of ctmae evaluate's report.json, with per-case figures keyed by case id
         "settings": {"seed": 0, "shots": [1, 2]},
         "cases": {"test": ["smith_john", "case7.nii.gz"]},
         "probe": {"ckpt0": {"dice": 0.41, "per_case": {"smith_john": 0.5, "case7.nii.gz": 0.3}}},
         "fewshot": {"ckpt0": {"1": {"runs": [{"repeat": 0, "dice": 0.2}], "n": 1, "mean": 0.2, "sd": None}}},
     }
-    (run_dir / "report.json").write_text(json.dumps(report))
+    (run_dir / "report.json").write_text(json.dumps(report), encoding="utf-8")
     result = _run("export", run_dir / "checkpoints" / "last.pt", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
-    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    config = json.loads((tmp_path / "out" / "config.json").read_text(encoding="utf-8"))
     assert config["evaluation"] == {
         "probe_dice": {"step": 4, "probe_dice": 0.41, "probe_dice_1": 0.41},
         "report": {"probe": {"ckpt0": {"dice": 0.41}}, "fewshot": {"ckpt0": {"1": {"n": 1, "mean": 0.2}}}},
     }
     assert config["training"]["final_loss"] != 7.0 and config["training"]["final_loss_step"] == 4
-    card = (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
     assert "Frozen-encoder probe Dice at step 4" in card and '"mean": 0.2' in card
     for path in (tmp_path / "out").iterdir():
         assert b"smith_john" not in path.read_bytes() and b"case7" not in path.read_bytes()
@@ -212,7 +214,7 @@ def test_refusals_name_the_problem_in_one_line(tiny_checkpoint, seg_checkpoint, 
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
     text = tmp_path / "notes.pt"
-    text.write_text("not a checkpoint")
+    text.write_text("not a checkpoint", encoding="utf-8")
     cases = [
         (("export", foreign, "--out", tmp_path / "a"), 1, "not a ctmae checkpoint (written by another program)"),
         (("export", text, "--out", tmp_path / "b"), 1, "not a ctmae checkpoint"),
@@ -233,10 +235,10 @@ def test_refusals_name_the_problem_in_one_line(tiny_checkpoint, seg_checkpoint, 
 def test_non_empty_export_folder_needs_overwrite(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "mine.txt").write_text("keep me")
+    (out / "mine.txt").write_text("keep me", encoding="utf-8")
     result = _run("export", tiny_checkpoint, "--out", out)
     assert result.exit_code == 2 and "not empty; pass --overwrite" in result.output
-    assert (out / "mine.txt").read_text() == "keep me"
+    assert (out / "mine.txt").read_text(encoding="utf-8") == "keep me"
     result = _run("export", tiny_checkpoint, "--out", out, "--overwrite")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "encoder.safetensors"]
@@ -245,7 +247,7 @@ def test_non_empty_export_folder_needs_overwrite(tiny_checkpoint, tmp_path):
 def test_weights_that_do_not_match_config_json_are_one_error(exports, tmp_path):
     folder = tmp_path / "export"
     shutil.copytree(exports["safetensors"], folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     json.dump({**config, "architecture": {**config["architecture"], "hidden_size": 48, "mlp_dim": 192}},
               open(folder / "config.json", "w"))  # fmt: skip
     with pytest.raises(CheckpointError, match=r"has shape \(.*96.*needs \(.*48.*do not belong together"):
@@ -253,7 +255,7 @@ def test_weights_that_do_not_match_config_json_are_one_error(exports, tmp_path):
     result = _run("info", folder)
     assert result.exit_code == 1 and "do not belong together" in result.output and "Traceback" not in result.output
 
-    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
     tensors = load_file(folder / "encoder.safetensors")
     tensors["norm.bias"] = tensors["norm.bias"] + 1e-3
     save_file(tensors, folder / "encoder.safetensors")
@@ -351,12 +353,12 @@ def test_preprocessing_overrides_of_a_pretrained_encoder_are_refused(tiny_checkp
     (run_dir / "checkpoints").mkdir(parents=True)
     shutil.copy(tiny_checkpoint, run_dir / "checkpoints" / "last.pt")
     config = tmp_path / "cfg.yaml"
-    config.write_text("data:\n  spacing: [2.0, 2.0, 2.0]\n")
+    config.write_text("data:\n  spacing: [2.0, 2.0, 2.0]\n", encoding="utf-8")
     common = ("pretrain", LUNG, "--out", run_dir, "--resume")
     result = _run(*common, "--config", config)
     assert result.exit_code == 2, result.output
     assert "data.spacing 2x2x2 mm differs from the 1.5x1.5x1.5 mm the encoder was pretrained with" in result.output
-    config.write_text("data:\n  hu_window: [-200.0, 300.0]\n")
+    config.write_text("data:\n  hu_window: [-200.0, 300.0]\n", encoding="utf-8")
     result = _run(*common, "--config", config)
     assert result.exit_code == 2 and "data.hu_window -200..300 HU differs" in result.output
     result = _run(*common, "--crop", "32")

@@ -42,12 +42,14 @@ def scans(tmp_path_factory) -> Path:
 def config(tmp_path: Path, **train) -> Path:
     path = tmp_path / "c.yaml"
     train_lines = "".join(f"  {k}: {v}\n" for k, v in {"log_every": 1, **train}.items())
-    path.write_text(f"model:\n  size: tiny\n  depth: 2\ntrain:\n{train_lines}")  # 2 blocks keep these runs short
+    path.write_text(
+        f"model:\n  size: tiny\n  depth: 2\ntrain:\n{train_lines}", encoding="utf-8"
+    )  # 2 blocks keep these runs short
     return path
 
 
 def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.mark.slow
@@ -140,7 +142,7 @@ def test_a_nan_step_is_skipped_and_counted(tmp_path, tiny_cfg, monkeypatch):
     result = pretrain(cfg, sources, tmp_path / "run")
     assert result["skipped_steps"] == 1 and result["stopped"] is None and result["steps"] == 12
     assert all(np.isfinite(r["loss"]) for r in rows(tmp_path / "run"))
-    assert "step 3: non-finite loss" in (tmp_path / "run" / "train.log").read_text()
+    assert "step 3: non-finite loss" in (tmp_path / "run" / "train.log").read_text(encoding="utf-8")
 
 
 def test_repeated_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_cfg, monkeypatch):

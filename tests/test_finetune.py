@@ -101,10 +101,10 @@ def test_pairing_from_datalist(tmp_path, kind):
     rows = [{"image": f"images/{n}.nii.gz", "label": f"labels/{n}.nii.gz"} for n in ("a", "b")]
     if kind == "csv":
         listing = tmp_path / "list.csv"
-        listing.write_text("image,label\n" + "".join(f"{r['image']},{r['label']}\n" for r in rows))
+        listing.write_text("image,label\n" + "".join(f"{r['image']},{r['label']}\n" for r in rows), encoding="utf-8")
     else:
         listing = tmp_path / "list.json"
-        listing.write_text(json.dumps({"training": rows} if kind == "msd-json" else rows))
+        listing.write_text(json.dumps({"training": rows} if kind == "msd-json" else rows), encoding="utf-8")
     cases = find_cases([listing])
     assert [(Path(c.image.files[0]).parent.name, Path(c.label.files[0]).parent.name) for c in cases] == [
         ("images", "labels")
@@ -301,7 +301,7 @@ def phantom_run(phantom, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_phantom_reaches_high_dice(phantom_run):
-    rows = [json.loads(line) for line in (phantom_run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (phantom_run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     dice = [r["val_dice"] for r in rows if "val_dice" in r]
     assert len(dice) == 3 and max(dice) > 0.8, dice
     best = load_seg_checkpoint(phantom_run / "checkpoints" / "best.pt")
@@ -363,7 +363,7 @@ def test_resume_is_exact(phantom, tmp_path):
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     losses = [
-        [json.loads(r).get("loss") for r in (d / "metrics.jsonl").read_text().splitlines()]
+        [json.loads(r).get("loss") for r in (d / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
         for d in (tmp_path / "straight", tmp_path / "split")
     ]
     assert losses[0] == losses[1]

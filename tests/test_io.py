@@ -157,7 +157,7 @@ def test_folders_are_scanned_recursively_with_ids_relative_to_the_common_root(tm
     write_volume(tmp_path / "data" / "ct" / "deep" / "a.nii.gz", ct_array)
     write_dicom_series(tmp_path / "data" / "dicom" / "lung1", ct_array)
     for junk in ("notes.md", "meta.json", "ct/preview.png", "dicom/lung1/info.txt", "ct/.hidden.nii.gz"):
-        (tmp_path / "data" / junk).write_text("not an image")
+        (tmp_path / "data" / junk).write_text("not an image", encoding="utf-8")
     data = tmp_path / "data"
     sources, problems = find_volumes([data / "ct", data / "dicom", data / "ct" / "b.nrrd"])  # b.nrrd twice
     ignored = f"ignored 2 files: {data / 'ct' / 'preview.png'}, {data / 'dicom' / 'lung1' / 'info.txt'}"
@@ -173,9 +173,9 @@ def test_txt_and_csv_lists_resolve_relative_paths(tmp_path, ct_array):
     write_dicom_series(tmp_path / "dicom" / "s", ct_array)
     (tmp_path / "lists").mkdir()
     lines = ["# training set", "", "../ct/a.nii.gz", "../dicom/s", "../ct/missing.nii.gz"]
-    (tmp_path / "lists" / "inputs.txt").write_text("\n".join(lines) + "\n")
-    (tmp_path / "lists" / "plain.csv").write_text("../ct/a.nii.gz,1\n../ct/b.mha,0\n")
-    (tmp_path / "lists" / "header.csv").write_text(f"label,image\n1,{tmp_path / 'ct' / 'b.mha'}\n")
+    (tmp_path / "lists" / "inputs.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp_path / "lists" / "plain.csv").write_text("../ct/a.nii.gz,1\n../ct/b.mha,0\n", encoding="utf-8")
+    (tmp_path / "lists" / "header.csv").write_text(f"label,image\n1,{tmp_path / 'ct' / 'b.mha'}\n", encoding="utf-8")
     sources, problems = find_volumes([tmp_path / "lists" / "inputs.txt"])
     assert [s.id.split("#")[0] for s in sources] == ["ct/a.nii.gz", "dicom/s"]
     assert len(problems) == 1 and problems[0].startswith(f"{tmp_path / 'lists' / 'inputs.txt'}:5: ")
@@ -197,10 +197,10 @@ def _bad_find_inputs(tmp_path: Path, ct_array: np.ndarray) -> dict[str, tuple[Pa
     """name -> (path, expected words in the problem) for inputs that find_volumes must skip."""
     (tmp_path / "empty").mkdir()
     (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "README.md").write_text("hello")
+    (tmp_path / "docs" / "README.md").write_text("hello", encoding="utf-8")
     (tmp_path / "zero.nii.gz").write_bytes(b"")
-    (tmp_path / "text.nii.gz").write_text("this is not an image\n")
-    (tmp_path / "image.xyz").write_text("?")
+    (tmp_path / "text.nii.gz").write_text("this is not an image\n", encoding="utf-8")
+    (tmp_path / "image.xyz").write_text("?", encoding="utf-8")
     (tmp_path / "sr").mkdir()
     _write_sr_dicom(tmp_path / "sr" / "report.dcm")
     slice_file = write_dicom_series(tmp_path / "series", ct_array)[0]

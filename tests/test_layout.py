@@ -21,7 +21,7 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         edges = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ctmae"):
                 for alias in node.names:  # `from ctmae.cli import pretrain` imports the module ctmae.cli.pretrain
                     sub = f"{node.module}.{alias.name}"
@@ -69,7 +69,7 @@ def test_the_cycle_finder_finds_one():
 def test_modules_and_functions_stay_small():
     too_long = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        source = path.read_text()
+        source = path.read_text(encoding="utf-8")
         if len(source.splitlines()) > MAX_MODULE_LINES:
             too_long.append(f"{path.name}: {len(source.splitlines())} lines")
         for node in ast.walk(ast.parse(source)):

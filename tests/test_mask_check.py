@@ -63,7 +63,7 @@ def test_report_recommends_a_block_and_the_cli_writes_json_and_overlay(label_fil
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "block edge 72x72x72 mm" in text and f"recommended: --block {report['recommended_block']}" in text
-    assert json.loads((out / "mask_check.json").read_text())["objects"][0]["extent_mm"]
+    assert json.loads((out / "mask_check.json").read_text(encoding="utf-8"))["objects"][0]["extent_mm"]
     assert (out / "overlay.png").stat().st_size > 0
 
 

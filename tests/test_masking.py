@@ -158,4 +158,4 @@ def test_a_toy_strategy_registered_in_a_test_masks_and_trains(slab, tmp_path):
     good, _ = prepare_cache(sources, cfg.data)
     result = pretrain(cfg, good, tmp_path / "run")
     assert result["steps"] == 2 and math.isfinite(result["last_loss"])
-    assert "kind: slab" in (tmp_path / "run" / "config.yaml").read_text()
+    assert "kind: slab" in (tmp_path / "run" / "config.yaml").read_text(encoding="utf-8")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCKERFILE = (ROOT / "Dockerfile").read_text()
+DOCKERFILE = (ROOT / "Dockerfile").read_text(encoding="utf-8")
 
 
 def test_dockerfile_lints_clean():
@@ -83,9 +83,9 @@ def test_the_dockerfile_install_gives_a_working_entrypoint(tmp_path):
     assert list((tmp_path / "cache" / "ctmae").glob("*.b2nd"))  # XDG_CACHE_HOME, as the image sets it
 
 
-@pytest.mark.parametrize("script", sorted((ROOT / "examples" / "slurm").glob("*.sbatch")), ids=lambda p: p.name)
+@pytest.mark.parametrize("script", sorted((ROOT / "examples" / "slurm").glob("pretrain*.sbatch")), ids=lambda p: p.name)
 def test_slurm_scripts_resume_and_forward_the_warning_signal(script):
-    text = script.read_text()
+    text = script.read_text(encoding="utf-8")
     assert "--signal=B:USR1@" in text and "--requeue" in text and "trap on_warning USR1" in text
     assert "torchrun" in text and "-m ctmae pretrain" in text and "--resume" in text
     if shutil.which("bash"):

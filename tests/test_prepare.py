@@ -41,7 +41,7 @@ def errors_in(output: str) -> list[str]:
 def scans(tmp_path) -> Path:
     """Three small body scans, a text file posing as a NIfTI and a label map among them."""
     folder = write_body_scans(tmp_path / "scans", 3)
-    (folder / "broken.nii.gz").write_text("not an image")
+    (folder / "broken.nii.gz").write_text("not an image", encoding="utf-8")
     label = np.zeros((30, 30, 20), np.uint8)
     label[5:25, 5:25, 5:15] = 1
     label[10:20, 10:20, 8:12] = 2
@@ -62,7 +62,7 @@ def test_prepare_builds_the_cache_skips_bad_scans_and_summarises(tmp_path, scans
     cache = tmp_path / "cache"
     result = prepare(scans, "--cache-dir", cache, "--workers", "2", *SMALL)
     assert result.exit_code == 0, result.output
-    summary = json.loads((cache / "dataset.json").read_text())
+    summary = json.loads((cache / "dataset.json").read_text(encoding="utf-8"))
     assert summary["scans"] == 3 and summary["shard"] is None
     assert len(summary["skipped"]) == 2
     assert any("broken.nii.gz" in s and "not a readable image" in s for s in summary["skipped"])
@@ -97,13 +97,13 @@ def test_shards_build_their_share_and_a_final_run_summarises_all(tmp_path, scans
     for i in range(2):
         result = prepare(scans, "--cache-dir", cache, "--workers", "0", "--shard", f"{i}/2", *SMALL)
         assert result.exit_code == 0, result.output
-    shards = [json.loads((cache / f"dataset.shard-{i}-of-2.json").read_text()) for i in range(2)]
+    shards = [json.loads((cache / f"dataset.shard-{i}-of-2.json").read_text(encoding="utf-8")) for i in range(2)]
     assert [s["shard"] for s in shards] == ["0/2", "1/2"] and shards[0]["scans"] + shards[1]["scans"] == 3
     assert len(list(cache.glob("*.b2nd"))) == 3
     built = []
     monkeypatch.setattr(VolumeCache, "_preprocess", lambda self, s: built.append(s) or pytest.fail("rebuilt"))
     result = prepare(scans, "--cache-dir", cache, "--workers", "0", *SMALL)
-    summary = json.loads((cache / "dataset.json").read_text())
+    summary = json.loads((cache / "dataset.json").read_text(encoding="utf-8"))
     assert summary["scans"] == 3 and len(summary["skipped"]) == 2 and built == []  # found, nothing rebuilt
     assert result.exit_code == 0
 
@@ -146,7 +146,7 @@ def test_an_older_cache_is_rebuilt_and_said_once(tmp_path, scans):
     for s in find_volumes([scans])[0][:3]:
         key = cache_module.hashlib.sha256(f"{s.identity()}|{old.old_settings}".encode()).hexdigest()[:32]
         np.save(cache / f"{key}.npy", np.zeros((32, 32, 32), np.float32))
-        (cache / f"{key}.json").write_text("{}")
+        (cache / f"{key}.json").write_text("{}", encoding="utf-8")
     result = prepare(scans, "--cache-dir", cache, "--workers", "0", *SMALL)
     assert result.exit_code == 0 and result.output.count(OLD_CACHE_NOTE) == 1, result.output
     assert not list(cache.glob("*.npy"))

@@ -59,7 +59,7 @@ def test_outputs_have_the_source_geometry(sample_run):
 
 
 def test_metrics_report_the_requested_mask(sample_run):
-    metrics = json.loads((sample_run / "metrics.json").read_text())
+    metrics = json.loads((sample_run / "metrics.json").read_text(encoding="utf-8"))
     # exact on the token grid of the whole padded volume: round(ratio * L) of the L tokens are hidden
     assert metrics["tokens_masked"] == num_masked(MaskConfig("block", 0.6, 2), metrics["tokens"])
     assert metrics["token_mask_ratio"] == metrics["tokens_masked"] / metrics["tokens"]
@@ -122,7 +122,9 @@ def test_same_seed_repeats_and_another_differs(tiny_checkpoint, tmp_path, ct_arr
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         assert _run(tiny_checkpoint, scan, "--out", tmp_path / name, "--seed", seed, "--mask", "random").exit_code == 0
     assert (tmp_path / "a" / "mask.nii.gz").read_bytes() == (tmp_path / "b" / "mask.nii.gz").read_bytes()
-    assert (tmp_path / "a" / "metrics.json").read_text() == (tmp_path / "b" / "metrics.json").read_text()
+    assert (tmp_path / "a" / "metrics.json").read_text(encoding="utf-8") == (tmp_path / "b" / "metrics.json").read_text(
+        encoding="utf-8"
+    )
     assert (tmp_path / "a" / "mask.nii.gz").read_bytes() != (tmp_path / "c" / "mask.nii.gz").read_bytes()
 
 
@@ -170,7 +172,7 @@ def test_errors_are_one_line(tiny_checkpoint, tmp_path, ct_array):
 
 def _assert_metrics_match_the_files(out: Path) -> dict:
     """Every figure of metrics.json but model_on_visible, recomputed from the written NIfTIs."""
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     lo, hi = metrics["hu_window"]
     original = _load(out, "input.nii.gz").astype(np.float64)
     recon = _load(out, "reconstruction.nii.gz").astype(np.float64)
@@ -262,7 +264,7 @@ def test_head_preview_is_what_the_written_files_show(tiny_checkpoint, tmp_path):
     result = _run(tiny_checkpoint, scan, "--out", out, "--device", "cpu")
     assert result.exit_code == 0, result.output
     png = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "preview.png")))
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     volumes = [_load(out, name).astype(np.float32) for name in OUTPUTS[:4]]
     affine = nib.load(out / "input.nii.gz").affine
     title = [

@@ -91,12 +91,12 @@ def test_reconstruct_reports_the_shift_score_and_warns_far_from_the_training_sca
 
     chest = CliRunner().invoke(cli, ["reconstruct", str(tiny_checkpoint), str(SAMPLE), "--out", str(tmp_path / "a")])
     assert chest.exit_code == 0, chest.output
-    shift = json.loads((tmp_path / "a" / "metrics.json").read_text())["shift"]
+    shift = json.loads((tmp_path / "a" / "metrics.json").read_text(encoding="utf-8"))["shift"]
     assert abs(shift["shift_score"]) < WARN_SCORE and shift["warning"] is None and "shift score" not in chest.output
 
     head = head_phantom(tmp_path / "head.nii.gz")
     far = CliRunner().invoke(cli, ["reconstruct", str(tiny_checkpoint), str(head), "--out", str(tmp_path / "b")])
     assert far.exit_code == 0, far.output
-    shift = json.loads((tmp_path / "b" / "metrics.json").read_text())["shift"]
+    shift = json.loads((tmp_path / "b" / "metrics.json").read_text(encoding="utf-8"))["shift"]
     assert shift["shift_score"] > WARN_SCORE
     assert "shift score" in " ".join(far.output.split()) and "unlike the pretraining data" in far.output

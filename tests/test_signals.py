@@ -48,7 +48,7 @@ def wait_for_training(run_dir: Path, proc: subprocess.Popen, after_step: int = 0
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
         if metrics.is_file():
-            steps = [json.loads(r)["step"] for r in metrics.read_text().splitlines() if r.strip()]
+            steps = [json.loads(r)["step"] for r in metrics.read_text(encoding="utf-8").splitlines() if r.strip()]
             if steps and steps[-1] > after_step:
                 return
         time.sleep(0.2)

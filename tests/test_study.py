@@ -75,7 +75,7 @@ def test_grid_aliases_and_coercion():
 
 def test_grid_file(tmp_path):
     path = tmp_path / "grid.yaml"
-    path.write_text("mask: [random, block]\nblock: 3\n")
+    path.write_text("mask: [random, block]\nblock: 3\n", encoding="utf-8")
     assert load_grid_file(path) == {"mask.kind": ["random", "block"], "mask.block": [3]}
 
 
@@ -136,10 +136,10 @@ def test_report_flags_and_ranking_from_status_files(tmp_path):
             status = {"status": "done", "figures": {"final_loss": 0.1, **figures[p.folder]}}
         else:
             continue
-        (folder / "status.json").write_text(json.dumps(status))
+        (folder / "status.json").write_text(json.dumps(status), encoding="utf-8")
     study = gather(tmp_path, points, manifest([tmp_path], [tmp_path], grid, TINY, EvalSettings()))
     assert study["ranking"]["agrees"] is True and study["done"] == 4 and study["failed"] == 1
-    md = (tmp_path / "study.md").read_text()
+    md = (tmp_path / "study.md").read_text(encoding="utf-8")
     assert "block 0.500 > random 0.400 > none 0.200; this agrees" in md
     assert "005-block-dd4: reconstruction beats the best trivial fill" in md
     assert md.count("decoder may be doing the work") == 3  # the row, the line, how to read
@@ -152,7 +152,9 @@ def test_report_flags_and_ranking_from_status_files(tmp_path):
 
 
 def _statuses(out: Path) -> dict[str, dict]:
-    return {p.parent.name: json.loads(p.read_text()) for p in sorted((out / "points").glob("*/status.json"))}
+    return {
+        p.parent.name: json.loads(p.read_text(encoding="utf-8")) for p in sorted((out / "points").glob("*/status.json"))
+    }
 
 
 @pytest.mark.slow
@@ -163,12 +165,12 @@ def test_study_end_to_end_and_rerun(data, tmp_path):
     statuses = _statuses(out)
     assert list(statuses) == ["000-random", "001-block"]
     assert all(s["status"] == "done" for s in statuses.values())
-    study = json.loads((out / "study.json").read_text())
+    study = json.loads((out / "study.json").read_text(encoding="utf-8"))
     assert [r["mask"] for r in study["points"]] == ["random", "block"]
     f = study["points"][1]["figures"]
     assert 0.0 <= f["probe_dice"] <= 1.0 and 0.0 <= f["probe_floor"] <= 1.0 and f["masked_psnr"] is not None
     assert np.isfinite(f["final_loss"])
-    md = (out / "study.md").read_text()
+    md = (out / "study.md").read_text(encoding="utf-8")
     assert "| 000-random | random |" in md and "| 001-block | block |" in md and "Ranking" in md
     assert sitk.ReadImage(str(out / "study.png")).GetNumberOfComponentsPerPixel() == 3
     assert (out / "points" / "001-block" / "eval" / "report.json").is_file()
@@ -191,14 +193,14 @@ def test_one_point_then_report(data, tmp_path):
     result = _study(data, out, "--point", "1")
     assert result.exit_code == 0, result.output
     assert list(_statuses(out)) == ["001-block"]
-    study = json.loads((out / "study.json").read_text())
+    study = json.loads((out / "study.json").read_text(encoding="utf-8"))
     assert [r["status"] for r in study["points"]] == ["pending", "done"]
 
     (out / "study.md").unlink()
     gathered = runner.invoke(app, ["study", "--report", "--out", str(out)])
     assert gathered.exit_code == 0, gathered.output
     assert "1 of 2 point(s) done" in gathered.output
-    assert "| 000-random | random |" in (out / "study.md").read_text()
+    assert "| 000-random | random |" in (out / "study.md").read_text(encoding="utf-8")
 
     assert _study(data, out, "--point", "2").exit_code == 2
 
@@ -213,7 +215,7 @@ def test_failed_point_recorded_and_others_go_on(data, tmp_path):
     failed, done = statuses["000-block-r0.99"], statuses["001-block-r0.5"]
     assert failed["status"] == "failed" and "visible" in failed["reason"]
     assert done["status"] == "done"
-    assert "failed: ValueError: mask ratio 0.99" in (out / "study.md").read_text()
+    assert "failed: ValueError: mask ratio 0.99" in (out / "study.md").read_text(encoding="utf-8")
     # a re-run tries the failed point again and skips the finished one
     again = _study(data, out, grid=("mask=block", "mask_ratio=0.99,0.5")).output
     assert "000-block-r0.99: failed" in again and "001-block-r0.5: skip" in again
@@ -251,10 +253,10 @@ def test_stop_signal_leaves_the_point_resumable(data, tmp_path, monkeypatch):
 def test_other_folder_refused(data, tmp_path):
     out = tmp_path / "s"
     out.mkdir()
-    (out / "notes.txt").write_text("mine")
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
     result = _study(data, out)
     assert result.exit_code == 2 and "holds no study" in result.output
-    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
 
 
 def test_report_without_a_study(tmp_path):

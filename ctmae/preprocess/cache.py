@@ -295,7 +295,7 @@ class VolumeCache:
         if not sidecar.is_file():
             return None
         try:
-            meta = json.loads(sidecar.read_text())
+            meta = json.loads(sidecar.read_text(encoding="utf-8"))
             stat = path.stat()
             mark = (os.fspath(path), stat.st_mtime_ns, meta["crc32"])
             ok = stat.st_size == meta["bytes"] and (mark in _VERIFIED or _crc32(path) == meta["crc32"])

@@ -62,7 +62,7 @@ class Sections:
     def load_yaml(cls: type[C], path: str | os.PathLike, base: C | None = None) -> C:
         """Read a config file (same layout as a run's config.yaml) over ``base``; ValueError names the file, key."""
         try:
-            d = yaml.safe_load(Path(path).read_text()) or {}
+            d = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
             return cls.from_dict(d, base)
         except (OSError, yaml.YAMLError, ValueError) as e:
             raise ValueError(f"{path}: {str(e).splitlines()[0]}") from None

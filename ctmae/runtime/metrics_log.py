@@ -18,10 +18,14 @@ class MetricsLog:
             return
         path = run_dir / "metrics.jsonl"
         if path.is_file():  # on resume, rows after the checkpoint's step are redone: drop the stale ones
-            rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= start_step]
-            path.write_text("".join(r + "\n" for r in rows))
-        self.metrics_file = open(path, "a")
-        self.log_file = open(run_dir / "train.log", "a")
+            rows = [
+                r
+                for r in path.read_text(encoding="utf-8").splitlines()
+                if r.strip() and json.loads(r)["step"] <= start_step
+            ]
+            path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+        self.metrics_file = open(path, "a", encoding="utf-8")
+        self.log_file = open(run_dir / "train.log", "a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -119,7 +119,7 @@ def read_datalist(path: str | os.PathLike) -> list[LabelledCase]:
     path = Path(path)
     try:
         if path.suffix.lower() == ".json":
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
             rows = data.get("training") if isinstance(data, dict) else data
         else:
             with open(path, newline="", encoding="utf-8") as f:

@@ -29,7 +29,7 @@ class Journal:
             self._read()
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self.header) + "\n")
+            path.write_text(json.dumps(self.header) + "\n", encoding="utf-8")
 
     def _read(self) -> None:
         data = self.path.read_bytes()

@@ -97,7 +97,7 @@ def parse_grid(options: list[str]) -> dict[str, list[Any]]:
 def load_grid_file(path: str | os.PathLike) -> dict[str, list[Any]]:
     """A YAML mapping of grid keys to a list of values (or one value); GridError naming the file."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
         raise GridError(f"{path}: cannot read the grid ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict) or not data:

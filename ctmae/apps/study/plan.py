@@ -109,7 +109,7 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())["manifest"]
+        return json.loads(path.read_text(encoding="utf-8"))["manifest"]
     except (OSError, ValueError, KeyError, TypeError):
         raise StudyMismatch(
             f"{path}: not a ctmae study manifest; pass --overwrite to start a new study there"

@@ -44,7 +44,7 @@ def read_status(out: Path, point: Point) -> dict[str, Any] | None:
     """The point's status.json, or None when it has not finished (or never started)."""
     path = point_dir(out, point) / STATUS
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
