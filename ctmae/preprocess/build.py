@@ -3,7 +3,6 @@ unusable scans come back instead of exceptions."""
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 
@@ -22,13 +21,16 @@ from ctmae.runtime.signals import iterate_workers
 class _Build(Dataset):
     """Builds cache entries in DataLoader workers; item ``i`` is the ``Built`` of source ``i``."""
 
-    def __init__(self, sources: Sequence[VolumeSource], cache: VolumeCache) -> None:
-        self.sources, self.cache = sources, cache
+    def __init__(self, sources: Sequence[VolumeSource], cache: VolumeCache, threads: int = 0) -> None:
+        self.sources, self.cache, self.threads = sources, cache, threads
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def __getitem__(self, i: int) -> Built:
+        if self.threads:  # first item in a worker (``iterate_workers`` owns the loader's worker_init_fn)
+            _use_threads(self.threads)
+            self.threads = 0
         stale = self.cache.stale
         try:
             meta = self.cache.entry(self.sources[i])
@@ -39,9 +41,8 @@ class _Build(Dataset):
         return Built(meta=meta, stale=self.cache.stale > stale, path=os.fspath(self.cache.path(self.sources[i])))
 
 
-def _share_cores(workers: int, worker_id: int) -> None:
-    """Each of ``workers`` processes gets its share of the cores for SimpleITK's and torch's threads."""
-    threads = max(1, len(os.sched_getaffinity(0)) // max(1, workers))
+def _use_threads(threads: int) -> None:
+    """SimpleITK's and torch's threads in this worker: its share of the cores."""
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     torch.set_num_threads(threads)
 
@@ -56,12 +57,8 @@ def build_entries(
     """
     cache = VolumeCache(cfg, min_edge)
     workers = min(cfg.workers if workers is None else workers, len(sources))
-    loader = DataLoader(
-        _Build(sources, cache),
-        batch_size=None,
-        num_workers=workers,
-        worker_init_fn=functools.partial(_share_cores, workers) if workers else None,
-    )
+    threads = max(1, len(os.sched_getaffinity(0)) // workers) if workers else 0  # each worker's share of the cores
+    loader = DataLoader(_Build(sources, cache, threads), batch_size=None, num_workers=workers)
     for source, built in zip(sources, iterate_workers(loader)):
         if built.fatal:
             raise OutputError(built.fatal)
