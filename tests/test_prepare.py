@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
+import torch
 from typer.testing import CliRunner
 
 import ctmae.preprocess.cache as cache_module
@@ -18,6 +20,7 @@ from ctmae.cli import app
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import find_volumes
 from ctmae.mae.config import DataConfig
+from ctmae.preprocess.build import build_entries
 from ctmae.preprocess.cache import OLD_CACHE_NOTE, VolumeCache
 from ctmae.preprocess.prepare import Shard, hu_percentiles
 from ctmae.seg.config import SegDataConfig
@@ -231,3 +234,23 @@ def test_cache_cases_items_are_what_train_reads(tmp_path):
         assert item[key].dtype == np.float32 or str(item[key].dtype) == "torch.float32"
         assert item[key].shape[0] == 1 and item[key].ndim == 4
     assert set(np.unique(item["label"].numpy())) == {0.0, 1.0}
+
+
+def test_a_single_worker_takes_the_cores_for_simpleitk_and_keeps_torch_at_one_thread(tmp_path, monkeypatch):
+    """Workers share the cores for SimpleITK's resampling; torch stays at the one thread DataLoader gives a worker
+    (an OpenMP team inherited through fork can hang the first parallel region that uses more)."""
+    scans = write_body_scans(tmp_path / "scans", 2)
+    seen = tmp_path / "threads.txt"
+    real = VolumeCache._preprocess
+
+    def spy(self, source):
+        with open(seen, "a") as f:
+            f.write(f"{sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()} {torch.get_num_threads()}\n")
+        return real(self, source)
+
+    monkeypatch.setattr(VolumeCache, "_preprocess", spy)
+    sources = find_volumes([scans])[0]
+    built = [b for _, b in build_entries(sources, DataConfig(cache_dir=str(tmp_path / "c"), crop=32), workers=1)]
+    assert all(b.meta for b in built)
+    cores = len(os.sched_getaffinity(0))
+    assert seen.read_text().split("\n")[:2] == [f"{cores} 1", f"{cores} 1"]

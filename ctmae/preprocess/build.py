@@ -7,7 +7,6 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 
 import SimpleITK as sitk
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ctmae.io.checks import InputError
@@ -42,9 +41,9 @@ class _Build(Dataset):
 
 
 def _use_threads(threads: int) -> None:
-    """SimpleITK's and torch's threads in this worker: its share of the cores."""
+    """SimpleITK's threads in this worker: its share of the cores. torch keeps the one thread DataLoader gives a
+    worker: an OpenMP team inherited through fork hangs the first parallel region that uses more."""
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    torch.set_num_threads(threads)
 
 
 def build_entries(
