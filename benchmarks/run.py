@@ -35,6 +35,8 @@ from ctmae.mae.config import DataConfig, RunConfig
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_CT = REPO / "sample_data" / "ct" / "lung1.nii.gz"
 GPU_FRAGMENT = Path(__file__).resolve().parent / "gpu_results.md"
+# sections other benchmarks write (each under its own heading), included as they stand
+FRAGMENTS = [Path(__file__).resolve().parent / name for name in ("cache_results.md", "recipe_results.md")]
 CHANGES = Path(__file__).resolve().parent / "CHANGES.md"  # hand-kept log of what each change did, appended
 PATCH, BATCH, RATIO = 16, 2, 0.75
 
@@ -197,7 +199,8 @@ def markdown(rows: list[Row], info: dict[str, str], command: str, size: str) -> 
             "Not measured in this run: no GPU figures yet. Run `bash benchmarks/gpu.sh` on a CUDA machine; it "
             "writes `benchmarks/gpu_results.md`, which the next `python -m benchmarks.run` includes here."
         ]
-    lines += ["", CHANGES.read_text(encoding="utf-8").strip()]
+    lines += ["", *[f.read_text(encoding="utf-8").strip() + "\n" for f in FRAGMENTS if f.is_file()]]
+    lines += [CHANGES.read_text(encoding="utf-8").strip()]
     return "\n".join(lines) + "\n"
 
 
