@@ -8,6 +8,7 @@ returns. Data-loader workers ignore those signals (they would otherwise die firs
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -20,7 +21,8 @@ WORKER_IGNORED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGUSR1 or a first Ctrl-C; a second Ctrl-C aborts at once. Restores handlers on exit.
+    """Set by SIGTERM/SIGUSR1 or a first Ctrl-C; a second Ctrl-C aborts at once. Restores handlers on exit (after a
+    Ctrl-C, SIGINT is ignored from then on: the run has stopped and only the exit is left).
 
     ``signal`` names the first stop signal received (``"SIGTERM"``, ``"SIGUSR1"``, ``"SIGINT"``) or is None.
     """
@@ -41,8 +43,12 @@ class StopFlag:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT:
-            if self.signal == "SIGINT":
-                raise KeyboardInterrupt  # the second Ctrl-C: abort now, the last checkpoint stays as it was
+            if self.signal == "SIGINT":  # the second Ctrl-C: abort now, the last checkpoint stays as it was
+                # os._exit, not KeyboardInterrupt: raised inside torch.save's writer, an exception comes back as a
+                # write error; every file is written atomically, so stopping anywhere leaves only finished files
+                sys.stderr.write("interrupted: a second Ctrl-C; the last saved checkpoint is kept\n")
+                sys.stderr.flush()
+                os._exit(130)
             # said at once, not after the step: the user is waiting at the terminal
             sys.stderr.write("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again aborts)\n")
         self.signal = self.signal or signal.Signals(signum).name
@@ -50,6 +56,8 @@ class StopFlag:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self.interrupted:  # the checkpoint is saved and the command is on its way out with 130: a second Ctrl-C
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # landing now would only turn that into Click's "Aborted!"
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
