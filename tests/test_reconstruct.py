@@ -23,8 +23,9 @@ from ctmae.io.discovery import find_volumes
 from ctmae.io.volume import read_volume
 from ctmae.mae.checkpoint import load_checkpoint
 from ctmae.mae.config import MaskConfig
+from ctmae.mae.fills import SIGMAS
 from ctmae.mae.masking import num_masked
-from ctmae.mae.model import Decoder
+from ctmae.mae.model import Decoder, build_model
 from ctmae.runtime.checkpoint import save_checkpoint
 
 runner = CliRunner()
@@ -63,7 +64,14 @@ def test_metrics_report_the_requested_mask(sample_run):
     # exact on the token grid of the whole padded volume: round(ratio * L) of the L tokens are hidden
     assert metrics["tokens_masked"] == num_masked(MaskConfig("block", 0.6, 2), metrics["tokens"])
     assert metrics["token_mask_ratio"] == metrics["tokens_masked"] / metrics["tokens"]
-    assert metrics["mask"] == {"kind": "block", "ratio": 0.6, "block": 2, "noise_std": 0.1, "seed": 3}
+    assert metrics["mask"] == {
+        "kind": "block",
+        "ratio": 0.6,
+        "block": 2,
+        "noise_std": 0.1,
+        "seed": 3,
+        "unit_voxels": 16,
+    }
     mask = _load(sample_run, "mask.nii.gz").astype(bool)
     assert mask.sum() == metrics["masked"]["voxels"]
     assert metrics["mask_ratio"] == pytest.approx(mask.sum() / metrics["field_of_view_voxels"])
@@ -207,6 +215,20 @@ def test_metrics_describe_the_files_when_nothing_is_hidden(tiny_checkpoint, tmp_
     assert _run(tiny_checkpoint, scan, "--out", tmp_path / "o", "--mask", "noise").exit_code == 0
     metrics = _assert_metrics_match_the_files(tmp_path / "o")
     assert metrics["masked"]["voxels"] == 0 and metrics["visible"]["mse"] > 0 and metrics["mask_ratio"] == 0
+    assert metrics["fill"]["psnr"] is None and metrics["fill"]["masked_minus_fill_db"] is None  # no hole to fill
+
+
+def test_metrics_carry_the_gaussian_fill_and_the_difference(sample_run):
+    metrics = json.loads((sample_run / "metrics.json").read_text(encoding="utf-8"))
+    fill, masked = metrics["fill"], metrics["masked"]
+    assert fill["sigma_voxels"] in SIGMAS and fill["voxels"] == masked["voxels"]
+    assert fill["masked_minus_fill_db"] == pytest.approx(masked["psnr"] - fill["psnr"])
+    # the fill is an interpolation of the visible voxels: it beats filling every hole with their mean
+    original, hidden = _load(sample_run, "input.nii.gz"), _load(sample_run, "mask.nii.gz") == 1
+    lo, hi = metrics["hu_window"]
+    scaled = (original - lo) / (hi - lo)
+    mean_fill_mse = float(((scaled[hidden] - scaled[~hidden].mean()) ** 2).mean())
+    assert fill["mse"] < mean_fill_mse
 
 
 def _head(shape=(180, 220, 30), value: float | None = None) -> np.ndarray:
@@ -270,7 +292,7 @@ def test_head_preview_is_what_the_written_files_show(tiny_checkpoint, tmp_path):
     title = [
         f"{tiny_checkpoint} (step 4)",
         f"mask block ratio 0.75 block 2 seed 0 | masked PSNR {metrics['masked']['psnr']:.2f} dB, "
-        f"SSIM {metrics['ssim']:.3f}",
+        f"SSIM {metrics['ssim']:.3f}, {metrics['fill']['masked_minus_fill_db']:+.2f} dB vs gaussian fill",
     ]
     image, layout, scale = render_preview(volumes, _load(out, "mask.nii.gz").astype(bool), affine, title)
     np.testing.assert_array_equal(png, image)
@@ -285,3 +307,26 @@ def test_windows_step_on_the_patch_grid(crop, patch, stride):
 
     overlap = patch_aligned_overlap(crop, patch)
     assert 0.0 <= overlap < 1.0 and int(crop * (1 - overlap)) == stride  # MONAI's stride formula
+
+
+def test_mask_unit_hides_the_same_voxels_for_patch_8_and_patch_16(tiny_checkpoint, tmp_path, ct_array):
+    """``--mask-unit 16`` draws the mask on 16-voxel cubes from the scan's first voxel: a patch-8 and a patch-16
+    checkpoint hide exactly the same voxels for a seed, so their masked PSNRs and fills compare like for like."""
+    state = load_checkpoint(tiny_checkpoint)
+    cfg = state["config"].replace(model={"patch": 8})
+    patch8 = tmp_path / "patch8.pt"
+    weights = build_model(cfg.model).state_dict()
+    kept = {k: v for k, v in state.items() if k not in ("format", "format_version", "model")}
+    save_checkpoint({**kept, "model": weights, "config": cfg.to_dict()}, patch8)
+    scan = write_volume(tmp_path / "scan.nii.gz", ct_array, spacing=(1.5, 1.5, 1.5))
+    masks, fills = [], []
+    for checkpoint in (tiny_checkpoint, patch8):
+        out = tmp_path / checkpoint.stem
+        result = _run(checkpoint, scan, "--out", out, "--mask-unit", "16", "--seed", "5", "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        masks.append(_load(out, "mask.nii.gz"))
+        fills.append(json.loads((out / "metrics.json").read_text(encoding="utf-8"))["fill"]["psnr"])
+    assert masks[0].any() and np.array_equal(masks[0], masks[1])
+    assert fills[0] == pytest.approx(fills[1], abs=1e-4)  # the same hidden voxels: the same fill
+    refused = _run(tiny_checkpoint, scan, "--out", tmp_path / "x", "--mask-unit", "24", "--device", "cpu")
+    assert refused.exit_code == 2 and "--mask-unit 24 must be a multiple of the patch size 16" in refused.output

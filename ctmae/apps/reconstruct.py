@@ -37,6 +37,7 @@ from ctmae.io.checks import InputError
 from ctmae.io.discovery import VolumeSource, ensure_not_inputs, find_volumes
 from ctmae.io.volume import read_volume, write_nifti
 from ctmae.mae.config import MaskConfig
+from ctmae.mae.fills import best_fill
 from ctmae.mae.masking import corrupt, sample_mask, strategy
 from ctmae.mae.shift import crops_error, scan_crops, shift_score, shift_warning
 from ctmae.preprocess.transforms import preprocess_transforms
@@ -56,7 +57,12 @@ DEFINITIONS = {
     "model_on_visible": "the model's own prediction of the visible voxels in the field of view vs the input; "
     "not written to any file",
     "ssim": "reconstruction.nii.gz vs input.nii.gz over the whole volume",
-    "tokens": "token grid of the whole patch-padded preprocessed volume; tokens_masked of them hidden",
+    "tokens": "tokens of the preprocessed volume padded to whole mask cells (mask.unit_voxels); tokens_masked of "
+    "them hidden",
+    "fill": "the baseline a model must beat: a normalised gaussian convolution of the visible voxels (ctmae.apps."
+    "fills; sigma_voxels on the preprocessed grid, the best of a few chosen on this scan's hidden voxels) vs "
+    "input.nii.gz where mask.nii.gz = 1; masked_minus_fill_db = masked PSNR minus the fill's (> 0: the model "
+    "beats interpolation)",
     "shift": "the model's masked-reconstruction error on fixed seeded crops of this scan, and shift_score: how many "
     "standard deviations it lies above the training scans' (ctmae.mae.shift; null when the checkpoint stores none)",
 }
@@ -76,6 +82,7 @@ def reconstruct(
     seed: int = 0,
     batch_size: int = 2,
     checkpoint_name: str = "",
+    mask_unit: int | None = None,
 ) -> dict[str, Any]:
     """Mask, reconstruct and write one scan's outputs (NIfTI, preview.png, metrics.json) into ``out_dir``.
 
@@ -87,6 +94,8 @@ def reconstruct(
         seed: seeds the token mask and the noise, so a run repeats exactly.
         batch_size: windows per forward pass.
         checkpoint_name: how metrics.json and the preview title name the checkpoint.
+        mask_unit: draw the mask on cells of this many voxels, a multiple of the patch (None: the patch), so that
+            checkpoints of different patch sizes can be scored on the very same hidden voxels.
 
     Returns:
         The metrics written to metrics.json.
@@ -97,21 +106,26 @@ def reconstruct(
     """
     cfg = loaded.cfg
     _refuse_norm_pix(loaded, checkpoint_name)
+    if mask_unit is not None and (mask_unit < 1 or mask_unit % cfg.model.patch):
+        raise ValueError(f"mask unit {mask_unit} must be a multiple of the checkpoint's patch size {cfg.model.patch}")
     source = _one_volume(input_path)
     ensure_not_inputs([Path(out_dir) / name for name in (*OUTPUTS, "preview.png", "metrics.json")], [source])
-    transform = preprocess_transforms(cfg.data)
-    image = preprocess(source, transform)  # (1, X, Y, Z) in 0..1, RAS, cropped and padded
+    transform = preprocess_transforms(cfg.data, pad=False)  # _predict pads at the far end only
+    image = preprocess(source, transform)  # (1, X, Y, Z) in 0..1, RAS, cropped to the body
     array, affine = read_volume(source)  # (X0, Y0, Z0) HU, the geometry every output keeps
     lo, hi = cfg.data.hu_window
 
     kind = strategy(mask)
-    raw, hidden, encoder_view, tokens_hidden = _predict(loaded, image.as_tensor(), mask, seed, batch_size)
-    back = to_source_grid(torch.stack([raw, hidden, encoder_view, torch.ones_like(raw)]), image, transform)
-    cover = back[3]
+    raw, hidden, encoder_view, tokens_hidden = _predict(loaded, image.as_tensor(), mask, seed, batch_size, mask_unit)
+    # the baseline: the best gaussian fill of the same hidden voxels from the visible ones (none without a hole)
+    fill, sigma = best_fill(image.as_tensor()[None].float(), hidden[None, None]) if kind.hides_tokens else (raw, None)
+    channels = torch.stack([raw, hidden, encoder_view, fill.reshape(raw.shape), torch.ones_like(raw)])
+    back = to_source_grid(channels, image, transform)
+    cover = back[4]
     # Linear resampling mixes the zeros of the cropped-away region into border voxels; dividing by the covered
     # share undoes that, and voxels mostly outside the crop keep the input.
     inside = cover >= 0.5
-    raw, hidden, encoder_view = (back[:3] / np.maximum(cover, 1e-6)).astype(np.float32)
+    raw, hidden, encoder_view, fill = (back[:4] / np.maximum(cover, 1e-6)).astype(np.float32)
     hidden = inside & (hidden >= 0.5)
     predicted = hidden if kind.hides_tokens else inside
 
@@ -126,6 +140,7 @@ def reconstruct(
     out.mkdir(parents=True, exist_ok=True)
     for name, volume in zip(OUTPUTS, (original, masked, recon, error, hidden.astype(np.uint8))):
         write_nifti(volume, affine, out / name)
+    figures = _figures(recon, original, model_hu, hidden, inside, (lo, hi))
     metrics = {
         "title": f"{checkpoint_name or 'checkpoint'} (step {loaded.step}) | {_mask_words(mask, seed)}",
         "checkpoint": checkpoint_name,
@@ -137,17 +152,21 @@ def reconstruct(
             "block": mask.block,
             "noise_std": mask.noise_std,
             "seed": seed,
+            "unit_voxels": mask_unit or cfg.model.patch,
         },
-        **_figures(recon, original, model_hu, hidden, inside, (lo, hi)),
-        "tokens": int(tokens_hidden.numel()),  # over the whole patch-padded preprocessed volume
+        **figures,
+        "fill": _fill_score(fill, sigma, original, hidden, (lo, hi), figures["masked"]["psnr"]),
+        "tokens": int(tokens_hidden.numel()),  # over the preprocessed volume padded to whole mask cells
         "tokens_masked": int(tokens_hidden.sum()),
         "token_mask_ratio": int(tokens_hidden.sum()) / tokens_hidden.numel(),
         "ssim": _ssim(recon, original, lo, hi, loaded.device),
         "shift": _shift(loaded, image.as_tensor(), source.label),
     }
+    versus = metrics["fill"]["masked_minus_fill_db"]
     title = [
         f"{checkpoint_name or 'checkpoint'} (step {loaded.step})",
-        f"{_mask_words(mask, seed)} | masked PSNR {_db(metrics['masked']['psnr'])}, SSIM {metrics['ssim']:.3f}",
+        f"{_mask_words(mask, seed)} | masked PSNR {_db(metrics['masked']['psnr'])}, SSIM {metrics['ssim']:.3f}"
+        + ("" if versus is None else f", {versus:+.2f} dB vs gaussian fill"),
     ]
     scale = write_preview(out / "preview.png", [original, masked, recon, error], hidden, affine, title)
     metrics["preview"] = {"window_hu": list(WINDOW), "error_scale_hu": scale}
@@ -186,6 +205,24 @@ def _figures(
     }
 
 
+def _fill_score(
+    fill: np.ndarray,
+    sigma: float | None,
+    original: np.ndarray,
+    hidden: np.ndarray,
+    window: tuple[float, float],
+    masked_psnr: float | None,
+) -> dict[str, Any]:
+    """The gaussian fill's error on the hidden voxels and the reconstruction's PSNR minus the fill's (dB); nulls
+    when nothing is hidden (``none``/``noise`` strategies)."""
+    if sigma is None:
+        return {"sigma_voxels": None, "voxels": 0, "mse": None, "psnr": None, "masked_minus_fill_db": None}
+    lo, hi = window
+    score = _score(np.clip(fill, 0.0, 1.0) * (hi - lo) + lo, original, hidden, lo, hi)
+    versus = None if masked_psnr is None or score["psnr"] is None else masked_psnr - score["psnr"]
+    return {"sigma_voxels": sigma, **score, "masked_minus_fill_db": versus}
+
+
 def _mask_words(mask: MaskConfig, seed: int) -> str:
     return f"mask {mask.kind} ratio {mask.ratio:g} block {mask.block} seed {seed}"
 
@@ -215,24 +252,33 @@ def _one_volume(input_path: str | os.PathLike) -> VolumeSource:
 
 @torch.inference_mode()
 def _predict(
-    loaded: LoadedModel, volume: torch.Tensor, mask_cfg: MaskConfig, seed: int, batch_size: int
+    loaded: LoadedModel, volume: torch.Tensor, mask_cfg: MaskConfig, seed: int, batch_size: int, mask_unit: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Model output, hidden-voxel map and encoder input on the preprocessed grid, plus the token mask ratio.
 
     Args:
         volume: (1, X, Y, Z) preprocessed, 0..1.
+        mask_unit: edge in voxels of the cells the mask is drawn on (a multiple of the patch); None: the patch.
 
     Returns:
         (raw prediction, hidden 0/1, encoder input with hidden voxels at 0), each (X, Y, Z) on the CPU, and the
-        token mask (gx, gy, gz) bool, which hides exactly ``masking.num_masked(mask_cfg, L)`` of the L tokens.
+        token mask over whole cells (tokens of cells (ux, uy, uz)) bool, hiding ``masking.num_masked(mask_cfg, C)``
+        of the C cells.
     """
     model, device, p, crop = loaded.model, loaded.device, loaded.cfg.model.patch, loaded.cfg.model.img_size
+    unit = mask_unit or p
     size = volume.shape[1:]
-    padded = pad_to_patches(volume, p).to(device)  # (1, Xp, Yp, Zp)
-    grid = tuple(n // p for n in padded.shape[1:])
+    # Cells tile the scan from its first voxel, so the mask does not depend on the crop size; the volume is padded
+    # at its far end to whole cells and to at least one crop.
+    padded = pad_to_patches(volume, unit, minimum=crop).to(device)  # (1, Xp, Yp, Zp)
+    cells = tuple(-(-n // unit) for n in size)
     gen = torch.Generator(device).manual_seed(seed)
-    token_mask = sample_mask(mask_cfg, 1, grid, gen, device)
-    hidden = token_mask.mask.view(grid)  # (gx, gy, gz) bool
+    hidden = sample_mask(mask_cfg, 1, cells, gen, device).mask.view(cells)  # (ux, uy, uz) bool
+    for axis in range(3):
+        hidden = hidden.repeat_interleave(unit // p, dim=axis)  # -> the tokens of hidden cells
+    in_cells = hidden
+    pads = [q for n, g in zip(reversed(padded.shape[1:]), reversed(hidden.shape)) for q in (0, n // p - g)]
+    hidden = torch.nn.functional.pad(hidden, pads)  # (gx, gy, gz): padding beyond the cells is visible air
     encoder_input = corrupt(padded[None], mask_cfg, gen)  # (1, 1, Xp, Yp, Zp)
 
     def predictor(windows: torch.Tensor, slices: list[list[slice]]) -> torch.Tensor:
@@ -260,7 +306,7 @@ def _predict(
         hidden_voxels = hidden_voxels.repeat_interleave(p, dim=axis)  # (gx, gy, gz) -> (Xp, Yp, Zp)
     view = encoder_input[0, 0] * (1 - hidden_voxels)
     crop_back = (slice(0, size[0]), slice(0, size[1]), slice(0, size[2]))
-    return raw[crop_back].cpu(), hidden_voxels[crop_back].cpu(), view[crop_back].cpu(), hidden.cpu()
+    return raw[crop_back].cpu(), hidden_voxels[crop_back].cpu(), view[crop_back].cpu(), in_cells.cpu()
 
 
 def _score(values: np.ndarray, original: np.ndarray, where: np.ndarray, lo: float, hi: float) -> dict[str, Any]:

@@ -26,7 +26,16 @@ def reconstruct(
         Optional[float], typer.Option(help="Share of patches hidden (default: the checkpoint's)")
     ] = None,
     block: Annotated[
-        Optional[int], typer.Option(help="Block edge in patches for --mask block (default: the checkpoint's)")
+        Optional[int],
+        typer.Option(help="Block edge for --mask block, in mask units (default: the checkpoint's, in patches)"),
+    ] = None,
+    mask_unit: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Draw the mask on cubes of this many voxels, a multiple of the patch (default: the patch); "
+            "the same --mask-unit and --seed hide the same voxels for checkpoints of different patch sizes",
+            min=1,
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the mask and the noise; the same seed repeats a run.")] = 0,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
@@ -49,15 +58,26 @@ def reconstruct(
             raise UsageError(str(e)) from None
         for line in path_warnings(preprocessing_of(loaded.cfg.data), input):  # the encoder's input contract
             errors.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
+        if mask_unit is not None and mask_unit % loaded.cfg.model.patch:
+            raise UsageError(f"--mask-unit {mask_unit} must be a multiple of the patch size {loaded.cfg.model.patch}")
         metrics = run_reconstruct(
-            loaded, input, out, mask_cfg, seed=seed, batch_size=batch_size, checkpoint_name=str(checkpoint)
+            loaded,
+            input,
+            out,
+            mask_cfg,
+            seed=seed,
+            batch_size=batch_size,
+            checkpoint_name=str(checkpoint),
+            mask_unit=mask_unit,
         )
         if metrics["shift"]["warning"]:
             errors.print(
                 f"[yellow]warning:[/yellow] {escape(metrics['shift']['warning'])}", highlight=False, soft_wrap=True
             )
-        masked = metrics["masked"]["psnr"]
+        masked, fill = metrics["masked"]["psnr"], metrics["fill"]
         summary = f"masked PSNR {masked:.2f} dB, " if masked is not None else ""
+        if fill["masked_minus_fill_db"] is not None:  # the trivial baseline beside the model, every time
+            summary += f"gaussian fill {fill['psnr']:.2f} dB ({fill['masked_minus_fill_db']:+.2f} dB), "
         console.print(
             f"{summary}mask ratio {metrics['mask_ratio']:.3f}, SSIM {metrics['ssim']:.3f}; wrote {out}/",
             highlight=False,

@@ -19,14 +19,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from monai.networks.layers import GaussianFilter
 
 from ctmae.apps.evaluate.cases import Prepared
 from ctmae.mae.config import MaskConfig
+from ctmae.mae.fills import SIGMAS, gaussian_fill
 from ctmae.mae.masking import sample_mask
 from ctmae.mae.model import MaskedAutoencoder3D
 
-SIGMAS = (1.0, 2.0, 4.0, 8.0)  # gaussian fill widths in voxels
 KINDS = ("block", "random")
 
 
@@ -81,8 +80,7 @@ def masked_errors(
     mean = (window * visible).sum() / visible.sum()
     tally.sse["mean"] = float((((window - mean) * gone) ** 2).sum())
     for sigma in SIGMAS:
-        num, den = GaussianFilter(3, sigma).to(device)(torch.cat([window * visible, visible]))  # (1, c, c, c) each
-        fill = torch.where(den > 1e-6, num / den.clamp_min(1e-12), mean)  # far from any visible voxel: the mean
+        fill = gaussian_fill(window, visible, sigma)  # (1, 1, c, c, c)
         tally.sse[f"gaussian_{sigma:g}"] = float((((window - fill) * gone) ** 2).sum())
     return tally
 
