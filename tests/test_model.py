@@ -139,11 +139,13 @@ def test_encode_is_the_encoder_on_patchified_images(visible):
         model.encode(torch.rand(1, 1, 16, 16, 16))
 
 
-@pytest.mark.parametrize("kind", ["block", "noise"])
-def test_reconstruct_gives_what_forward_decodes_for_the_same_tokens(kind):
+@pytest.mark.parametrize("kind,fill_sigma", [("block", 0.0), ("noise", 0.0), ("block", 4.0)])
+def test_reconstruct_gives_what_forward_decodes_for_the_same_tokens(kind, fill_sigma):
     """The voxels ``reconstruct`` returns at the predicted tokens are forward's ``pred``; other tokens are 0; and
-    predicting every token gives the same values at those tokens (queries do not attend to each other)."""
-    model, x, m = make(), torch.rand(2, 1, 32, 32, 32), masks(kind)
+    predicting every token gives the same values at those tokens (queries do not attend to each other; a fill, when
+    the decoder predicts the residual over one, depends on the visible tokens only)."""
+    model, x, m = make(fill_sigma=fill_sigma), torch.rand(2, 1, 32, 32, 32), masks(kind)
+    torch.nn.init.normal_(model.decoder.head.weight, std=0.02)  # a trained head: not the zero of a fresh fill model
     with torch.no_grad():
         _, pred, _ = model(x, m)  # (B, Lp, p³)
         volume = model.reconstruct(x, m.ids_keep, m.ids_pred)  # (B, 1, 32, 32, 32)
@@ -155,3 +157,23 @@ def test_reconstruct_gives_what_forward_decodes_for_the_same_tokens(kind):
     others = torch.ones(2, 64, dtype=torch.bool).scatter_(1, m.ids_pred, False)
     assert (patches[others] == 0).all()
     assert torch.allclose(torch.gather(every, 1, index), pred, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["linear", "upsample"])
+def test_a_fresh_fill_residual_model_is_the_fill_of_the_visible_voxels(head):
+    """With ``fill_sigma`` the decoder's output is added to a gaussian fill of the visible voxels and starts at zero:
+    before training, hidden voxels of a volume whose visible voxels are all 0.3 come back as 0.3 exactly, whatever
+    the hidden ones held, and the loss still reaches every weight after one step."""
+    model, m = make(fill_sigma=4.0, head=head), masks("block", batch=1)
+    x = torch.full((1, 1, 32, 32, 32), 0.3)
+    hidden = model.unpatchify(m.mask[..., None].float().expand(-1, -1, 8**3), (4, 4, 4)).bool()  # (1, 1, 32³)
+    x[hidden] = torch.rand(int(hidden.sum()))
+    with torch.no_grad():
+        out = model.reconstruct(x, m.ids_keep)
+    assert torch.allclose(out[hidden], torch.full_like(out[hidden], 0.3), atol=1e-5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # the zero head gets a gradient first, then everything upstream of it
+        opt.zero_grad()
+        model(x, m)[0].backward()
+        opt.step()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())

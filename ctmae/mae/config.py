@@ -56,6 +56,9 @@ class ModelConfig:
     mlp_ratio: float = 4.0  # MLP hidden width / model width
     qkv_bias: bool = True  # bias on the fused q/k/v projection (MONAI's ViT must be built with the same value)
     norm_pix_loss: bool = False  # normalise each target patch to zero mean, unit variance (MAE's option)
+    head: str = "linear"  # decoder's voxel head: linear (MAE's) | upsample (two transposed convolutions per patch)
+    fill_sigma: float = 0.0  # > 0: the decoder predicts the residual over a gaussian fill (sigma in voxels) of the
+    # visible voxels; 0: the voxels themselves (MAE's)
 
     @property
     def grid(self) -> int:
@@ -115,6 +118,8 @@ def check(cfg: RunConfig) -> None:
         raise ValueError(f"crop {m.img_size} must be a positive multiple of the patch size {m.patch}")
     if d.crop != m.img_size:
         raise ValueError(f"data.crop ({d.crop}) and model.img_size ({m.img_size}) must be equal")
+    if m.head not in ("linear", "upsample") or (m.head == "upsample" and m.patch % 4):
+        raise ValueError(f"model.head must be linear or upsample (patch divisible by 4), got {m.head!r}")
     if m.dim % m.heads or m.dec_dim % m.dec_heads:
         raise ValueError(f"widths must divide by heads: dim {m.dim}/{m.heads}, dec_dim {m.dec_dim}/{m.dec_heads}")
     if strategy(k).uses_ratio and not 0.0 < k.ratio < 1.0:  # ValueError naming the known kinds for an unknown one

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctmae.mae.config import ModelConfig
+from ctmae.mae.fills import gaussian_fill
 from ctmae.mae.masking import TokenMask
 
 
@@ -148,6 +149,29 @@ class ViTEncoder(nn.Module):
         return self.forward_features(patches, ids)
 
 
+class UpsamplingHead(nn.Module):
+    """Voxels of a patch from its decoder token through two stride-2 transposed convolutions, instead of one linear
+    map: a linear layer gives every patch's p³ voxels from a ``dec_dim``-wide token, so they span at most
+    ``dec_dim`` fixed patterns; here a coarse (p/4)³ grid of features is upsampled with a nonlinearity between."""
+
+    def __init__(self, cfg: ModelConfig, width: int = 32) -> None:
+        super().__init__()
+        if cfg.patch % 4:
+            raise ValueError(f"the upsample head needs a patch size divisible by 4, got {cfg.patch}")
+        self.coarse, self.width = cfg.patch // 4, width
+        self.linear = nn.Linear(cfg.dec_dim, width * self.coarse**3)
+        self.up1 = nn.ConvTranspose3d(width, width // 2, kernel_size=2, stride=2)
+        self.up2 = nn.ConvTranspose3d(width // 2, cfg.in_chans, kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, Dd) -> (B, N, C·p³), voxels in patchify's (C, pd, ph, pw) order."""
+        b, n, _ = x.shape
+        s = self.coarse
+        grid = self.linear(x).reshape(b * n, self.width, s, s, s)  # (B·N, width, p/4, p/4, p/4)
+        voxels = self.up2(F.gelu(self.up1(grid)))  # (B·N, C, p, p, p)
+        return voxels.reshape(b, n, -1)
+
+
 class Decoder(nn.Module):
     """CrossMAE decoder: a query per predicted token reads the visible tokens; the voxel head runs on the queries."""
 
@@ -160,7 +184,9 @@ class Decoder(nn.Module):
             CrossBlock(cfg.dec_dim, cfg.dec_heads, cfg.mlp_ratio, cfg.qkv_bias) for _ in range(cfg.dec_depth)
         )
         self.norm = nn.LayerNorm(cfg.dec_dim)
-        self.head = nn.Linear(cfg.dec_dim, cfg.in_chans * cfg.patch**3)
+        self.head = (
+            UpsamplingHead(cfg) if cfg.head == "upsample" else nn.Linear(cfg.dec_dim, cfg.in_chans * cfg.patch**3)
+        )
 
     def forward(self, latent: torch.Tensor, ids_keep: torch.Tensor, ids_pred: torch.Tensor) -> torch.Tensor:
         """latent (B, Lv, D) at tokens ``ids_keep`` (B, Lv) -> voxel predictions (B, Lp, C·p³) at ``ids_pred``."""
@@ -188,6 +214,10 @@ class MaskedAutoencoder3D(nn.Module):
         nn.init.normal_(self.decoder.mask_token, std=0.02)
         w = self.encoder.patch_embedding.patch_embeddings.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer over flattened patches (MAE)
+        if cfg.fill_sigma:  # a residual over the fill starts at zero: the untrained model is the fill
+            last = self.decoder.head.up2 if cfg.head == "upsample" else self.decoder.head
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, D, H, W) -> (B, L, C·p³); tokens in raster order, voxels as (C, pd, ph, pw) like Conv3d weights."""
@@ -235,9 +265,29 @@ class MaskedAutoencoder3D(nn.Module):
         patches = self.patchify(images)  # (B, L, C·p³), patchified once for the encoder input and the targets
         encoder_in = patches if inputs is None else self.patchify(inputs)
         latent = self.encoder(encoder_in, mask.ids_keep)
-        pred = self.decoder(latent, mask.ids_keep, mask.ids_pred)
+        pred = self.decoder(latent, mask.ids_keep, mask.ids_pred) + self.base(
+            images if inputs is None else inputs, mask.ids_keep, mask.ids_pred
+        )
         loss = F.mse_loss(pred.float(), self.targets(patches, mask.ids_pred).float())
         return loss, pred, mask.mask
+
+    def base(self, images: torch.Tensor, ids_keep: torch.Tensor, ids_pred: torch.Tensor) -> torch.Tensor | float:
+        """What the decoder's output is added to at the ``ids_pred`` tokens: 0, or with ``fill_sigma`` the gaussian
+        fill of the visible tokens' voxels (``ctmae.mae.fills``), so the decoder predicts what interpolation misses.
+        (B, Lp, C·p³) or 0."""
+        if not self.cfg.fill_sigma:
+            return 0.0
+        grid, p = self.grid(images), self.cfg.patch
+        b = images.shape[0]
+        seen = torch.zeros(b, grid[0] * grid[1] * grid[2], 1, device=images.device, dtype=images.dtype)
+        seen.scatter_(1, ids_keep[..., None], 1.0)  # (B, L, 1)
+        visible = self.unpatchify(seen.expand(-1, -1, p**3), grid)  # (B, 1, D, H, W) 0/1, one channel
+        # on a grid 4x coarser (16x cheaper per axis pair than voxels; the fill is smooth at sigma 4 anyway)
+        f = 4 if p % 4 == 0 else 1
+        coarse = gaussian_fill(F.avg_pool3d(images[:, :1], f), F.avg_pool3d(visible, f), self.cfg.fill_sigma / f)
+        fill = F.interpolate(coarse, scale_factor=f, mode="trilinear") if f > 1 else coarse  # (B, 1, D, H, W)
+        fill = self.patchify(fill.expand(-1, images.shape[1], -1, -1, -1))  # (B, L, C·p³)
+        return torch.gather(fill, 1, ids_pred[..., None].expand(-1, -1, fill.shape[-1]))
 
     def encode(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder features of crops (B, C, D, H, W): every token, or those in ``ids_keep`` (B, Lv). (B, Lv, D)."""
@@ -261,8 +311,9 @@ class MaskedAutoencoder3D(nn.Module):
         grid = self.grid(images)
         every = torch.arange(grid[0] * grid[1] * grid[2], device=images.device).expand(images.shape[0], -1)  # (B, L)
         ids_keep = every if ids_keep is None else ids_keep
-        pred = self.decoder(self.encode(images, ids_keep), ids_keep, every if ids_pred is None else ids_pred)
-        if ids_pred is not None:  # (B, Lp, C·p³) -> (B, L, C·p³), zeros at the tokens not predicted
+        ids_pred = every if ids_pred is None else ids_pred
+        pred = self.decoder(self.encode(images, ids_keep), ids_keep, ids_pred) + self.base(images, ids_keep, ids_pred)
+        if ids_pred is not every:  # (B, Lp, C·p³) -> (B, L, C·p³), zeros at the tokens not predicted
             index = ids_pred[..., None].expand(-1, -1, pred.shape[2])
             pred = pred.new_zeros(*every.shape, pred.shape[2]).scatter(1, index, pred)
         return self.unpatchify(pred, grid)
