@@ -26,6 +26,9 @@ OUT = Path(__file__).resolve().parent
 SOURCE_FILES = ("lung1_image.nrrd", "lung1_label.nrrd")
 LICENSE = "LICENSE-pyradiomics.txt"
 AIR_HU = -1024
+# The demo pretrains on the slices below this one and is scored on the slices from it up (80 mm, the lung apices and
+# the tumour), a slab of the scan that pretraining never saw.
+HELD_OUT_FROM = 32
 
 
 def in_plane_grid(image: sitk.Image) -> tuple[list[int], list[float], list[float]]:
@@ -77,6 +80,8 @@ def main(source_dir: str) -> None:
 
     write_as_nifti(ct_small, np.int16, OUT / "ct" / "lung1.nii.gz")
     write_as_nifti(label_small, np.uint8, OUT / "labels" / "lung1.nii.gz")
+    write_as_nifti(ct_small[:, :, :HELD_OUT_FROM], np.int16, OUT / "demo" / "pretrain" / "lung1_lower.nii.gz")
+    write_as_nifti(ct_small[:, :, HELD_OUT_FROM:], np.int16, OUT / "demo" / "heldout" / "lung1_upper.nii.gz")
     dicom_dir = OUT / "dicom" / "lung1"
     shutil.rmtree(dicom_dir, ignore_errors=True)
     write_series(

@@ -84,12 +84,14 @@ def test_resume_without_checkpoint_starts_fresh_and_overwrite_replaces(tmp_path)
 
 
 def test_demo_loss_falls(tmp_path):
-    """The README demo's settings (tiny model, sample data) learn: late losses are below early ones."""
+    """The README demo's settings (tiny model, sample data) learn: late losses are below early ones. The demo's
+    decoder starts as a gaussian fill of the visible voxels (a zero residual), so its first loss is already the
+    fill's; 40 steps take it 14% below that."""
     out = tmp_path / "demo"
     result = run("--out", out, "--cache-dir", tmp_path / "cache", "--steps", "40", "--workers", "0")
     assert result.exit_code == 0, result.output
     rows = losses(out)
-    assert rows[-1] < 0.8 * rows[0]
+    assert rows[-1] < 0.9 * rows[0]
 
 
 def test_bad_inputs_are_skipped_and_reported(tmp_path):
@@ -136,6 +138,9 @@ def test_no_arguments_runs_the_demo_into_runs_demo(tmp_path, monkeypatch):
     result = run("--steps", "2", "--workers", "0")  # the demo, shortened
     assert result.exit_code == 0, result.output
     assert (tmp_path / "runs" / "demo" / "checkpoints" / "last.pt").is_file()
+    # the demo pretrains on the lower 32 slices only: the upper slab stays held out for reconstruct to score
+    sizes = [json.loads(f.read_text(encoding="utf-8"))["source"]["size"] for f in (tmp_path / "cache").rglob("*.json")]
+    assert sizes == [[195, 195, 32]]
     again = run("--steps", "2")
     assert again.exit_code == 2 and "runs/demo" in again.output and "--overwrite" in again.output
 

@@ -1,0 +1,269 @@
+"""Pretraining recipes at equal wall-clock, scored against trivial fills on a slab of real CT pretraining never saw.
+
+Each recipe is a config file for ``ctmae pretrain``. It is first timed for a few steps, then pretrained for as many
+steps as fit the budget (the learning-rate schedule spans the whole run), on the bundled demo slab
+(``sample_data/demo/pretrain``, the lower 32 slices of the sample chest CT) plus ``--synthetic`` anatomical phantoms.
+Each checkpoint then goes through ``ctmae reconstruct`` on the held-out upper slab (``sample_data/demo/heldout``)
+with several seeded masks drawn on 16-voxel cells (``--mask-unit 16``), so that recipes with patch 8 and patch 16
+face the very same hidden voxels: block masks of 48 mm cubes (2 cells at 1.5 mm) and random masks of single cells,
+each hiding 75%. The score is
+the pooled masked PSNR of the model minus that of the best gaussian fill of the same hidden voxels, the figure
+``ctmae reconstruct`` writes to metrics.json.
+
+    python -m benchmarks.recipe [--minutes 3] [--recipes a,b,...] [--seeds 3] [--synthetic 2] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from benchmarks import synthetic
+from benchmarks.common import machine, progress
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN = ROOT / "sample_data" / "demo" / "pretrain"
+HELDOUT = ROOT / "sample_data" / "demo" / "heldout" / "lung1_upper.nii.gz"
+BLOCK_MM = 48.0  # block masks hide cubes of this edge
+TIMING_STEPS = 90  # steps of the timing run; its rate is taken from step 30 on
+UNIT = 16  # voxels: masks are drawn on cells of this edge (1.5 mm spacing: 24 mm)
+
+TINY = {"model": {"size": "tiny"}, "data": {"crops_per_volume": 4}, "train": {"batch_size": 4, "lr": 1e-3}}
+
+
+def _recipe(why: str, **sections: dict) -> dict:
+    """TINY with ``sections`` merged in, and the line saying why it is a candidate."""
+    config = {k: dict(v) for k, v in TINY.items()}
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    return {"why": why, "config": config}
+
+
+RECIPES: dict[str, dict] = {
+    "p16-linear": _recipe("the previous demo: tiny, patch 16, crop 96, linear head, loss on 25% of the tokens"),
+    "p16-all": _recipe("the same, loss on every hidden token", mask={"predict_ratio": 0.75}),
+    "p16-upsample": _recipe(
+        "patch 16 with the upsampling head, loss on every hidden token",
+        model={"head": "upsample"},
+        mask={"predict_ratio": 0.75},
+    ),
+    "p8-c64": _recipe(
+        "patch 8 (Primus), crop 64, linear head, loss on every hidden token",
+        model={"patch": 8},
+        data={"crop": 64},
+        mask={"block": 4, "predict_ratio": 0.75},
+    ),
+    "p8-c64-upsample": _recipe(
+        "patch 8, crop 64, upsampling head, loss on every hidden token",
+        model={"patch": 8, "head": "upsample"},
+        data={"crop": 64},
+        mask={"block": 4, "predict_ratio": 0.75},
+    ),
+    "p16-lr3": _recipe(
+        "patch 16, loss on every hidden token, learning rate 3e-3",
+        mask={"predict_ratio": 0.75},
+        train={"lr": 3e-3},
+    ),
+    "p16-dec192": _recipe(
+        "patch 16, loss on every hidden token, decoder 192 wide (the linear head's rank 64 -> 192)",
+        model={"dec_dim": 192},
+        mask={"predict_ratio": 0.75},
+    ),
+    "p16-depth6": _recipe(
+        "patch 16, loss on every hidden token, 6 encoder blocks (twice the steps; UNETR needs 12)",
+        model={"depth": 6},
+        mask={"predict_ratio": 0.75},
+    ),
+    "p8-c64-lr3": _recipe(
+        "patch 8, crop 64, loss on every hidden token, learning rate 3e-3",
+        model={"patch": 8},
+        data={"crop": 64},
+        mask={"block": 4, "predict_ratio": 0.75},
+        train={"lr": 3e-3},
+    ),
+    "p16-fill": _recipe(
+        "patch 16, loss on every hidden token, the decoder predicts the residual over a gaussian fill (sigma 4)",
+        model={"fill_sigma": 4.0},
+        mask={"predict_ratio": 0.75},
+    ),
+    "p8-c64-fill": _recipe(
+        "patch 8, crop 64, loss on every hidden token, residual over a gaussian fill (sigma 4)",
+        model={"patch": 8, "fill_sigma": 4.0},
+        data={"crop": 64},
+        mask={"block": 4, "predict_ratio": 0.75},
+    ),
+    "p8-c64-fill8": _recipe(
+        "patch 8, crop 64, loss on every hidden token, residual over a gaussian fill (sigma 8)",
+        model={"patch": 8, "fill_sigma": 8.0},
+        data={"crop": 64},
+        mask={"block": 4, "predict_ratio": 0.75},
+    ),
+    "p16-c64-fill": _recipe(
+        "patch 16, crop 64, loss on every hidden token, residual over a gaussian fill (sigma 4)",
+        model={"fill_sigma": 4.0},
+        data={"crop": 64},
+        mask={"predict_ratio": 0.75},
+    ),
+    "p16-c64-fill-b8": _recipe(
+        "patch 16, crop 64, residual over a gaussian fill (sigma 4), batch 8",
+        model={"fill_sigma": 4.0},
+        data={"crop": 64},
+        mask={"predict_ratio": 0.75},
+        train={"batch_size": 8},
+    ),
+    "p16-c64-fill-lr2": _recipe(
+        "patch 16, crop 64, residual over a gaussian fill (sigma 4), learning rate 2e-3",
+        model={"fill_sigma": 4.0},
+        data={"crop": 64},
+        mask={"predict_ratio": 0.75},
+        train={"lr": 2e-3},
+    ),
+    "fill-untrained": _recipe(
+        "reference, not a recipe: the p16-c64-fill model after one step at learning rate 1e-12, i.e. its own "
+        "coarse gaussian fill with a zero residual",
+        model={"fill_sigma": 4.0},
+        data={"crop": 64},
+        mask={"predict_ratio": 0.75},
+        train={"lr": 1e-12},
+    )
+    | {"steps": 1},
+    "p16-c64-all": _recipe(
+        "patch 16, crop 64 (more steps in the budget), loss on every hidden token",
+        data={"crop": 64},
+        mask={"predict_ratio": 0.75},
+    ),
+}
+
+
+def pretrain(name: str, config: dict, inputs: list[Path], out: Path, steps: int) -> float:
+    """``ctmae pretrain`` with ``config`` for ``steps`` steps into ``out``; returns the wall-clock seconds."""
+    cfg_file = out.with_suffix(".yaml")
+    cfg_file.write_text(yaml.safe_dump(config), encoding="utf-8")
+    command = [
+        sys.executable,
+        "-c",
+        "from ctmae.cli import main; main()",
+        "pretrain",
+        *map(str, inputs),
+        "--out",
+        str(out),
+    ]
+    command += ["--config", str(cfg_file), "--steps", str(steps), "--overwrite", "--workers", "0"]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def seconds_per_step(run: Path) -> float:
+    """Seconds per step from step 30 on (the first steps read every volume cold and warm the threads up)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    first, last = next(r for r in rows if r["step"] >= 30), rows[-1]
+    return (last["seconds"] - first["seconds"]) / (last["step"] - first["step"])
+
+
+def score(checkpoint: Path, seeds: int, scratch: Path, heldout: Path = HELDOUT) -> dict:
+    """Pooled masked PSNR of the model and of the best gaussian fill on the held-out slab, under block masks
+    (48 mm cubes) and random masks (single 24 mm cubes), drawn on 16-voxel cells: every recipe with a patch that
+    divides 16 faces the very same hidden voxels for a seed."""
+    from ctmae.apps.inference import load_model
+    from ctmae.apps.reconstruct import mask_config, reconstruct
+
+    loaded = load_model(checkpoint, "cpu")
+    block = round(BLOCK_MM / loaded.cfg.data.spacing[0] / UNIT)
+    out = {}
+    for kind, edge in (("block", block), ("random", 1)):
+        sse = {"model": 0.0, "fill": 0.0}
+        voxels = 0
+        for seed in range(seeds):
+            mask = mask_config(loaded, kind, 0.75, edge)
+            m = reconstruct(loaded, heldout, scratch / f"{kind}{seed}", mask, seed, mask_unit=UNIT)
+            n = m["masked"]["voxels"]
+            sse["model"] += m["masked"]["mse"] * n
+            sse["fill"] += m["fill"]["mse"] * n
+            voxels += n
+        model, fill = (10 * math.log10(voxels / sse[k]) for k in ("model", "fill"))
+        out[kind] = {"model": model, "fill": fill, "difference": model - fill}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--minutes", type=float, default=3.0, help="pretraining wall-clock per recipe")
+    ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names from RECIPES")
+    ap.add_argument("--seeds", type=int, default=3, help="masks per kind on the held-out slab")
+    ap.add_argument("--synthetic", type=int, default=2, help="synthetic chest phantoms added to pretraining")
+    ap.add_argument("--out", type=Path, default=None, help="keep runs here (default: a temporary folder)")
+    ap.add_argument("--pretrain", type=Path, nargs="+", default=[PRETRAIN], help="real scans to pretrain on")
+    ap.add_argument("--heldout", type=Path, default=HELDOUT, help="the scan held out of pretraining, scored")
+    ap.add_argument("--rescore", action="store_true", help="score the runs already in --out again, no training")
+    args = ap.parse_args(argv)
+    command = "python -m benchmarks.recipe " + " ".join(sys.argv[1:] if argv is None else argv)
+    info = machine()
+    work = args.out or Path(tempfile.mkdtemp(prefix="ctmae-recipe-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("XDG_CACHE_HOME", str(work / "cache"))
+    inputs = [*args.pretrain, *phantoms(work / "synthetic", args.synthetic)]
+    done = work / "results.json"
+    results_before = json.loads(done.read_text(encoding="utf-8")) if done.exists() else {}
+    results = {} if args.rescore else dict(results_before)
+    for name in args.recipes.split(","):
+        recipe = RECIPES[name]
+        if args.rescore:  # score the runs of an earlier invocation again
+            last = json.loads((work / name / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[-1])
+            seconds, steps = results_before.get(name, {}).get("seconds", last["seconds"]), last["step"]
+        else:
+            if "steps" in recipe:  # a reference with a fixed number of steps
+                steps = recipe["steps"]
+            else:
+                progress(f"{name}: timing")
+                pretrain(name, recipe["config"], inputs, work / f"{name}-timing", TIMING_STEPS)
+                rate = seconds_per_step(work / f"{name}-timing")
+                steps = max(10, int(args.minutes * 60 / rate))
+                progress(f"{name}: {rate:.3f} s/step -> {steps} steps")
+            seconds = pretrain(name, recipe["config"], inputs, work / name, steps)
+        figures = score(work / name / "checkpoints" / "last.pt", args.seeds, work / f"{name}-recon", args.heldout)
+        results[name] = {"steps": steps, "seconds": seconds, **figures}
+        progress(f"{name}: {json.dumps(results[name])}")
+        (work / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    info["load average at end (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(markdown(results, info, command, args))
+
+
+def phantoms(folder: Path, count: int) -> list[Path]:
+    """``count`` synthetic chest phantoms (body, lungs that grow and shrink along z, ribs, spine) at 1.5 mm."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        path = folder / f"chest{i}.nii.gz"
+        if not path.exists():
+            synthetic.write_nifti(path, synthetic.ct_volume((240, 200, 110), (1.5, 1.5, 1.5), seed=i))
+    return [folder] if count else []
+
+
+def markdown(results: dict, info: dict, command: str, args: argparse.Namespace) -> str:
+    lines = [f"Command: `{command}`", "", *[f"- **{k}**: {v}" for k, v in info.items()], ""]
+    lines += [
+        "| recipe | what | steps | pretraining s | block: model | block: fill | block: difference | random: model "
+        "| random: fill | random: difference |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in sorted(results.items(), key=lambda kv: -kv[1]["block"]["difference"]):
+        b, q = r["block"], r["random"]
+        lines.append(
+            f"| {name} | {RECIPES[name]['why']} | {r['steps']} | {r['seconds']:.0f} | {b['model']:.2f} | "
+            f"{b['fill']:.2f} | **{b['difference']:+.2f}** | {q['model']:.2f} | {q['fill']:.2f} | "
+            f"{q['difference']:+.2f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
