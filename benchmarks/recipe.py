@@ -127,6 +127,23 @@ RECIPES: dict[str, dict] = {
         mask={"predict_ratio": 0.75},
         train={"lr": 2e-3},
     ),
+    "p16-c64-fill-r60": _recipe(
+        "p16-c64-fill trained with 60% hidden (scored at 75%): more context per crop while learning",
+        model={"fill_sigma": 4.0},
+        data={"crop": 64},
+        mask={"ratio": 0.6, "predict_ratio": 0.6},
+    ),
+    "p16-c64-r60": _recipe(
+        "p16-c64-all trained with 60% hidden (scored at 75%)",
+        data={"crop": 64},
+        mask={"ratio": 0.6, "predict_ratio": 0.6},
+    ),
+    "p16-c64-fill-random": _recipe(
+        "p16-c64-fill trained with random masks (scored under block and random masks)",
+        model={"fill_sigma": 4.0},
+        data={"crop": 64},
+        mask={"kind": "random", "predict_ratio": 0.75},
+    ),
     "fill-untrained": _recipe(
         "reference, not a recipe: the p16-c64-fill model after one step at learning rate 1e-12, i.e. its own "
         "coarse gaussian fill with a zero residual",
