@@ -60,6 +60,7 @@ def test_pretrain_on_sample_data_writes_the_run_folder(tmp_path, every_step):
     assert len(list((tmp_path / "cache").glob("*.b2nd"))) == 1  # one preprocessed volume, cached
 
 
+@pytest.mark.slow  # 24 s on 2 idle cores
 def test_resume_continues_exactly(tmp_path, every_step):
     common = ["--steps", "12", "--cache-dir", tmp_path / "cache", "--config", every_step, "--mask", "block", *FAST]
     full, part = tmp_path / "full", tmp_path / "part"
