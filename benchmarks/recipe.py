@@ -138,6 +138,11 @@ RECIPES: dict[str, dict] = {
         data={"crop": 64},
         mask={"ratio": 0.6, "predict_ratio": 0.6},
     ),
+    "p16-c64-r50": _recipe(
+        "p16-c64-all trained with 50% hidden (scored at 75%)",
+        data={"crop": 64},
+        mask={"ratio": 0.5, "predict_ratio": 0.5},
+    ),
     "p16-c64-fill-random": _recipe(
         "p16-c64-fill trained with random masks (scored under block and random masks)",
         model={"fill_sigma": 4.0},
