@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 import warnings
@@ -28,7 +27,7 @@ from monai.data import CacheDataset
 from torch.utils.data import Dataset
 
 from benchmarks import synthetic
-from benchmarks.common import Figure, Row, Target, interleaved, machine, progress
+from benchmarks.common import Figure, Row, Target, interleaved, machine, peak_read_bytes, progress
 from benchmarks.data_bench import scratch_dir
 from ctmae.io.discovery import VolumeSource, find_volumes
 from ctmae.mae.config import DataConfig
@@ -306,32 +305,10 @@ def seg_rows(cases: list[LabelledCase], cfg: SegDataConfig, plan: Plan, scratch:
     ]
 
 
-_PEAK = """
-import sys
-from ctmae.io.volume import CTReader
-
-
-def status(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-
-
-CTReader().read(sys.argv[1])  # warm-up: lazy imports and allocator pools
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # resets the peak resident size, which a process started by fork + exec inherits from its parent
-resident = status("VmRSS")
-image = CTReader().read(sys.argv[2])
-print(status("VmHWM") - resident)
-"""  # the script of tests/test_io.py's peak-memory test
-
-
 def memory_row(nii: Path, small: Path) -> Row:
-    """Peak resident memory of reading ``nii`` in a fresh process (the test's script) vs its decompressed voxels."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", _PEAK, str(small), str(nii)], env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(done.stderr[-2000:])
-    peak = int(done.stdout.split()[-1])
+    """Peak resident memory of reading ``nii`` in a fresh process (as tests/test_io.py measures it) vs its
+    decompressed voxels."""
+    peak = peak_read_bytes(small, nii)
     voxels = int(np.prod(FULL_SHAPE)) * 2
     return Row(
         f"Peak memory reading a .nii.gz ({'×'.join(map(str, FULL_SHAPE))} int16)",

@@ -10,10 +10,12 @@ import datetime
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -137,3 +139,34 @@ class Row:
 
 def not_measured(measure: str, target: Target, reason: str) -> Row:
     return Row(measure, "not measured", "not measured", None, target, notes=f"Not measured: {reason}")
+
+
+_PEAK_READ = """
+import sys
+from ctmae.io.volume import CTReader
+
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+CTReader().read(sys.argv[1])  # warm-up: lazy imports and allocator pools
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets the peak resident size, which a process started by fork + exec inherits from its parent
+resident = status("VmRSS")
+image = CTReader().read(sys.argv[2])
+print(status("VmHWM") - resident)
+"""
+
+
+def peak_read_bytes(warmup: Path, path: Path) -> int:
+    """Peak resident bytes that ``CTReader().read(path)`` adds in a fresh process, after a warm-up read of
+    ``warmup``: VmHWM (reset through /proc/self/clear_refs) minus the resident size before the read. Linux only;
+    RuntimeError with the child's stderr when it fails. The benchmark and tests/test_io.py both measure with it."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-c", _PEAK_READ, str(warmup), str(path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-2000:])
+    return int(done.stdout.split()[-1])

@@ -5,8 +5,6 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -17,6 +15,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import LoadImaged
 
+from benchmarks.common import peak_read_bytes
 from conftest import expected_affine, write_dicom_series, write_volume
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import Note, VolumeSource, find_volumes, skipped_only
@@ -331,25 +330,6 @@ def test_a_series_sharing_its_folder_is_named_by_folder_and_hash(tmp_path, ct_ar
     assert len(sources) == 2 and [s.label for s in sources] == [f"{merged}#{s.id.split('#')[1]}" for s in sources]
 
 
-_PEAK_SCRIPT = """
-import sys
-from ctmae.io.volume import CTReader
-
-
-def status(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-
-
-CTReader().read(sys.argv[1])  # warm-up: lazy imports and allocator pools
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # resets the peak resident size, which a process started by fork + exec inherits from its parent
-resident = status("VmRSS")
-image = CTReader().read(sys.argv[2])
-print(status("VmHWM") - resident)
-"""
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures the peak resident size in /proc")
 def test_reading_a_nii_gz_peaks_near_one_decompressed_volume(tmp_path):
     """Peak resident memory above the resident size before the read, in a fresh process: at most 1.5x the
@@ -358,12 +338,7 @@ def test_reading_a_nii_gz_peaks_near_one_decompressed_volume(tmp_path):
     volume = rng.integers(-1000, 1000, (256, 256, 256), dtype=np.int16)  # 32 MiB decompressed
     big = write_nifti_gz(tmp_path / "big.nii.gz", volume)
     small = write_nifti_gz(tmp_path / "small.nii.gz", volume[:8, :8, :8])
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    done = subprocess.run(
-        [sys.executable, "-c", _PEAK_SCRIPT, str(small), str(big)], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    peak = int(done.stdout.split()[-1])
+    peak = peak_read_bytes(small, big)
     assert peak <= 1.5 * volume.nbytes, f"peak {peak / volume.nbytes:.2f}x the decompressed volume"
 
 

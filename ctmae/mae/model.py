@@ -265,18 +265,22 @@ class MaskedAutoencoder3D(nn.Module):
         patches = self.patchify(images)  # (B, L, C·p³), patchified once for the encoder input and the targets
         encoder_in = patches if inputs is None else self.patchify(inputs)
         latent = self.encoder(encoder_in, mask.ids_keep)
-        pred = self.decoder(latent, mask.ids_keep, mask.ids_pred) + self.base(
-            images if inputs is None else inputs, mask.ids_keep, mask.ids_pred
-        )
+        pred = self.decode(latent, images if inputs is None else inputs, mask.ids_keep, mask.ids_pred)
         loss = F.mse_loss(pred.float(), self.targets(patches, mask.ids_pred).float())
         return loss, pred, mask.mask
 
-    def base(self, images: torch.Tensor, ids_keep: torch.Tensor, ids_pred: torch.Tensor) -> torch.Tensor | float:
-        """What the decoder's output is added to at the ``ids_pred`` tokens: 0, or with ``fill_sigma`` the gaussian
-        fill of the visible tokens' voxels (``ctmae.mae.fills``), so the decoder predicts what interpolation misses.
-        (B, Lp, C·p³) or 0."""
-        if not self.cfg.fill_sigma:
-            return 0.0
+    def decode(
+        self, latent: torch.Tensor, images: torch.Tensor, ids_keep: torch.Tensor, ids_pred: torch.Tensor
+    ) -> torch.Tensor:
+        """Voxels (B, Lp, C·p³) at the ``ids_pred`` tokens from the encoder's ``latent`` at ``ids_keep``: the
+        decoder's output, added to ``fill`` of the encoder's input ``images`` when ``fill_sigma`` is set."""
+        pred = self.decoder(latent, ids_keep, ids_pred)
+        return pred + self.fill(images, ids_keep, ids_pred) if self.cfg.fill_sigma else pred
+
+    def fill(self, images: torch.Tensor, ids_keep: torch.Tensor, ids_pred: torch.Tensor) -> torch.Tensor:
+        """The gaussian fill (``ctmae.mae.fills``, sigma ``fill_sigma``) of the voxels of the visible tokens
+        ``ids_keep``, at the ``ids_pred`` tokens: what a ``fill_sigma`` decoder predicts the residual over.
+        (B, Lp, C·p³)."""
         grid, p = self.grid(images), self.cfg.patch
         b = images.shape[0]
         seen = torch.zeros(b, grid[0] * grid[1] * grid[2], 1, device=images.device, dtype=images.dtype)
@@ -312,7 +316,7 @@ class MaskedAutoencoder3D(nn.Module):
         every = torch.arange(grid[0] * grid[1] * grid[2], device=images.device).expand(images.shape[0], -1)  # (B, L)
         ids_keep = every if ids_keep is None else ids_keep
         ids_pred = every if ids_pred is None else ids_pred
-        pred = self.decoder(self.encode(images, ids_keep), ids_keep, ids_pred) + self.base(images, ids_keep, ids_pred)
+        pred = self.decode(self.encode(images, ids_keep), images, ids_keep, ids_pred)
         if ids_pred is not every:  # (B, Lp, C·p³) -> (B, L, C·p³), zeros at the tokens not predicted
             index = ids_pred[..., None].expand(-1, -1, pred.shape[2])
             pred = pred.new_zeros(*every.shape, pred.shape[2]).scatter(1, index, pred)

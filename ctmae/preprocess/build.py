@@ -85,9 +85,23 @@ def prepare_cache(
     Raises:
         OutputError: the cache could not be written (e.g. a full disk); entries written before are intact.
     """
+    built, problems = build_all(sources, cfg, min_edge, on_volume=on_volume, on_note=on_note)
+    return [source for source, _ in built], problems
+
+
+def build_all(
+    sources: Sequence[VolumeSource],
+    cfg: DataConfig,
+    min_edge: int = 1,
+    workers: int | None = None,
+    on_volume: Callable[[], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> tuple[list[tuple[VolumeSource, Built]], list[str]]:
+    """``build_entries`` run to the end: (the usable sources with their entries, the one-line problems), calling
+    ``on_volume`` after each volume and ``on_note`` once with ``OLD_CACHE_NOTE`` if older entries are rebuilt."""
     good, problems, noted = [], [], False
-    for source, built in build_entries(sources, cfg, min_edge):
-        (problems.append(built.problem) if built.problem else good.append(source))
+    for source, built in build_entries(sources, cfg, min_edge, workers):
+        (problems.append(built.problem) if built.problem else good.append((source, built)))
         if built.stale and on_note and not noted:
             on_note(OLD_CACHE_NOTE)
             noted = True

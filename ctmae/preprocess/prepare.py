@@ -22,8 +22,8 @@ import numpy as np
 
 from ctmae.io.discovery import VolumeSource
 from ctmae.mae.config import DataConfig
-from ctmae.preprocess.build import build_entries
-from ctmae.preprocess.cache import CACHE_VERSION, HU_BIN, HU_RANGE, OLD_CACHE_NOTE, Built
+from ctmae.preprocess.build import build_all
+from ctmae.preprocess.cache import CACHE_VERSION, HU_BIN, HU_RANGE
 from ctmae.runtime.files import atomic_write_text
 
 PERCENTILES = (1, 50, 99)
@@ -79,17 +79,8 @@ def prepare_dataset(
     Raises:
         OutputError: the cache could not be written (e.g. a full disk); entries written before are intact.
     """
-    built: list[Built] = []
-    problems: list[str] = []
-    noted = False
-    for _, result in build_entries(sources, cfg, min_edge, workers):
-        (problems.append(result.problem) if result.problem else built.append(result))
-        if result.stale and on_note and not noted:
-            on_note(OLD_CACHE_NOTE)
-            noted = True
-        if on_scan:
-            on_scan()
-    return summarise([b.meta for b in built], [*skipped, *problems], cfg), problems
+    built, problems = build_all(sources, cfg, min_edge, workers, on_volume=on_scan, on_note=on_note)
+    return summarise([entry.meta for _, entry in built], [*skipped, *problems], cfg), problems
 
 
 def summarise(metas: Sequence[dict], skipped: Sequence[str], cfg: DataConfig) -> dict:
