@@ -139,12 +139,16 @@ def test_encode_is_the_encoder_on_patchified_images(visible):
         model.encode(torch.rand(1, 1, 16, 16, 16))
 
 
-@pytest.mark.parametrize("kind,fill_sigma", [("block", 0.0), ("noise", 0.0), ("block", 4.0)])
-def test_reconstruct_gives_what_forward_decodes_for_the_same_tokens(kind, fill_sigma):
+@pytest.mark.parametrize(
+    "kind,fill_sigma,fill_queries",
+    [("block", 0.0, False), ("noise", 0.0, False), ("block", 4.0, False), ("block", 4.0, True)],
+)
+def test_reconstruct_gives_what_forward_decodes_for_the_same_tokens(kind, fill_sigma, fill_queries):
     """The voxels ``reconstruct`` returns at the predicted tokens are forward's ``pred``; other tokens are 0; and
     predicting every token gives the same values at those tokens (queries do not attend to each other; a fill, when
-    the decoder predicts the residual over one, depends on the visible tokens only)."""
-    model, x, m = make(fill_sigma=fill_sigma), torch.rand(2, 1, 32, 32, 32), masks(kind)
+    the decoder predicts the residual over one, and the fills its queries read depend on the visible tokens only)."""
+    model = make(fill_sigma=fill_sigma, fill_queries=fill_queries)
+    x, m = torch.rand(2, 1, 32, 32, 32), masks(kind)
     torch.nn.init.normal_(model.decoder.head.weight, std=0.02)  # a trained head: not the zero of a fresh fill model
     with torch.no_grad():
         _, pred, _ = model(x, m)  # (B, Lp, p³)
@@ -159,12 +163,12 @@ def test_reconstruct_gives_what_forward_decodes_for_the_same_tokens(kind, fill_s
     assert torch.allclose(torch.gather(every, 1, index), pred, atol=1e-5)
 
 
-@pytest.mark.parametrize("head", ["linear", "upsample"])
-def test_a_fresh_fill_residual_model_is_the_fill_of_the_visible_voxels(head):
+@pytest.mark.parametrize("head,fill_queries", [("linear", False), ("upsample", False), ("linear", True)])
+def test_a_fresh_fill_residual_model_is_the_fill_of_the_visible_voxels(head, fill_queries):
     """With ``fill_sigma`` the decoder's output is added to a gaussian fill of the visible voxels and starts at zero:
     before training, hidden voxels of a volume whose visible voxels are all 0.3 come back as 0.3 exactly, whatever
     the hidden ones held, and the loss still reaches every weight after one step."""
-    model, m = make(fill_sigma=4.0, head=head), masks("block", batch=1)
+    model, m = make(fill_sigma=4.0, head=head, fill_queries=fill_queries), masks("block", batch=1)
     x = torch.full((1, 1, 32, 32, 32), 0.3)
     hidden = model.unpatchify(m.mask[..., None].float().expand(-1, -1, 8**3), (4, 4, 4)).bool()  # (1, 1, 32³)
     x[hidden] = torch.rand(int(hidden.sum()))
@@ -177,3 +181,43 @@ def test_a_fresh_fill_residual_model_is_the_fill_of_the_visible_voxels(head):
         model(x, m)[0].backward()
         opt.step()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
+    if fill_queries:
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.fill_queries.parameters())
+
+
+def test_padding_beyond_the_scan_never_enters_the_fill():
+    """A crop that runs past the scan's edge is padded with zeros; told which voxels are the scan's (``known``), a
+    fresh fill-residual model fills the hidden voxels from the scan's visible voxels only (0.3 everywhere), where
+    the zeros of the padding, counted as visible, would darken the fill near the edge."""
+    model, m = make(fill_sigma=4.0, fill_queries=True), masks("block", batch=1)
+    x = torch.full((1, 1, 32, 32, 32), 0.3)
+    x[..., 24:] = 0.0  # the scan ends at z = 24: the rest is padding
+    known = torch.ones_like(x)
+    known[..., 24:] = 0.0
+    hidden = model.unpatchify(m.mask[..., None].float().expand(-1, -1, 8**3), (4, 4, 4)).bool()  # (1, 1, 32³)
+    inside = hidden & known.bool()
+    with torch.no_grad():
+        told = model.reconstruct(x, m.ids_keep, known=known)
+        untold = model.reconstruct(x, m.ids_keep)
+    assert torch.allclose(told[inside], torch.full_like(told[inside], 0.3), atol=1e-5)
+    assert untold[inside].min() < 0.25  # the padding's zeros pull the fill down near the edge
+
+
+def test_fill_maps_per_patch_are_fills_and_supports():
+    """``fill_maps`` gives, per width, the coarse fill and visible support, and ``per_patch`` groups them by token:
+    on a volume that is 0.6 wherever visible, each fill is 0.6 and each support lies in [0, 1], highest on the
+    visible tokens."""
+    from ctmae.mae.fill_context import QUERY_SIGMAS, fill_maps, per_patch, visible_voxels
+
+    m = masks("block", batch=1)
+    visible = visible_voxels(m.ids_keep, (4, 4, 4), 8, torch.zeros(1))
+    maps = fill_maps(torch.full((1, 1, 32, 32, 32), 0.6) * visible, visible, QUERY_SIGMAS, 8)
+    assert maps.shape == (1, 2 * len(QUERY_SIGMAS), 8, 8, 8)  # patch 8 on a 4x coarser grid
+    features = per_patch(maps, 8)
+    assert features.shape == (1, 64, 2 * len(QUERY_SIGMAS) * 2**3)
+    per = features.view(1, 64, 2 * len(QUERY_SIGMAS), 2**3)  # (B, L, [fill, support] x S, coarse cells)
+    fills, supports = per[:, :, 0::2], per[:, :, 1::2]
+    assert torch.allclose(fills, torch.full_like(fills, 0.6), atol=1e-5)
+    assert supports.min() >= 0 and supports.max() <= 1 + 1e-6
+    seen = torch.zeros(1, 64, dtype=torch.bool).scatter_(1, m.ids_keep, True)
+    assert supports[:, :, 0][seen].mean() > supports[:, :, 0][~seen].mean()

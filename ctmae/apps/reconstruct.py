@@ -271,6 +271,7 @@ def _predict(
     # Cells tile the scan from its first voxel, so the mask does not depend on the crop size; the volume is padded
     # at its far end to whole cells and to at least one crop.
     padded = pad_to_patches(volume, unit, minimum=crop).to(device)  # (1, Xp, Yp, Zp)
+    known = pad_to_patches(torch.ones_like(volume), unit, minimum=crop).to(device)  # 0 on the padding
     cells = tuple(-(-n // unit) for n in size)
     gen = torch.Generator(device).manual_seed(seed)
     hidden = sample_mask(mask_cfg, 1, cells, gen, device).mask.view(cells)  # (ux, uy, uz) bool
@@ -282,18 +283,19 @@ def _predict(
     encoder_input = corrupt(padded[None], mask_cfg, gen)  # (1, 1, Xp, Yp, Zp)
 
     def predictor(windows: torch.Tensor, slices: list[list[slice]]) -> torch.Tensor:
-        """(B, 2, c, c, c) [clean, encoder input] -> (B, 1, c, c, c) prediction of every voxel."""
+        """(B, 3, c, c, c) [clean, encoder input, scan voxels] -> (B, 1, c, c, c) prediction of every voxel."""
         keep = torch.stack([~hidden[window_tokens(s, p)].flatten() for s in slices])  # (B, L)
         out = torch.empty_like(windows[:, :1])
         # windows hide different numbers of tokens; the encoder takes a batch only of equal counts
         for count in keep.sum(1).unique().tolist():
             rows = (keep.sum(1) == count).nonzero().flatten()
             ids_keep = keep[rows].nonzero()[:, 1].view(len(rows), count)  # (b, Lv), sorted
-            out[rows] = model.reconstruct(windows[rows, 1:], ids_keep)  # every token predicted: (b, 1, c, c, c)
+            # every token predicted: (b, 1, c, c, c); the padding beyond the scan's edge is no voxel of its to fill from
+            out[rows] = model.reconstruct(windows[rows, 1:2], ids_keep, known=windows[rows, 2:])
         return out
 
     raw = sliding_window_inference(
-        torch.cat([padded[None], encoder_input], dim=1),
+        torch.cat([padded[None], encoder_input, known[None]], dim=1),
         (crop,) * 3,
         batch_size,
         predictor,

@@ -59,6 +59,7 @@ class ModelConfig:
     head: str = "linear"  # decoder's voxel head: linear (MAE's) | upsample (two transposed convolutions per patch)
     fill_sigma: float = 0.0  # > 0: the decoder predicts the residual over a gaussian fill (sigma in voxels) of the
     # visible voxels; 0: the voxels themselves (MAE's)
+    fill_queries: bool = False  # with fill_sigma: each decoder query reads its patch's fills at several widths
 
     @property
     def grid(self) -> int:
@@ -120,6 +121,8 @@ def check(cfg: RunConfig) -> None:
         raise ValueError(f"data.crop ({d.crop}) and model.img_size ({m.img_size}) must be equal")
     if m.head not in ("linear", "upsample") or (m.head == "upsample" and m.patch % 4):
         raise ValueError(f"model.head must be linear or upsample (patch divisible by 4), got {m.head!r}")
+    if m.fill_queries and not m.fill_sigma:
+        raise ValueError("model.fill_queries needs model.fill_sigma > 0 (the fill the decoder corrects)")
     if m.dim % m.heads or m.dec_dim % m.dec_heads:
         raise ValueError(f"widths must divide by heads: dim {m.dim}/{m.heads}, dec_dim {m.dec_dim}/{m.dec_heads}")
     if strategy(k).uses_ratio and not 0.0 < k.ratio < 1.0:  # ValueError naming the known kinds for an unknown one

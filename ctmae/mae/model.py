@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctmae.mae.config import ModelConfig
-from ctmae.mae.fills import gaussian_fill
+from ctmae.mae.fill_context import QUERY_SIGMAS, FillQueries, fill_maps, to_voxels, visible_voxels
 from ctmae.mae.masking import TokenMask
 
 
@@ -188,11 +188,16 @@ class Decoder(nn.Module):
             UpsamplingHead(cfg) if cfg.head == "upsample" else nn.Linear(cfg.dec_dim, cfg.in_chans * cfg.patch**3)
         )
 
-    def forward(self, latent: torch.Tensor, ids_keep: torch.Tensor, ids_pred: torch.Tensor) -> torch.Tensor:
-        """latent (B, Lv, D) at tokens ``ids_keep`` (B, Lv) -> voxel predictions (B, Lp, C·p³) at ``ids_pred``."""
+    def forward(
+        self, latent: torch.Tensor, ids_keep: torch.Tensor, ids_pred: torch.Tensor, queries: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """latent (B, Lv, D) at tokens ``ids_keep`` (B, Lv) -> voxel predictions (B, Lp, C·p³) at ``ids_pred``;
+        ``queries`` (B, Lp, Dd), when given, is added to the predicted tokens' queries."""
         pos = self.position_embeddings[0]  # (L, Dd)
         context = self.embed(latent) + pos[ids_keep]  # (B, Lv, Dd)
         x = self.mask_token + pos[ids_pred]  # (B, Lp, Dd)
+        if queries is not None:
+            x = x + queries
         for blk in self.blocks:
             x = blk(x, context)
         return self.head(self.norm(x))
@@ -210,6 +215,7 @@ class MaskedAutoencoder3D(nn.Module):
         self.cfg = cfg
         self.encoder = ViTEncoder(cfg)
         self.decoder = Decoder(cfg)
+        self.fill_queries = FillQueries(cfg) if cfg.fill_queries else None
         self.apply(_init_weights)
         nn.init.normal_(self.decoder.mask_token, std=0.02)
         w = self.encoder.patch_embedding.patch_embeddings.weight
@@ -270,28 +276,33 @@ class MaskedAutoencoder3D(nn.Module):
         return loss, pred, mask.mask
 
     def decode(
-        self, latent: torch.Tensor, images: torch.Tensor, ids_keep: torch.Tensor, ids_pred: torch.Tensor
+        self,
+        latent: torch.Tensor,
+        images: torch.Tensor,
+        ids_keep: torch.Tensor,
+        ids_pred: torch.Tensor,
+        known: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Voxels (B, Lp, C·p³) at the ``ids_pred`` tokens from the encoder's ``latent`` at ``ids_keep``: the
-        decoder's output, added to ``fill`` of the encoder's input ``images`` when ``fill_sigma`` is set."""
-        pred = self.decoder(latent, ids_keep, ids_pred)
-        return pred + self.fill(images, ids_keep, ids_pred) if self.cfg.fill_sigma else pred
-
-    def fill(self, images: torch.Tensor, ids_keep: torch.Tensor, ids_pred: torch.Tensor) -> torch.Tensor:
-        """The gaussian fill (``ctmae.mae.fills``, sigma ``fill_sigma``) of the voxels of the visible tokens
-        ``ids_keep``, at the ``ids_pred`` tokens: what a ``fill_sigma`` decoder predicts the residual over.
-        (B, Lp, C·p³)."""
-        grid, p = self.grid(images), self.cfg.patch
-        b = images.shape[0]
-        seen = torch.zeros(b, grid[0] * grid[1] * grid[2], 1, device=images.device, dtype=images.dtype)
-        seen.scatter_(1, ids_keep[..., None], 1.0)  # (B, L, 1)
-        visible = self.unpatchify(seen.expand(-1, -1, p**3), grid)  # (B, 1, D, H, W) 0/1, one channel
-        # on a grid 4x coarser (16x cheaper per axis pair than voxels; the fill is smooth at sigma 4 anyway)
-        f = 4 if p % 4 == 0 else 1
-        coarse = gaussian_fill(F.avg_pool3d(images[:, :1], f), F.avg_pool3d(visible, f), self.cfg.fill_sigma / f)
-        fill = F.interpolate(coarse, scale_factor=f, mode="trilinear") if f > 1 else coarse  # (B, 1, D, H, W)
-        fill = self.patchify(fill.expand(-1, images.shape[1], -1, -1, -1))  # (B, L, C·p³)
-        return torch.gather(fill, 1, ids_pred[..., None].expand(-1, -1, fill.shape[-1]))
+        decoder's output, added to ``fill`` of the encoder's input ``images`` when ``fill_sigma`` is set (its queries
+        reading the fills around them when ``fill_queries`` is, ``ctmae.mae.fill_context``). ``known`` (B, 1, D, H,
+        W) 0/1 marks the voxels that belong to the scan: padding beyond its edge never enters a fill."""
+        if not self.cfg.fill_sigma:
+            return self.decoder(latent, ids_keep, ids_pred)
+        p = self.cfg.patch
+        visible = visible_voxels(ids_keep, self.grid(images), p, images)  # (B, 1, D, H, W) 0/1
+        visible = visible if known is None else visible * known
+        sigmas = QUERY_SIGMAS if self.fill_queries is not None else ()
+        sigmas = sigmas if self.cfg.fill_sigma in sigmas else (*sigmas, self.cfg.fill_sigma)
+        maps = fill_maps(images, visible, sigmas, p)  # (B, 2S, D/f, H/f, W/f): [fill, support] per sigma
+        queries = (
+            None if self.fill_queries is None else self.fill_queries(maps[:, : 2 * len(QUERY_SIGMAS)], ids_pred, p)
+        )
+        i = 2 * sigmas.index(self.cfg.fill_sigma)
+        fill = to_voxels(maps[:, i : i + 1], p).expand(-1, images.shape[1], -1, -1, -1)  # (B, C, D, H, W)
+        fill = self.patchify(fill)  # (B, L, C·p³)
+        fill = torch.gather(fill, 1, ids_pred[..., None].expand(-1, -1, fill.shape[-1]))  # (B, Lp, C·p³)
+        return self.decoder(latent, ids_keep, ids_pred, queries) + fill
 
     def encode(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder features of crops (B, C, D, H, W): every token, or those in ``ids_keep`` (B, Lv). (B, Lv, D)."""
@@ -299,7 +310,11 @@ class MaskedAutoencoder3D(nn.Module):
         return self.encoder(self.patchify(images), ids_keep)
 
     def reconstruct(
-        self, images: torch.Tensor, ids_keep: torch.Tensor | None = None, ids_pred: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        ids_keep: torch.Tensor | None = None,
+        ids_pred: torch.Tensor | None = None,
+        known: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The decoder's voxels for crops (B, C, D, H, W), which are what the encoder reads (e.g. noise-corrupted).
 
@@ -307,6 +322,7 @@ class MaskedAutoencoder3D(nn.Module):
             images: the encoder's input crops.
             ids_keep: (B, Lv) tokens the encoder sees; default every token.
             ids_pred: (B, Lp) tokens to predict; default every token.
+            known: (B, 1, D, H, W) 0/1, the voxels of the scan (0 where a crop is padded beyond its edge); default all.
 
         Returns:
             (B, C, D, H, W): predicted voxels at the ``ids_pred`` tokens, 0 elsewhere. Predictions of a subset equal
@@ -316,7 +332,7 @@ class MaskedAutoencoder3D(nn.Module):
         every = torch.arange(grid[0] * grid[1] * grid[2], device=images.device).expand(images.shape[0], -1)  # (B, L)
         ids_keep = every if ids_keep is None else ids_keep
         ids_pred = every if ids_pred is None else ids_pred
-        pred = self.decode(self.encode(images, ids_keep), images, ids_keep, ids_pred)
+        pred = self.decode(self.encode(images, ids_keep), images, ids_keep, ids_pred, known)
         if ids_pred is not every:  # (B, Lp, C·p³) -> (B, L, C·p³), zeros at the tokens not predicted
             index = ids_pred[..., None].expand(-1, -1, pred.shape[2])
             pred = pred.new_zeros(*every.shape, pred.shape[2]).scatter(1, index, pred)
