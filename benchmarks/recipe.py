@@ -232,6 +232,13 @@ RECIPES: dict[str, dict] = {
         mask={"predict_ratio": 0.75},
         train={"batch_size": 16, "lr": 0.005},
     ),
+    "p16-c64-fillq8-b8-lr3": _recipe(
+        "p16-c64-fillq-b8-lr3 over a fill of sigma 8 (the width the best fill takes on 2 of the 3 block masks)",
+        model={"fill_sigma": 8.0, "fill_queries": True},
+        data={"crop": 64},
+        mask={"predict_ratio": 0.75},
+        train={"batch_size": 8, "lr": 3e-3},
+    ),
     "p16-c64-all": _recipe(
         "patch 16, crop 64 (more steps in the budget), loss on every hidden token",
         data={"crop": 64},
