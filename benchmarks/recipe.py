@@ -239,6 +239,14 @@ RECIPES: dict[str, dict] = {
         mask={"predict_ratio": 0.75},
         train={"batch_size": 8, "lr": 3e-3},
     ),
+    "p16-c64-fillq8-smooth-b8-lr3": _recipe(
+        "p16-c64-fillq8-b8-lr3 with the smooth head: a residual on the fill's 4x coarser grid, continuous across "
+        "patch borders",
+        model={"fill_sigma": 8.0, "fill_queries": True, "head": "smooth"},
+        data={"crop": 64},
+        mask={"predict_ratio": 0.75},
+        train={"batch_size": 8, "lr": 3e-3},
+    ),
     "p16-c64-all": _recipe(
         "patch 16, crop 64 (more steps in the budget), loss on every hidden token",
         data={"crop": 64},

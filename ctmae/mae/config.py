@@ -56,7 +56,8 @@ class ModelConfig:
     mlp_ratio: float = 4.0  # MLP hidden width / model width
     qkv_bias: bool = True  # bias on the fused q/k/v projection (MONAI's ViT must be built with the same value)
     norm_pix_loss: bool = False  # normalise each target patch to zero mean, unit variance (MAE's option)
-    head: str = "linear"  # decoder's voxel head: linear (MAE's) | upsample (two transposed convolutions per patch)
+    head: str = "linear"  # decoder's voxel head: linear (MAE's) | upsample (two transposed convolutions per patch) |
+    # smooth (with fill_sigma: a residual on the fill's 4x coarser grid, interpolated across patch borders)
     fill_sigma: float = 0.0  # > 0: the decoder predicts the residual over a gaussian fill (sigma in voxels) of the
     # visible voxels; 0: the voxels themselves (MAE's)
     fill_queries: bool = False  # with fill_sigma: each decoder query reads its patch's fills at several widths
@@ -119,8 +120,10 @@ def check(cfg: RunConfig) -> None:
         raise ValueError(f"crop {m.img_size} must be a positive multiple of the patch size {m.patch}")
     if d.crop != m.img_size:
         raise ValueError(f"data.crop ({d.crop}) and model.img_size ({m.img_size}) must be equal")
-    if m.head not in ("linear", "upsample") or (m.head == "upsample" and m.patch % 4):
-        raise ValueError(f"model.head must be linear or upsample (patch divisible by 4), got {m.head!r}")
+    if m.head not in ("linear", "upsample", "smooth") or (m.head == "upsample" and m.patch % 4):
+        raise ValueError(f"model.head must be linear, upsample (patch divisible by 4) or smooth, got {m.head!r}")
+    if m.head == "smooth" and not m.fill_sigma:
+        raise ValueError("model.head smooth predicts a residual over a fill: it needs model.fill_sigma > 0")
     if m.fill_queries and not m.fill_sigma:
         raise ValueError("model.fill_queries needs model.fill_sigma > 0 (the fill the decoder corrects)")
     if m.dim % m.heads or m.dec_dim % m.dec_heads:

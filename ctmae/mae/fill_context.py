@@ -68,6 +68,13 @@ def per_patch(maps: torch.Tensor, patch: int) -> torch.Tensor:
     return maps.reshape(b, (d // q) * (h // q) * (w // q), c * q**3)
 
 
+def from_patches(tokens: torch.Tensor, grid: tuple[int, int, int], channels: int) -> torch.Tensor:
+    """The inverse of ``per_patch``: (B, L, C·q³) on a token ``grid`` -> (B, C, gd·q, gh·q, gw·q)."""
+    b, q = tokens.shape[0], round((tokens.shape[-1] // channels) ** (1 / 3))
+    x = tokens.reshape(b, *grid, channels, q, q, q).permute(0, 4, 1, 5, 2, 6, 3, 7)  # (B, C, gd, q, gh, q, gw, q)
+    return x.reshape(b, channels, grid[0] * q, grid[1] * q, grid[2] * q)
+
+
 class FillQueries(nn.Module):
     """Embeds a predicted patch's maps (fills and supports at ``QUERY_SIGMAS``) into the decoder's width, added to
     its query."""

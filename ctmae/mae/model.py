@@ -17,7 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctmae.mae.config import ModelConfig
-from ctmae.mae.fill_context import QUERY_SIGMAS, FillQueries, fill_maps, to_voxels, visible_voxels
+from ctmae.mae.fill_context import (
+    QUERY_SIGMAS,
+    FillQueries,
+    fill_maps,
+    from_patches,
+    pool_factor,
+    to_voxels,
+    visible_voxels,
+)
 from ctmae.mae.masking import TokenMask
 
 
@@ -184,9 +192,13 @@ class Decoder(nn.Module):
             CrossBlock(cfg.dec_dim, cfg.dec_heads, cfg.mlp_ratio, cfg.qkv_bias) for _ in range(cfg.dec_depth)
         )
         self.norm = nn.LayerNorm(cfg.dec_dim)
-        self.head = (
-            UpsamplingHead(cfg) if cfg.head == "upsample" else nn.Linear(cfg.dec_dim, cfg.in_chans * cfg.patch**3)
-        )
+        coarse = cfg.patch // pool_factor(cfg.patch)  # the smooth head's residual cells per patch edge
+        heads = {
+            "upsample": lambda: UpsamplingHead(cfg),
+            "smooth": lambda: nn.Linear(cfg.dec_dim, cfg.in_chans * coarse**3),
+            "linear": lambda: nn.Linear(cfg.dec_dim, cfg.in_chans * cfg.patch**3),
+        }
+        self.head = heads[cfg.head]()
 
     def forward(
         self, latent: torch.Tensor, ids_keep: torch.Tensor, ids_pred: torch.Tensor, queries: torch.Tensor | None = None
@@ -302,7 +314,21 @@ class MaskedAutoencoder3D(nn.Module):
         fill = to_voxels(maps[:, i : i + 1], p).expand(-1, images.shape[1], -1, -1, -1)  # (B, C, D, H, W)
         fill = self.patchify(fill)  # (B, L, C·p³)
         fill = torch.gather(fill, 1, ids_pred[..., None].expand(-1, -1, fill.shape[-1]))  # (B, Lp, C·p³)
-        return self.decoder(latent, ids_keep, ids_pred, queries) + fill
+        residual = self.decoder(latent, ids_keep, ids_pred, queries)
+        return fill + (self._smooth(residual, ids_keep, ids_pred, images) if self.cfg.head == "smooth" else residual)
+
+    def _smooth(
+        self, residual: torch.Tensor, ids_keep: torch.Tensor, ids_pred: torch.Tensor, images: torch.Tensor
+    ) -> torch.Tensor:
+        """The ``smooth`` head's coarse residuals (B, Lp, C·q³) as one field over the crop (0 on visible tokens),
+        interpolated trilinearly across patch borders: voxels (B, Lp, C·p³) at ``ids_pred``."""
+        grid, b, width = self.grid(images), residual.shape[0], residual.shape[-1]
+        coarse = residual.new_zeros(b, grid[0] * grid[1] * grid[2], width)
+        coarse = coarse.scatter(1, ids_pred[..., None].expand(-1, -1, width), residual)
+        coarse = coarse.scatter(1, ids_keep[..., None].expand(-1, -1, width), 0.0)  # (B, L, C·q³)
+        field = to_voxels(from_patches(coarse, grid, self.cfg.in_chans), self.cfg.patch)  # (B, C, D, H, W)
+        voxels = self.patchify(field)  # (B, L, C·p³)
+        return torch.gather(voxels, 1, ids_pred[..., None].expand(-1, -1, voxels.shape[-1]))
 
     def encode(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder features of crops (B, C, D, H, W): every token, or those in ``ids_keep`` (B, Lv). (B, Lv, D)."""
