@@ -124,6 +124,25 @@ def test_a_crop_decompresses_only_the_blocks_it_touches(tmp_path):
     np.testing.assert_array_equal(out, volume.numpy()[1:5, 2:6, 3:7])
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_flip_mirrors_about_half_the_training_crops_left_right(tmp_path, flip):
+    """``data.flip``: on a volume that brightens along x, unmirrored crops all brighten one way; mirrored crops (about
+    half of them, seeded) the other way. Without the option no crop is mirrored."""
+    from conftest import write_volume
+    from ctmae.mae.crops import CropVisits
+
+    ramp = np.broadcast_to(np.linspace(-800, 800, 60)[:, None, None], (60, 40, 30)).astype(np.int16)
+    path = write_volume(tmp_path / "ramp.nii.gz", ramp, spacing=(1.5, 1.5, 1.5), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    visits = CropVisits(
+        [VolumeSource(path.name, (str(path),), False)], _cfg(tmp_path, flip=flip, crops_per_volume=8), 0
+    )
+    crops = np.concatenate([visits[v][0].numpy() for v in range(4)])  # (32, 1, 16, 16, 16)
+    rising = np.sign(crops[:, 0, -1] - crops[:, 0, 0]).mean(axis=(1, 2))  # +1 or -1 per crop along x
+    assert set(np.unique(rising)) <= {-1.0, 1.0}
+    mirrored = (rising != rising[0]).sum() if not flip else min((rising > 0).sum(), (rising < 0).sum())
+    assert (mirrored == 0) if not flip else (8 <= mirrored <= 16)
+
+
 def test_compressed_entry_is_a_fraction_of_the_float32_volume(tmp_path):
     source = _nifti(tmp_path / "lps.nii.gz", LPS)
     path = VolumeCache(_cfg(tmp_path)).ensure(source)

@@ -163,7 +163,9 @@ def test_reconstruct_gives_what_forward_decodes_for_the_same_tokens(kind, fill_s
     assert torch.allclose(torch.gather(every, 1, index), pred, atol=1e-5)
 
 
-@pytest.mark.parametrize("head,fill_queries", [("linear", False), ("upsample", False), ("linear", True)])
+@pytest.mark.parametrize(
+    "head,fill_queries", [("linear", False), ("upsample", False), ("linear", True), ("smooth", True)]
+)
 def test_a_fresh_fill_residual_model_is_the_fill_of_the_visible_voxels(head, fill_queries):
     """With ``fill_sigma`` the decoder's output is added to a gaussian fill of the visible voxels and starts at zero:
     before training, hidden voxels of a volume whose visible voxels are all 0.3 come back as 0.3 exactly, whatever
@@ -221,3 +223,31 @@ def test_fill_maps_per_patch_are_fills_and_supports():
     assert supports.min() >= 0 and supports.max() <= 1 + 1e-6
     seen = torch.zeros(1, 64, dtype=torch.bool).scatter_(1, m.ids_keep, True)
     assert supports[:, :, 0][seen].mean() > supports[:, :, 0][~seen].mean()
+
+
+def test_the_smooth_head_predicts_one_residual_field_across_patch_borders():
+    """The ``smooth`` head's residual over the fill is interpolated across patches: between two hidden patches it
+    steps no more at the border than inside a patch (a linear head's patches are independent of each other), and
+    with every hidden token predicted, forward's voxels are reconstruct's (for both heads)."""
+    mask_cfg = MaskConfig(kind="block", predict_ratio=0.75)  # the loss on every hidden token
+    m = sample_mask(mask_cfg, 1, (4, 4, 4), torch.Generator().manual_seed(3), CPU)
+    x = torch.rand(1, 1, 32, 32, 32)
+    steps = {}
+    for head in ("smooth", "linear"):
+        model = make(fill_sigma=4.0, head=head)
+        with torch.no_grad():
+            fill = model.reconstruct(x, m.ids_keep)  # a fresh model is its fill
+            torch.nn.init.normal_(model.decoder.head.weight, std=0.05)
+            out = model.reconstruct(x, m.ids_keep)
+            _, pred, _ = model(x, m)
+        index = m.ids_pred[..., None].expand(-1, -1, pred.shape[-1])
+        assert torch.allclose(torch.gather(model.patchify(out), 1, index), pred, atol=1e-5)
+        residual = (out - fill)[0, 0]
+        hidden = model.unpatchify(m.mask[..., None].float().expand(-1, -1, 8**3), (4, 4, 4))[0, 0].bool()
+        both = hidden[1:] & hidden[:-1]  # neighbours along x, both hidden
+        jump = (residual[1:] - residual[:-1]).abs() * both
+        border = torch.zeros_like(both)
+        border[7::8] = True  # x = 8k-1 -> 8k crosses a patch border
+        steps[head] = (float(jump[border].max()), float(jump[~border].max()))
+    border, inside = steps["smooth"]
+    assert 0.01 < inside and border <= inside * 1.01, steps

@@ -42,7 +42,7 @@ DEMO = {
     "model": {"size": "tiny", "fill_sigma": 8.0, "fill_queries": True},
     "data": {"crop": 64, "crops_per_volume": 4},
     "mask": {"predict_ratio": 0.75},
-    "train": {"steps": 2000, "batch_size": 8, "lr": 3e-3, "log_every": 10},
+    "train": {"steps": 1400, "batch_size": 8, "lr": 3e-3, "log_every": 10},
 }
 DEMO_OUT = Path("runs/demo")
 

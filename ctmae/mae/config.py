@@ -36,6 +36,7 @@ class DataConfig:
     hu_window: tuple[float, float] = (-1000.0, 1000.0)  # HU clipped to this range, then scaled to 0..1
     crop: int = 96  # edge of the cubic training crop in voxels; a multiple of the patch size
     crops_per_volume: int = 4  # random crops drawn each time a cached volume is read
+    flip: bool = False  # pretraining mirrors each crop left-right (RAS x) with probability 1/2
     cache_dir: str = field(default_factory=default_cache_dir)  # preprocessed volumes, keyed by file and settings
     workers: int = 2  # DataLoader worker processes (0: load in the training process)
 

@@ -22,7 +22,8 @@ class CropVisits(Dataset):
 
     Crops are cut straight from the cache, so a visit decompresses only the blocks its crops touch, not the volume
     (MONAI's RandSpatialCropSamplesd would first load the whole array), straight into the batch as float32 0..1.
-    Offsets are uniform over the valid range.
+    Offsets are uniform over the valid range; with ``flip`` each crop is mirrored left-right (RAS x) with
+    probability 1/2 (a chest's left and right halves are near mirror images: twice the anatomy to learn from).
     """
 
     def __init__(
@@ -44,6 +45,8 @@ class CropVisits(Dataset):
         for crop in crops:
             start = [int(rng.integers(0, n - c + 1)) for n in volume.shape]  # x, y, z
             volume.read(start, (c, c, c), out=crop[0])  # decompresses only the blocks this crop touches
+            if self.cfg.flip and rng.random() < 0.5:
+                crop[0] = crop[0, ::-1].copy()
         return (torch.from_numpy(crops),)
 
 
