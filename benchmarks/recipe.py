@@ -288,7 +288,7 @@ def seconds_per_step(run: Path) -> float:
     return (last["seconds"] - first["seconds"]) / (last["step"] - first["step"])
 
 
-def score(checkpoint: Path, seeds: int, scratch: Path, heldout: Path = HELDOUT) -> dict:
+def score(checkpoint: Path, seeds: int, scratch: Path, heldout: Path = HELDOUT, window_step: int | None = None) -> dict:
     """Pooled masked PSNR of the model and of the best gaussian fill on the held-out slab, under block masks
     (48 mm cubes) and random masks (single 24 mm cubes), drawn on 16-voxel cells: every recipe with a patch that
     divides 16 faces the very same hidden voxels for a seed."""
@@ -303,7 +303,9 @@ def score(checkpoint: Path, seeds: int, scratch: Path, heldout: Path = HELDOUT) 
         voxels = 0
         for seed in range(seeds):
             mask = mask_config(loaded, kind, 0.75, edge)
-            m = reconstruct(loaded, heldout, scratch / f"{kind}{seed}", mask, seed, mask_unit=UNIT)
+            m = reconstruct(
+                loaded, heldout, scratch / f"{kind}{seed}", mask, seed, mask_unit=UNIT, window_step=window_step
+            )
             n = m["masked"]["voxels"]
             sse["model"] += m["masked"]["mse"] * n
             sse["fill"] += m["fill"]["mse"] * n
@@ -323,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pretrain", type=Path, nargs="+", default=[PRETRAIN], help="real scans to pretrain on")
     ap.add_argument("--heldout", type=Path, default=HELDOUT, help="the scan held out of pretraining, scored")
     ap.add_argument("--rescore", action="store_true", help="score the runs already in --out again, no training")
+    ap.add_argument("--window-step", type=int, default=None, help="ctmae reconstruct's --window-step (voxels)")
     args = ap.parse_args(argv)
     command = "python -m benchmarks.recipe " + " ".join(sys.argv[1:] if argv is None else argv)
     info = machine()
@@ -348,7 +351,8 @@ def main(argv: list[str] | None = None) -> None:
                 steps = max(10, int(args.minutes * 60 / rate))
                 progress(f"{name}: {rate:.3f} s/step -> {steps} steps")
             seconds = pretrain(name, recipe["config"], inputs, work / name, steps)
-        figures = score(work / name / "checkpoints" / "last.pt", args.seeds, work / f"{name}-recon", args.heldout)
+        checkpoint = work / name / "checkpoints" / "last.pt"
+        figures = score(checkpoint, args.seeds, work / f"{name}-recon", args.heldout, args.window_step)
         results[name] = {"steps": steps, "seconds": seconds, **figures}
         progress(f"{name}: {json.dumps(results[name])}")
         (work / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")

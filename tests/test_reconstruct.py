@@ -330,3 +330,23 @@ def test_mask_unit_hides_the_same_voxels_for_patch_8_and_patch_16(tiny_checkpoin
     assert fills[0] == pytest.approx(fills[1], abs=1e-4)  # the same hidden voxels: the same fill
     refused = _run(tiny_checkpoint, scan, "--out", tmp_path / "x", "--mask-unit", "24", "--device", "cpu")
     assert refused.exit_code == 2 and "--mask-unit 24 must be a multiple of the patch size 16" in refused.output
+
+
+def test_window_step_sets_how_densely_windows_overlap(tiny_checkpoint, tmp_path):
+    """``--window-step 16`` reconstructs the same hidden voxels of the sample scan (several windows wide) from more
+    overlapping windows: the mask is the same, the reconstruction differs, metrics.json records the step; a step off
+    the patch grid is refused in one line."""
+    scan, runs = LUNG, {}
+    for step in (None, "16"):
+        out = tmp_path / f"step{step}"
+        extra = [] if step is None else ["--window-step", step]
+        result = _run(tiny_checkpoint, scan, "--out", out, "--seed", "2", "--device", "cpu", *extra)
+        assert result.exit_code == 0, result.output
+        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        runs[step] = (_load(out, "mask.nii.gz"), _load(out, "reconstruction.nii.gz"), metrics["window_step_voxels"])
+    (mask_a, recon_a, step_a), (mask_b, recon_b, step_b) = runs[None], runs["16"]
+    assert (step_a, step_b) == (48, 16)  # 3/4 of the 64³ crop by default
+    assert np.array_equal(mask_a, mask_b) and mask_a.any()
+    assert not np.allclose(recon_a[mask_a == 1], recon_b[mask_b == 1])
+    refused = _run(tiny_checkpoint, scan, "--out", tmp_path / "x", "--window-step", "24", "--device", "cpu")
+    assert refused.exit_code == 2 and "--window-step 24 must be a multiple of the patch size 16" in refused.output

@@ -84,8 +84,17 @@ def patch_aligned_overlap(crop: int, patch: int) -> float:
     MONAI's stride is ``int(crop * (1 - overlap))``; the half-voxel margin keeps float rounding from landing one
     voxel short of the intended multiple of ``patch``.
     """
-    stride = max(1, round(0.75 * (crop // patch))) * patch
-    return max(0.0, 1.0 - (stride + 0.5) / crop)  # a crop of two patches steps by whole crops: no overlap
+    return window_overlap(crop, default_window_step(crop, patch))
+
+
+def default_window_step(crop: int, patch: int) -> int:
+    """About 3/4 of a crop in whole patches (a crop of two patches steps by whole crops: no overlap)."""
+    return max(1, round(0.75 * (crop // patch))) * patch
+
+
+def window_overlap(crop: int, step: int) -> float:
+    """The overlap for MONAI's sliding window that steps by ``step`` voxels (the half voxel: see above)."""
+    return max(0.0, 1.0 - (step + 0.5) / crop)
 
 
 def window_tokens(slices: list[slice], patch: int) -> tuple[slice, slice, slice]:

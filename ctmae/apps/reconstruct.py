@@ -26,10 +26,11 @@ from monai.metrics import PSNRMetric, SSIMMetric
 
 from ctmae.apps.inference import (
     LoadedModel,
+    default_window_step,
     pad_to_patches,
-    patch_aligned_overlap,
     preprocess,
     to_source_grid,
+    window_overlap,
     window_tokens,
 )
 from ctmae.apps.preview import WINDOW, write_preview
@@ -59,10 +60,12 @@ DEFINITIONS = {
     "ssim": "reconstruction.nii.gz vs input.nii.gz over the whole volume",
     "tokens": "tokens of the preprocessed volume padded to whole mask cells (mask.unit_voxels); tokens_masked of "
     "them hidden",
-    "fill": "the baseline a model must beat: a normalised gaussian convolution of the visible voxels (ctmae.apps."
+    "fill": "the baseline a model must beat: a normalised gaussian convolution of the visible voxels (ctmae.mae."
     "fills; sigma_voxels on the preprocessed grid, the best of a few chosen on this scan's hidden voxels) vs "
     "input.nii.gz where mask.nii.gz = 1; masked_minus_fill_db = masked PSNR minus the fill's (> 0: the model "
     "beats interpolation)",
+    "window_step_voxels": "voxels between the overlapping windows the scan is reconstructed in; each window's "
+    "prediction counts in proportion to the share of its tokens that are visible",
     "shift": "the model's masked-reconstruction error on fixed seeded crops of this scan, and shift_score: how many "
     "standard deviations it lies above the training scans' (ctmae.mae.shift; null when the checkpoint stores none)",
 }
@@ -83,6 +86,7 @@ def reconstruct(
     batch_size: int = 2,
     checkpoint_name: str = "",
     mask_unit: int | None = None,
+    window_step: int | None = None,
 ) -> dict[str, Any]:
     """Mask, reconstruct and write one scan's outputs (NIfTI, preview.png, metrics.json) into ``out_dir``.
 
@@ -96,6 +100,8 @@ def reconstruct(
         checkpoint_name: how metrics.json and the preview title name the checkpoint.
         mask_unit: draw the mask on cells of this many voxels, a multiple of the patch (None: the patch), so that
             checkpoints of different patch sizes can be scored on the very same hidden voxels.
+        window_step: voxels between overlapping windows, a multiple of the patch up to the crop (None: about 3/4 of
+            a crop, ``default_window_step``).
 
     Returns:
         The metrics written to metrics.json.
@@ -108,6 +114,8 @@ def reconstruct(
     _refuse_norm_pix(loaded, checkpoint_name)
     if mask_unit is not None and (mask_unit < 1 or mask_unit % cfg.model.patch):
         raise ValueError(f"mask unit {mask_unit} must be a multiple of the checkpoint's patch size {cfg.model.patch}")
+    if window_step is not None and not (0 < window_step <= cfg.model.img_size and window_step % cfg.model.patch == 0):
+        raise ValueError(f"window step {window_step} must be a multiple of the patch size, at most the crop")
     source = _one_volume(input_path)
     ensure_not_inputs([Path(out_dir) / name for name in (*OUTPUTS, "preview.png", "metrics.json")], [source])
     transform = preprocess_transforms(cfg.data, pad=False)  # _predict pads at the far end only
@@ -116,7 +124,9 @@ def reconstruct(
     lo, hi = cfg.data.hu_window
 
     kind = strategy(mask)
-    raw, hidden, encoder_view, tokens_hidden = _predict(loaded, image.as_tensor(), mask, seed, batch_size, mask_unit)
+    raw, hidden, encoder_view, tokens_hidden = _predict(
+        loaded, image.as_tensor(), mask, seed, batch_size, mask_unit, window_step
+    )
     # the baseline: the best gaussian fill of the same hidden voxels from the visible ones (none without a hole)
     fill, sigma = best_fill(image.as_tensor()[None].float(), hidden[None, None]) if kind.hides_tokens else (raw, None)
     channels = torch.stack([raw, hidden, encoder_view, fill.reshape(raw.shape), torch.ones_like(raw)])
@@ -154,6 +164,7 @@ def reconstruct(
             "seed": seed,
             "unit_voxels": mask_unit or cfg.model.patch,
         },
+        "window_step_voxels": window_step or default_window_step(cfg.model.img_size, cfg.model.patch),
         **figures,
         "fill": _fill_score(fill, sigma, original, hidden, (lo, hi), figures["masked"]["psnr"]),
         "tokens": int(tokens_hidden.numel()),  # over the preprocessed volume padded to whole mask cells
@@ -252,13 +263,20 @@ def _one_volume(input_path: str | os.PathLike) -> VolumeSource:
 
 @torch.inference_mode()
 def _predict(
-    loaded: LoadedModel, volume: torch.Tensor, mask_cfg: MaskConfig, seed: int, batch_size: int, mask_unit: int | None
+    loaded: LoadedModel,
+    volume: torch.Tensor,
+    mask_cfg: MaskConfig,
+    seed: int,
+    batch_size: int,
+    mask_unit: int | None,
+    window_step: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Model output, hidden-voxel map and encoder input on the preprocessed grid, plus the token mask ratio.
 
     Args:
         volume: (1, X, Y, Z) preprocessed, 0..1.
         mask_unit: edge in voxels of the cells the mask is drawn on (a multiple of the patch); None: the patch.
+        window_step: voxels between windows (a multiple of the patch); None: ``default_window_step``.
 
     Returns:
         (raw prediction, hidden 0/1, encoder input with hidden voxels at 0), each (X, Y, Z) on the CPU, and the
@@ -304,7 +322,7 @@ def _predict(
         (crop,) * 3,
         batch_size,
         predictor,
-        overlap=patch_aligned_overlap(crop, p),
+        overlap=window_overlap(crop, window_step or default_window_step(crop, p)),
         mode="constant",
         with_coord=True,
     )[0]  # (3, Xp, Yp, Zp)
