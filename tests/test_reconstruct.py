@@ -332,6 +332,7 @@ def test_mask_unit_hides_the_same_voxels_for_patch_8_and_patch_16(tiny_checkpoin
     assert refused.exit_code == 2 and "--mask-unit 24 must be a multiple of the patch size 16" in refused.output
 
 
+@pytest.mark.slow  # two reconstructions of the sample scan, one of them from 60 windows: 13 s
 def test_window_step_sets_how_densely_windows_overlap(tiny_checkpoint, tmp_path):
     """``--window-step 16`` reconstructs the same hidden voxels of the sample scan (several windows wide) from more
     overlapping windows: the mask is the same, the reconstruction differs, metrics.json records the step; a step off
