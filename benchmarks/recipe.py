@@ -254,6 +254,13 @@ RECIPES: dict[str, dict] = {
         mask={"predict_ratio": 0.75},
         train={"batch_size": 8, "lr": 3e-3},
     ),
+    "p16-c64-fillq8-b8-lr3-seed1": _recipe(
+        "p16-c64-fillq8-b8-lr3 with training seed 1 (weights, crops and masks): the run-to-run spread",
+        model={"fill_sigma": 8.0, "fill_queries": True},
+        data={"crop": 64},
+        mask={"predict_ratio": 0.75},
+        train={"batch_size": 8, "lr": 3e-3, "seed": 1},
+    ),
     "p16-c64-all": _recipe(
         "patch 16, crop 64 (more steps in the budget), loss on every hidden token",
         data={"crop": 64},
