@@ -296,9 +296,9 @@ class MaskedAutoencoder3D(nn.Module):
         known: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Voxels (B, Lp, C·p³) at the ``ids_pred`` tokens from the encoder's ``latent`` at ``ids_keep``: the
-        decoder's output, added to ``fill`` of the encoder's input ``images`` when ``fill_sigma`` is set (its queries
-        reading the fills around them when ``fill_queries`` is, ``ctmae.mae.fill_context``). ``known`` (B, 1, D, H,
-        W) 0/1 marks the voxels that belong to the scan: padding beyond its edge never enters a fill."""
+        decoder's output, added to a gaussian fill of the encoder's input ``images`` when ``fill_sigma`` is set (its
+        queries reading the fills around them when ``fill_queries`` is, ``ctmae.mae.fill_context``). ``known`` (B, 1,
+        D, H, W) 0/1 marks the voxels that belong to the scan: padding beyond its edge never enters a fill."""
         if not self.cfg.fill_sigma:
             return self.decoder(latent, ids_keep, ids_pred)
         p = self.cfg.patch
@@ -311,9 +311,7 @@ class MaskedAutoencoder3D(nn.Module):
             None if self.fill_queries is None else self.fill_queries(maps[:, : 2 * len(QUERY_SIGMAS)], ids_pred, p)
         )
         i = 2 * sigmas.index(self.cfg.fill_sigma)
-        fill = to_voxels(maps[:, i : i + 1], p).expand(-1, images.shape[1], -1, -1, -1)  # (B, C, D, H, W)
-        fill = self.patchify(fill)  # (B, L, C·p³)
-        fill = torch.gather(fill, 1, ids_pred[..., None].expand(-1, -1, fill.shape[-1]))  # (B, Lp, C·p³)
+        fill = self._at(to_voxels(maps[:, i : i + 1], p).expand(-1, images.shape[1], -1, -1, -1), ids_pred)
         residual = self.decoder(latent, ids_keep, ids_pred, queries)
         return fill + (self._smooth(residual, ids_keep, ids_pred, images) if self.cfg.head == "smooth" else residual)
 
@@ -326,9 +324,12 @@ class MaskedAutoencoder3D(nn.Module):
         coarse = residual.new_zeros(b, grid[0] * grid[1] * grid[2], width)
         coarse = coarse.scatter(1, ids_pred[..., None].expand(-1, -1, width), residual)
         coarse = coarse.scatter(1, ids_keep[..., None].expand(-1, -1, width), 0.0)  # (B, L, C·q³)
-        field = to_voxels(from_patches(coarse, grid, self.cfg.in_chans), self.cfg.patch)  # (B, C, D, H, W)
+        return self._at(to_voxels(from_patches(coarse, grid, self.cfg.in_chans), self.cfg.patch), ids_pred)
+
+    def _at(self, field: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The voxels (B, Lp, C·p³) of a crop-sized ``field`` (B, C, D, H, W) at the tokens ``ids`` (B, Lp)."""
         voxels = self.patchify(field)  # (B, L, C·p³)
-        return torch.gather(voxels, 1, ids_pred[..., None].expand(-1, -1, voxels.shape[-1]))
+        return torch.gather(voxels, 1, ids[..., None].expand(-1, -1, voxels.shape[-1]))
 
     def encode(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder features of crops (B, C, D, H, W): every token, or those in ``ids_keep`` (B, Lv). (B, Lv, D)."""
