@@ -1,10 +1,14 @@
-"""Regenerate ctmae's sample data from pyradiomics' lung1 chest CT (BSD-3-Clause; see LICENSE-pyradiomics.txt).
+"""Regenerate ctmae's sample data from pyradiomics' lung1 and lung2 chest CTs (BSD-3-Clause; LICENSE-pyradiomics.txt).
 
-Usage: python sample_data/make_sample_data.py /work/shared/data/lung1
+Usage: python sample_data/make_sample_data.py PYRADIOMICS_DATA_DIR
 
-Resamples the CT in-plane from 0.57 mm to about 1.5 mm (keeping the 5 mm slices, the physical extent and the
-orientation) so the samples stay small, then writes the image as NIfTI and as a DICOM series, and the tumour label as
-NIfTI on the same grid. Every output is deterministic: re-running gives byte-identical files.
+PYRADIOMICS_DATA_DIR holds lung1_image.nrrd, lung1_label.nrrd, lung2_image.nrrd and LICENSE-pyradiomics.txt, e.g.
+the data/ folder of the pyradiomics 3.1.0 source distribution with its LICENSE.txt copied in (see README.md).
+
+Resamples each CT in-plane from about 0.6 mm to about 1.5 mm (keeping the 5 mm slices, the physical extent and the
+orientation) so the samples stay small. lung1 is written as NIfTI and as a DICOM series, with its tumour label as
+NIfTI on the same grid, and split at HELD_OUT_FROM for the demo; lung2, a second patient, only joins the demo's
+pretraining. Every output is deterministic: re-running gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from ctmae.io.volume import CTReader, read_volume, write_nifti
 
 TARGET_INPLANE_MM = 1.5
 OUT = Path(__file__).resolve().parent
-SOURCE_FILES = ("lung1_image.nrrd", "lung1_label.nrrd")
+SOURCE_FILES = ("lung1_image.nrrd", "lung1_label.nrrd", "lung2_image.nrrd")
 LICENSE = "LICENSE-pyradiomics.txt"
 AIR_HU = -1024
 # The demo pretrains on the slices below this one and is scored on the slices from it up (80 mm, the lung apices and
@@ -66,22 +70,28 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def small_ct(path: Path) -> tuple[sitk.Image, tuple]:
+    """The CT at `path` on its ~1.5 mm in-plane grid, and the grid: linear in float, rounded back to whole HU."""
+    ct = sitk.ReadImage(str(path))
+    grid = in_plane_grid(ct)
+    ct_small = resample(sitk.Cast(ct, sitk.sitkFloat32), grid, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
+    return sitk.Cast(sitk.Round(ct_small), sitk.sitkInt16), grid
+
+
 def main(source_dir: str) -> None:
     src = Path(source_dir)
     for name in SOURCE_FILES:
         print(f"source {name}: sha256 {sha256(src / name)}")
-    ct = sitk.ReadImage(str(src / SOURCE_FILES[0]))
-    label = sitk.ReadImage(str(src / SOURCE_FILES[1]))
-    grid = in_plane_grid(ct)
-    # Linear in float, then rounded back to whole HU; nearest for the label so it stays 0/1.
-    ct_small = resample(sitk.Cast(ct, sitk.sitkFloat32), grid, sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
-    ct_small = sitk.Cast(sitk.Round(ct_small), sitk.sitkInt16)
-    label_small = resample(label, grid, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    ct_small, grid = small_ct(src / SOURCE_FILES[0])
+    label_small = resample(
+        sitk.ReadImage(str(src / SOURCE_FILES[1])), grid, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8
+    )
 
     write_as_nifti(ct_small, np.int16, OUT / "ct" / "lung1.nii.gz")
     write_as_nifti(label_small, np.uint8, OUT / "labels" / "lung1.nii.gz")
     write_as_nifti(ct_small[:, :, :HELD_OUT_FROM], np.int16, OUT / "demo" / "pretrain" / "lung1_lower.nii.gz")
     write_as_nifti(ct_small[:, :, HELD_OUT_FROM:], np.int16, OUT / "demo" / "heldout" / "lung1_upper.nii.gz")
+    write_as_nifti(small_ct(src / SOURCE_FILES[2])[0], np.int16, OUT / "demo" / "pretrain" / "lung2.nii.gz")
     dicom_dir = OUT / "dicom" / "lung1"
     shutil.rmtree(dicom_dir, ignore_errors=True)
     write_series(
@@ -95,7 +105,7 @@ def main(source_dir: str) -> None:
     )
     shutil.copyfile(src / LICENSE, OUT / LICENSE)
 
-    sources, problems = find_volumes([OUT / "ct", OUT / "labels", OUT / "dicom"])
+    sources, problems = find_volumes([OUT / "ct", OUT / "labels", OUT / "dicom", OUT / "demo"])
     assert not problems, problems
     volumes = {s.id.split("#")[0]: read_volume(s) for s in sources}
     (ct_array, ct_affine), (dicom_array, dicom_affine) = volumes["ct/lung1.nii.gz"], volumes["dicom/lung1"]

@@ -57,7 +57,9 @@ def test_pretrain_on_sample_data_writes_the_run_folder(tmp_path, every_step):
     assert state["step"] == 6 and state["config"].model.size == "tiny"
     assert {"model", "optimizer", "scaler", "rng"} <= set(state)
     assert "checkpoint written to" in (out / "train.log").read_text(encoding="utf-8")
-    assert len(list((tmp_path / "cache").glob("*.b2nd"))) == 1  # one preprocessed volume, cached
+    assert (
+        len(list((tmp_path / "cache").glob("*.b2nd"))) == 2
+    )  # the demo's two scans (lung1's lower slab, lung2), cached
 
 
 @pytest.mark.slow  # 24 s on 2 idle cores
@@ -139,9 +141,9 @@ def test_no_arguments_runs_the_demo_into_runs_demo(tmp_path, monkeypatch):
     result = run("--steps", "2", "--workers", "0")  # the demo, shortened
     assert result.exit_code == 0, result.output
     assert (tmp_path / "runs" / "demo" / "checkpoints" / "last.pt").is_file()
-    # the demo pretrains on the lower 32 slices only: the upper slab stays held out for reconstruct to score
+    # the demo pretrains on lung1's lower 32 slices and on lung2: lung1's upper slab stays held out for reconstruct
     sizes = [json.loads(f.read_text(encoding="utf-8"))["source"]["size"] for f in (tmp_path / "cache").rglob("*.json")]
-    assert sizes == [[195, 195, 32]]
+    assert sorted(sizes) == [[195, 195, 32], [214, 214, 61]]
     again = run("--steps", "2")
     assert again.exit_code == 2 and "runs/demo" in again.output and "--overwrite" in again.output
 

@@ -351,3 +351,47 @@ def test_window_step_sets_how_densely_windows_overlap(tiny_checkpoint, tmp_path)
     assert not np.allclose(recon_a[mask_a == 1], recon_b[mask_b == 1])
     refused = _run(tiny_checkpoint, scan, "--out", tmp_path / "x", "--window-step", "24", "--device", "cpu")
     assert refused.exit_code == 2 and "--window-step 24 must be a multiple of the patch size 16" in refused.output
+
+
+def _predict_with_window_means(tiny_checkpoint, monkeypatch, volume: torch.Tensor, window_step: int, seen: list):
+    """``_predict`` under ``--mask none`` with a model whose every window predicts that window's mean scan voxel
+    (``known`` = 1), recording each window's encoder input and known map in ``seen``."""
+    from ctmae.apps.inference import load_model
+    from ctmae.apps.reconstruct import _predict, mask_config
+    from ctmae.mae.model import MaskedAutoencoder3D
+
+    def window_mean(self, images, ids_keep=None, ids_pred=None, known=None):
+        seen.append((images.clone(), known.clone()))
+        mean = (images * known).sum((1, 2, 3, 4)) / known.sum((1, 2, 3, 4))  # (B,)
+        return mean.view(-1, 1, 1, 1, 1).expand_as(images).clone()
+
+    monkeypatch.setattr(MaskedAutoencoder3D, "reconstruct", window_mean)
+    loaded = load_model(tiny_checkpoint, "cpu")
+    raw, *_ = _predict(loaded, volume, mask_config(loaded, "none", None, None), 0, 2, None, window_step)
+    return raw
+
+
+def test_a_scan_thinner_than_a_crop_is_padded_with_its_edge_not_with_air(tiny_checkpoint, monkeypatch):
+    """Training crops lie inside scans, so the model never saw the wall of air that zero padding would put where a
+    thin scan (here 40 voxels deep, under the 64³ crop) ends: the padding repeats the edge voxels, and the ``known``
+    map still marks it as no scan voxel."""
+    volume = torch.full((1, 64, 64, 40), 0.6)  # soft tissue everywhere
+    seen: list = []
+    _predict_with_window_means(tiny_checkpoint, monkeypatch, volume, 64, seen)
+    ((images, known),) = seen  # one 64³ window
+    assert known[0, 0, :, :, :40].min() == 1 and known[0, 0, :, :, 40:].max() == 0
+    torch.testing.assert_close(images[0, 0, :, :, 40:], torch.full((64, 64, 24), 0.6))
+
+
+def test_windows_weigh_most_at_their_centre(tiny_checkpoint, monkeypatch):
+    """With overlapping windows (step 16 of a 64³ crop), a voxel's prediction favours the windows it lies near the
+    centre of (MONAI's gaussian importance map): on a scan brightening along x, where each window predicts its own
+    mean, the blend rises within every 16-voxel band that the same windows cover. A plain average would be constant
+    there, a step per band."""
+    ramp = torch.linspace(0.1, 0.9, 128).view(1, 128, 1, 1).expand(1, 128, 64, 64).contiguous()
+    raw = _predict_with_window_means(tiny_checkpoint, monkeypatch, ramp, 16, [])
+    profile = raw[:, 32, 32]  # (128,) along x
+    bands = profile[16:112].view(6, 16)  # voxels 16..111: the voxels of a band lie in the same windows
+    rise = bands[:, -1] - bands[:, 0]
+    assert (rise[1:5] > 0.05).all(), bands  # the inner bands, 4 windows each (0.085 measured)
+    assert (profile.diff() > -1e-3).all()  # and the blend never falls back across a band edge

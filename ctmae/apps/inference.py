@@ -68,13 +68,13 @@ def preprocess(source: VolumeSource, transform: Compose) -> MetaTensor:
         raise InputError(f"{source.label}: could not preprocess: {str(e).splitlines()[0]}") from None
 
 
-def pad_to_patches(volume: torch.Tensor, patch: int, minimum: int = 0) -> torch.Tensor:
-    """Zero-pad (C, X, Y, Z) at the far end of each axis to whole patches and at least ``minimum`` voxels (a
-    multiple of ``patch``); zero is the window minimum (air)."""
+def pad_to_patches(volume: torch.Tensor, patch: int, minimum: int = 0, mode: str = "constant") -> torch.Tensor:
+    """Pad (C, X, Y, Z) at the far end of each axis to whole patches and at least ``minimum`` voxels (a multiple
+    of ``patch``): with zeros, the window minimum (air), or with ``mode="replicate"`` by repeating the edge voxels."""
     pads = []
     for size in reversed(volume.shape[1:]):  # F.pad lists the last axis first
         pads += [0, max(-size % patch, minimum - size)]
-    return F.pad(volume, pads)
+    return F.pad(volume, pads, mode=mode)
 
 
 def patch_aligned_overlap(crop: int, patch: int) -> float:

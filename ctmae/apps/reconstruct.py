@@ -65,7 +65,8 @@ DEFINITIONS = {
     "input.nii.gz where mask.nii.gz = 1; masked_minus_fill_db = masked PSNR minus the fill's (> 0: the model "
     "beats interpolation)",
     "window_step_voxels": "voxels between the overlapping windows the scan is reconstructed in; each window's "
-    "prediction counts in proportion to the share of its tokens that are visible",
+    "prediction counts in proportion to the share of its tokens that are visible, and within it by a gaussian "
+    "centred on the window",
     "shift": "the model's masked-reconstruction error on fixed seeded crops of this scan, and shift_score: how many "
     "standard deviations it lies above the training scans' (ctmae.mae.shift; null when the checkpoint stores none)",
 }
@@ -288,7 +289,11 @@ def _predict(
     size = volume.shape[1:]
     # Cells tile the scan from its first voxel, so the mask does not depend on the crop size; the volume is padded
     # at its far end to whole cells and to at least one crop.
-    padded = pad_to_patches(volume, unit, minimum=crop).to(device)  # (1, Xp, Yp, Zp)
+    # The padding repeats the scan's edge voxels: training crops lie inside scans, so the model never saw the wall
+    # of air that zeros would put at a thin scan's end (the held-out demo slab, 51 voxels deep, is padded to 64);
+    # +0.10 dB under block masks and +0.26 under random masks there (the demo recipe, mean of 3 training seeds).
+    # The ``known`` map keeps the padding out of the model's own fill either way.
+    padded = pad_to_patches(volume, unit, minimum=crop, mode="replicate").to(device)  # (1, Xp, Yp, Zp)
     known = pad_to_patches(torch.ones_like(volume), unit, minimum=crop).to(device)  # 0 on the padding
     cells = tuple(-(-n // unit) for n in size)
     gen = torch.Generator(device).manual_seed(seed)
@@ -317,13 +322,16 @@ def _predict(
     # A window's prediction counts in proportion to the share of its tokens that are visible: one whose tokens are
     # all hidden has no context at all, and is not averaged in where a window with context covers the voxel (+0.04
     # dB for the demo's recipe on the held-out slab). Voxels that only such windows cover keep their plain average.
+    # Within a window, MONAI's gaussian importance map (sigma 1/8 of the crop) favours voxels near its centre, which
+    # have context on every side: +0.12 dB (block) and +0.15 (random) for the demo's recipe at window step 16,
+    # +0.10 / +0.01 at the default step.
     blend = sliding_window_inference(
         torch.cat([padded[None], encoder_input, known[None]], dim=1),
         (crop,) * 3,
         batch_size,
         predictor,
         overlap=window_overlap(crop, window_step or default_window_step(crop, p)),
-        mode="constant",
+        mode="gaussian",
         with_coord=True,
     )[0]  # (3, Xp, Yp, Zp)
     raw = torch.where(blend[1] > 0, blend[0] / blend[1].clamp_min(1e-12), blend[2])
