@@ -143,6 +143,29 @@ def test_flip_mirrors_about_half_the_training_crops_left_right(tmp_path, flip):
     assert (mirrored == 0) if not flip else (8 <= mirrored <= 16)
 
 
+@pytest.mark.parametrize("zoom", [0.0, 0.25])
+def test_zoom_scales_the_training_crops_within_its_range(tmp_path, zoom):
+    """``data.zoom``: on a volume that brightens evenly along x, a crop scaled by s rises s times as steeply across
+    its 16 voxels. With zoom 0.25 the rises spread over both sides of the unscaled one, within [1/1.25, 1.25] of it;
+    without zoom every crop rises the same."""
+    from conftest import write_volume
+    from ctmae.mae.crops import CropVisits
+
+    ramp = np.broadcast_to(np.linspace(-800, 800, 81)[:, None, None], (81, 40, 30)).astype(np.int16)  # 20 HU/voxel
+    path = write_volume(tmp_path / "ramp.nii.gz", ramp, spacing=(1.5, 1.5, 1.5), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    visits = CropVisits(
+        [VolumeSource(path.name, (str(path),), False)], _cfg(tmp_path, zoom=zoom, crops_per_volume=8), 0
+    )
+    crops = np.concatenate([visits[v][0].numpy() for v in range(4)])  # (32, 1, 16, 16, 16)
+    base = 15 * 20 / 2000  # 15 voxel steps of 20 HU, in window units (HU window 2000 wide)
+    scale = np.abs(crops[:, 0, -1, 8, 8] - crops[:, 0, 0, 8, 8]) / base  # per crop
+    if not zoom:
+        np.testing.assert_allclose(scale, 1.0, atol=1e-3)
+    else:
+        assert scale.min() < 0.95 and scale.max() > 1.05, scale
+        assert scale.min() > 1 / 1.25 - 0.02 and scale.max() < 1.25 + 0.02, scale
+
+
 def test_compressed_entry_is_a_fraction_of_the_float32_volume(tmp_path):
     source = _nifti(tmp_path / "lps.nii.gz", LPS)
     path = VolumeCache(_cfg(tmp_path)).ensure(source)

@@ -27,6 +27,7 @@ def test_dict_round_trip_and_presets(tmp_path):
         ("train:\n  batch_size: true\n", "train.batch_size"),
         ("model:\n  fill_queries: true\n", "fill_sigma"),
         ("model:\n  head: smooth\n", "fill_sigma"),
+        ("data:\n  zoom: 1.5\n", "data.zoom"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, key):

@@ -37,6 +37,8 @@ class DataConfig:
     crop: int = 96  # edge of the cubic training crop in voxels; a multiple of the patch size
     crops_per_volume: int = 4  # random crops drawn each time a cached volume is read
     flip: bool = False  # pretraining mirrors each crop left-right (RAS x) with probability 1/2
+    zoom: float = 0.0  # > 0: each pretraining crop is scaled by s, log-uniform in [1/(1+zoom), 1+zoom] (anatomy of
+    # other sizes: patients differ; a cube of crop·s voxels is read and resampled trilinearly to the crop)
     cache_dir: str = field(default_factory=default_cache_dir)  # preprocessed volumes, keyed by file and settings
     workers: int = 2  # DataLoader worker processes (0: load in the training process)
 
@@ -137,4 +139,6 @@ def check(cfg: RunConfig) -> None:
         raise ValueError(f"block must be >= 1 and noise_std >= 0, got {k.block} and {k.noise_std}")
     if t.batch_size < 1 or d.crops_per_volume < 1 or d.workers < 0:
         raise ValueError("batch_size and crops_per_volume must be >= 1, workers >= 0")
+    if not 0.0 <= d.zoom <= 1.0:
+        raise ValueError(f"data.zoom must be in [0, 1] (crops scaled by up to 1 + zoom), got {d.zoom}")
     check_common(d, t)

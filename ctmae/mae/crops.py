@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ctmae.io.discovery import VolumeSource
@@ -23,7 +24,9 @@ class CropVisits(Dataset):
     Crops are cut straight from the cache, so a visit decompresses only the blocks its crops touch, not the volume
     (MONAI's RandSpatialCropSamplesd would first load the whole array), straight into the batch as float32 0..1.
     Offsets are uniform over the valid range; with ``flip`` each crop is mirrored left-right (RAS x) with
-    probability 1/2 (a chest's left and right halves are near mirror images: twice the anatomy to learn from).
+    probability 1/2 (a chest's left and right halves are near mirror images: twice the anatomy to learn from); with
+    ``zoom`` each crop is a cube of ``crop``·s voxels, s log-uniform in [1/(1 + zoom), 1 + zoom], resampled
+    trilinearly to ``crop``: the anatomy at other sizes, as other patients bring it.
     """
 
     def __init__(
@@ -43,11 +46,24 @@ class CropVisits(Dataset):
         c = self.cfg.crop
         crops = np.empty((self.cfg.crops_per_volume, 1, c, c, c), np.float32)  # (N, 1, c, c, c)
         for crop in crops:
-            start = [int(rng.integers(0, n - c + 1)) for n in volume.shape]  # x, y, z
-            volume.read(start, (c, c, c), out=crop[0])  # decompresses only the blocks this crop touches
+            edge = self._edge(rng, volume.shape)
+            start = [int(rng.integers(0, n - edge + 1)) for n in volume.shape]  # x, y, z
+            if edge == c:
+                volume.read(start, (c, c, c), out=crop[0])  # decompresses only the blocks this crop touches
+            else:  # a cube of `edge` voxels, resampled to c: the anatomy scaled by c / edge
+                cube = np.empty((edge, edge, edge), np.float32)
+                volume.read(start, cube.shape, out=cube)
+                crop[0] = F.interpolate(torch.from_numpy(cube)[None, None], size=(c, c, c), mode="trilinear")[0, 0]
             if self.cfg.flip and rng.random() < 0.5:
                 crop[0] = crop[0, ::-1].copy()
         return (torch.from_numpy(crops),)
+
+    def _edge(self, rng: np.random.Generator, shape: Sequence[int]) -> int:
+        """Edge of the cube to read for one crop: ``crop``, or with ``zoom`` a log-uniform scale of it that fits."""
+        if not self.cfg.zoom:
+            return self.cfg.crop
+        scale = float(np.exp(rng.uniform(-1.0, 1.0) * np.log1p(self.cfg.zoom)))
+        return max(2, min(round(self.cfg.crop * scale), *shape))
 
 
 def crop_batches(
