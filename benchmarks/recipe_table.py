@@ -3,8 +3,6 @@ line saying why it is a candidate; a ``steps`` entry fixes its step count instea
 
 from __future__ import annotations
 
-from ctmae.cli.pretrain import DEMO
-
 TINY = {"model": {"size": "tiny"}, "data": {"crops_per_volume": 4}, "train": {"batch_size": 4, "lr": 1e-3}}
 
 
@@ -237,10 +235,19 @@ RECIPES: dict[str, dict] = {
 }
 
 
+# The demo's recipe of session 5 (p16-c64-fillq8-b8-lr3 for a fixed 1400 steps). Session 6 made demo-cpv8-zoom the
+# demo (ctmae.cli.pretrain.DEMO).
+DEMO_S5 = {
+    "model": {"size": "tiny", "fill_sigma": 8.0, "fill_queries": True},
+    "data": {"crop": 64, "crops_per_volume": 4},
+    "mask": {"predict_ratio": 0.75},
+    "train": {"steps": 1400, "batch_size": 8, "lr": 3e-3, "log_every": 10},
+}
+
+
 def _demo(why: str, seed: int, **sections: dict) -> dict:
-    """The demo's own config (``ctmae pretrain`` with no INPUTS) at training seed ``seed``, ``sections`` merged in,
-    for its fixed number of steps."""
-    config = {k: dict(v) for k, v in DEMO.items()}
+    """DEMO_S5 at training seed ``seed``, ``sections`` merged in, for its fixed number of steps."""
+    config = {k: dict(v) for k, v in DEMO_S5.items()}
     for name, values in {**sections, "train": {**sections.get("train", {}), "seed": seed}}.items():
         config.setdefault(name, {}).update(values)
     return {"why": f"{why} (training seed {seed})", "config": config, "steps": config["train"]["steps"]}
@@ -249,10 +256,11 @@ def _demo(why: str, seed: int, **sections: dict) -> dict:
 # Session 6: the demo's recipe at its fixed step count on the demo data, at three training seeds each.
 for _seed in range(3):
     _tag = f"-seed{_seed}" if _seed else ""
-    RECIPES[f"demo{_tag}"] = _demo("the demo: p16-c64-fillq8-b8-lr3 for 1400 steps", _seed)
+    RECIPES[f"demo{_tag}"] = _demo("the session-5 demo: p16-c64-fillq8-b8-lr3 for 1400 steps", _seed)
     RECIPES[f"demo-cpv8{_tag}"] = _demo(
         "the demo with 8 crops per visit (a batch of 8 from one scan)", _seed, data={"crops_per_volume": 8}
     )
+    RECIPES[f"demo-2000{_tag}"] = _demo("the demo for 2000 steps", _seed, train={"steps": 2000})
     RECIPES[f"demo-zoom{_tag}"] = _demo("the demo with crops scaled by 1/1.25 to 1.25", _seed, data={"zoom": 0.25})
     RECIPES[f"demo-cpv8-zoom{_tag}"] = _demo(
         "the demo with 8 crops per visit and crops scaled by 1/1.25 to 1.25",

@@ -34,16 +34,17 @@ from ctmae.runtime.distributed import DistInfo, barrier, cleanup, gather
 if TYPE_CHECKING:
     from ctmae.apps.monitor import TrainingMonitor
 
-# With no INPUTS, `ctmae pretrain` is a short CPU demo on the bundled scan's lower slab; options given explicitly
-# still win. The recipe is the best of benchmarks/recipe.py's at equal wall-clock (BENCHMARKS.md, issue 18): 64³
+# With no INPUTS, `ctmae pretrain` is a short CPU demo on the bundled scans (lung1's lower slab and lung2); options
+# given explicitly still win. The recipe is the best measured by benchmarks/recipe.py (BENCHMARKS.md, issue 18): 64³
 # crops, the loss on every hidden token, a decoder that predicts the residual over a gaussian fill (sigma 8) with
-# queries that read the fills around them, batch 8 at learning rate 3e-3.
+# queries that read the fills around them, batch 8 at learning rate 3e-3, each batch 8 crops of one scan, scaled by
+# 1/1.25 to 1.25.
 DEMO = {
     "model": {"size": "tiny", "fill_sigma": 8.0, "fill_queries": True},
-    "data": {"crop": 64, "crops_per_volume": 4},
+    "data": {"crop": 64, "crops_per_volume": 8, "zoom": 0.25, "workers": 0},  # loader workers slow 2 cores
     "mask": {"predict_ratio": 0.75},
     "train": {"steps": 1400, "batch_size": 8, "lr": 3e-3, "log_every": 10},
-}
+}  # benchmarks/recipe_table.py's demo-cpv8-zoom
 DEMO_OUT = Path("runs/demo")
 
 
