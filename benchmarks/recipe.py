@@ -118,7 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.recipes.split(","):
         recipe = RECIPES[name]
         if args.rescore:  # score the runs of an earlier invocation again
-            last = json.loads((work / name / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[-1])
+            rows = [
+                json.loads(line) for line in (work / name / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+            ]
+            last = [r for r in rows if "seconds" in r][-1]  # a preview row at the last checkpoint carries no time
             seconds, steps = results_before.get(name, {}).get("seconds", last["seconds"]), last["step"]
         else:
             if "steps" in recipe:  # a reference with a fixed number of steps

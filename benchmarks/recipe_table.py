@@ -253,6 +253,12 @@ def _demo(why: str, seed: int, **sections: dict) -> dict:
     return {"why": f"{why} (training seed {seed})", "config": config, "steps": config["train"]["steps"]}
 
 
+RECIPES["demo-cpv8-zoom-untrained"] = {
+    "why": "reference, not a recipe: the demo-cpv8-zoom model after one step at learning rate 1e-12, i.e. its own "
+    "gaussian fill (sigma 8) with a zero residual",
+    "config": {**DEMO_S5, "data": {"crop": 64, "crops_per_volume": 8, "zoom": 0.25}, "train": {"lr": 1e-12}},
+    "steps": 1,
+}
 # Session 6: the demo's recipe at its fixed step count on the demo data, at three training seeds each.
 for _seed in range(3):
     _tag = f"-seed{_seed}" if _seed else ""
