@@ -6,12 +6,17 @@ from __future__ import annotations
 TINY = {"model": {"size": "tiny"}, "data": {"crops_per_volume": 4}, "train": {"batch_size": 4, "lr": 1e-3}}
 
 
-def _recipe(why: str, **sections: dict) -> dict:
-    """TINY with ``sections`` merged in, and the line saying why it is a candidate."""
-    config = {k: dict(v) for k, v in TINY.items()}
+def _merged(base: dict, sections: dict) -> dict:
+    """A copy of the config ``base`` with each of ``sections``' values merged into its section."""
+    config = {k: dict(v) for k, v in base.items()}
     for name, values in sections.items():
         config.setdefault(name, {}).update(values)
-    return {"why": why, "config": config}
+    return config
+
+
+def _recipe(why: str, **sections: dict) -> dict:
+    """TINY with ``sections`` merged in, and the line saying why it is a candidate."""
+    return {"why": why, "config": _merged(TINY, sections)}
 
 
 RECIPES: dict[str, dict] = {
@@ -247,9 +252,7 @@ DEMO_S5 = {
 
 def _demo(why: str, seed: int, **sections: dict) -> dict:
     """DEMO_S5 at training seed ``seed``, ``sections`` merged in, for its fixed number of steps."""
-    config = {k: dict(v) for k, v in DEMO_S5.items()}
-    for name, values in {**sections, "train": {**sections.get("train", {}), "seed": seed}}.items():
-        config.setdefault(name, {}).update(values)
+    config = _merged(DEMO_S5, {**sections, "train": {**sections.get("train", {}), "seed": seed}})
     return {"why": f"{why} (training seed {seed})", "config": config, "steps": config["train"]["steps"]}
 
 

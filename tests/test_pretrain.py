@@ -57,9 +57,8 @@ def test_pretrain_on_sample_data_writes_the_run_folder(tmp_path, every_step):
     assert state["step"] == 6 and state["config"].model.size == "tiny"
     assert {"model", "optimizer", "scaler", "rng"} <= set(state)
     assert "checkpoint written to" in (out / "train.log").read_text(encoding="utf-8")
-    assert (
-        len(list((tmp_path / "cache").glob("*.b2nd"))) == 2
-    )  # the demo's two scans (lung1's lower slab, lung2), cached
+    # the demo's two scans (lung1's lower slab, lung2), cached
+    assert len(list((tmp_path / "cache").glob("*.b2nd"))) == 2
 
 
 @pytest.mark.slow  # 24 s on 2 idle cores
