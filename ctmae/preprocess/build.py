@@ -14,7 +14,7 @@ from ctmae.io.discovery import VolumeSource
 from ctmae.mae.config import DataConfig
 from ctmae.preprocess.cache import OLD_CACHE_NOTE, Built, VolumeCache
 from ctmae.runtime.files import OutputError
-from ctmae.runtime.signals import iterate_workers
+from ctmae.runtime.loader import iterate_workers
 
 
 class _Build(Dataset):

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ctmae.runtime.signals import iterate_workers
+from ctmae.runtime.loader import iterate_workers
 
 
 def visit_volume(num_volumes: int, seed: int, visit: int) -> int:

@@ -11,13 +11,11 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Iterator
 from typing import Any
-
-from torch.utils.data import DataLoader
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: SLURM's warning before the time limit
 WORKER_IGNORED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_ACTIVE: list[StopFlag] = []  # flags of the runs in progress in this process, innermost last
 
 
 class StopFlag:
@@ -34,6 +32,7 @@ class StopFlag:
     def __enter__(self) -> StopFlag:
         for sig in (*STOP_SIGNALS, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
+        _ACTIVE.append(self)
         return self
 
     @property
@@ -54,37 +53,14 @@ class StopFlag:
         self.signal = self.signal or signal.Signals(signum).name
 
     def __exit__(self, *exc: Any) -> None:
+        _ACTIVE.remove(self)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         if self.interrupted:  # the checkpoint is saved and the command is on its way out with 130: a second Ctrl-C
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # landing now would only turn that into Click's "Aborted!"
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: leave stop signals to the training process, then let them through."""
-    for sig in WORKER_IGNORED:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED)
-
-
-def iterate_workers(loader: DataLoader) -> Iterator:
-    """Iterate ``loader`` with workers that ignore stop signals; its workers are shut down when this ends.
-
-    Signals are blocked while the workers are forked, so one sent to the process group in that instant neither
-    kills a worker before it has set its handlers nor gets lost in the parent (it is delivered on unblocking).
-    """
-    if loader.num_workers == 0:
-        yield from loader
-        return
-    loader.worker_init_fn = _ignore_stop_signals
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED)
-    try:
-        it = iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-    try:
-        yield from it
-    finally:
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+def pending_stop() -> str | None:
+    """The stop signal that reached a run in progress in this process (``"SIGTERM"``...), or None: for code deep
+    inside a run (a data loader waiting for a batch) that holds no reference to the run's flag."""
+    return next((flag.signal for flag in reversed(_ACTIVE) if flag.signal), None)
