@@ -142,3 +142,17 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     assert good and not problems, problems
     pretrain(cfg, good, root / "run")
     return root / "run" / "checkpoints" / "last.pt"
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Commands apply their CPU budget to this process (torch, SimpleITK): each test starts from the defaults."""
+    import torch
+
+    from ctmae.runtime import cpu
+
+    threads, sitk_threads = torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    yield
+    torch.set_num_threads(threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(sitk_threads)
+    cpu._IN_FORCE.clear()

@@ -50,6 +50,7 @@ from ctmae.io.discovery import VolumeSource, find_volumes
 from ctmae.mae.config import DataConfig
 from ctmae.mae.shift import crops_error, scan_crops, shift_score, shift_warning
 from ctmae.preprocess.transforms import preprocess_transforms
+from ctmae.runtime.loader import VOLUME_STALL_S, iterate_workers
 
 POOLS = ("mean", "max")
 FORMATS = (".npz", ".csv", ".parquet")
@@ -215,9 +216,11 @@ def _keep(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def _stream(sources: Sequence[VolumeSource], cfg: DataConfig):
-    """Preprocessed volumes in order, one in the main process plus at most 2 per worker in flight."""
-    workers = min(cfg.workers, len(sources))
-    return DataLoader(_Prepare(sources, cfg), batch_size=None, num_workers=workers, collate_fn=_keep)
+    """Preprocessed volumes in order, one in the main process plus at most 2 per worker in flight (``cfg.workers``
+    as the command planned them against /dev/shm; a wait for a worker ends on a stall, ``ctmae.runtime.loader``)."""
+    workers = min(cfg.workers or 0, len(sources))
+    loader = DataLoader(_Prepare(sources, cfg), batch_size=None, num_workers=workers, collate_fn=_keep)
+    return iterate_workers(loader, stall_s=VOLUME_STALL_S)
 
 
 def _weights_digest(loaded: LoadedModel) -> str:

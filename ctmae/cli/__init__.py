@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+import ctmae.runtime.openmp  # noqa: F401  (first: sets OpenMP's wait policy before any import loads torch)
 from ctmae.cli import (  # noqa: F401
     embed,
     evaluate,  # noqa: F401

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Callable
@@ -17,8 +18,15 @@ from ctmae.io.checks import InputError
 from ctmae.io.discovery import Note
 from ctmae.runtime.checkpoint import CheckpointError
 from ctmae.runtime.distributed import DistInfo, barrier, setup
+from ctmae.runtime.loader import LoaderError
+from ctmae.runtime.resources import Resources, plan_resources
 
 INPUTS_HELP = "Scans: NIfTI/NRRD/MHA files, DICOM series folders, folders (searched recursively) or .txt/.csv lists."
+THREADS_HELP = (
+    "CPU cores this command may keep busy (default: its budget: the affinity mask, cgroup CPU quota, "
+    "SLURM_CPUS_PER_TASK or CTMAE_THREADS, whichever is smallest)"
+)
+WORKERS_HELP = "Data loader processes (default: from the CPU budget, and as many as /dev/shm holds)"
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -63,7 +71,7 @@ def run_command(body: Callable[[], None]) -> None:
     except UsageError as e:
         errors.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    except (InputError, CheckpointError, ValueError, OSError) as e:
+    except (InputError, CheckpointError, LoaderError, ValueError, OSError) as e:
         errors.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
@@ -80,6 +88,22 @@ def run_command(body: Callable[[], None]) -> None:
             soft_wrap=True,
         )
         raise typer.Exit(1) from None
+
+
+def use_resources(threads: int | None, device: str | None, workers: int | None, item_bytes: int = 0) -> Resources:
+    """Plan this command's threads and loader workers (``ctmae.runtime.resources``) and print the budget line and
+    any note (workers cut to what /dev/shm holds)."""
+    import torch
+
+    cuda = device == "cuda" or (device in (None, "auto") and torch.cuda.is_available())
+    try:
+        res = plan_resources(threads, "cuda" if cuda else "cpu", workers, item_bytes)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    console.print(res.describe(), highlight=False, soft_wrap=True)
+    for note in res.notes:
+        errors.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
+    return res
 
 
 def announce_start(run_dir: Path, resume: bool, start_step: int) -> None:
@@ -156,7 +180,19 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
         probe.touch()
         probe.unlink()
     except OSError as e:
-        raise UsageError(f"{out}: cannot write there ({e.strerror})") from None
+        raise UsageError(f"{out}: cannot write there ({e.strerror}){_write_hint(e)}") from None
+
+
+def _write_hint(e: OSError) -> str:
+    """How to fix an unwritable output folder; in a container, the usual cause is a uid that does not own it."""
+    if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ""
+    if Path("/.dockerenv").exists() or Path("/run/.containerenv").exists():
+        return (
+            f"; this container runs as uid {os.getuid()}: run it as the folder's owner "
+            f"(docker run --user $(id -u):$(id -g) ...) or mount a folder that uid may write"
+        )
+    return f"; uid {os.getuid()} may not write there: choose another --out or fix the folder's permissions"
 
 
 def open_run_dir(out: Path, resume: bool, overwrite: bool, device: str | None) -> DistInfo:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,6 +11,8 @@ from rich.markup import escape
 
 from ctmae.cli.common import (
     INPUTS_HELP,
+    THREADS_HELP,
+    WORKERS_HELP,
     UsageError,
     app,
     console,
@@ -17,9 +20,12 @@ from ctmae.cli.common import (
     progress_bar,
     report_skipped,
     run_command,
+    use_resources,
 )
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import skipped_only
+
+SCAN_BYTES = 256 << 20  # a large preprocessed scan (float32, 400³ voxels): what /dev/shm must hold per item
 
 
 @app.command()
@@ -53,6 +59,8 @@ def embed(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", min=1)] = 2,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
+    workers: Annotated[Optional[int], typer.Option(help=WORKERS_HELP)] = None,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False)] = None,
 ) -> None:
     """Embed scans with a pretrained encoder: one vector per scan (no masking; the whole scan is covered)."""
 
@@ -67,7 +75,9 @@ def embed(
             check_options(out, pool)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        res = use_resources(threads, device, workers, SCAN_BYTES)  # a worker hands over a whole preprocessed scan
         loaded = load_model(checkpoint, device)
+        loaded = dataclasses.replace(loaded, cfg=loaded.cfg.replace(data={"workers": res.workers}))
         with progress_bar() as progress:
             task = progress.add_task("embedding", total=None, info="")
 

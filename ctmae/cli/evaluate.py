@@ -11,7 +11,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ctmae.cli.common import UsageError, app, console, errors, progress_bar, run_command
+from ctmae.cli.common import (
+    THREADS_HELP,
+    UsageError,
+    app,
+    console,
+    errors,
+    progress_bar,
+    run_command,
+    use_resources,
+)
 
 PathList = Optional[list[Path]]
 REPORT_OUTPUTS = ("report.json", "report.md", "report.png", "cases.csv", "journal.jsonl", "fewshot")
@@ -70,6 +79,7 @@ def evaluate(
     feature_size: Annotated[int, typer.Option(help="UNETR convolutional feature width")] = 16,
     windows: Annotated[int, typer.Option(help="Crops per test scan for the recon protocol")] = 4,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False)] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted evaluation in REPORT_DIR.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace evaluate's outputs in a non-empty REPORT_DIR.")] = False,
 ) -> None:
@@ -83,6 +93,7 @@ def evaluate(
             raise UsageError("--out REPORT_DIR is required")
         if not images:
             raise UsageError("--images is required (with --labels, or one datalist / nnU-Net folder)")
+        use_resources(threads, device, 0)
         try:
             settings = EvalSettings(
                 protocols=tuple(p.strip() for p in protocols.split(",") if p.strip()),

@@ -11,6 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ctmae.cli.common import (
+    THREADS_HELP,
+    WORKERS_HELP,
     UsageError,
     announce_start,
     app,
@@ -21,6 +23,7 @@ from ctmae.cli.common import (
     progress_bar,
     report_skipped,
     run_command,
+    use_resources,
 )
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import find_volumes, skipped_only
@@ -156,7 +159,8 @@ def finetune_seg(
     precision: Annotated[
         Optional[str], typer.Option(help="auto|bf16|fp16|fp32; auto = bf16 on GPU, fp32 on CPU")
     ] = None,
-    workers: Annotated[int, typer.Option(help="Data loader processes drawing crops")] = 0,
+    workers: Annotated[Optional[int], typer.Option(help=WORKERS_HELP)] = None,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False)] = None,
     cache_dir: Annotated[
         Optional[Path], typer.Option(help="Preprocessing cache, as pretrain's and prepare's (default: ~/.cache/ctmae)")
     ] = None,
@@ -233,6 +237,8 @@ def finetune_seg(
             mae, cfg = _new_config(
                 checkpoint, from_scratch, spacing, net_opts, {**data_opts, "workers": workers}, train_opts
             )
+        voxels = cfg.data.crops_per_volume * cfg.data.crop**3
+        cfg = cfg.replace(data={"workers": use_resources(threads, cfg.train.device, workers, voxels * 8).workers})
         if cfg.pretrained:  # the encoder's input contract, from each image's header and a few slices
             _warn(source_warnings(preprocessing_of(cfg.data), [c.image for c in cases + (val_cases or [])]))
         train_cases, held_out = (cases, val_cases) if val_cases else split_cases(cases, val_fraction, cfg.train.seed)

@@ -3,7 +3,6 @@ bad scans, and write and print a summary of the dataset."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,7 +10,18 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ctmae.cli.common import INPUTS_HELP, UsageError, app, console, errors, progress_bar, report_skipped, run_command
+from ctmae.cli.common import (
+    INPUTS_HELP,
+    THREADS_HELP,
+    UsageError,
+    app,
+    console,
+    errors,
+    progress_bar,
+    report_skipped,
+    run_command,
+    use_resources,
+)
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import check_modality, find_volumes, skipped_only
 from ctmae.mae.config import RunConfig, default_cache_dir
@@ -59,8 +69,9 @@ def prepare(
         typer.Option(help=f"Cache folder, shared with pretrain's --cache-dir (default: {default_cache_dir()})"),
     ] = None,
     workers: Annotated[
-        Optional[int], typer.Option(help="Processes building entries (default: the CPUs this job may use)", min=0)
+        Optional[int], typer.Option(help="Processes building entries (default: the cores of the CPU budget)", min=0)
     ] = None,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False)] = None,
     shard: Annotated[
         Optional[str],
         typer.Option(
@@ -104,7 +115,7 @@ def prepare(
             for line in lines:
                 errors.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
         mine = part.select(sources) if part else sources
-        count = len(os.sched_getaffinity(0)) if workers is None else workers
+        count = use_resources(threads, "cpu", 0).budget.cores if workers is None else workers
         with progress_bar() as progress:
             task = progress.add_task(f"preparing {len(mine)} scan(s), {count} worker(s)", total=len(mine), info="")
 

@@ -11,6 +11,8 @@ from rich.table import Table
 
 from ctmae.cli.common import (
     INPUTS_HELP,
+    THREADS_HELP,
+    WORKERS_HELP,
     UsageError,
     announce_start,
     app,
@@ -22,6 +24,7 @@ from ctmae.cli.common import (
     report_skipped,
     run_command,
     sample_data_dir,
+    use_resources,
 )
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import check_modality, find_volumes, skipped_only
@@ -38,10 +41,10 @@ if TYPE_CHECKING:
 # given explicitly still win. The recipe is the best measured by benchmarks/recipe.py (BENCHMARKS.md, issue 18): 64³
 # crops, the loss on every hidden token, a decoder that predicts the residual over a gaussian fill (sigma 8) with
 # queries that read the fills around them, batch 8 at learning rate 3e-3, each batch 8 crops of one scan, scaled by
-# 1/1.25 to 1.25.
+# 1/1.25 to 1.25. Loader workers are planned from the CPU budget: none below four cores, where they slow the step.
 DEMO = {
     "model": {"size": "tiny", "fill_sigma": 8.0, "fill_queries": True},
-    "data": {"crop": 64, "crops_per_volume": 8, "zoom": 0.25, "workers": 0},  # loader workers slow 2 cores
+    "data": {"crop": 64, "crops_per_volume": 8, "zoom": 0.25},
     "mask": {"predict_ratio": 0.75},
     "train": {"steps": 1400, "batch_size": 8, "lr": 3e-3, "log_every": 10},
 }  # benchmarks/recipe_table.py's demo-cpv8-zoom
@@ -139,7 +142,8 @@ def pretrain(
     precision: Annotated[
         Optional[str], typer.Option(help="auto|bf16|fp16|fp32; auto = bf16 on GPU, fp32 on CPU")
     ] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Data loader processes (default: 2)")] = None,
+    workers: Annotated[Optional[int], typer.Option(help=WORKERS_HELP)] = None,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False)] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Preprocessing cache (default: ~/.cache/ctmae)")] = None,
     modality: Annotated[
         Optional[str],
@@ -187,6 +191,8 @@ def pretrain(
         scans = inputs or [sample_data_dir() / "demo" / "pretrain"]  # the upper slab stays held out
         last = run_dir / "checkpoints" / "last.pt"
         base = load_checkpoint(last)["config"] if resume and last.is_file() else None
+        if base is not None:  # loader workers belong to the machine, not the run: a requeued job plans its own
+            base = base.replace(data={"workers": None})
         try:
             cfg = base or (RunConfig() if inputs else RunConfig.from_dict(DEMO))
             if config is not None:
@@ -230,6 +236,9 @@ def pretrain(
             raise UsageError(problem)
         for line in context_warnings(cfg):
             errors.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
+        crop_bytes = cfg.data.crop**3 * 4  # float32
+        res = use_resources(threads, cfg.train.device, cfg.data.workers, cfg.data.crops_per_volume * crop_bytes)
+        cfg = cfg.replace(data={"workers": res.workers})
         probe = _probe_cases(cfg, probe_images, probe_labels, probe_every) if dist.is_main else None
         sources = _volumes(scans, cfg, dist, modality)
         monitor = _monitor(cfg, run_dir, sources[0], probe, probe_every, preview_every) if dist.is_main else None

@@ -8,7 +8,15 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from ctmae.cli.common import UsageError, app, console, errors, run_command
+from ctmae.cli.common import (
+    THREADS_HELP,
+    UsageError,
+    app,
+    console,
+    errors,
+    run_command,
+    use_resources,
+)
 from ctmae.mae.masking import MASKS
 
 
@@ -48,6 +56,7 @@ def reconstruct(
     seed: Annotated[int, typer.Option(help="Seed of the mask and the noise; the same seed repeats a run.")] = 0,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", min=1)] = 2,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False)] = None,
 ) -> None:
     """Mask a scan, reconstruct it, and write the result on the scan's own grid (opens in 3D Slicer / ITK-SNAP)."""
 
@@ -59,6 +68,7 @@ def reconstruct(
 
         if device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
+        use_resources(threads, device, 0)
         loaded = load_model(checkpoint, device)
         try:
             mask_cfg = mask_config(loaded, mask, mask_ratio, block)

@@ -9,7 +9,18 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.markup import escape
 
-from ctmae.cli.common import UsageError, app, console, errors, progress_bar, report_skipped, run_command
+from ctmae.cli.common import (
+    THREADS_HELP,
+    WORKERS_HELP,
+    UsageError,
+    app,
+    console,
+    errors,
+    progress_bar,
+    report_skipped,
+    run_command,
+    use_resources,
+)
 from ctmae.cli.evaluate import _numbers
 from ctmae.mae.config import MODEL_PRESETS
 
@@ -42,7 +53,8 @@ def study(
     seed: Annotated[int, typer.Option(help="One seed for every point's pretraining and the evaluation")] = 0,
     batch_size: Annotated[Optional[int], typer.Option(help="Pretraining crops per step (default: 2)")] = None,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
-    workers: Annotated[Optional[int], typer.Option(help="Data loader processes (default: 2)")] = None,
+    workers: Annotated[Optional[int], typer.Option(help=WORKERS_HELP)] = None,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False)] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Preprocessing cache (default: ~/.cache/ctmae)")] = None,
     protocols: Annotated[str, typer.Option(help="Evaluation protocols: probe,fewshot,recon")] = "probe,fewshot,recon",
     shots: Annotated[str, typer.Option(help="Few-shot labelled cases, comma-separated")] = "1,2",
@@ -71,6 +83,8 @@ def study(
             raise UsageError("--eval-images is required (with --eval-labels, or one datalist / nnU-Net folder)")
         settings = _settings(protocols, shots, repeats, seed, test_cases, ft_steps, windows, device)
         base = _base(config, model, crop, patch, steps, seed, device, workers, cache_dir, batch_size)
+        visit_bytes = base.data.crops_per_volume * base.data.crop**3 * 4
+        base = base.replace(data={"workers": use_resources(threads, device, base.data.workers, visit_bytes).workers})
         try:
             if bool(grid) == bool(grid_file):
                 raise st.GridError("give the grid as --grid KEY=V1,V2 (repeatable) or as --grid-file, one of them")

@@ -40,7 +40,8 @@ class DataConfig:
     zoom: float = 0.0  # > 0: each pretraining crop is scaled by s, log-uniform in [1/(1+zoom), 1+zoom] (anatomy of
     # other sizes: patients differ; a cube of crop·s voxels is read and resampled trilinearly to the crop)
     cache_dir: str = field(default_factory=default_cache_dir)  # preprocessed volumes, keyed by file and settings
-    workers: int = 2  # DataLoader worker processes (0: load in the training process)
+    workers: int | None = None  # DataLoader worker processes (0: load in the training process; None: planned from
+    # the CPU budget and /dev/shm by the command, ctmae.runtime.resources; in-process where nothing planned it)
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def check(cfg: RunConfig) -> None:
         raise ValueError(f"predict_ratio must be in (0, 1], got {k.predict_ratio}")
     if k.block < 1 or k.noise_std < 0:
         raise ValueError(f"block must be >= 1 and noise_std >= 0, got {k.block} and {k.noise_std}")
-    if t.batch_size < 1 or d.crops_per_volume < 1 or d.workers < 0:
+    if t.batch_size < 1 or d.crops_per_volume < 1 or (d.workers or 0) < 0:
         raise ValueError("batch_size and crops_per_volume must be >= 1, workers >= 0")
     if not 0.0 <= d.zoom <= 1.0:
         raise ValueError(f"data.zoom must be in [0, 1] (crops scaled by up to 1 + zoom), got {d.zoom}")

@@ -87,9 +87,7 @@ def pretrain(
             save_checkpoint(state, run.checkpoints / f"step_{step:07d}.pt")
         run.log.info(f"step {step}: checkpoint written to {run.checkpoints / 'last.pt'}")
 
-    batches = crop_batches(
-        sources, cfg.data, t.seed, t.batch_size, start_step=run.start, rank=dist.rank, world=dist.world
-    )
+    batches = crop_batches(sources, cfg.data, t.seed, t.batch_size, run.start, dist.rank, dist.world)
     min_ratio = t.min_lr / t.lr if t.lr else 0.0  # the lr is a pure function of the step: no scheduler state
     net.train()
     step, losses, bad_steps, skipped, stopped = run.start, [], 0, 0, None
@@ -98,7 +96,12 @@ def pretrain(
             lr = t.lr * lr_factor(step, run.total, t.warmup, min_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = _loss(net, model, next(batches), cfg, step, global_batch, run)
+            images = run.next_batch(batches)
+            if images is None:  # a stop signal while waiting for data: the last finished step is the checkpoint
+                checkpoint(step)
+                stopped = run.stopped_by_signal(step)
+                break
+            loss = _loss(net, model, images, cfg, step, global_batch, run)
             if _finite(loss, run):  # a non-finite loss skips the update: weights stay as they were
                 update(loss)
                 run.add_loss(loss)

@@ -13,6 +13,7 @@ from ctmae.io.checks import InputError
 from ctmae.io.discovery import VolumeSource
 from ctmae.mae.config import DataConfig
 from ctmae.preprocess.cache import OLD_CACHE_NOTE, Built, VolumeCache
+from ctmae.runtime.cpu import current_budget
 from ctmae.runtime.files import OutputError
 from ctmae.runtime.loader import iterate_workers
 
@@ -55,8 +56,8 @@ def build_entries(
         OutputError: an entry could not be written (e.g. a full disk); entries written before are intact.
     """
     cache = VolumeCache(cfg, min_edge)
-    workers = min(cfg.workers if workers is None else workers, len(sources))
-    threads = max(1, len(os.sched_getaffinity(0)) // workers) if workers else 0  # each worker's share of the cores
+    workers = min((cfg.workers or 0) if workers is None else workers, len(sources))
+    threads = max(1, current_budget().cores // workers) if workers else 0  # each worker's share of the CPU budget
     loader = DataLoader(_Build(sources, cache, threads), batch_size=None, num_workers=workers)
     for source, built in zip(sources, iterate_workers(loader)):
         if built.fatal:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ctmae.runtime.loader import iterate_workers
+from ctmae.runtime.loader import PREFETCH, STALL_S, iterate_workers
 
 
 def visit_volume(num_volumes: int, seed: int, visit: int) -> int:
@@ -30,7 +30,7 @@ def global_visit(local_visit: int, rank: int, world: int) -> int:
 
 
 def visit_batches(
-    visits: Dataset, per_visit: int, batch_size: int, start_step: int, workers: int
+    visits: Dataset, per_visit: int, batch_size: int, start_step: int, workers: int | None
 ) -> Iterator[tuple[torch.Tensor, ...]]:
     """Endless batches from a dataset of visits, continuing exactly where step ``start_step`` would be.
 
@@ -39,23 +39,25 @@ def visit_batches(
         per_visit: crops per visit.
         batch_size: crops per yielded batch (per process).
         start_step: batches already consumed by earlier steps (resume): they are skipped without being read.
-        workers: DataLoader processes (0: read in this process); they ignore stop signals (``ctmae.runtime.signals``).
+        workers: DataLoader processes (0 or None: read in this process); they ignore stop signals, and a wait for
+            them ends on a stop signal or a stall (``ctmae.runtime.loader``).
 
     Yields:
         Tuples of tensors (B, ...), B = ``batch_size``.
     """
     first_visit, skip = divmod(start_step * batch_size, per_visit)
+    workers = workers or 0
     loader = DataLoader(
         visits,
         batch_size=None,
         sampler=itertools.count(first_visit),  # endless: visit indices from here on
         num_workers=workers,
         persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=PREFETCH if workers > 0 else None,
     )
     pending: list[tuple[torch.Tensor, ...]] = []
     have = 0
-    for item in iterate_workers(loader):
+    for item in iterate_workers(loader, stall_s=STALL_S):
         if skip:
             item, skip = tuple(x[skip:] for x in item), 0
         pending.append(item)

@@ -8,7 +8,7 @@ None), wraps the model with ``run.wrap``, and then for each step asks ``run.stop
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import torch
 from ctmae.runtime.checkpoint import rng_state, set_rng_state
 from ctmae.runtime.device import autocast_for, resolve_device, resolve_precision
 from ctmae.runtime.distributed import DistInfo, any_rank, mean_over_ranks
+from ctmae.runtime.loader import LoaderStopped
 from ctmae.runtime.metrics_log import MetricsLog
 from ctmae.runtime.schedule import resolve_steps
 from ctmae.runtime.signals import StopFlag
@@ -104,6 +105,13 @@ class Run:
         self.log.metrics({"step": step, "loss": loss, **extra, "seconds": round(time.perf_counter() - self.started, 3)})
         self._loss, self._loss_steps = None, 0
         return loss
+
+    def next_batch(self, batches: Iterator[Any]) -> Any | None:
+        """The loader's next batch, or None when a stop signal came while this process waited for it."""
+        try:
+            return next(batches)
+        except LoaderStopped:
+            return None
 
     def stop_requested(self) -> bool:
         """Whether a stop signal reached any rank (every rank agrees, so all checkpoint and stop together)."""

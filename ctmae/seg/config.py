@@ -22,7 +22,8 @@ class SegDataConfig:
     crop: int = 96  # edge of the training crop and the sliding window; a multiple of 16
     crops_per_volume: int = 4  # foreground-balanced crops drawn per visit of a labelled volume
     pos_fraction: float = 0.5  # share of crops centred on a labelled (non-zero) voxel
-    workers: int = 0  # DataLoader processes drawing crops (0: in the training process)
+    workers: int | None = None  # DataLoader processes drawing crops (0: in the training process; None: planned
+    # by the command from the CPU budget and /dev/shm)
 
     def preprocessing(self) -> DataConfig:
         """The pretraining ``DataConfig`` that ``ctmae.preprocess.transforms.preprocess_transforms`` reads."""
@@ -82,7 +83,7 @@ def check(cfg: SegConfig) -> None:
             f"num_classes must be >= 2 (background included) and feature_size >= 1, got "
             f"{n.num_classes} and {n.feature_size}"
         )
-    if not 0.0 <= d.pos_fraction <= 1.0 or d.crops_per_volume < 1 or d.workers < 0:
+    if not 0.0 <= d.pos_fraction <= 1.0 or d.crops_per_volume < 1 or (d.workers or 0) < 0:
         raise ValueError(f"pos_fraction must be in 0..1, crops_per_volume >= 1, workers >= 0; got {d}")
     if not 0.0 < t.layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1], got {t.layer_decay}")

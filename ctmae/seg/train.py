@@ -185,7 +185,12 @@ def finetune(
     step, per_class, stopped = run.start, None, None
     with run.flag:  # SIGTERM/SIGUSR1/Ctrl-C: finish the step, write last.pt, stop
         while step < run.end:
-            images, labels = (x.to(run.device, non_blocking=True) for x in next(batches))  # (B, 1, c, c, c) each
+            batch = run.next_batch(batches)
+            if batch is None:  # a stop signal while waiting for data: the last finished step is the checkpoint
+                parts.save(run, step, None)
+                stopped = run.stopped_by_signal(step)
+                break
+            images, labels = (x.to(run.device, non_blocking=True) for x in batch)  # (B, 1, c, c, c) each
             with run.autocast():
                 logits = net(images)  # (B, C, c, c, c)
             loss = loss_fn(logits.float(), labels)
