@@ -22,6 +22,7 @@ from ctmae.io.discovery import VolumeSource
 from ctmae.mae.config import DataConfig
 from ctmae.mae.crops import crop_batches
 from ctmae.preprocess.cache import VolumeCache
+from ctmae.runtime.loader import PREFETCH
 
 FIRST_PASS_TARGET = Target("<=", 0.5, "≤ 0.5×")
 CROPS_TARGET = Target(">=", 10.0, "≥ 10×")
@@ -157,7 +158,7 @@ def loader_vs_step(
     consumed = Figure([batch / t for t in computes], "crops/s")
 
     stream = crop_batches(sources, cfg, seed=1, batch_size=batch)
-    for _ in range(2 * cfg.workers * 4 + 1):  # fill and drain the prefetch queue once: workers are up
+    for _ in range(2 * (cfg.workers or 0) * PREFETCH + 1):  # fill and drain the prefetch queue once: workers are up
         next(stream)
     delivered = []
     for r in range(repeats):

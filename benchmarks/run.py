@@ -114,7 +114,7 @@ def data_rows(scratch: Path, plan: Plan) -> list[Row]:
     }
     if SAMPLE_CT.is_file():
         volumes["sample_data/ct/lung1.nii.gz"] = find_volumes([SAMPLE_CT])[0][0]
-    cfg = DataConfig(cache_dir=str(scratch / "cache"))  # the defaults: spacing, window, crop 96, 4 crops, 2 workers
+    cfg = DataConfig(cache_dir=str(scratch / "cache"), workers=2)  # default spacing, window, crop 96, 4 crops
 
     rows = []
     for name, source in volumes.items():

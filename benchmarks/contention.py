@@ -1,0 +1,135 @@
+"""The demo's speed on a CPU shared with other work: alone, beside two busy-loop processes, beside a second demo,
+and with the CPU limited by a container quota against a pinned core.
+
+Each case runs the real command (``ctmae pretrain --out R --steps N --device cpu``, the demo's recipe on the bundled
+scans, cache warm) and reads the crops/s the run itself logged in ``metrics.jsonl`` (training only) plus the wall time
+of the whole command. ``OMP_WAIT_POLICY=ACTIVE`` reproduces the spinning OpenMP threads of a command that does not set
+the passive policy, for comparison. Run it alone on the machine: it is about the machine's load, so anything else
+running makes the figures meaningless.
+
+    python -m benchmarks.contention [--steps 150] [--image TAG]   # writes benchmarks/contention_results.md
+
+``--image`` also times the demo in the container image (``podman run --cpus 1``) against ``taskset -c 0`` on the host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import progress
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = Path(__file__).resolve().parent / "contention_results.md"
+HOG = [sys.executable, "-c", "while True: pass"]
+
+
+def demo(run_dir: Path, steps: int, env: dict[str, str], prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+    cmd = [*prefix, sys.executable, "-m", "ctmae", "pretrain", "--out", str(run_dir), "--steps", str(steps)]
+    return subprocess.Popen(
+        [*cmd, "--device", "cpu"], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finish(proc: subprocess.Popen, run_dir: Path, started: float) -> dict[str, float]:
+    """Wait for a demo; its logged crops/s (last metrics row) and the command's wall time."""
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"the demo failed: {err[-2000:]}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text("utf-8").splitlines() if line]
+    return {"crops_per_s": rows[-1]["crops_per_s"], "wall_s": time.perf_counter() - started}
+
+
+def case(name: str, steps: int, omp: str | None = None, hog: int = 0, demos: int = 1, prefix=()) -> dict:
+    """Run ``demos`` demos at once beside ``hog`` busy loops; the slowest demo's figures."""
+    env = {**os.environ}
+    if omp:
+        env["OMP_WAIT_POLICY"] = omp
+    hogs = [subprocess.Popen(HOG) for _ in range(hog)]
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            runs = [(demo(Path(tmp) / f"r{i}", steps, env, prefix), Path(tmp) / f"r{i}") for i in range(demos)]
+            figures = [finish(p, r, t0) for p, r in runs]
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    result = min(figures, key=lambda f: f["crops_per_s"])
+    progress(f"{name}: {result['crops_per_s']:.1f} crops/s, {result['wall_s']:.0f} s")
+    return {"case": name, **result}
+
+
+def container_case(image: str, steps: int, cpus: str) -> dict:
+    """The demo inside the image with ``--cpus``: its own metrics, read from a mounted run folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o777)
+        t0 = time.perf_counter()
+        cmd = ["podman", "run", "--rm", "--cpus", cpus, "-v", f"{tmp}:/runs", image, "pretrain", "--out", "/runs/d"]
+        out = subprocess.run([*cmd, "--steps", str(steps), "--device", "cpu"], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"the container demo failed: {out.stderr[-2000:]}")
+        budget = next((line for line in out.stdout.splitlines() if line.startswith("cpu budget")), "")
+        rows = [json.loads(line) for line in (Path(tmp) / "d" / "metrics.jsonl").read_text("utf-8").splitlines()]
+    result = {"case": f"podman run --cpus {cpus} ({budget.split(';')[0]})", "crops_per_s": rows[-1]["crops_per_s"]}
+    result["wall_s"] = time.perf_counter() - t0
+    progress(f"{result['case']}: {result['crops_per_s']:.1f} crops/s")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--image", help="container image to time with podman run --cpus 1 against taskset -c 0")
+    args = parser.parse_args(argv)
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:  # warm the cache, so every case times training alone
+        subprocess.run(
+            [sys.executable, "-m", "ctmae", "pretrain", "--out", f"{tmp}/w", "--steps", "1", "--device", "cpu"],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
+    s = args.steps
+    rows = [
+        case("alone", s),
+        case("alone, OMP_WAIT_POLICY=ACTIVE (spinning threads)", s, omp="ACTIVE"),
+        case("beside 2 busy loops", s, hog=2),
+        case("beside 2 busy loops, OMP_WAIT_POLICY=ACTIVE (spinning threads)", s, omp="ACTIVE", hog=2),
+        case("2 demos side by side (the slower one)", s, demos=2),
+        case("2 demos side by side, OMP_WAIT_POLICY=ACTIVE (the slower one)", s, omp="ACTIVE", demos=2),
+    ]
+    if args.image and shutil.which("podman"):
+        rows.append(case("taskset -c 0 (one pinned core)", s, prefix=("taskset", "-c", "0")))
+        rows.append(container_case(args.image, s, "1"))
+    alone = rows[0]["crops_per_s"]
+    date = datetime.date.today().isoformat()
+    lines = [
+        "## The demo on a shared CPU",
+        "",
+        f"`python -m benchmarks.contention --steps {s}{' --image ' + args.image if args.image else ''}`, {date}, "
+        f"{os.cpu_count()} cores, load average {load[0]:.2f} before the run. crops/s is the demo's own training rate "
+        f"(metrics.jsonl), wall the whole command with start-up; with two demos, the slower one.",
+        "",
+        "| case | crops/s | vs alone | wall s |",
+        "|---|---|---|---|",
+        *[
+            f"| {r['case']} | {r['crops_per_s']:.1f} | {r['crops_per_s'] / alone:.2f} | {r['wall_s']:.0f} |"
+            for r in rows
+        ],
+        "",
+    ]
+    OUT.write_text("\n".join(lines), encoding="utf-8")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
