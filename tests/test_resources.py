@@ -152,14 +152,13 @@ def test_threads_option_sets_torch_threads_and_is_on_the_start_line(tmp_path):
     assert bad.exit_code == 2 and "--threads must be >= 1, got 0" in bad.output
 
 
-@pytest.mark.parametrize("command", ["embed", "evaluate", "reconstruct"])
+@pytest.mark.parametrize("command", ["embed", "evaluate"])
 def test_other_commands_print_the_cpu_budget(tmp_path, tiny_checkpoint, command):
     scans = write_body_scans(tmp_path / "scans", 1)
     scan = next(scans.iterdir())
     args = {
         "embed": ["embed", str(tiny_checkpoint), str(scan), "--out", str(tmp_path / "e.csv")],
         "evaluate": ["evaluate", str(tiny_checkpoint), "--images", str(scan), "--out", str(tmp_path / "ev")],
-        "reconstruct": ["reconstruct", str(tiny_checkpoint), str(scan), "--out", str(tmp_path / "rec")],
     }[command]
     result = CliRunner().invoke(app, [*args, "--threads", "1", "--device", "cpu"])
     assert f"cpu budget: 1 of {HOST} cores (--threads)" in result.output

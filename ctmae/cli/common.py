@@ -90,9 +90,11 @@ def run_command(body: Callable[[], None]) -> None:
         raise typer.Exit(1) from None
 
 
-def use_resources(threads: int | None, device: str | None, workers: int | None, item_bytes: int = 0) -> Resources:
-    """Plan this command's threads and loader workers (``ctmae.runtime.resources``) and print the budget line and
-    any note (workers cut to what /dev/shm holds)."""
+def use_resources(
+    threads: int | None, device: str | None, workers: int | None, item_bytes: int = 0, show: bool = True
+) -> Resources:
+    """Plan this command's threads and loader workers (``ctmae.runtime.resources``) and print (``show``) the budget
+    line and any note (workers cut to what /dev/shm holds)."""
     import torch
 
     cuda = device == "cuda" or (device in (None, "auto") and torch.cuda.is_available())
@@ -100,7 +102,8 @@ def use_resources(threads: int | None, device: str | None, workers: int | None, 
         res = plan_resources(threads, "cuda" if cuda else "cpu", workers, item_bytes)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    console.print(res.describe(), highlight=False, soft_wrap=True)
+    if show:
+        console.print(res.describe(), highlight=False, soft_wrap=True)
     for note in res.notes:
         errors.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
     return res

@@ -56,13 +56,16 @@ def _given(**sections: dict) -> dict:
     return {name: {k: v for k, v in values.items() if v is not None} for name, values in sections.items()}
 
 
-def _volumes(inputs: list[Path], cfg: RunConfig, dist: DistInfo, modality: str | None):
-    """Find and cache the input volumes, reporting skipped ones; InputError when none is usable.
+def _volumes(inputs: list[Path], cfg: RunConfig, dist: DistInfo, modality: str | None, run_dir: Path):
+    """Find and cache the input volumes, reporting skipped ones and voxel-identical duplicates (used once), and
+    write RUN_DIR/inputs.csv; InputError when none is usable.
 
     Under torchrun the ranks preprocess disjoint shares of the volumes, then meet at a barrier: each volume is
     cached once, by one process (cache files are written atomically, so a reader never sees half of one).
     """
     from ctmae.preprocess.build import prepare_cache
+    from ctmae.preprocess.cache import VolumeCache
+    from ctmae.preprocess.inventory import inventory, used_sources, write_inventory
 
     sources, problems = find_volumes([str(p) for p in inputs])
     sources, lines = check_modality(sources, modality)
@@ -88,8 +91,20 @@ def _volumes(inputs: list[Path], cfg: RunConfig, dist: DistInfo, modality: str |
     count = len(skipped_only(problems)) + len(bad)  # a note on ignored files skips no volume
     if not good:
         raise InputError(f"no usable volume among the inputs ({count} skipped)")
+    rows, duplicates = inventory(good, VolumeCache(cfg.data))
+    for line in duplicates:
+        errors.print(f"[yellow]note:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
+    if dist.is_main:
+        write_inventory(run_dir / "inputs.csv", rows)
+    good = used_sources(good, rows)
     skipped = f", {count} skipped" if count else ""
-    console.print(f"{len(good)} volume(s) ready{skipped}; cache: {cfg.data.cache_dir}", highlight=False, soft_wrap=True)
+    twins = f", {len(duplicates)} duplicate(s) used once" if duplicates else ""
+    listed = f"; inventory: {run_dir / 'inputs.csv'}" if dist.is_main else ""
+    console.print(
+        f"{len(good)} volume(s) ready{skipped}{twins}; cache: {cfg.data.cache_dir}{listed}",
+        highlight=False,
+        soft_wrap=True,
+    )
     return good
 
 
@@ -240,7 +255,7 @@ def pretrain(
         res = use_resources(threads, cfg.train.device, cfg.data.workers, cfg.data.crops_per_volume * crop_bytes)
         cfg = cfg.replace(data={"workers": res.workers})
         probe = _probe_cases(cfg, probe_images, probe_labels, probe_every) if dist.is_main else None
-        sources = _volumes(scans, cfg, dist, modality)
+        sources = _volumes(scans, cfg, dist, modality, run_dir)
         monitor = _monitor(cfg, run_dir, sources[0], probe, probe_every, preview_every) if dist.is_main else None
         result = _train(cfg, sources, run_dir, resume, stop_at, dist, monitor)
         cleanup(dist)

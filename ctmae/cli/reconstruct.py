@@ -68,7 +68,7 @@ def reconstruct(
 
         if device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
-        use_resources(threads, device, 0)
+        use_resources(threads, device, 0, show=False)  # one scan, one result line: the budget is not news here
         loaded = load_model(checkpoint, device)
         try:
             mask_cfg = mask_config(loaded, mask, mask_ratio, block)
