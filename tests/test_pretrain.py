@@ -154,3 +154,25 @@ def test_resume_with_other_model_sizes_is_refused_in_one_line(tmp_path):
     result = run("--out", out, "--steps", "4", "--cache-dir", tmp_path / "c", *other_patch, "--resume")
     assert result.exit_code == 1 and "does not fit the requested sizes" in result.output
     assert "Traceback" not in result.output and load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 2
+
+
+def test_the_progress_rate_is_the_run_s_own_crops_per_second(tmp_path):
+    """The progress bar shows what the loop measures for all ranks (the summary's figure), not a per-process guess."""
+    from conftest import write_body_scans
+    from ctmae.io.discovery import find_volumes
+    from ctmae.mae.config import RunConfig
+    from ctmae.mae.train import pretrain
+    from ctmae.preprocess.build import prepare_cache
+
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"size": "tiny", "patch": 8},
+            "data": {"crop": 32, "cache_dir": str(tmp_path / "c"), "workers": 0},
+            "train": {"steps": 3, "batch_size": 2, "device": "cpu", "log_every": 1},
+        }
+    )
+    sources, _ = prepare_cache(find_volumes([str(write_body_scans(tmp_path / "s", 1))])[0], cfg.data)
+    seen = []
+    result = pretrain(cfg, sources, tmp_path / "run", on_step=seen.append)
+    assert [s["step"] for s in seen] == [1, 2, 3] and all(s["crops_per_s"] > 0 for s in seen)
+    assert seen[-1]["crops_per_s"] == pytest.approx(result["crops_per_s"], rel=0.2)

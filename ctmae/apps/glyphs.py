@@ -38,6 +38,19 @@ def fit(text: str, width: int, scale: int = 1) -> str:
     return text if len(text) <= room else "..." + text[len(text) - max(room - 3, 0) :]
 
 
+def wrap(text: str, width: int, scale: int = 1) -> list[str]:
+    """``text`` broken at spaces into lines that fit ``width`` pixels; a word longer than a line is shortened by
+    ``fit`` (a path keeps its file name). Nothing else is dropped, so a title keeps every figure it names."""
+    room = (width // scale + 1) // ADVANCE
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and len(lines[-1]) + 1 + len(word) <= room:
+            lines[-1] += " " + word
+        else:
+            lines.append(fit(word, width, scale))
+    return lines
+
+
 def draw_text(image: np.ndarray, text: str, x: int, y: int, colour: tuple[int, int, int], scale: int = 1) -> None:
     """Stamp ``text`` into ``image`` (H, W, 3) uint8 with its top-left corner at (x, y); clipped at the borders.
 

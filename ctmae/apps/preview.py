@@ -10,6 +10,7 @@ in ``ctmae.apps.glyphs``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from ctmae.apps.glyphs import LINE, draw_text, fit, text_width
+from ctmae.apps.glyphs import LINE, draw_text, text_width, wrap
 from ctmae.runtime.files import atomic_path
 
 WINDOW = (-1000.0, 400.0)  # HU shown black..white: lung parenchyma and soft tissue both readable
@@ -125,13 +126,15 @@ def render_preview(
         sizes=sizes,
         label_w=text_width("sagittal", TEXT_SCALE) + 2 * PAD,
         cell_w=max(max(w for _, w in sizes), text_width("reconstruction", TEXT_SCALE) + 2 * PAD),
-        top=PAD + len(title) * line + PAD + line,
+        top=0,
         legend_h=2 * PAD + 12 + line,
     )
+    lines = [part for text in title for part in wrap(text, layout.width - 2 * PAD, TEXT_SCALE)]
+    layout = dataclasses.replace(layout, top=PAD + len(lines) * line + PAD + line)
     image = np.empty((layout.height, layout.width, 3), np.uint8)
     image[:] = BACKGROUND
-    for i, text in enumerate(title):
-        draw_text(image, fit(text, layout.width - 2 * PAD, TEXT_SCALE), PAD, PAD + i * line, TEXT, TEXT_SCALE)
+    for i, text in enumerate(lines):
+        draw_text(image, text, PAD, PAD + i * line, TEXT, TEXT_SCALE)
     for c, name in enumerate(COLUMNS):
         x = layout.column_left(c) + (layout.cell_w - text_width(name, TEXT_SCALE)) // 2
         draw_text(image, name, x, layout.top - line, TEXT, TEXT_SCALE)

@@ -315,11 +315,10 @@ def _train(
 
         def stepped(info: dict) -> None:
             if info["loss"] is not None:
-                rate = progress.tasks[task].speed or 0.0
                 probe = (
                     f"  probe Dice {monitor.last['probe_dice']:.3f}" if monitor and "probe_dice" in monitor.last else ""
                 )
-                progress.update(task, info=f"loss {info['loss']:.4f}  {rate * cfg.train.batch_size:.1f} crops/s{probe}")
+                progress.update(task, info=f"loss {info['loss']:.4f}  {info['crops_per_s']:.1f} crops/s{probe}")
             progress.update(task, completed=info["step"])
 
         return run_pretrain(

@@ -52,7 +52,8 @@ def pretrain(
         stop_at: end this process after this step (checkpointing it), as a preempted job would; resume continues.
         dist: this process's rank under torchrun; ranks read disjoint volumes, rank 0 alone writes files.
         on_start: called once with ``{"start_step", "total_steps", "device", "precision", "global_batch"}``.
-        on_step: called after each step with ``{"step", "loss", "lr"}`` (loss only on logged steps, else None).
+        on_step: called after each step with ``{"step", "loss", "lr", "crops_per_s"}`` (loss only on logged steps,
+            else None; crops/s of all ranks since the run started, as the summary reports it).
         monitor: called on rank 0 after each step (unless stopping) with ``(step, model, run.log)``; it picks its own
             steps to probe or preview the model (``ctmae.apps.monitor.TrainingMonitor``).
 
@@ -123,7 +124,7 @@ def pretrain(
             if monitor is not None and dist.is_main and not signalled:
                 monitor(step, model, run.log)
             if on_step:
-                on_step({"step": step, "loss": logged, "lr": lr})
+                on_step({"step": step, "loss": logged, "lr": lr, "crops_per_s": rate})
             if signalled:
                 stopped = run.stopped_by_signal(step)
                 break
