@@ -101,3 +101,32 @@ def test_a_stop_signal_while_the_loader_stalls_stops_the_run_with_a_checkpoint(t
     assert "stopped early" in err and "stop signal (SIGTERM)" in err
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 0
     assert "stopped: stop signal (SIGTERM) after step 0" in (run / "train.log").read_text("utf-8")
+
+
+def test_a_loader_worker_killed_mid_run_ends_it_with_one_line_and_the_last_checkpoint(tmp_path, scans):
+    """The kernel's OOM killer takes a worker: one line naming it, exit 1, the periodic checkpoint kept."""
+    run, every_2 = tmp_path / "run", tmp_path / "every2.yaml"
+    every_2.write_text("train:\n  ckpt_every: 2\n", encoding="utf-8")
+    cmd = [sys.executable, "-m", "ctmae", "pretrain", str(scans), "--out", str(run), *TRAIN, "--steps", "100000"]
+    proc = subprocess.Popen(
+        [*cmd, "--crop", "32", "--patch", "8", "--cache-dir", str(tmp_path / "cache"), "--config", str(every_2)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        encoding="utf-8",
+        start_new_session=True,
+    )
+    last = run / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(children) == 2, children  # the two loader workers
+    os.kill(int(children[0]), signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith(("error:", "internal error:"))]
+    assert len(lines) == 1 and lines[0].startswith("error: data loading failed: DataLoader worker"), err[-3000:]
+    assert "Traceback" not in err
+    assert load_checkpoint(last)["step"] % 2 == 0  # a periodic checkpoint, intact

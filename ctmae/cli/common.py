@@ -18,7 +18,7 @@ from ctmae.io.checks import InputError
 from ctmae.io.discovery import Note
 from ctmae.runtime.checkpoint import CheckpointError
 from ctmae.runtime.distributed import DistInfo, barrier, setup
-from ctmae.runtime.loader import LoaderError
+from ctmae.runtime.loader import LoaderError, worker_failure
 from ctmae.runtime.resources import Resources, plan_resources
 
 INPUTS_HELP = "Scans: NIfTI/NRRD/MHA files, DICOM series folders, folders (searched recursively) or .txt/.csv lists."
@@ -80,6 +80,9 @@ def run_command(body: Callable[[], None]) -> None:
     except typer.Exit:
         raise
     except Exception as e:  # a bug, not a user error: still one line, with a way to see more
+        if worker_failure(e):  # a loader worker died (torch raises that wherever the process is): not a bug
+            errors.print(f"[red]error:[/red] {escape(str(worker_failure(e)))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         if os.environ.get("CTMAE_DEBUG"):
             raise
         errors.print(

@@ -118,7 +118,7 @@ def _next_item(it: Iterator, stall_s: float | None) -> object:
             return _END
         except RuntimeError as e:
             if "timed out" not in str(e):  # torch's "DataLoader worker (pid(s) ...) exited unexpectedly"
-                raise LoaderError(f"data loading failed: {_last_line(e)}; {SHM_HINT} if it ran out of memory") from None
+                raise worker_failure(e) or LoaderError(f"data loading failed: {_last_line(e)}") from None
         except Exception as e:  # a worker raised: torch re-raises it here with the worker's traceback as message
             raise LoaderError(f"data loading failed in a worker: {_last_line(e)}") from None
         waited += POLL_S
@@ -130,6 +130,15 @@ def _next_item(it: Iterator, stall_s: float | None) -> object:
                 f"data loading stalled: no batch from the loader's workers for {waited:.0f} s (a worker that ran out "
                 f"of shared memory in {SHM}?); {SHM_HINT}, or pass --workers 0"
             )
+
+
+def worker_failure(e: BaseException) -> LoaderError | None:
+    """torch's error for a worker that died (its SIGCHLD handler raises it wherever the training process is), as a
+    ``LoaderError``; None for any other error."""
+    text = str(e)
+    if not isinstance(e, RuntimeError) or not text.startswith("DataLoader worker"):
+        return None
+    return LoaderError(f"data loading failed: {_last_line(e)} (killed for memory? {SHM_HINT})")
 
 
 def _last_line(e: BaseException) -> str:
