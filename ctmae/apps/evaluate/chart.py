@@ -117,8 +117,9 @@ def _fewshot(image: np.ndarray, left: int, top: int, report: dict[str, Any], col
 
 def _probe(image: np.ndarray, left: int, top: int, report: dict[str, Any], colour: dict) -> None:
     _axes(image, left, top, 1.0, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0], not report["probe"])
+    names = {s["slug"]: s["label"] for s in report["subjects"]}
     bars = [(colour[slug], r["dice"]) for slug, r in report["probe"].items()]
-    _bars(image, left, top, 0, PANEL_W, bars, 1.0)
+    _bars(image, left, top, 0, PANEL_W, bars, 1.0, [names.get(slug, slug) for slug in report["probe"]])
 
 
 def _recon(image: np.ndarray, left: int, top: int, report: dict[str, Any], colour: dict) -> None:
@@ -141,21 +142,26 @@ def _recon(image: np.ndarray, left: int, top: int, report: dict[str, Any], colou
         draw_text(image, kind, x, top + PANEL_H + 8, INK, SCALE)
 
 
-def _bars(image: np.ndarray, left: int, top: int, offset: int, width: int, bars: list, y_max: float) -> None:
-    """Bars (colour, value or None) spread evenly over ``width`` pixels; a missing value leaves a gap."""
+def _bars(
+    image: np.ndarray, left: int, top: int, offset: int, width: int, bars: list, y_max: float, names: list | None = None
+) -> None:
+    """Bars (colour, value or None) spread evenly over ``width`` pixels, each with its value above it and, with
+    ``names``, its name below the axis; a missing value leaves a gap, a zero is a 3-pixel bar (still visible)."""
     if not bars:
         return
     slot = width / len(bars)
     for i, (c, value) in enumerate(bars):
-        if value is None:
-            continue
         x0 = left + offset + int(i * slot + slot * 0.15)
         x1 = left + offset + int((i + 1) * slot - slot * 0.15)
-        y = _y(value, top, y_max)
+        if names:
+            name = fit(names[i], x1 - x0 + int(slot * 0.3))
+            draw_text(image, name, (x0 + x1 - text_width(name)) // 2, top + PANEL_H + 8, INK)
+        if value is None:
+            continue
+        y = min(_y(value, top, y_max), top + PANEL_H - 3)
         _rect(image, x0, y, max(x1, x0 + 2), top + PANEL_H, c)
         text = f"{value:.2f}" if y_max <= 1 else f"{value:.1f}"
-        if text_width(text) <= x1 - x0 + 4:  # the value above its bar, where it fits
-            draw_text(image, text, (x0 + x1 - text_width(text)) // 2, y - 10, INK)
+        draw_text(image, fit(text, x1 - x0 + int(slot * 0.3)), (x0 + x1 - text_width(text)) // 2, y - 10, INK)
 
 
 def _rect(image: np.ndarray, x0: int, y0: int, x1: int, y1: int, colour: tuple[int, int, int]) -> None:
