@@ -154,3 +154,16 @@ def test_resume_with_other_model_sizes_is_refused_in_one_line(tmp_path):
     result = run("--out", out, "--steps", "4", "--cache-dir", tmp_path / "c", *other_patch, "--resume")
     assert result.exit_code == 1 and "does not fit the requested sizes" in result.output
     assert "Traceback" not in result.output and load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 2
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune-seg"])
+def test_steps_and_epochs_together_are_refused_before_any_work(tmp_path, command):
+    out = tmp_path / "run"
+    args = [command, str(tmp_path / "scans"), "--out", str(out), "--steps", "10", "--epochs", "1"]
+    if command == "finetune-seg":
+        args += ["--from-scratch", "--images", str(tmp_path / "images")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "error: --steps 10 and --epochs 1 both set the run's length; give one of them" in text, text
+    assert not out.exists()

@@ -9,7 +9,9 @@ stores no reference), and a scan above ``WARN_SCORE`` adds a warning line. The f
 Resume: each embedded scan is appended as one JSON line to ``<out>.partial.jsonl`` (flushed and fsynced), and the
 output file is written once at the end, atomically, holding the rows of the previous output, the journal and this
 run, sorted by id; the journal is then deleted. A run killed at any point loses at most the scan in progress: the
-next run with the same ``--out`` reads the output file and the journal and skips their ids.
+next run with the same ``--out`` reads the output file and the journal and skips their ids. A stop signal (SIGTERM,
+SIGUSR1, Ctrl-C, under the command's ``StopFlag``) ends the run between sliding windows or scans and writes the
+output as at the end, with the rows finished so far.
 """
 
 from __future__ import annotations

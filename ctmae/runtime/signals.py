@@ -22,12 +22,13 @@ class StopFlag:
     """Set by SIGTERM/SIGUSR1 or a first Ctrl-C; a second Ctrl-C aborts at once. Restores handlers on exit (after a
     Ctrl-C, SIGINT is ignored from then on: the run has stopped and only the exit is left).
 
-    ``signal`` names the first stop signal received (``"SIGTERM"``, ``"SIGUSR1"``, ``"SIGINT"``) or is None.
+    ``signal`` names the first stop signal received (``"SIGTERM"``, ``"SIGUSR1"``, ``"SIGINT"``) or is None;
+    ``on_ctrl_c`` is what a first Ctrl-C is told the command does before it exits.
     """
 
     def __init__(self, on_ctrl_c: str = "finishing this step and saving a checkpoint") -> None:
         self.signal: str | None = None
-        self.on_ctrl_c = on_ctrl_c  # what the first Ctrl-C is told the command does before it exits
+        self.on_ctrl_c = on_ctrl_c
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:

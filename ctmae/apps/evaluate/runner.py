@@ -68,7 +68,7 @@ def run_evaluation(
         progress.start(sum(u.ticks for u in units), sum(u.ticks for u in units if u.id in journal.done))
     worker = _Worker(settings, cases, out, PreparedCases())
     stopped = None
-    with StopFlag() as flag:
+    with StopFlag(on_ctrl_c="stopping after this window or case; finished units are kept") as flag:
         worker.flag = flag
         try:
             for unit in units:
