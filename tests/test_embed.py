@@ -6,6 +6,9 @@ import csv
 import errno
 import json
 import math
+import os
+import re
+import signal
 import sys
 from pathlib import Path
 
@@ -361,3 +364,84 @@ def test_a_full_disk_is_one_line_and_keeps_the_earlier_output(tiny_checkpoint, s
     monkeypatch.undo()
     result = _run(tiny_checkpoint, scans, "--out", out)
     assert result.exit_code == 0 and "embedded 0 scan(s), 2 already done" in result.output, result.output
+
+
+# --- export folders, the output location checked first, stop signals --------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "monai-bundle"])
+def test_an_export_folder_embeds_as_its_checkpoint_does(tiny_checkpoint, scans, tmp_path, fmt):
+    export = tmp_path / "encoder"
+    made = runner.invoke(app, ["export", str(tiny_checkpoint), "--out", str(export), "--format", fmt])
+    assert made.exit_code == 0, made.output
+    assert _run(tiny_checkpoint, scans, "--out", tmp_path / "ckpt.npz").exit_code == 0
+    result = _run(export, scans, "--out", tmp_path / "export.npz")
+    assert result.exit_code == 0, result.output
+    from_ckpt, from_export = _npz(tmp_path / "ckpt.npz"), _npz(tmp_path / "export.npz")
+    assert list(from_export["ids"]) == list(from_ckpt["ids"])
+    np.testing.assert_allclose(from_export["embeddings"], from_ckpt["embeddings"], atol=1e-5)  # MONAI's ViT
+    assert np.isnan(from_export["shift_scores"]).all()  # an export carries no training-scan reference
+
+
+def test_the_output_location_is_checked_before_any_scan(tiny_checkpoint, scans, tmp_path, counted):
+    a_file = tmp_path / "some_file.txt"
+    a_file.write_text("notes\n", encoding="utf-8")
+    (tmp_path / "taken.npz").mkdir()
+    cases = [
+        (("--out", a_file / "emb.csv"), f"{a_file} is a file, not a folder"),
+        (("--out", a_file / "deeper" / "emb.npz"), f"{a_file} is a file, not a folder"),
+        (("--out", tmp_path / "emb.npz", "--tokens", a_file), f"{a_file} is a file, not a folder"),
+        (("--out", tmp_path / "taken.npz"), "--out is a folder"),
+    ]
+    for args, words in cases:
+        result = _run(tiny_checkpoint, scans, *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert words in " ".join(result.output.split()) and "Errno" not in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not counted  # refused before any scan was embedded
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes in any folder")
+def test_a_folder_without_write_permission_is_refused_first(tiny_checkpoint, scans, tmp_path, counted):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        result = _run(tiny_checkpoint, scans, "--out", locked / "emb.npz")
+    finally:
+        locked.chmod(0o700)
+    assert result.exit_code == 2 and f"no permission to write in {locked}" in " ".join(result.output.split())
+    assert not counted
+
+
+def test_a_stop_signal_writes_the_rows_finished_so_far(tiny_checkpoint, scans, tmp_path, monkeypatch):
+    """SIGTERM while the second scan is embedded: the first scan's row is written, whole; a rerun does the second."""
+    previous = signal.signal(signal.SIGTERM, lambda *a: None)  # without ctmae's handler the signal would be lost
+    out, calls = tmp_path / "emb.csv", []
+    real = ctmae.apps.embed.token_features
+
+    def stop_in_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a cluster's stop while the second scan is embedded
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ctmae.apps.embed, "token_features", stop_in_second)
+    try:
+        result = _run(tiny_checkpoint, scans, "--out", out)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "stopped early: stop signal (SIGTERM); embedded 1 scan(s), 0 already done, 0 skipped; 1 row(s) in" in text
+    assert [r.id for r in read_output(out)] == ["a.nii.gz"]
+    assert not out.with_name(out.name + ".partial.jsonl").exists()
+    result = _run(tiny_checkpoint, scans, "--out", out)
+    assert result.exit_code == 0 and "embedded 1 scan(s), 1 already done" in result.output, result.output
+    assert [r.id for r in read_output(out)] == ["a.nii.gz", "sub/b.nrrd"] and len(calls) == 3
+
+
+def test_progress_shows_the_windows_of_each_scan(tiny_checkpoint, scans, tmp_path):
+    result = _run(tiny_checkpoint, scans, "--out", tmp_path / "emb.npz")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"windows of the scan\s+\S+\s+(\d+)/\1\b", result.output), result.output

@@ -5,7 +5,11 @@ inputs are refused in one line, and inputs that break the preprocessing contract
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -370,3 +374,34 @@ def test_preprocessing_overrides_of_a_pretrained_encoder_are_refused(tiny_checkp
     assert result.exit_code == 2, result.output
     assert "--spacing 3: data.spacing 3x3x3 mm differs from the 1.5x1.5x1.5 mm" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def readme_bundle_command() -> list[str]:
+    """README's ``python -m monai.bundle run ...`` command, its continuation lines joined, its comment dropped."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    found = re.search(r"^python -m monai\.bundle run (?:.*\\\n)*.*$", readme, re.M)
+    assert found, "README shows no `python -m monai.bundle run` command"
+    return shlex.split(found[0].replace("\\\n", " "), comments=True)
+
+
+@pytest.mark.slow
+def test_readme_bundle_command_runs_as_written(exports, tmp_path):
+    """README's command in a subprocess, from a folder laid out as README's: runs/bundle (a tiny export) and
+    sample_data/; MONAI's bundle command line needs fire (the bundle and test extras)."""
+    command = readme_bundle_command()
+    assert command[:4] == ["python", "-m", "monai.bundle", "run"]
+    shutil.copytree(exports["monai-bundle"], tmp_path / "runs" / "bundle")
+    (tmp_path / "sample_data").symlink_to(SAMPLE_DATA)
+    result = subprocess.run([sys.executable, *command[1:]], cwd=tmp_path, capture_output=True, encoding="utf-8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert np.load(tmp_path / "runs" / "tokens.npy").shape == (96, 13, 10, 10)  # the tiny encoder's D is 96 too
+
+
+def test_the_bundle_extra_brings_what_monai_bundle_run_needs():
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    extras = project["project"]["optional-dependencies"]
+    for extra in ("bundle", "test"):
+        assert any(re.match(r"fire\b", requirement) for requirement in extras[extra]), extra
+    assert "pip install 'ctmae[bundle]'" in (Path(__file__).resolve().parents[1] / "README.md").read_text("utf-8")

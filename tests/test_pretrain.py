@@ -176,3 +176,16 @@ def test_the_progress_rate_is_the_run_s_own_crops_per_second(tmp_path):
     result = pretrain(cfg, sources, tmp_path / "run", on_step=seen.append)
     assert [s["step"] for s in seen] == [1, 2, 3] and all(s["crops_per_s"] > 0 for s in seen)
     assert seen[-1]["crops_per_s"] == pytest.approx(result["crops_per_s"], rel=0.2)
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune-seg"])
+def test_steps_and_epochs_together_are_refused_before_any_work(tmp_path, command):
+    out = tmp_path / "run"
+    args = [command, str(tmp_path / "scans"), "--out", str(out), "--steps", "10", "--epochs", "1"]
+    if command == "finetune-seg":
+        args += ["--from-scratch", "--images", str(tmp_path / "images")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "error: --steps 10 and --epochs 1 both set the run's length; give one of them" in text, text
+    assert not out.exists()

@@ -6,6 +6,9 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
+import re
+import signal
 from pathlib import Path
 
 import nibabel as nib
@@ -395,3 +398,68 @@ def test_windows_weigh_most_at_their_centre(tiny_checkpoint, monkeypatch):
     rise = bands[:, -1] - bands[:, 0]
     assert (rise[1:5] > 0.05).all(), bands  # the inner bands, 4 windows each (0.085 measured)
     assert (profile.diff() > -1e-3).all()  # and the blend never falls back across a band edge
+
+
+# --- scans too small to mask, export folders, stop signals, windows progress -----------------------------------------
+
+
+def test_a_scan_of_one_mask_cell_is_refused_with_one_line(tiny_checkpoint, tmp_path):
+    """A 16x16x5 series (1280 voxels): its body is one 16³ token after resampling, so no ratio hides anything."""
+    tissue = np.random.default_rng(0).integers(-100, 200, size=(16, 16, 5)).astype(np.int16)
+    tissue[:, :3] = -1000  # air in front of the body
+    series = tmp_path / "CT5N"
+    write_dicom_series(series, tissue, spacing=(1.0, 1.0, 2.0))
+    out = tmp_path / "o"
+    result = _run(tiny_checkpoint, series, "--out", out)
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert f"error: {series}: body region is" in text and "1 mask cell(s) of 16³ voxels" in text, text
+    assert "too small to hide any at mask ratio" in text and result.output.count("error:") == 1
+    assert not out.exists()
+    assert _run(tiny_checkpoint, series, "--out", out, "--mask", "none").exit_code == 0  # hides nothing: no refusal
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "monai-bundle"])
+def test_an_export_folder_is_refused_naming_what_reconstruct_needs(tiny_checkpoint, tmp_path, fmt):
+    export = tmp_path / "encoder"
+    assert runner.invoke(app, ["export", str(tiny_checkpoint), "--out", str(export), "--format", fmt]).exit_code == 0
+    result = _run(export, LUNG, "--out", tmp_path / "o")
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert f"{export}: a folder; pass the MAE checkpoint (.pt) written by ctmae pretrain" in text
+    assert "holds the encoder alone, without the decoder" in text and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_stop_signal_between_windows_writes_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    """SIGTERM after the first batch of windows: the command stops there, exit code 0, no output half-written."""
+    import ctmae.cli.reconstruct
+    from ctmae.cli.common import windows_bar
+
+    def stop_after_first_batch(progress):
+        show = windows_bar(progress)
+
+        def heard(done: int, total: int) -> None:
+            show(done, total)
+            if done == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # as a cluster's stop inside the scan
+
+        return heard
+
+    monkeypatch.setattr(ctmae.cli.reconstruct, "windows_bar", stop_after_first_batch)
+    previous = signal.signal(signal.SIGTERM, lambda *a: None)  # without ctmae's handler the signal would be lost
+    try:
+        result = _run(tiny_checkpoint, LUNG, "--out", tmp_path / "o", "--device", "cpu")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.exit_code == 0, result.output
+    assert f"stopped early: stop signal (SIGTERM); nothing written to {tmp_path / 'o'}/" in " ".join(
+        result.output.split()
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_progress_shows_the_windows_of_the_scan(tiny_checkpoint, tmp_path):
+    result = _run(tiny_checkpoint, LUNG, "--out", tmp_path / "o", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    found = re.search(r"windows of the scan\s+\S+\s+(\d+)/(\d+)", result.output)
+    assert found and found[1] == found[2] and int(found[1]) > 2, result.output

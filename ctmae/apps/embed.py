@@ -9,7 +9,9 @@ stores no reference), and a scan above ``WARN_SCORE`` adds a warning line. The f
 Resume: each embedded scan is appended as one JSON line to ``<out>.partial.jsonl`` (flushed and fsynced), and the
 output file is written once at the end, atomically, holding the rows of the previous output, the journal and this
 run, sorted by id; the journal is then deleted. A run killed at any point loses at most the scan in progress: the
-next run with the same ``--out`` reads the output file and the journal and skips their ids.
+next run with the same ``--out`` reads the output file and the journal and skips their ids. A stop signal (SIGTERM,
+SIGUSR1, Ctrl-C, under the command's ``StopFlag``) ends the run between sliding windows or scans and writes the
+output as at the end, with the rows finished so far.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +53,16 @@ from ctmae.mae.config import DataConfig
 from ctmae.mae.shift import crops_error, scan_crops, shift_score, shift_warning
 from ctmae.preprocess.transforms import preprocess_transforms
 from ctmae.runtime.loader import VOLUME_STALL_S, iterate_workers
+from ctmae.runtime.signals import Stopped, check_stop
+from ctmae.runtime.windows import OnWindows, watch, window_count
 
 POOLS = ("mean", "max")
 FORMATS = (".npz", ".csv", ".parquet")
 
 
-def check_options(out: str | os.PathLike, pool: str) -> None:
-    """ValueError for an output suffix or pooling ctmae cannot do."""
+def check_options(out: str | os.PathLike, pool: str, tokens_dir: str | os.PathLike | None = None) -> None:
+    """ValueError for an output suffix or pooling ctmae cannot do, or an output location it cannot write: checked
+    before any scan is embedded."""
     if pool == "cls":
         raise ValueError(
             "--pool cls: this encoder has no CLS token (MAE-style ViT over patches only); use --pool mean or --pool max"
@@ -68,6 +73,22 @@ def check_options(out: str | os.PathLike, pool: str) -> None:
         raise ValueError(f"{out}: --out must end in {', '.join(FORMATS)}")
     if Path(out).suffix.lower() == ".parquet":
         require_pyarrow()
+    if Path(out).is_dir():
+        raise ValueError(f"{out}: --out is a folder; give a file name in it (e.g. {Path(out) / 'embeddings.npz'})")
+    _writable_folder(Path(out).parent, f"{out}: --out")
+    if tokens_dir is not None:
+        _writable_folder(Path(tokens_dir), f"{tokens_dir}: --tokens")
+
+
+def _writable_folder(folder: Path, what: str) -> None:
+    """ValueError unless ``folder`` is, or can be made as, a folder this process may write in."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} cannot be written: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} cannot be written: no permission to write in {existing}")
 
 
 def embed(
@@ -79,6 +100,7 @@ def embed(
     batch_size: int = 2,
     on_start: Callable[[int], None] | None = None,
     on_scan: Callable[[str], None] | None = None,
+    on_windows: OnWindows | None = None,
 ) -> dict[str, Any]:
     """Embed every volume among ``inputs`` not already in ``out`` and (re)write ``out``.
 
@@ -93,13 +115,15 @@ def embed(
         batch_size: windows per forward pass.
         on_start: called once with the number of scans to embed in this run.
         on_scan: called after each of them with "embedded" or "skipped".
+        on_windows: called after each batch of sliding windows with (windows done, windows of the scan).
 
     Returns:
         {"out", "embedded", "resumed", "rows", "skipped": one-line problems, "warnings": one-line departures
         from the checkpoint's preprocessing contract (``ctmae.apps.contract``) and scans unlike the training scans
-        (``ctmae.mae.shift``)}.
+        (``ctmae.mae.shift``), "stopped": None, or the stop signal that ended the run between windows or scans
+        (the rows finished so far are written; the same command continues)}.
     """
-    check_options(out, pool)
+    check_options(out, pool, tokens_dir)
     out = Path(out)
     journal = out.with_name(out.name + ".partial.jsonl")
     digest = _weights_digest(loaded)
@@ -112,22 +136,29 @@ def embed(
     if on_start:
         on_start(len(todo))
 
-    embedded, warnings = 0, []
+    embedded, warnings, stopped = 0, [], None
+    stream = _stream(todo, loaded.cfg.data)
     with Journal(journal, digest, pool) as log:
-        for item in _stream(todo, loaded.cfg.data):
-            if "problem" in item:
-                problems.append(item["problem"])
+        try:
+            for item in stream:
+                check_stop()
+                if "problem" in item:
+                    problems.append(item["problem"])
+                    if on_scan:
+                        on_scan("skipped")
+                    continue
+                row = _embed_one(loaded, item, pool, batch_size, tokens, on_windows)
+                line = None if math.isnan(row.shift_score) else shift_warning(row.id, row.shift_score)
+                warnings += item["warnings"] + ([line] if line else [])
+                log.append(row)
+                rows[row.id] = row
+                embedded += 1
                 if on_scan:
-                    on_scan("skipped")
-                continue
-            row = _embed_one(loaded, item, pool, batch_size, tokens)
-            line = None if math.isnan(row.shift_score) else shift_warning(row.id, row.shift_score)
-            warnings += item["warnings"] + ([line] if line else [])
-            log.append(row)
-            rows[row.id] = row
-            embedded += 1
-            if on_scan:
-                on_scan("embedded")
+                    on_scan("embedded")
+        except Stopped as e:  # between windows or scans: the rows finished so far are written below
+            stopped = e.signal
+        finally:
+            stream.close()
     done = [rows[k] for k in sorted(rows)]
     if done:
         write_output(out, done)
@@ -139,12 +170,20 @@ def embed(
         "rows": len(done),
         "skipped": problems,
         "warnings": warnings,
+        "stopped": stopped,
     }
 
 
-def _embed_one(loaded: LoadedModel, item: dict[str, Any], pool: str, batch_size: int, tokens: Path | None) -> Row:
+def _embed_one(
+    loaded: LoadedModel,
+    item: dict[str, Any],
+    pool: str,
+    batch_size: int,
+    tokens: Path | None,
+    on_windows: OnWindows | None = None,
+) -> Row:
     """One preprocessed scan's row (pooled embedding and shift score), and its token map written if asked."""
-    token_map = token_features(loaded, item["image"], batch_size)  # (D, gx, gy, gz)
+    token_map = token_features(loaded, item["image"], batch_size, on_windows)  # (D, gx, gy, gz)
     flat = token_map.flatten(1)  # (D, L)
     vector = (flat.mean(1) if pool == "mean" else flat.amax(1)).numpy().astype(np.float32)
     if tokens is not None:
@@ -154,10 +193,13 @@ def _embed_one(loaded: LoadedModel, item: dict[str, Any], pool: str, batch_size:
 
 
 @torch.inference_mode()
-def token_features(loaded: LoadedModel, volume: torch.Tensor, batch_size: int) -> torch.Tensor:
+def token_features(
+    loaded: LoadedModel, volume: torch.Tensor, batch_size: int, on_windows: OnWindows | None = None
+) -> torch.Tensor:
     """Encoder features of every token of a preprocessed volume (1, X, Y, Z) -> (D, gx, gy, gz) on the CPU.
 
     The volume is zero-padded at its far end to whole patches; token (a, b, c) covers voxels [a·p, (a+1)·p) etc.
+    A stop signal raises ``Stopped`` between batches of windows; ``on_windows(done, total)`` hears the windows done.
     """
     model, p, crop = loaded.model, loaded.cfg.model.patch, loaded.cfg.model.img_size
     padded = pad_to_patches(volume, p).to(loaded.device)[None]  # (1, 1, Xp, Yp, Zp)
@@ -168,9 +210,9 @@ def token_features(loaded: LoadedModel, volume: torch.Tensor, batch_size: int) -
         feats = model.encode(windows)  # (B, L, D)
         return feats.transpose(1, 2).reshape(windows.shape[0], -1, g, g, g)  # (B, D, L) -> (B, D, g, g, g)
 
-    out = sliding_window_inference(
-        padded, (crop,) * 3, batch_size, predictor, overlap=patch_aligned_overlap(crop, p), mode="constant"
-    )
+    overlap = patch_aligned_overlap(crop, p)
+    watched = watch(predictor, window_count(padded.shape[2:], (crop,) * 3, overlap), on_windows)
+    out = sliding_window_inference(padded, (crop,) * 3, batch_size, watched, overlap=overlap, mode="constant")
     return out[0].float().cpu()
 
 
@@ -215,9 +257,10 @@ def _keep(item: dict[str, Any]) -> dict[str, Any]:
     return item  # DataLoader's default conversion would turn the numpy affine into a tensor
 
 
-def _stream(sources: Sequence[VolumeSource], cfg: DataConfig):
+def _stream(sources: Sequence[VolumeSource], cfg: DataConfig) -> Generator[dict[str, Any], None, None]:
     """Preprocessed volumes in order, one in the main process plus at most 2 per worker in flight (``cfg.workers``
-    as the command planned them against /dev/shm; a wait for a worker ends on a stall, ``ctmae.runtime.loader``)."""
+    as the command planned them against /dev/shm); the workers leave stop signals to the main process, a wait for
+    them ends on a stall (``ctmae.runtime.loader``), and they end when the generator is closed."""
     workers = min(cfg.workers or 0, len(sources))
     loader = DataLoader(_Prepare(sources, cfg), batch_size=None, num_workers=workers, collate_fn=_keep)
     return iterate_workers(loader, stall_s=VOLUME_STALL_S)

@@ -25,9 +25,11 @@ from ctmae.apps.export import (
     monai_vit,
     tensors_sha256,
 )
-from ctmae.mae.config import ModelConfig
+from ctmae.apps.inference import LoadedModel, load_model
+from ctmae.mae.config import DataConfig, ModelConfig, RunConfig
 from ctmae.mae.model import sincos_embedding_3d
 from ctmae.runtime.checkpoint import CheckpointError
+from ctmae.runtime.device import resolve_device
 from ctmae.seg.network import build_unetr, net_config_from_mae
 from ctmae.seg.network import load_encoder as load_into_unetr
 
@@ -112,6 +114,39 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu", im
     vit = monai_vit(arguments)
     vit.load_state_dict(tensors)
     return vit.to(device).eval()
+
+
+class ExportedEncoder(torch.nn.Module):
+    """An export's MONAI ``ViT`` behind the MAE's ``encode``: the encoder alone, no decoder."""
+
+    def __init__(self, vit: ViT) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Features of every token of crops (B, C, c, c, c) -> (B, L, D), in the MAE encoder's token order."""
+        return self.vit(images)[0]
+
+
+def load_encoder_model(path: str | os.PathLike, device: str) -> LoadedModel:
+    """What ``ctmae embed`` runs: an MAE checkpoint's model (``ctmae.apps.inference.load_model``), or an export
+    folder's encoder with the preprocessing its config records (no training-scan reference: shift scores are NaN).
+
+    Raises:
+        CheckpointError: as ``load_model`` for files, as ``read_export`` for folders.
+    """
+    if not Path(path).is_dir():
+        return load_model(path, device)
+    config, tensors = read_export(path)
+    vit = monai_vit(config["architecture"])
+    vit.load_state_dict(tensors)
+    dev = resolve_device(device)
+    pre, training = config["preprocessing"], config.get("training", {})
+    cfg = RunConfig(
+        model=model_config(config["architecture"], training.get("model_size", "custom")),
+        data=DataConfig(spacing=tuple(pre["spacing"]), hu_window=tuple(pre["hu_window"]), crop=int(pre["crop"])),
+    )
+    return LoadedModel(ExportedEncoder(vit).to(dev).eval(), cfg, int(training.get("step") or 0), dev)
 
 
 def load_unetr(path: str | os.PathLike, num_classes: int, feature_size: int = 16, img_size: int | None = None) -> UNETR:

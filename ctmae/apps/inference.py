@@ -23,6 +23,7 @@ from ctmae.io.discovery import VolumeSource
 from ctmae.mae.checkpoint import load_checkpoint, model_from_checkpoint
 from ctmae.mae.config import RunConfig
 from ctmae.mae.model import MaskedAutoencoder3D
+from ctmae.runtime.checkpoint import CheckpointError
 from ctmae.runtime.device import resolve_device
 
 
@@ -44,6 +45,11 @@ def load_model(checkpoint: str | os.PathLike, device: str) -> LoadedModel:
         checkpoint: a ``.pt`` written by ``ctmae pretrain``.
         device: auto | cpu | cuda (ValueError when CUDA is asked for and absent).
     """
+    if os.path.isdir(checkpoint):
+        raise CheckpointError(
+            f"{checkpoint}: a folder; pass the MAE checkpoint (.pt) written by ctmae pretrain (an export folder from "
+            "ctmae export holds the encoder alone, without the decoder this needs)"
+        )
     state = load_checkpoint(checkpoint)
     dev = resolve_device(device)
     model = model_from_checkpoint(state).to(dev).eval()

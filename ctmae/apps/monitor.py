@@ -34,6 +34,7 @@ from ctmae.mae.config import RunConfig
 from ctmae.mae.model import MaskedAutoencoder3D
 from ctmae.runtime.checkpoint import CheckpointError
 from ctmae.runtime.metrics_log import MetricsLog
+from ctmae.runtime.signals import Stopped
 from ctmae.seg.data import LabelledCase
 
 PREVIEWS = "previews"
@@ -117,6 +118,9 @@ class TrainingMonitor:
                     row.update(self._probe(loaded))
                 if preview_now:
                     row.update(self._preview(loaded, step, log))
+        except Stopped as e:  # between sliding windows: the training loop then checkpoints the step and stops
+            log.info(f"step {step}: probe / preview cut short by {e.signal}")
+            return
         finally:
             model.train(was_training)
         if len(row) > 1:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,13 @@ from ctmae.io.discovery import VolumeSource, ensure_not_inputs, find_volumes
 from ctmae.io.volume import read_volume, write_nifti
 from ctmae.mae.config import MaskConfig
 from ctmae.mae.fills import best_fill
-from ctmae.mae.masking import corrupt, sample_mask, strategy
+from ctmae.mae.masking import corrupt, num_masked, sample_mask, strategy
 from ctmae.mae.shift import crops_error, scan_crops, shift_score, shift_warning
 from ctmae.preprocess.transforms import preprocess_transforms
 from ctmae.runtime.checkpoint import CheckpointError
 from ctmae.runtime.files import atomic_write_text
+from ctmae.runtime.signals import check_stop
+from ctmae.runtime.windows import OnWindows, watch, window_count
 
 OUTPUTS = ("input.nii.gz", "masked.nii.gz", "reconstruction.nii.gz", "error.nii.gz", "mask.nii.gz")
 # What each figure of metrics.json measures, written into it so the file explains itself.
@@ -88,6 +91,7 @@ def reconstruct(
     checkpoint_name: str = "",
     mask_unit: int | None = None,
     window_step: int | None = None,
+    on_windows: OnWindows | None = None,
 ) -> dict[str, Any]:
     """Mask, reconstruct and write one scan's outputs (NIfTI, preview.png, metrics.json) into ``out_dir``.
 
@@ -103,12 +107,15 @@ def reconstruct(
             checkpoints of different patch sizes can be scored on the very same hidden voxels.
         window_step: voxels between overlapping windows, a multiple of the patch up to the crop (None: about 3/4 of
             a crop, ``default_window_step``).
+        on_windows: called after each batch of sliding windows with (windows done, windows of the scan).
 
     Returns:
         The metrics written to metrics.json.
 
     Raises:
-        InputError: the input is unreadable or holds no / several volumes.
+        InputError: the input is unreadable, holds no / several volumes, or its body region is one mask cell, so
+            the ratio hides nothing.
+        Stopped: a stop signal came before the outputs were written (checked between windows); nothing is written.
         CheckpointError: the checkpoint was trained with ``norm_pix_loss`` (see ``_refuse_norm_pix``).
     """
     cfg = loaded.cfg
@@ -125,9 +132,11 @@ def reconstruct(
     lo, hi = cfg.data.hu_window
 
     kind = strategy(mask)
+    _refuse_one_cell(source, image.shape[1:], mask, mask_unit or cfg.model.patch)
     raw, hidden, encoder_view, tokens_hidden = _predict(
-        loaded, image.as_tensor(), mask, seed, batch_size, mask_unit, window_step
+        loaded, image.as_tensor(), mask, seed, batch_size, mask_unit, window_step, on_windows
     )
+    check_stop()  # before the fill, the scores and the outputs (seconds on a large scan), which are then written whole
     # the baseline: the best gaussian fill of the same hidden voxels from the visible ones (none without a hole)
     fill, sigma = best_fill(image.as_tensor()[None].float(), hidden[None, None]) if kind.hides_tokens else (raw, None)
     channels = torch.stack([raw, hidden, encoder_view, fill.reshape(raw.shape), torch.ones_like(raw)])
@@ -253,6 +262,17 @@ def _refuse_norm_pix(loaded: LoadedModel, name: str) -> None:
         )
 
 
+def _refuse_one_cell(source: VolumeSource, size: Sequence[int], mask: MaskConfig, unit: int) -> None:
+    """InputError when the body region is too small for the mask ratio to hide a single cell of ``unit``³ voxels:
+    its figures (mask ratio 0, SSIM 1) would say nothing."""
+    cells = math.prod(-(-n // unit) for n in size)
+    if strategy(mask).hides_tokens and num_masked(mask, cells) == 0:
+        raise InputError(
+            f"{source.label}: body region is {'x'.join(map(str, size))} voxels after resampling, {cells} mask cell(s) "
+            f"of {unit}³ voxels: too small to hide any at mask ratio {mask.ratio:g}"
+        )
+
+
 def _one_volume(input_path: str | os.PathLike) -> VolumeSource:
     sources, problems = find_volumes([input_path])
     if not sources:
@@ -271,6 +291,7 @@ def _predict(
     batch_size: int,
     mask_unit: int | None,
     window_step: int | None,
+    on_windows: OnWindows | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Model output, hidden-voxel map and encoder input on the preprocessed grid, plus the token mask ratio.
 
@@ -325,12 +346,14 @@ def _predict(
     # Within a window, MONAI's gaussian importance map (sigma 1/8 of the crop) favours voxels near its centre, which
     # have context on every side: +0.12 dB (block) and +0.15 (random) for the demo's recipe at window step 16,
     # +0.10 / +0.01 at the default step.
+    overlap = window_overlap(crop, window_step or default_window_step(crop, p))
+    watched = watch(predictor, window_count(padded.shape[1:], (crop,) * 3, overlap), on_windows)  # stops, counts
     blend = sliding_window_inference(
         torch.cat([padded[None], encoder_input, known[None]], dim=1),
         (crop,) * 3,
         batch_size,
-        predictor,
-        overlap=window_overlap(crop, window_step or default_window_step(crop, p)),
+        watched,
+        overlap=overlap,
         mode="gaussian",
         with_coord=True,
     )[0]  # (3, Xp, Yp, Zp)

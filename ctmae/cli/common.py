@@ -20,6 +20,7 @@ from ctmae.runtime.checkpoint import CheckpointError
 from ctmae.runtime.distributed import DistInfo, barrier, setup
 from ctmae.runtime.loader import LoaderError, worker_failure
 from ctmae.runtime.resources import Resources, plan_resources
+from ctmae.runtime.signals import Stopped
 
 INPUTS_HELP = "Scans: NIfTI/NRRD/MHA files, DICOM series folders, folders (searched recursively) or .txt/.csv lists."
 THREADS_HELP = (
@@ -64,10 +65,13 @@ class UsageError(Exception):
 def run_command(body: Callable[[], None]) -> None:
     """Run a command body: user-facing errors become one line and an exit code, never a traceback.
 
-    Exit codes: 2 usage errors, 1 data/checkpoint errors and internal errors, 130 interrupted.
+    Exit codes: 2 usage errors, 1 data/checkpoint errors and internal errors, 130 interrupted; a stop signal that
+    ended the work (``Stopped``) exits as ``end_stopped_work`` says.
     """
     try:
         body()
+    except Stopped as e:
+        end_stopped_work(e.signal, e.kept)
     except UsageError as e:
         errors.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
@@ -112,6 +116,15 @@ def use_resources(
     return res
 
 
+def check_steps_or_epochs(steps: int | None, epochs: float | None) -> None:
+    """Refuse --steps with --epochs (UsageError): each sets the run's length, and one would silently win."""
+    if steps is not None and epochs is not None:
+        raise UsageError(
+            f"--steps {steps} and --epochs {epochs:g} both set the run's length; give one of them "
+            "(--epochs N: N passes over all crops)"
+        )
+
+
 def announce_start(run_dir: Path, resume: bool, start_step: int) -> None:
     """Say whether a run continues a checkpoint: "resuming from step N", or why a --resume starts fresh."""
     if start_step:
@@ -133,6 +146,14 @@ def end_stopped_run(result: dict) -> None:
         raise typer.Exit(1)
 
 
+def end_stopped_work(signal_name: str, kept: str) -> None:
+    """After a stop signal ended a command that is not a training run (predict, reconstruct, embed): one line naming
+    the signal and what is kept; exit codes as ``end_stopped_run``: 130 after Ctrl-C, 0 after SIGTERM/SIGUSR1."""
+    line = f"stop signal ({signal_name})" + (f"; {kept}" if kept else "")
+    errors.print(f"[yellow]stopped early:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(130 if signal_name == "SIGINT" else 0)
+
+
 def report_skipped(problems: list[str]) -> None:
     """One yellow line per skipped input, then any note (files that are not scans were ignored; nothing skipped)."""
     for line in sorted(problems, key=lambda line: isinstance(line, Note)):  # stable: the order stays otherwise
@@ -152,6 +173,21 @@ def progress_bar() -> Progress:
         TimeRemainingColumn(),
         console=console,
     )
+
+
+def windows_bar(progress: Progress) -> Callable[[int, int], None]:
+    """An ``on_windows(done, total)`` callback that shows the sliding windows of the scan in progress as a second
+    bar of ``progress`` (long scans take minutes on a CPU)."""
+    task = progress.add_task("  windows of the scan", total=None, info="", visible=False)
+    last = [0]
+
+    def update(done: int, total: int) -> None:
+        if done <= last[0]:  # the next scan's first windows
+            progress.reset(task, total=total, completed=done, visible=True)
+        progress.update(task, completed=done, total=total, visible=True)
+        last[0] = done
+
+    return update
 
 
 def sample_data_dir() -> Path:

@@ -21,9 +21,11 @@ from ctmae.cli.common import (
     report_skipped,
     run_command,
     use_resources,
+    windows_bar,
 )
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import skipped_only
+from ctmae.runtime.signals import StopFlag, Stopped
 
 SCAN_BYTES = 256 << 20  # a large preprocessed scan (float32, 400³ voxels): what /dev/shm must hold per item
 
@@ -31,7 +33,11 @@ SCAN_BYTES = 256 << 20  # a large preprocessed scan (float32, 400³ voxels): wha
 @app.command()
 def embed(
     checkpoint: Annotated[
-        Path, typer.Argument(help="A checkpoint written by ctmae pretrain (.pt).", show_default=False)
+        Path,
+        typer.Argument(
+            help="A checkpoint written by ctmae pretrain (.pt), or an export folder written by ctmae export.",
+            show_default=False,
+        ),
     ],
     inputs: Annotated[
         list[Path],
@@ -67,18 +73,18 @@ def embed(
     def body() -> None:
         from ctmae.apps.embed import check_options
         from ctmae.apps.embed import embed as run_embed
-        from ctmae.apps.inference import load_model
+        from ctmae.apps.encoder import load_encoder_model
 
         if device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
         try:
-            check_options(out, pool)
+            check_options(out, pool, tokens)
         except ValueError as e:
             raise UsageError(str(e)) from None
         res = use_resources(threads, device, workers, SCAN_BYTES)  # a worker hands over a whole preprocessed scan
-        loaded = load_model(checkpoint, device)
+        loaded = load_encoder_model(checkpoint, device)
         loaded = dataclasses.replace(loaded, cfg=loaded.cfg.replace(data={"workers": res.workers}))
-        with progress_bar() as progress:
+        with StopFlag(on_ctrl_c="writing the scans embedded so far") as flag, progress_bar() as progress:
             task = progress.add_task("embedding", total=None, info="")
 
             def scanned(status: str) -> None:
@@ -94,17 +100,21 @@ def embed(
                 batch_size=batch_size,
                 on_start=lambda n: progress.update(task, total=n),
                 on_scan=scanned,
+                on_windows=windows_bar(progress),
             )
         report_skipped(result["skipped"])
         for line in result["warnings"]:  # the checkpoint's preprocessing contract (ctmae.apps.contract)
             errors.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
         skipped = len(skipped_only(result["skipped"]))  # a note on ignored files skips no scan
+        summary = (
+            f"embedded {result['embedded']} scan(s), {result['resumed']} already done, "
+            f"{skipped} skipped; {result['rows']} row(s) in {out}"
+        )
+        stopped = result["stopped"] or flag.signal
+        if stopped:
+            raise Stopped(stopped, f"{summary}; the same command embeds the rest")
         if result["embedded"] + result["resumed"] == 0:
             raise InputError(f"no scan embedded ({skipped} skipped)")
-        console.print(
-            f"embedded {result['embedded']} scan(s), {result['resumed']} already done, "
-            f"{skipped} skipped; {result['rows']} row(s) in {out}",
-            highlight=False,
-        )
+        console.print(summary, highlight=False)
 
     run_command(body)

@@ -16,6 +16,7 @@ from ctmae.cli.common import (
     UsageError,
     announce_start,
     app,
+    check_steps_or_epochs,
     console,
     end_stopped_run,
     errors,
@@ -24,12 +25,14 @@ from ctmae.cli.common import (
     report_skipped,
     run_command,
     use_resources,
+    windows_bar,
 )
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import find_volumes, skipped_only
 from ctmae.mae.checkpoint import load_checkpoint
 from ctmae.mae.config import MODEL_PRESETS
 from ctmae.runtime.distributed import DistInfo, cleanup
+from ctmae.runtime.signals import StopFlag, Stopped
 from ctmae.seg.config import UNETR_DEPTH, SegConfig, SegDataConfig, SegNetConfig
 
 PathList = Optional[list[Path]]
@@ -88,16 +91,24 @@ def _predict(checkpoint: Path, inputs: list[Path], out: Optional[Path], device: 
         raise InputError(f"no usable volume among the inputs ({len(skipped_only(problems))} skipped)")
     trained = checkpoint_preprocessing(checkpoint)
     _warn(source_warnings(trained, sources) if trained else [])  # the segmenter's input contract
-    with progress_bar() as progress:
+    written: list = []
+    with StopFlag(on_ctrl_c="stopping after this window") as flag, progress_bar() as progress:
         task = progress.add_task("segmenting", total=len(sources), info="")
 
         def done(info: dict[str, Any]) -> None:
+            written.append(info["path"])
             progress.advance(task)
             console.print(
                 f"{info['source'].id} -> {info['path']}  voxels per class {info['voxels_per_class']}", highlight=False
             )
 
-        written = predict(checkpoint, sources, out, device=device or "auto", on_volume=done)
+        try:
+            predict(checkpoint, sources, out, device=device or "auto", on_volume=done, on_windows=windows_bar(progress))
+        except Stopped:
+            pass  # between windows: the volumes finished so far are written whole
+    if flag.signal:  # also when it came after the last window: the exit code says a stop signal came
+        rest = "" if len(written) == len(sources) else "; the others were not segmented"
+        raise Stopped(flag.signal, f"{len(written)} of {len(sources)} label volume(s) written to {out}{rest}")
     console.print(f"{len(written)} label volume(s) written to {out}", highlight=False)
 
 
@@ -190,6 +201,7 @@ def finetune_seg(
         from ctmae.seg.data import split_cases
         from ctmae.seg.network import load_seg_checkpoint
 
+        check_steps_or_epochs(steps, epochs)
         if out is None:
             raise UsageError("--out RUN_DIR is required")
         if len(args or []) > 1:

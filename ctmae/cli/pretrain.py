@@ -16,6 +16,7 @@ from ctmae.cli.common import (
     UsageError,
     announce_start,
     app,
+    check_steps_or_epochs,
     console,
     end_stopped_run,
     errors,
@@ -199,6 +200,7 @@ def pretrain(
     def body() -> None:
         from ctmae.apps.contract import preprocessing_change
 
+        check_steps_or_epochs(steps, epochs)
         if out is None and inputs:
             raise UsageError("--out RUN_DIR is required when INPUTS are given")
         run_dir = out or DEMO_OUT

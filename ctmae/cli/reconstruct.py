@@ -14,10 +14,13 @@ from ctmae.cli.common import (
     app,
     console,
     errors,
+    progress_bar,
     run_command,
     use_resources,
+    windows_bar,
 )
 from ctmae.mae.masking import MASKS
+from ctmae.runtime.signals import StopFlag, Stopped
 
 
 @app.command()
@@ -83,17 +86,22 @@ def reconstruct(
             raise UsageError(
                 f"--window-step {window_step} must be a multiple of the patch size {patch}, at most {crop}"
             )
-        metrics = run_reconstruct(
-            loaded,
-            input,
-            out,
-            mask_cfg,
-            seed=seed,
-            batch_size=batch_size,
-            checkpoint_name=str(checkpoint),
-            mask_unit=mask_unit,
-            window_step=window_step,
-        )
+        with StopFlag(on_ctrl_c="stopping after this window") as flag, progress_bar() as progress:
+            try:
+                metrics = run_reconstruct(
+                    loaded,
+                    input,
+                    out,
+                    mask_cfg,
+                    seed=seed,
+                    batch_size=batch_size,
+                    checkpoint_name=str(checkpoint),
+                    mask_unit=mask_unit,
+                    window_step=window_step,
+                    on_windows=windows_bar(progress),
+                )
+            except Stopped as e:
+                raise Stopped(e.signal, f"nothing written to {out}/") from None
         if metrics["shift"]["warning"]:
             errors.print(
                 f"[yellow]warning:[/yellow] {escape(metrics['shift']['warning'])}", highlight=False, soft_wrap=True
@@ -106,5 +114,7 @@ def reconstruct(
             f"{summary}mask ratio {metrics['mask_ratio']:.3f}, SSIM {metrics['ssim']:.3f}; wrote {out}/",
             highlight=False,
         )
+        if flag.signal:  # it came once the outputs were being written: they are whole, the exit code says it came
+            raise Stopped(flag.signal, f"the outputs were written to {out}/")
 
     run_command(body)

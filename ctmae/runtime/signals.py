@@ -22,11 +22,13 @@ class StopFlag:
     """Set by SIGTERM/SIGUSR1 or a first Ctrl-C; a second Ctrl-C aborts at once. Restores handlers on exit (after a
     Ctrl-C, SIGINT is ignored from then on: the run has stopped and only the exit is left).
 
-    ``signal`` names the first stop signal received (``"SIGTERM"``, ``"SIGUSR1"``, ``"SIGINT"``) or is None.
+    ``signal`` names the first stop signal received (``"SIGTERM"``, ``"SIGUSR1"``, ``"SIGINT"``) or is None;
+    ``on_ctrl_c`` is what a first Ctrl-C is told the command does before it exits.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_ctrl_c: str = "finishing this step and saving a checkpoint") -> None:
         self.signal: str | None = None
+        self.on_ctrl_c = on_ctrl_c
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:
@@ -49,7 +51,7 @@ class StopFlag:
                 sys.stderr.flush()
                 os._exit(130)
             # said at once, not after the step: the user is waiting at the terminal
-            sys.stderr.write("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again aborts)\n")
+            sys.stderr.write(f"Ctrl-C: {self.on_ctrl_c} (Ctrl-C again aborts)\n")
         self.signal = self.signal or signal.Signals(signum).name
 
     def __exit__(self, *exc: Any) -> None:
@@ -64,3 +66,19 @@ def pending_stop() -> str | None:
     """The stop signal that reached a run in progress in this process (``"SIGTERM"``...), or None: for code deep
     inside a run (a data loader waiting for a batch) that holds no reference to the run's flag."""
     return next((flag.signal for flag in reversed(_ACTIVE) if flag.signal), None)
+
+
+class Stopped(Exception):
+    """Raised between units of work (sliding windows, scans, cases) that a stop signal ended; ``signal`` names it
+    and ``kept`` says what stays for the next run (the command's "stopped early" line)."""
+
+    def __init__(self, signal: str, kept: str = "") -> None:
+        super().__init__(f"stop signal ({signal})" + (f"; {kept}" if kept else ""))
+        self.signal, self.kept = signal, kept
+
+
+def check_stop() -> None:
+    """Raise ``Stopped`` when a stop signal has reached a run in progress in this process (``pending_stop``)."""
+    name = pending_stop()
+    if name:
+        raise Stopped(name)

@@ -22,10 +22,12 @@ from ctmae.io.checks import IMAGE_SUFFIXES, InputError
 from ctmae.io.discovery import VolumeSource, ensure_not_inputs
 from ctmae.io.volume import write_nifti
 from ctmae.preprocess.transforms import preprocess_transforms
-from ctmae.runtime.device import autocast_for, resolve_device, resolve_precision
+from ctmae.runtime.device import resolve_device, resolve_precision
+from ctmae.runtime.signals import check_stop
+from ctmae.runtime.windows import OnWindows
 from ctmae.seg.config import SegConfig
 from ctmae.seg.network import load_seg_checkpoint, segmenter_from_checkpoint
-from ctmae.seg.train import sliding_window
+from ctmae.seg.train import segment_logits
 
 
 def output_name(source_id: str, taken: set[str]) -> str:
@@ -48,6 +50,7 @@ def predict(
     out_dir: Path,
     device: str = "auto",
     on_volume: Callable[[dict[str, Any]], None] | None = None,
+    on_windows: OnWindows | None = None,
 ) -> list[Path]:
     """Segment each source with a ``finetune-seg`` checkpoint; writes ``out_dir/<name>.nii.gz`` per source.
 
@@ -57,12 +60,14 @@ def predict(
         out_dir: output folder (created).
         device: auto|cpu|cuda.
         on_volume: called after each volume with ``{"source", "path", "voxels_per_class"}``.
+        on_windows: called after each batch of sliding windows with (windows done, windows of this volume).
 
     Returns:
         The written label files, in the order of ``sources``.
 
     Raises:
-        CheckpointError: the checkpoint is unusable. InputError: a volume cannot be read.
+        CheckpointError: the checkpoint is unusable. InputError: a volume cannot be read. Stopped: a stop signal
+        came (checked between windows); the label files written so far are whole, the volume in progress has none.
     """
     state = load_seg_checkpoint(checkpoint)
     cfg: SegConfig = state["config"]
@@ -71,9 +76,9 @@ def predict(
     unetr = segmenter_from_checkpoint(state).to(torch_device).eval()
     preprocess = preprocess_transforms(cfg.data.preprocessing())
     invert = Invertd("pred", transform=preprocess, orig_keys="image", nearest_interp=True)
-    inferer = sliding_window(cfg)
     written, taken = [], set()
     for source in sources:
+        check_stop()
         try:
             data = preprocess({"image": list(source.files)})
         except InputError:
@@ -87,8 +92,8 @@ def predict(
                 else InputError(f"{source.files[0]}: could not preprocess: {str(e).splitlines()[0]}")
             ) from None
         image: MetaTensor = data["image"]
-        with torch.no_grad(), autocast_for(precision, torch_device):
-            logits = inferer(image.as_tensor()[None].to(torch_device), unetr)  # (1, C, X', Y', Z')
+        with torch.no_grad():  # (1, X', Y', Z') -> (1, C, X', Y', Z')
+            logits = segment_logits(unetr, image.as_tensor(), cfg, torch_device, precision, on_windows)
         labels = logits.float().argmax(1).cpu().to(torch.float32)  # (1, X', Y', Z') on the preprocessed grid
         data["pred"] = MetaTensor(labels, meta=image.meta)
         restored = invert(data)["pred"]  # (1, X, Y, Z) on the source grid

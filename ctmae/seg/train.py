@@ -24,19 +24,39 @@ from ctmae.runtime.distributed import DistInfo
 from ctmae.runtime.optim import backward_and_step
 from ctmae.runtime.run import Run, open_run
 from ctmae.runtime.schedule import lr_factor
+from ctmae.runtime.signals import Stopped
+from ctmae.runtime.windows import OnWindows, watch, window_count
 from ctmae.seg.config import SegConfig
 from ctmae.seg.data import LabelledCase, cache_cases, crop_batches
 from ctmae.seg.network import build_unetr, load_encoder, load_seg_checkpoint, param_groups, save_seg_checkpoint
 
-SW_BATCH = 4  # sliding windows per forward pass
-SW_OVERLAP = 0.25
+SW_BATCH = 4  # sliding windows per forward pass on a GPU; one on a CPU, where a window takes seconds and a stop
+SW_OVERLAP = 0.25  # signal is checked between forward passes
 
 
-def sliding_window(cfg: SegConfig) -> SlidingWindowInferer:
+def sliding_window(cfg: SegConfig, device: torch.device) -> SlidingWindowInferer:
     """Whole-volume inference in crop-sized windows, Gaussian-weighted where they overlap."""
-    return SlidingWindowInferer(
-        roi_size=(cfg.data.crop,) * 3, sw_batch_size=SW_BATCH, overlap=SW_OVERLAP, mode="gaussian"
-    )
+    batch = SW_BATCH if device.type == "cuda" else 1
+    return SlidingWindowInferer(roi_size=(cfg.data.crop,) * 3, sw_batch_size=batch, overlap=SW_OVERLAP, mode="gaussian")
+
+
+def segment_logits(
+    unetr: nn.Module,
+    image: torch.Tensor,
+    cfg: SegConfig,
+    device: torch.device,
+    precision: str,
+    on_windows: OnWindows | None = None,
+) -> torch.Tensor:
+    """Sliding-window logits of one preprocessed volume (1, X, Y, Z) -> (1, C, X, Y, Z) on ``device``.
+
+    Raises ``Stopped`` between windows when a stop signal came (``ctmae.runtime.windows``); ``on_windows(done, total)``
+    hears the windows done.
+    """
+    inferer = sliding_window(cfg, device)
+    total = window_count(image.shape[1:], inferer.roi_size, SW_OVERLAP)
+    with autocast_for(precision, device):
+        return inferer(image[None].to(device), watch(unetr, total, on_windows))  # (1, C, X, Y, Z)
 
 
 @torch.no_grad()
@@ -45,19 +65,21 @@ def evaluate(
 ) -> list[float]:
     """Dice per foreground class (1..C-1) over whole preprocessed volumes, by sliding-window inference.
 
-    A class absent from both a label and its prediction counts as Dice 1 for that case.
+    A class absent from both a label and its prediction counts as Dice 1 for that case. A stop signal raises
+    ``Stopped`` between windows (``segment_logits``).
     """
     was_training = unetr.training
     unetr.eval()
-    inferer, classes = sliding_window(cfg), cfg.net.num_classes
+    classes = cfg.net.num_classes
     metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False)
-    for i in range(len(cached)):
-        case = cached[i]
-        with autocast_for(precision, device):
-            logits = inferer(case["image"].as_tensor()[None].to(device), unetr)  # (1, C, X, Y, Z)
-        pred = one_hot(logits.float().argmax(1, keepdim=True), classes)
-        metric(pred, one_hot(case["label"].as_tensor()[None].to(device).round().long(), classes))
-    unetr.train(was_training)
+    try:
+        for i in range(len(cached)):
+            case = cached[i]
+            logits = segment_logits(unetr, case["image"].as_tensor(), cfg, device, precision)  # (1, C, X, Y, Z)
+            pred = one_hot(logits.float().argmax(1, keepdim=True), classes)
+            metric(pred, one_hot(case["label"].as_tensor()[None].to(device).round().long(), classes))
+    finally:
+        unetr.train(was_training)
     return [float(d) for d in metric.aggregate().cpu()]
 
 
@@ -122,6 +144,20 @@ class _SegTraining:
         self.best = state["best_dice"]
         if run.dist.is_main:
             save_seg_checkpoint(state, run.checkpoints / "last.pt")
+
+
+def _validate(run: Run, unetr: nn.Module, val_data: Sequence[dict], step: int) -> list[float] | None:
+    """Validation Dice per class after ``step``, logged; None when a stop signal cut it short (the step's checkpoint
+    is then written without a Dice)."""
+    run.log.info(f"step {step}: validating on {len(val_data)} case(s)")
+    try:
+        per_class = evaluate(unetr, val_data, run.cfg, run.device, run.precision)
+    except Stopped as e:
+        run.log.info(f"step {step}: validation stopped by {e.signal}, not scored")
+        return None
+    val_dice = sum(per_class) / len(per_class)
+    run.log.metrics({"step": step, "val_dice": val_dice, **{f"val_dice_{c}": d for c, d in enumerate(per_class, 1)}})
+    return per_class
 
 
 def finetune(
@@ -204,11 +240,10 @@ def finetune(
             signalled = run.stop_requested()
             if step % t.val_every == 0 or step == run.end or signalled:
                 if not signalled:
-                    per_class = evaluate(unetr, val_data, cfg, run.device, run.precision)
-                    val_dice = sum(per_class) / len(per_class)
-                    run.log.metrics(
-                        {"step": step, "val_dice": val_dice, **{f"val_dice_{c}": d for c, d in enumerate(per_class, 1)}}
-                    )
+                    scored = _validate(run, unetr, val_data, step)
+                    per_class = scored or per_class
+                    val_dice = None if scored is None else sum(scored) / len(scored)
+                    signalled = run.stop_requested()  # every rank agrees whether a signal cut a validation short
                 parts.save(run, step, val_dice)
             if on_step:
                 on_step({"step": step, "loss": loss_value, "lr": lr, "val_dice": val_dice})

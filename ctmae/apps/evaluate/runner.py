@@ -1,9 +1,10 @@
 """Run an evaluation: every unit of every protocol on every subject, journalled, then the report.
 
 Knows nothing of the CLI: ``run_evaluation`` takes settings, subjects, checked cases and a report folder, reports
-progress through callbacks and returns the report. SIGTERM/SIGUSR1 and a first Ctrl-C stop it between cases (a
-few-shot run stops after its step and keeps its last.pt); finished units stay in the journal and the report is
-written from them, so ``--resume`` continues where it stopped.
+progress through callbacks and returns the report. SIGTERM/SIGUSR1 and a first Ctrl-C stop it between cases and
+between the sliding windows of a scan (a few-shot run stops after its step, or in its validation, and keeps its
+last.pt); finished units stay in the journal and the report is written from them, so ``--resume`` continues where it
+stopped.
 """
 
 from __future__ import annotations
@@ -27,13 +28,9 @@ from ctmae.apps.inference import LoadedModel
 from ctmae.mae.checkpoint import load_checkpoint, model_from_checkpoint
 from ctmae.mae.model import MaskedAutoencoder3D, build_model
 from ctmae.runtime.device import resolve_device
-from ctmae.runtime.signals import StopFlag
+from ctmae.runtime.signals import StopFlag, Stopped
 
 JOURNAL = "journal.jsonl"
-
-
-class _Stopped(Exception):
-    """A stop signal arrived during a unit: its partial work is dropped."""
 
 
 @dataclass
@@ -71,7 +68,7 @@ def run_evaluation(
         progress.start(sum(u.ticks for u in units), sum(u.ticks for u in units if u.id in journal.done))
     worker = _Worker(settings, cases, out, PreparedCases())
     stopped = None
-    with StopFlag() as flag:
+    with StopFlag(on_ctrl_c="stopping after this window or case; finished units are kept") as flag:
         worker.flag = flag
         try:
             for unit in units:
@@ -86,8 +83,8 @@ def run_evaluation(
                 journal.record(unit.id, result)
                 if unit.protocol == "fewshot":
                     drop_checkpoints(worker.run_dir(unit))
-        except _Stopped:
-            stopped = flag.signal
+        except Stopped as e:  # between cases or sliding windows: the unit's partial work is dropped
+            stopped = e.signal
         finally:
             report = write_report(out, settings, subjects, cases, journal.done, units)
     return {**report, "stopped": stopped, "interrupted": stopped == "SIGINT"}
@@ -112,7 +109,7 @@ class _Worker:
             if tick:
                 tick(1)
             if self.flag is not None and self.flag.signal:
-                raise _Stopped
+                raise Stopped(self.flag.signal)
 
         if unit.protocol == "probe":
             return self._probe(unit.subject, on_case)

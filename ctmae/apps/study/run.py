@@ -22,7 +22,7 @@ from ctmae.apps.study.plan import Point
 from ctmae.io.discovery import VolumeSource
 from ctmae.mae.context import context_problem
 from ctmae.runtime.files import atomic_write_text
-from ctmae.runtime.signals import StopFlag
+from ctmae.runtime.signals import StopFlag, Stopped
 
 STATUS = "status.json"
 
@@ -82,6 +82,8 @@ def run_study(
             _say(hooks, point, "start")
             try:
                 stopped = _run_point(point, out, sources_for, settings, cases, hooks, flag)
+            except Stopped as e:  # a stop between windows or cases that no stage caught: the point stays unfinished
+                stopped = e.signal
             except Exception as e:  # noqa: BLE001  (a failed point is recorded; the study goes on)
                 _record(out, point, {"status": "failed", "reason": _one_line(e)})
                 done["failed"].append(point.index)
