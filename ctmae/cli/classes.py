@@ -25,8 +25,9 @@ LabelNamesOption = Annotated[
     Optional[Path],
     typer.Option(
         "--label-names",
-        help='JSON naming the label values ({"1": "liver"} or {"liver": 1}, or either under "labels"), '
-        "instead of the dataset.json / labels.json found beside or above the labels",
+        help='JSON naming the label values (value to name, "1": "liver", or name to value, "liver": 1; alone or '
+        'under "labels" as in a dataset.json), instead of the dataset.json / labels.json found beside or above the '
+        "labels",
         show_default=False,
     ),
 ]

@@ -63,7 +63,8 @@ def _check(cases: list, num_classes: Optional[int]) -> set[int]:
             values = case_values(case)
             if num_classes is not None and max(values) >= num_classes:
                 raise InputError(
-                    f"{case.label.files[0]}: holds class {max(values)}, but --num-classes is {num_classes}"
+                    f"{case.label.files[0]}: holds class {max(values)}, but --num-classes is {num_classes}; choose "
+                    f"the classes to learn with --classes (e.g. --classes liver=5), every other value background"
                 )
             present |= values
             progress.advance(task)

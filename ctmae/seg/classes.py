@@ -45,9 +45,10 @@ class ClassMap:
         return [{"class": k, "name": n, "label_value": v} for k, (n, v) in enumerate(zip(self.names, self.values), 1)]
 
     def text(self) -> str:
-        """One line for reports: "1 liver (label 5), 2 spleen (label 1)"; values shown only where they differ."""
+        """One line for reports: "1 liver (label 5), 2 spleen (label 1)"; values shown for chosen classes and where
+        they differ from the class."""
         return ", ".join(
-            f"{k} {name}" + (f" (label {v})" if v != k else "")
+            f"{k} {name}" + (f" (label {v})" if self.chosen or v != k else "")
             for k, (name, v) in enumerate(zip(self.labels(), self.values), 1)
         )
 
@@ -95,17 +96,24 @@ def choose_classes(spec: str, names: LabelNames) -> ClassMap:
     values, labels = [], []
     for name, value in parse_classes(spec):
         value = names.value_of(name) if value is None else value
-        known = names.name_of(value)  # names files that disagree about this value are refused here
+        known, where = names.named(value)  # names files that disagree about this value are refused here
         if name and known and not same_name(name, known):
             raise InputError(
-                f"--classes {name}={value}: label value {value} is {known!r} in the labels' names file; give "
-                f"{known}={value} or the value of {name}"
+                f"--classes {name}={value}: label value {value} is {known!r} in {where}{_elsewhere(name, names)}"
             )
         if value in values:
             raise ValueError(f"--classes {spec!r}: label value {value} is chosen twice")
         values.append(value)
         labels.append(name or known)
     return ClassMap(tuple(values), tuple(labels), chosen=True)
+
+
+def _elsewhere(name: str, names: LabelNames) -> str:
+    """ ", where liver is 5" when ``name`` has a value in ``names``, else ""."""
+    try:
+        return f", where {name} is {names.value_of(name)}"
+    except InputError:
+        return ""
 
 
 def numbered_classes(count: int, names: LabelNames) -> ClassMap:

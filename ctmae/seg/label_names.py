@@ -10,6 +10,7 @@ explicitly (``--label-names``) may also be the mapping itself.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -118,6 +119,14 @@ class LabelNames:
         Raises:
             InputError: two names files name ``value`` differently (the labels number their classes differently).
         """
+        return self.named(value)[0]
+
+    def named(self, value: int) -> tuple[str, str]:
+        """(the name every names file gives ``value``, the first file naming it); ("", "") when none does.
+
+        Raises:
+            InputError: two names files name ``value`` differently (the labels number their classes differently).
+        """
         named = [(path, names[value]) for path, names in self.files if value in names]
         for path, name in named[1:]:
             if not same_name(name, named[0][1]):
@@ -125,7 +134,7 @@ class LabelNames:
                     f"label value {value} is {named[0][1]!r} in {named[0][0]} but {name!r} in {path}: these labels "
                     f"number their classes differently; pool or compare only labels numbered alike"
                 )
-        return named[0][1] if named else ""
+        return (named[0][1], named[0][0]) if named else ("", "")
 
     def value_of(self, name: str) -> int:
         """The label value of class ``name`` in every names file that names it.
@@ -141,9 +150,11 @@ class LabelNames:
         found = [(path, v) for path, names in self.files for v, n in sorted(names.items()) if same_name(n, name)]
         if not found:
             every = sorted({n for _, names in self.files for n in names.values()})
+            close = difflib.get_close_matches(name, every, n=3)
             shown = ", ".join(every[:_SHOWN]) + (f", … ({len(every)} names)" if len(every) > _SHOWN else "")
+            hint = f"did you mean {' or '.join(close)}?" if close else f"it names {shown}"
             files = ", ".join(path for path, _ in self.files)
-            raise InputError(f"--classes {name}: no class of that name in {files} (it names {shown})")
+            raise InputError(f"--classes {name}: no class of that name in {files} ({hint})")
         for path, value in found[1:]:
             if value != found[0][1]:
                 raise InputError(

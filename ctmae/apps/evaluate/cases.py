@@ -42,6 +42,7 @@ class EvalCases:
             "classes": self.classes,
             "class_names": self.class_map.labels(),
             "label_values": list(self.class_map.values),
+            "chosen": self.class_map.chosen,
         }
 
 

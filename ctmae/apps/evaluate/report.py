@@ -139,7 +139,7 @@ def class_names(cases: dict[str, Any]) -> list[str]:
 def _classes_text(cases: dict[str, Any]) -> str:
     """ "1 liver (label 5), 2 spleen (label 1)": each class, with its label value where that differs."""
     values = cases.get("label_values") or range(1, cases["classes"])
-    return ClassMap(tuple(values), tuple(class_names(cases))).text()
+    return ClassMap(tuple(values), tuple(class_names(cases)), cases.get("chosen", False)).text()
 
 
 def _measure(name: str, k: int) -> str:
