@@ -9,9 +9,11 @@ included); and an nnU-Net folder holding ``imagesTr/`` and ``labelsTr/``.
 The deterministic preprocessing runs once per case into the on-disk cache (``ctmae.preprocess.cache``): the image
 through SimpleITK's resampling as for pretraining (the same entry), the label by nearest neighbour onto the image's
 grid, cropped with the image's body box; what ``preprocess_transforms(cfg, label=True)`` gives. A later run over the
-same cases preprocesses nothing. Crops follow ``ctmae.preprocess.schedule``'s schedule: visit ``v`` is epoch
-``v // V``, slot ``v % V`` of that epoch's seeded permutation, its random draws seeded by ``(seed, v)``; so any step's
-batch is a pure function of the seed and ``--resume`` is exact.
+same cases preprocesses nothing. The cache keeps each label's own values; the classes a run learns
+(``SegDataConfig.label_values``, ``ctmae.seg.classes``) are picked from them as the cases are read. Crops follow
+``ctmae.preprocess.schedule``'s schedule: visit ``v`` is epoch ``v // V``, slot ``v % V`` of that epoch's seeded
+permutation, its random draws seeded by ``(seed, v)``; so any step's batch is a pure function of the seed and
+``--resume`` is exact.
 """
 
 from __future__ import annotations
