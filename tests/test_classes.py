@@ -28,7 +28,7 @@ ISO = (1.5, 1.5, 1.5)
 NAMES = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver"}
 TOTAL = {**{v: f"structure_{v}" for v in range(6, 118)}, **NAMES}  # 117 named classes
 FINETUNE = ["--from-scratch", "--model", "tiny", "--crop", "32", "--feature-size", "8", "--batch-size", "1"]
-FINETUNE += ["--crops-per-volume", "1", "--device", "cpu", "--steps", "2", "--val-every", "2"]
+FINETUNE += ["--crops-per-volume", "1", "--device", "cpu", "--steps", "1"]
 EVALUATE = ["--device", "cpu", "--crop", "32", "--protocols", "probe", "--windows", "1", "--test-cases", "1"]
 
 
