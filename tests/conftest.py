@@ -118,6 +118,32 @@ def write_body_scans(folder: Path, count: int, seed: int = 0) -> Path:
     return folder
 
 
+def organ_map(shape=(48, 48, 40), classes: int = 117, seed: int = 0) -> np.ndarray:
+    """A TotalSegmentator-like (X, Y, Z) uint8 label map: an ellipsoid "body" cut into ``classes`` organs (the
+    nearest of ``classes`` seeded points, one per class, so every class is present), background 0 around it."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)  # (X, Y, Z, 3)
+    centre, radii = (np.asarray(shape) - 1) / 2, np.asarray(shape) * 0.47
+    body = (((grid - centre) / radii) ** 2).sum(-1) <= 1.0
+    inside = np.argwhere(body)
+    seeds = inside[rng.choice(len(inside), classes, replace=False)]  # (classes, 3)
+    nearest = np.zeros(shape, np.int64)
+    best = np.full(shape, np.inf)
+    for c, point in enumerate(seeds, start=1):
+        distance = ((grid - point) ** 2).sum(-1)
+        closer = distance < best
+        nearest[closer], best[closer] = c, distance[closer]
+    return np.where(body, nearest, 0).astype(np.uint8)
+
+
+def organ_ct(label: np.ndarray, seed: int = 0) -> np.ndarray:
+    """An int16 HU scan for a label map: air (-1000) outside, each class its own tissue HU plus noise."""
+    rng = np.random.default_rng(seed)
+    tissue = rng.integers(-100, 300, 256)
+    tissue[0] = -1000
+    return (tissue[label] + rng.normal(0.0, 15.0, label.shape)).astype(np.int16)
+
+
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "sample_data"
 
 

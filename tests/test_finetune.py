@@ -21,7 +21,7 @@ from ctmae.mae.model import build_model, sincos_embedding_3d
 from ctmae.seg.config import SegConfig, SegDataConfig, SegNetConfig
 from ctmae.seg.data import LabelledCase, check_case, find_cases, split_cases
 from ctmae.seg.network import load_seg_checkpoint, net_config_from_mae
-from ctmae.seg.predict import output_name
+from ctmae.seg.predict import output_name, sidecar_path
 
 IDENTITY = (1, 0, 0, 0, 1, 0, 0, 0, 1)
 ISO = (1.5, 1.5, 1.5)
@@ -319,7 +319,11 @@ def test_prediction_in_source_geometry(phantom_run, phantom, tmp_path):
     assert result.exit_code == 0, result.output
     sources, taken = find_volumes(inputs)[0], set()
     written = {s.files[0]: tmp_path / "pred" / output_name(s.id, taken) for s in sources}
-    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == sorted(p.name for p in written.values())
+    sidecars = [sidecar_path(p) for p in written.values()]  # each label names its values beside it
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == sorted(
+        p.name for p in [*written.values(), *sidecars]
+    )
+    assert json.loads(sidecars[0].read_text(encoding="utf-8"))["labels"] == {"0": "background", "1": "class 1"}
     for source in sources:
         image, affine = read_volume(source)
         pred, pred_affine = read_volume(find_volumes([written[source.files[0]]])[0][0])

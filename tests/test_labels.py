@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 from typer.testing import CliRunner
 
-from conftest import write_volume
+from conftest import SAMPLE_DATA, organ_ct, organ_map, write_volume
 from ctmae.cli import app
 from ctmae.io.discovery import Note, find_volumes, skipped_only
 from ctmae.io.labels import label_map_problem
@@ -114,6 +114,40 @@ def test_a_label_hiding_from_the_subsample_is_confirmed_on_every_voxel():
     assert label_map_problem(_image(large, np.int16)) is None
 
 
+def _eight_bit(smooth_mm: float) -> np.ndarray:
+    """The sample chest CT windowed (-1000..1000 HU) to 0..254 and rounded: an 8-bit image, smoothed first."""
+    image = sitk.ReadImage(str(SAMPLE_DATA / "ct" / "lung1.nii.gz"), sitk.sitkFloat32)
+    image = sitk.SmoothingRecursiveGaussian(image, smooth_mm) if smooth_mm else image
+    hu = sitk.GetArrayFromImage(image).transpose(2, 1, 0)  # (Z, Y, X) -> (X, Y, Z)
+    return np.rint(np.clip((hu + 1000) / 2000, 0, 1) * 254)
+
+
+@pytest.mark.parametrize(
+    "kind, dtype, is_label",
+    [
+        ("organ map", np.uint8, True),  # 117 classes, as TotalSegmentator writes them
+        ("organ map", np.float32, True),
+        ("organ scan", np.int16, False),  # its CT in HU
+        ("organ scan without intercept", np.uint16, False),  # stored values HU + 1024: air at 24, thousands of values
+        ("8-bit scan", np.uint8, False),  # a CT windowed to 8 bits: ramps, no uniform regions
+        ("8-bit smoothed scan", np.uint8, False),  # smoothed first: flatter, but its borders are ramps
+    ],
+)
+def test_label_maps_of_many_classes_are_told_from_scans_by_content(kind, dtype, is_label):
+    label = organ_map()
+    array = {
+        "organ map": label,
+        "organ scan": organ_ct(label),
+        "organ scan without intercept": organ_ct(label).astype(np.int32) + 1024,
+        "8-bit scan": _eight_bit(0.0),
+        "8-bit smoothed scan": _eight_bit(3.0),
+    }[kind]
+    problem = label_map_problem(_image(array, dtype))
+    assert (problem is not None) == is_label, problem
+    if is_label:
+        assert problem.endswith("… 117 (118 values); no air")
+
+
 # --- the path rule and ignored files ------------------------------------------------------------------------------
 
 
@@ -189,6 +223,25 @@ def test_reconstruct_refuses_a_label_map_in_one_line(tmp_path, tiny_checkpoint):
     ]
     assert "Traceback" not in result.output
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_117_class_map_outside_any_labels_folder_is_refused_as_a_scan(tmp_path, tiny_checkpoint):
+    label = organ_map()
+    data = tmp_path / "data"  # no labels/ folder: only the voxels tell
+    write_volume(data / "ct.nii.gz", organ_ct(label), **GEOMETRY)
+    seg = write_volume(data / "total_seg.nii.gz", label, dtype=np.uint8, **GEOMETRY)
+    why = (
+        "looks like a label map (uint8 voxels holding only 0, 1, 2, 3, 4, 5, … 117 (118 values); no air), not a CT scan"
+    )
+    result = pretrain(tmp_path, data)
+    assert result.exit_code == 0, result.output
+    assert lines_with(result.output, "total_seg") == [f"skipped: {seg}: {why}"]
+    embedded = runner.invoke(app, ["embed", str(tiny_checkpoint), str(data), "--out", str(tmp_path / "e.csv")])
+    assert embedded.exit_code == 0, embedded.output
+    assert lines_with(embedded.output, "total_seg") == [f"skipped: {seg}: {why}"]
+    result = runner.invoke(app, ["reconstruct", str(tiny_checkpoint), str(seg), "--out", str(tmp_path / "out")])
+    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("warning:")]
+    assert result.exit_code == 1 and lines == [f"error: {seg}: {why}"]
 
 
 def test_pretrain_counts_a_folder_with_one_scan_and_two_notes_as_usable(tmp_path):

@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ctmae.cli.classes import ClassesOption, LabelNamesOption, check_classes_option, resolve_classes
 from ctmae.cli.common import (
     THREADS_HELP,
     UsageError,
@@ -78,6 +79,8 @@ def evaluate(
     ] = None,
     feature_size: Annotated[int, typer.Option(help="UNETR convolutional feature width")] = 16,
     windows: Annotated[int, typer.Option(help="Crops per test scan for the recon protocol")] = 4,
+    classes: ClassesOption = None,
+    label_names: LabelNamesOption = None,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False)] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted evaluation in REPORT_DIR.")] = False,
@@ -108,14 +111,17 @@ def evaluate(
                 feature_size=feature_size,
                 recon_windows=windows,
                 device=device,
+                classes=classes or "",
             )
         except ValueError as e:
             raise UsageError(str(e)) from None
+        check_classes_option(classes)
         cases = find_cases([str(p) for p in images], [str(p) for p in labels or []])
         try:
             test, pool = split_cases(cases, settings.test_cases, settings.max_shots, settings.seed)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        chosen, names = resolve_classes(cases, classes, label_names)
         subjects = load_subjects(checkpoints, settings)
         prepare_report_dir(out, resume, overwrite)
         for s in subjects:
@@ -123,11 +129,12 @@ def evaluate(
                 errors.print(f"[yellow]warning:[/yellow] {escape(s.fewshot_problem)}", highlight=False, soft_wrap=True)
         with progress_bar() as progress:
             task = progress.add_task("checking labels", total=len(cases), info="")
-            checked = check_cases(test, pool, on_case=lambda: progress.advance(task))
+            checked = check_cases(test, pool, lambda: progress.advance(task), chosen, names)
         console.print(
-            f"{len(cases)} labelled case(s): {len(test)} test, {len(pool)} training; {checked.classes} classes; "
-            f"comparing {', '.join(s.label for s in subjects)}",
+            f"{len(cases)} labelled case(s): {len(test)} test, {len(pool)} training; classes "
+            f"{checked.class_map.text()}; comparing {', '.join(s.label for s in subjects)}",
             highlight=False,
+            soft_wrap=True,
         )
         try:
             result = _run(settings, subjects, checked, out, resume)

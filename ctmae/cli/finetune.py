@@ -10,6 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ctmae.cli.classes import ClassesOption, LabelNamesOption, check_classes_option, resolve_classes
 from ctmae.cli.common import (
     THREADS_HELP,
     WORKERS_HELP,
@@ -57,17 +58,41 @@ def _cases(images: PathList, labels: PathList, what: str) -> list:
     return find_cases([str(p) for p in images], [str(p) for p in labels or []])
 
 
-def _check(cases: list, num_classes: Optional[int]) -> int:
-    """Check every pair's geometry and values, with progress; returns the class count the labels need."""
-    from ctmae.seg.data import check_case
+def _check(cases: list, num_classes: Optional[int]) -> set[int]:
+    """Check every pair's geometry and values, with progress; returns the label values the cases hold."""
+    from ctmae.seg.data import case_values
 
-    top = 0
+    present: set[int] = set()
     with progress_bar() as progress:
         task = progress.add_task("checking labels", total=len(cases), info="")
         for case in cases:
-            top = max(top, check_case(case, num_classes))
+            values = case_values(case)
+            if num_classes is not None and max(values) >= num_classes:
+                raise InputError(
+                    f"{case.label.files[0]}: holds class {max(values)}, but --num-classes is {num_classes}; choose "
+                    f"the classes to learn with --classes (e.g. --classes liver=5), every other value background"
+                )
+            present |= values
             progress.advance(task)
-    return max(2, top + 1)
+    return present
+
+
+def _classes(cases: list, spec: Optional[str], names_file: Optional[Path], num_classes: Optional[int]):
+    """The classes to learn: chosen with --classes (checked against --num-classes and the labels' values), or the
+    labels' own numbering up to --num-classes or the largest value; named where the labels' names say so."""
+    from ctmae.seg.classes import check_present, numbered_classes
+
+    chosen, names = resolve_classes(cases, spec, names_file)
+    if chosen is not None and num_classes is not None and num_classes != chosen.count:
+        raise UsageError(
+            f"--num-classes {num_classes}, but --classes chooses {chosen.count - 1} class(es) ({chosen.count} with "
+            f"background); drop --num-classes"
+        )
+    present = _check(cases, num_classes if chosen is None else None)
+    if chosen is None:
+        return numbered_classes(num_classes or max(2, max(present) + 1), names)
+    check_present(chosen, present)
+    return chosen
 
 
 def _warn(lines: list[str]) -> None:
@@ -99,7 +124,10 @@ def _predict(checkpoint: Path, inputs: list[Path], out: Optional[Path], device: 
             written.append(info["path"])
             progress.advance(task)
             console.print(
-                f"{info['source'].id} -> {info['path']}  voxels per class {info['voxels_per_class']}", highlight=False
+                f"{info['source'].id} -> {info['path']}  voxels per class: "
+                + ", ".join(f"{n} {v}" for n, v in zip(info["class_names"], info["voxels_per_class"])),
+                highlight=False,
+                soft_wrap=True,
             )
 
         try:
@@ -141,8 +169,11 @@ def finetune_seg(
         str, typer.Option(help="ViT size preset with --from-scratch and no CHECKPOINT: tiny|small|base")
     ] = "base",
     num_classes: Annotated[
-        Optional[int], typer.Option(help="Classes incl. background [default: largest label + 1]")
+        Optional[int],
+        typer.Option(help="Classes incl. background [default: largest label + 1, or the number of --classes + 1]"),
     ] = None,
+    classes: ClassesOption = None,
+    label_names: LabelNamesOption = None,
     val_fraction: Annotated[float, typer.Option(help="Share of cases held out for validation (seeded)")] = 0.2,
     val_images: Annotated[PathList, typer.Option(help="Validation images instead of --val-fraction")] = None,
     val_labels: Annotated[PathList, typer.Option(help="Validation labels, paired as --labels")] = None,
@@ -213,6 +244,7 @@ def finetune_seg(
             raise UsageError("--val-labels needs --val-images")
         if not 0.0 < val_fraction < 1.0:
             raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+        check_classes_option(classes)
         cases = _cases(images, labels, "")
         val_cases = _cases(val_images, val_labels, "val-") if val_images else None
         dist = open_run_dir(out, resume, overwrite, device)
@@ -222,8 +254,8 @@ def finetune_seg(
         change = trained and preprocessing_change(trained, {"spacing": (spacing,) * 3}, ["spacing"])
         if change:  # a pretrained encoder's input contract is not an option
             raise UsageError(f"--spacing {spacing:g}: {change} ({fixed}); omit --spacing, or train --from-scratch")
-        classes = _check(cases + (val_cases or []), num_classes)
-        data_opts = {"crop": crop, "crops_per_volume": crops_per_volume, "pos_fraction": pos_fraction}
+        chosen = _classes(cases + (val_cases or []), classes, label_names, num_classes)
+        data_opts = dict(crop=crop, crops_per_volume=crops_per_volume, pos_fraction=pos_fraction, **chosen.config())
         train_opts = {
             "steps": steps,
             "epochs": epochs,
@@ -239,13 +271,14 @@ def finetune_seg(
         }
         if resume and last.is_file():
             mae, cfg = None, load_seg_checkpoint(last)["config"]
-            cfg = cfg.replace(
-                train={
-                    k: v for k, v in {"steps": steps, "device": device, "precision": precision}.items() if v is not None
-                }
-            )
+            if classes is not None and chosen.remap() != cfg.data.label_values:
+                raise UsageError(
+                    f"--classes {classes}: the run in {out} learns other classes; resume without --classes"
+                )
+            given = {"steps": steps, "device": device, "precision": precision}
+            cfg = cfg.replace(train={k: v for k, v in given.items() if v is not None})
         else:
-            net_opts = {"model": model, "feature_size": feature_size, "num_classes": num_classes or classes}
+            net_opts = {"model": model, "feature_size": feature_size, "num_classes": chosen.count}
             mae, cfg = _new_config(
                 checkpoint, from_scratch, spacing, net_opts, {**data_opts, "workers": workers}, train_opts
             )
@@ -304,6 +337,7 @@ def _train(
     dist: DistInfo,
     cache_dir: Optional[Path] = None,
 ) -> None:
+    from ctmae.seg.classes import classes_of
     from ctmae.seg.train import finetune
 
     with progress_bar() as progress:
@@ -323,6 +357,8 @@ def _train(
                 highlight=False,
                 soft_wrap=True,
             )
+            if cfg.data.label_values or cfg.data.class_names:
+                console.print(f"classes: {classes_of(cfg).text()}", highlight=False, soft_wrap=True)
 
         def stepped(info: dict[str, Any]) -> None:
             if info["val_dice"] is not None:
@@ -349,7 +385,7 @@ def _train(
         "encoder tensors": result["encoder_tensors"],
         "last loss": result["last_loss"],
         "best val Dice": result["best_dice"],
-        "last val Dice per class": ", ".join(f"{d:.4f}" for d in per_class),
+        "last val Dice per class": ", ".join(f"{n} {d:.4f}" for n, d in zip(classes_of(cfg).labels(), per_class)),
         "best": result["best"],
         "last": result["last"],
     }

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.markup import escape
 
+from ctmae.cli.classes import ClassesOption, LabelNamesOption, check_classes_option, resolve_classes
 from ctmae.cli.common import (
     THREADS_HELP,
     WORKERS_HELP,
@@ -62,6 +63,8 @@ def study(
     test_cases: Annotated[Optional[int], typer.Option(help="Held-out test cases (default: a fifth)")] = None,
     ft_steps: Annotated[int, typer.Option(help="Fine-tuning steps per few-shot run")] = 500,
     windows: Annotated[int, typer.Option(help="Crops per test scan for the recon protocol")] = 4,
+    classes: ClassesOption = None,
+    label_names: LabelNamesOption = None,
     point: Annotated[Optional[int], typer.Option(help="Run only point I (0-based; a SLURM array index).")] = None,
     report: Annotated[bool, typer.Option(help="Only gather the finished points of --out into the report.")] = False,
     yes: Annotated[bool, typer.Option(help="Run a grid of more than 12 points.")] = False,
@@ -81,7 +84,8 @@ def study(
             raise UsageError("SCANS are required (or --report --out STUDY_DIR to gather a study)")
         if not eval_images:
             raise UsageError("--eval-images is required (with --eval-labels, or one datalist / nnU-Net folder)")
-        settings = _settings(protocols, shots, repeats, seed, test_cases, ft_steps, windows, device)
+        check_classes_option(classes)
+        settings = _settings(protocols, shots, repeats, seed, test_cases, ft_steps, windows, device, classes)
         base = _base(config, model, crop, patch, steps, seed, device, workers, cache_dir, batch_size)
         visit_bytes = base.data.crops_per_volume * base.data.crop**3 * 4
         base = base.replace(data={"workers": use_resources(threads, device, base.data.workers, visit_bytes).workers})
@@ -98,7 +102,7 @@ def study(
             st.open_study(out, wanted, overwrite)
         except st.StudyMismatch as e:
             raise UsageError(str(e)) from None
-        cases = _eval_cases(eval_images, eval_labels, settings)
+        cases = _eval_cases(eval_images, eval_labels, settings, label_names)
         sources_for = _sources(scans)
         console.print(f"study of {len(points)} point(s) in {out}; running {len(chosen)}", highlight=False)
         result = _run(chosen, out, sources_for, settings, cases)
@@ -108,7 +112,7 @@ def study(
     run_command(body)
 
 
-def _settings(protocols, shots, repeats, seed, test_cases, ft_steps, windows, device):
+def _settings(protocols, shots, repeats, seed, test_cases, ft_steps, windows, device, classes):
     from ctmae.apps.evaluate import EvalSettings
 
     try:
@@ -121,6 +125,7 @@ def _settings(protocols, shots, repeats, seed, test_cases, ft_steps, windows, de
             steps=ft_steps,
             recon_windows=windows,
             device=device,
+            classes=classes or "",
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -158,7 +163,7 @@ def _choose(points: list, index: Optional[int], yes: bool) -> list:
     return points
 
 
-def _eval_cases(images: list[Path], labels: PathList, settings):
+def _eval_cases(images: list[Path], labels: PathList, settings, names_file: Optional[Path]):
     from ctmae.apps.evaluate import check_cases, split_cases
     from ctmae.seg.data import find_cases
 
@@ -167,7 +172,10 @@ def _eval_cases(images: list[Path], labels: PathList, settings):
         test, pool = split_cases(cases, settings.test_cases, settings.max_shots, settings.seed)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return check_cases(test, pool)
+    chosen, names = resolve_classes(cases, settings.classes or None, names_file)
+    checked = check_cases(test, pool, classes=chosen, names=names)
+    console.print(f"evaluation classes: {checked.class_map.text()}", highlight=False, soft_wrap=True)
+    return checked
 
 
 def _sources(scans: list[Path]):

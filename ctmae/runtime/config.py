@@ -100,6 +100,10 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     if type(None) in args:  # Optional[X]
         return None if value is None else coerce(value, next(a for a in args if a is not type(None)), key)
     origin = typing.get_origin(hint)
+    if origin is tuple and args[-1] is Ellipsis:  # tuple[X, ...]: any length
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key '{key}' must be a list, got {value!r}")
+        return tuple(coerce(v, args[0], key) for v in value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ValueError(f"config key '{key}' must be a list of {len(args)} numbers, got {value!r}")

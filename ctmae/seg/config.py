@@ -24,6 +24,8 @@ class SegDataConfig:
     pos_fraction: float = 0.5  # share of crops centred on a labelled (non-zero) voxel
     workers: int | None = None  # DataLoader processes drawing crops (0: in the training process; None: planned
     # by the command from the CPU budget and /dev/shm)
+    label_values: tuple[int, ...] = ()  # label value of each class 1..K (--classes; other values are background)
+    class_names: tuple[str, ...] = ()  # name of each class 1..K ("" unnamed); () when the labels have no names
 
     def preprocessing(self) -> DataConfig:
         """The pretraining ``DataConfig`` that ``ctmae.preprocess.transforms.preprocess_transforms`` reads."""
@@ -83,6 +85,13 @@ def check(cfg: SegConfig) -> None:
             f"num_classes must be >= 2 (background included) and feature_size >= 1, got "
             f"{n.num_classes} and {n.feature_size}"
         )
+    k = n.num_classes - 1
+    if d.label_values and (
+        len(set(d.label_values)) != k or len(d.label_values) != k or not all(0 < v < 256 for v in d.label_values)
+    ):
+        raise ValueError(f"label_values must be {k} distinct label values 1..255 (one per class), got {d.label_values}")
+    if d.class_names and len(d.class_names) != k:
+        raise ValueError(f"class_names must name {k} classes (background excluded), got {len(d.class_names)}")
     if not 0.0 <= d.pos_fraction <= 1.0 or d.crops_per_volume < 1 or (d.workers or 0) < 0:
         raise ValueError(f"pos_fraction must be in 0..1, crops_per_volume >= 1, workers >= 0; got {d}")
     if not 0.0 < t.layer_decay <= 1.0:

@@ -9,9 +9,11 @@ included); and an nnU-Net folder holding ``imagesTr/`` and ``labelsTr/``.
 The deterministic preprocessing runs once per case into the on-disk cache (``ctmae.preprocess.cache``): the image
 through SimpleITK's resampling as for pretraining (the same entry), the label by nearest neighbour onto the image's
 grid, cropped with the image's body box; what ``preprocess_transforms(cfg, label=True)`` gives. A later run over the
-same cases preprocesses nothing. Crops follow ``ctmae.preprocess.schedule``'s schedule: visit ``v`` is epoch
-``v // V``, slot ``v % V`` of that epoch's seeded permutation, its random draws seeded by ``(seed, v)``; so any step's
-batch is a pure function of the seed and ``--resume`` is exact.
+same cases preprocesses nothing. The cache keeps each label's own values; the classes a run learns
+(``SegDataConfig.label_values``, ``ctmae.seg.classes``) are picked from them as the cases are read. Crops follow
+``ctmae.preprocess.schedule``'s schedule: visit ``v`` is epoch ``v // V``, slot ``v % V`` of that epoch's seeded
+permutation, its random draws seeded by ``(seed, v)``; so any step's batch is a pure function of the seed and
+``--resume`` is exact.
 """
 
 from __future__ import annotations
@@ -35,10 +37,12 @@ from torch.utils.data import Dataset
 from ctmae.io.checks import IMAGE_SUFFIXES, InputError, condense_sitk_error
 from ctmae.io.dicom import itk_warnings_off
 from ctmae.io.discovery import VolumeSource, find_volumes, skipped_only
+from ctmae.io.labels import class_counts
 from ctmae.io.volume import CTReader, ras_affine
 from ctmae.mae.config import default_cache_dir
-from ctmae.preprocess.cache import OLD_CACHE_NOTE, VolumeCache, label_classes
+from ctmae.preprocess.cache import OLD_CACHE_NOTE, VolumeCache
 from ctmae.preprocess.schedule import global_visit, visit_batches, visit_volume
+from ctmae.seg.classes import SelectClassesd
 from ctmae.seg.config import SegDataConfig
 
 KEYS = ("image", "label")
@@ -189,12 +193,24 @@ def find_cases(images: Sequence[str | os.PathLike], labels: Sequence[str | os.Pa
 def check_case(case: LabelledCase, num_classes: int | None = None) -> int:
     """Check that the label lies on its image's grid and holds class indices; returns the largest class.
 
+    Raises:
+        InputError: as ``case_values``, or a class >= ``num_classes``.
+    """
+    top = max(case_values(case))
+    if num_classes is not None and top >= num_classes:
+        raise InputError(f"{case.label.files[0]}: holds class {top}, but --num-classes is {num_classes}")
+    return top
+
+
+def case_values(case: LabelledCase) -> set[int]:
+    """Check that the label lies on its image's grid and holds class indices; returns the values it holds.
+
     The image's geometry comes from its header (a DICOM series is read whole); the label's voxels are read once, in
     their stored type, and checked slab by slab.
 
     Raises:
         InputError: one line naming the pair and what differs (shape, spacing, direction, origin), or the label and
-            its values (not whole numbers 0..255, or a class >= ``num_classes``).
+            its values (not whole numbers 0..255).
     """
     image_shape, image_affine = _geometry(case.image)
     label = CTReader().read(list(case.label.files))  # a SimpleITK image in the stored pixel type
@@ -215,10 +231,7 @@ def check_case(case: LabelledCase, num_classes: int | None = None) -> int:
             f"{where}: label origin {np.round(label_affine[:3, 3], 3).tolist()} differs from image "
             f"origin {np.round(image_affine[:3, 3], 3).tolist()}"
         )
-    top = label_classes(label, case.label.label)
-    if num_classes is not None and top >= num_classes:
-        raise InputError(f"{case.label.files[0]}: holds class {top}, but --num-classes is {num_classes}")
-    return top
+    return set(np.flatnonzero(class_counts(label, case.label.label)).tolist())
 
 
 def split_cases(
@@ -253,17 +266,21 @@ def _geometry(source: VolumeSource) -> tuple[tuple[int, ...], np.ndarray]:
 class CachedCases(Sequence):
     """Labelled cases in the on-disk cache. Item ``i`` is ``{"image", "label"}``: MetaTensors (1, X, Y, Z) float32
     with the grid's RAS affine, the image in 0..1 and the label holding class indices, read from the cache at each
-    access (nothing is held in memory, and DataLoader workers receive only paths)."""
+    access (nothing is held in memory, and DataLoader workers receive only paths).
 
-    def __init__(self, cache: VolumeCache, cases: Sequence[LabelledCase]) -> None:
+    The cache holds each label's own values; ``label_values`` (chosen classes) become classes 1..K as they are read,
+    every other value background, so one cache entry serves any choice of classes."""
+
+    def __init__(self, cache: VolumeCache, cases: Sequence[LabelledCase], label_values: Sequence[int] = ()) -> None:
         self.cache, self.cases = cache, list(cases)
+        self.select = SelectClassesd(["label"], label_values)
 
     def __len__(self) -> int:
         return len(self.cases)
 
     def __getitem__(self, i: int) -> dict[str, MetaTensor]:
         case = self.cases[i]
-        return self.cache.load_case(case.image, case.label)
+        return self.select(self.cache.load_case(case.image, case.label))
 
 
 def cache_cases(
@@ -277,7 +294,8 @@ def cache_cases(
 
     Args:
         cases: checked labelled cases.
-        cfg: spacing, HU window and crop (the padding); the entries' key, as pretraining's.
+        cfg: spacing, HU window and crop (the padding): the entries' key, as pretraining's; the chosen classes
+            (``label_values``), applied as the labels are read.
         cache_dir: the cache folder (default: pretraining's default, ``ctmae.mae.config.default_cache_dir``).
         on_case: called once per case made ready (progress).
         on_note: called once with ``OLD_CACHE_NOTE`` when entries of an older ctmae are being rebuilt.
@@ -295,7 +313,7 @@ def cache_cases(
             on_note = None
         if on_case:
             on_case()
-    return CachedCases(cache, cases)
+    return CachedCases(cache, cases, cfg.label_values)
 
 
 def random_transforms(cfg: SegDataConfig) -> Compose:

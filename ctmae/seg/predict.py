@@ -23,8 +23,10 @@ from ctmae.io.discovery import VolumeSource, ensure_not_inputs
 from ctmae.io.volume import write_nifti
 from ctmae.preprocess.transforms import preprocess_transforms
 from ctmae.runtime.device import resolve_device, resolve_precision
+from ctmae.runtime.files import atomic_write_json
 from ctmae.runtime.signals import check_stop
 from ctmae.runtime.windows import OnWindows
+from ctmae.seg.classes import ClassMap, classes_of
 from ctmae.seg.config import SegConfig
 from ctmae.seg.network import load_seg_checkpoint, segmenter_from_checkpoint
 from ctmae.seg.train import segment_logits
@@ -44,6 +46,24 @@ def output_name(source_id: str, taken: set[str]) -> str:
     return f"{name}.nii.gz"
 
 
+def sidecar_path(label_path: Path) -> Path:
+    """The JSON beside a written label file that names its classes: ``case.nii.gz`` -> ``case.json``."""
+    return label_path.with_name(label_path.name.removesuffix(".nii.gz") + ".json")
+
+
+def write_sidecar(label_path: Path, classes: ClassMap, checkpoint: str) -> Path:
+    """Write the names of a predicted label's values beside it, in the MSD form a names file takes
+    (``{"labels": {"0": "background", "1": "liver"}}``), with the label value each class came from."""
+    body = {
+        "labels": {"0": "background", **{str(k): name for k, name in enumerate(classes.labels(), 1)}},
+        "classes": classes.describe(),
+        "checkpoint": os.path.basename(checkpoint),
+    }
+    path = sidecar_path(label_path)
+    atomic_write_json(path, body)
+    return path
+
+
 def predict(
     checkpoint: str | os.PathLike,
     sources: Sequence[VolumeSource],
@@ -52,14 +72,16 @@ def predict(
     on_volume: Callable[[dict[str, Any]], None] | None = None,
     on_windows: OnWindows | None = None,
 ) -> list[Path]:
-    """Segment each source with a ``finetune-seg`` checkpoint; writes ``out_dir/<name>.nii.gz`` per source.
+    """Segment each source with a ``finetune-seg`` checkpoint; writes ``out_dir/<name>.nii.gz`` per source and
+    ``<name>.json`` beside it, naming its values (``write_sidecar``).
 
     Args:
         checkpoint: ``best.pt`` or ``last.pt`` of a fine-tuning run.
         sources: volumes from ``ctmae.io.discovery.find_volumes``.
         out_dir: output folder (created).
         device: auto|cpu|cuda.
-        on_volume: called after each volume with ``{"source", "path", "voxels_per_class"}``.
+        on_volume: called after each volume with ``{"source", "path", "voxels_per_class", "class_names"}``
+            (background first).
         on_windows: called after each batch of sliding windows with (windows done, windows of this volume).
 
     Returns:
@@ -102,6 +124,7 @@ def predict(
         path = out_dir / output_name(source.id, taken)
         ensure_not_inputs([path], sources)
         write_nifti(array, affine, path)
+        write_sidecar(path, classes_of(cfg), os.fspath(checkpoint))
         written.append(path)
         if on_volume:
             on_volume(
@@ -109,6 +132,7 @@ def predict(
                     "source": source,
                     "path": path,
                     "voxels_per_class": np.bincount(array.ravel(), minlength=cfg.net.num_classes).tolist(),
+                    "class_names": ["background", *classes_of(cfg).labels()],
                 }
             )
     return written

@@ -11,27 +11,39 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from monai.data import MetaTensor
+from monai.transforms import Compose
 
 from ctmae.io.checks import InputError
-from ctmae.io.volume import read_volume
 from ctmae.mae.config import DataConfig
 from ctmae.preprocess.transforms import preprocess_transforms
-from ctmae.seg.data import LabelledCase, check_case
+from ctmae.seg.classes import ClassMap, SelectClassesd, check_present, numbered_classes
+from ctmae.seg.data import LabelledCase, case_values
+from ctmae.seg.label_names import LabelNames
 
 
 @dataclass(frozen=True)
 class EvalCases:
-    """Test cases and training pool (disjoint, each sorted by id) and the class count, background included."""
+    """Test cases and training pool (disjoint, each sorted by id), the class count (background included) and the
+    classes: which label value each is and what it is called."""
 
     test: tuple[LabelledCase, ...]
     pool: tuple[LabelledCase, ...]
     classes: int
+    class_map: ClassMap
 
     def ids(self) -> dict[str, list[str]]:
         return {"test": [c.id for c in self.test], "train_pool": [c.id for c in self.pool]}
+
+    def describe_classes(self) -> dict[str, Any]:
+        """What the classes are, for the journal's header and report.json: names and label values of 1..K."""
+        return {
+            "classes": self.classes,
+            "class_names": self.class_map.labels(),
+            "label_values": list(self.class_map.values),
+            "chosen": self.class_map.chosen,
+        }
 
 
 def split_cases(cases: Sequence[LabelledCase], test_cases: int | None, train_needed: int, seed: int):
@@ -61,9 +73,17 @@ def split_cases(cases: Sequence[LabelledCase], test_cases: int | None, train_nee
 
 
 def check_cases(
-    test: Sequence[LabelledCase], pool: Sequence[LabelledCase], on_case: Callable[[], None] | None = None
+    test: Sequence[LabelledCase],
+    pool: Sequence[LabelledCase],
+    on_case: Callable[[], None] | None = None,
+    classes: ClassMap | None = None,
+    names: LabelNames | None = None,
 ) -> EvalCases:
-    """Check every pair's geometry and values (``check_case``) and that the training pool holds every class.
+    """Check every pair's geometry and values (``case_values``) and that the training pool holds every class.
+
+    Args:
+        classes: the classes chosen with ``--classes``; None: every label value, as numbered (without gaps).
+        names: the labels' names (``LabelNames.of``), which name the classes when none were chosen.
 
     Raises:
         InputError: one line naming the pair or label at fault: geometry differing from the image, values that
@@ -71,28 +91,40 @@ def check_cases(
     """
     present: dict[str, set[int]] = {}
     for case in (*pool, *test):
-        check_case(case)
-        label, _ = read_volume(case.label)
-        present[case.id] = set(np.flatnonzero(np.bincount(label.astype(np.int64).ravel())).tolist())
+        present[case.id] = case_values(case)
         if on_case:
             on_case()
     every = set().union(*present.values())
+    if classes is None:
+        classes = _numbered(every, names or LabelNames(()))
+    check_present(classes, every)
+    number = {value: k for k, value in enumerate(classes.values, 1)}
+    held = {case_id: {number[v] for v in values if v in number} for case_id, values in present.items()}
+    trained = set().union(*(held[c.id] for c in pool))
+    for case in test:
+        absent = sorted(held[case.id] - trained)
+        if absent:
+            name = classes.names[absent[0] - 1]
+            raise InputError(
+                f"{case.label.files[0]}: holds class {absent[0]}{f' ({name})' if name else ''}, which no training "
+                f"case holds (test case {case.id!r}); a probe or fine-tuning run cannot learn it; add a training "
+                f"case that holds it"
+            )
+    return EvalCases(tuple(test), tuple(pool), classes.count, classes)
+
+
+def _numbered(every: set[int], names: LabelNames) -> ClassMap:
+    """The labels' own classes 1..top, refused when a value in between appears in no label."""
     top = max(every)
     missing = sorted(set(range(top + 1)) - every)
     if missing:
+        held = sorted(every - {0})
+        example = ",".join(names.name_of(v) or str(v) for v in held[:2])
         raise InputError(
             f"class {missing[0]} appears in no label (the labels hold {', '.join(map(str, sorted(every)))}); "
-            f"number the classes 1..{len(every) - 1} without gaps"
+            f"choose classes with --classes (e.g. --classes {example}) or number them 1..{len(every) - 1} without gaps"
         )
-    trained = set().union(*(present[c.id] for c in pool))
-    for case in test:
-        absent = sorted(present[case.id] - trained)
-        if absent:
-            raise InputError(
-                f"{case.label.files[0]}: holds class {absent[0]}, which no training case holds (test case "
-                f"{case.id!r}); a probe or fine-tuning run cannot learn it; add a training case that holds it"
-            )
-    return EvalCases(tuple(test), tuple(pool), max(2, top + 1))
+    return numbered_classes(max(2, top + 1), names)
 
 
 def shot_subset(pool: Sequence[LabelledCase], k: int, repeat: int, seed: int) -> list[LabelledCase]:
@@ -117,16 +149,20 @@ class Prepared:
 
 @dataclass
 class PreparedCases:
-    """Each case preprocessed once per setting (spacing, HU window, padding to the crop) and kept in memory."""
+    """Each case preprocessed once per setting (spacing, HU window, padding to the crop) and kept in memory, its
+    label values turned into the chosen classes (``label_values``; () keeps the labels' numbering)."""
 
+    label_values: tuple[int, ...] = ()
     store: dict[tuple, Prepared] = field(default_factory=dict)
 
     def get(self, data: DataConfig, cases: Sequence[LabelledCase]) -> list[Prepared]:
-        key = (tuple(data.spacing), tuple(data.hu_window), data.crop)
+        key = (tuple(data.spacing), tuple(data.hu_window), data.crop, self.label_values)
         transform = None
         for case in cases:
             if (key, case.id) not in self.store:
-                transform = transform or preprocess_transforms(data, label=True)
+                if transform is None:  # the chosen classes become 1..K after the preprocessing
+                    select = SelectClassesd(["label"], self.label_values)
+                    transform = Compose([preprocess_transforms(data, label=True), select])
                 self.store[key, case.id] = _prepare(case, transform)
         return [self.store[key, c.id] for c in cases]
 

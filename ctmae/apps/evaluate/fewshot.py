@@ -22,26 +22,26 @@ from ctmae.apps.evaluate.cases import Prepared
 from ctmae.apps.evaluate.settings import EvalSettings
 from ctmae.mae.config import RunConfig
 from ctmae.runtime.device import resolve_device
+from ctmae.seg.classes import ClassMap
 from ctmae.seg.config import SegConfig, SegDataConfig
 from ctmae.seg.data import LabelledCase
 from ctmae.seg.network import load_seg_checkpoint, net_config_from_mae, segmenter_from_checkpoint
 from ctmae.seg.train import evaluate, finetune
 
 
-def seg_config(mae: RunConfig, settings: EvalSettings, classes: int, repeat: int, pretrained: str) -> SegConfig:
+def seg_config(mae: RunConfig, settings: EvalSettings, classes: ClassMap, repeat: int, pretrained: str) -> SegConfig:
     """The fine-tuning settings of one run; ValueError when the encoder cannot fit MONAI's UNETR.
 
     Args:
         mae: the checkpoint's config (sizes, spacing, HU window); a from-scratch run uses its twin's.
         settings: steps, learning rate, batch size, crop, feature size, device.
-        classes: output classes, background included.
+        classes: the classes (their count, label values and names, recorded in the run's config).
         repeat: the run's seed.
         pretrained: the checkpoint path ("" from scratch), recorded in the run's config.
     """
-    net = net_config_from_mae(mae.model, settings.feature_size, classes)
-    data = SegDataConfig(
-        spacing=mae.data.spacing, hu_window=mae.data.hu_window, crop=settings.crop or mae.model.img_size
-    )
+    net = net_config_from_mae(mae.model, settings.feature_size, classes.count)
+    crop = settings.crop or mae.model.img_size
+    data = SegDataConfig(spacing=mae.data.spacing, hu_window=mae.data.hu_window, crop=crop, **classes.config())
     return SegConfig(data=data, net=net, pretrained=pretrained).replace(
         train={
             "steps": settings.steps,

@@ -21,6 +21,7 @@ from ctmae.apps.evaluate.chart import write_chart
 from ctmae.apps.evaluate.settings import EvalSettings
 from ctmae.apps.evaluate.subjects import Subject, Unit
 from ctmae.runtime.files import atomic_write_text
+from ctmae.seg.classes import ClassMap
 
 FORMAT = 1
 OUTPUTS = ("report.json", "report.md", "report.png", "cases.csv")
@@ -68,7 +69,7 @@ def build_report(
         "units_total": len(units),
         "settings": settings.to_dict(),
         "subjects": [s.describe() for s in subjects],
-        "cases": {**cases.ids(), "classes": cases.classes},
+        "cases": {**cases.ids(), **cases.describe_classes()},
         "probe": {u.subject.slug: done[u.id] for u in units if u.protocol == "probe" and u.id in done},
         "fewshot": fewshot,
         "recon": {u.subject.slug: done[u.id] for u in units if u.protocol == "recon" and u.id in done},
@@ -107,7 +108,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"Test cases ({len(c['test'])}, chosen with seed {s['seed']}): {', '.join(c['test'])}. "
-        f"Training pool: {len(c['train_pool'])} case(s). Classes: {c['classes']} (background included).",
+        f"Training pool: {len(c['train_pool'])} case(s). Classes: {_classes_text(c)}, and background.",
         "",
     ]
     lines += _probe_table(report, subjects) + _fewshot_table(report, subjects) + _recon_table(report, subjects)
@@ -120,13 +121,30 @@ def markdown(report: dict[str, Any]) -> str:
 def _probe_table(report: dict[str, Any], subjects: dict[str, dict]) -> list[str]:
     if not report["probe"]:
         return []
-    classes = report["cases"]["classes"] - 1
-    head = "| features | mean Dice | " + " | ".join(f"class {i}" for i in range(1, classes + 1)) + " | tokens | D |"
-    lines = ["## Frozen probe: Dice on the test cases", "", head, "|---" * (classes + 4) + "|"]
+    names = class_names(report["cases"])
+    head = "| features | mean Dice | " + " | ".join(names) + " | tokens | D |"
+    lines = ["## Frozen probe: Dice on the test cases", "", head, "|---" * (len(names) + 4) + "|"]
     for slug, r in report["probe"].items():
         per = " | ".join(_f(d) for d in r["dice_per_class"])
         lines.append(f"| {subjects[slug]['label']} | {_f(r['dice'])} | {per} | {r['tokens']} | {r['features']} |")
     return lines + [""]
+
+
+def class_names(cases: dict[str, Any]) -> list[str]:
+    """The names of classes 1..K in a report's ``cases`` ("class k" where unnamed, and in reports made before
+    classes had names)."""
+    return cases.get("class_names") or [f"class {k}" for k in range(1, cases["classes"])]
+
+
+def _classes_text(cases: dict[str, Any]) -> str:
+    """ "1 liver (label 5), 2 spleen (label 1)": each class, with its label value where that differs."""
+    values = cases.get("label_values") or range(1, cases["classes"])
+    return ClassMap(tuple(values), tuple(class_names(cases)), cases.get("chosen", False)).text()
+
+
+def _measure(name: str, k: int) -> str:
+    """cases.csv's name of class k's Dice: ``dice_liver``, or ``dice_1`` for an unnamed class."""
+    return f"dice_{k}" if name == f"class {k}" else f"dice_{name}"
 
 
 def _fewshot_table(report: dict[str, Any], subjects: dict[str, dict]) -> list[str]:
@@ -192,18 +210,16 @@ def case_rows(report: dict[str, Any]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["protocol", "encoder", "shots", "repeat", "case", "measure", "value"])
     label = {s["slug"]: s["label"] for s in report["subjects"]}
+    measures = [_measure(name, k) for k, name in enumerate(class_names(report["cases"]), 1)]
     for slug, r in report["probe"].items():
         for case, dice in r["per_case"].items():
-            writer.writerows(
-                ["probe", label[slug], "", "", case, f"dice_{i}", f"{d:.6f}"] for i, d in enumerate(dice, 1)
-            )
+            writer.writerows(["probe", label[slug], "", "", case, m, f"{d:.6f}"] for m, d in zip(measures, dice))
     for slug, by_k in report["fewshot"].items():
         for k, entry in by_k.items():
             for run in entry["runs"]:
                 for case, dice in run["per_case"].items():
                     writer.writerows(
-                        ["fewshot", label[slug], k, run["repeat"], case, f"dice_{i}", f"{d:.6f}"]
-                        for i, d in enumerate(dice, 1)
+                        ["fewshot", label[slug], k, run["repeat"], case, m, f"{d:.6f}"] for m, d in zip(measures, dice)
                     )
     for slug, r in report["recon"].items():
         for case, kinds in r["per_case"].items():

@@ -60,13 +60,13 @@ def run_evaluation(
         "settings": settings.result_key(),
         "checkpoints": [s.sha256 for s in subjects if s.kind == "pretrained"],
         "cases": cases.ids(),
-        "classes": cases.classes,
+        **cases.describe_classes(),
     }
     journal = Journal(out / JOURNAL, header, resume)
     units = plan_units(subjects, settings, len(cases.pool), len(cases.test))
     if progress.start:
         progress.start(sum(u.ticks for u in units), sum(u.ticks for u in units if u.id in journal.done))
-    worker = _Worker(settings, cases, out, PreparedCases())
+    worker = _Worker(settings, cases, out, PreparedCases(cases.class_map.remap()))
     stopped = None
     with StopFlag(on_ctrl_c="stopping after this window or case; finished units are kept") as flag:
         worker.flag = flag
@@ -167,7 +167,7 @@ class _Worker:
     def _fewshot(self, unit: Unit, tick: Callable[[int], None] | None) -> dict[str, Any]:
         s, subject = self.settings, unit.subject
         pretrained = subject.path if subject.kind == "pretrained" else ""
-        cfg = seg_config(subject.cfg, s, self.cases.classes, unit.repeat, pretrained)
+        cfg = seg_config(subject.cfg, s, self.cases.class_map, unit.repeat, pretrained)
         weights = load_checkpoint(subject.path)["model"] if pretrained else None
         train = shot_subset(self.cases.pool, unit.k, unit.repeat, s.seed)
         test = self.cases.test

@@ -27,6 +27,7 @@ class EvalSettings:
     recon_windows: int = 4  # crops per test scan for the recon protocol
     batch_windows: int = 4  # sliding windows per forward pass
     device: str = "auto"  # auto | cpu | cuda
+    classes: str = ""  # --classes as given ("": every label value, as numbered)
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.protocols if p not in PROTOCOLS]

@@ -97,6 +97,7 @@ def markdown(study: dict[str, Any]) -> str:
     )
     head = ["point", "mask", "ratio", "block", *grid_keys, "status", "final loss", "masked PSNR", "gain over fill"]
     head += ["probe Dice", "probe floor", "probe scratch", *(f"k={k} Dice" for k in shots), "flag"]
+    lines += _classes_lines(rows)
     lines += ["", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
         f = r["figures"]
@@ -118,6 +119,22 @@ def markdown(study: dict[str, Any]) -> str:
             )
     lines += ["", HOW_TO_READ]
     return "\n".join(lines) + "\n"
+
+
+def _classes_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The evaluation's classes (every point is evaluated on the same ones) and the best point's probe Dice of each."""
+    done = [r for r in rows if r["figures"].get("classes")]
+    if not done:
+        return []
+    lines = ["", f"Classes evaluated: {', '.join(done[0]['figures']['classes'])}."]
+    scored = [r for r in done if r["figures"].get("probe_dice_per_class")]
+    if scored:
+        best = max(scored, key=lambda r: r["figures"]["probe_dice"])
+        per = zip(best["figures"]["classes"], best["figures"]["probe_dice_per_class"])
+        lines.append(
+            f"Probe Dice per class of the best point ({best['folder']}): {', '.join(f'{n} {d:.3f}' for n, d in per)}."
+        )
+    return lines
 
 
 HOW_TO_READ = """## How to read this study

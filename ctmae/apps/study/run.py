@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ctmae.apps.evaluate import EvalCases, EvalSettings, Progress, load_subjects, run_evaluation
+from ctmae.apps.evaluate.report import class_names
 from ctmae.apps.study.plan import Point
 from ctmae.io.discovery import VolumeSource
 from ctmae.mae.context import context_problem
@@ -149,7 +150,9 @@ def point_figures(report: dict[str, Any]) -> dict[str, Any]:
     floor = next((r["dice"] for slug, r in probe.items() if slug.startswith("intensity")), None)
     scratch = next((r["dice"] for slug, r in probe.items() if slug.startswith("scratch")), None)
     figures: dict[str, Any] = {
+        "classes": class_names(report["cases"]),
         "probe_dice": probe["ckpt0"]["dice"] if "ckpt0" in probe else None,
+        "probe_dice_per_class": probe["ckpt0"]["dice_per_class"] if "ckpt0" in probe else None,
         "probe_floor": floor,
         "probe_scratch": scratch,
     }
