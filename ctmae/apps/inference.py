@@ -31,7 +31,7 @@ from ctmae.runtime.device import resolve_device
 class LoadedModel:
     """A checkpoint's model in eval mode on its device, with the run config and the step it was saved at."""
 
-    model: MaskedAutoencoder3D
+    model: MaskedAutoencoder3D  # for embed also an export's encoder alone (ctmae.apps.encoder.ExportedEncoder)
     cfg: RunConfig
     step: int
     device: torch.device
