@@ -23,3 +23,10 @@ def test_usage_line_names_arguments_in_capitals():
     assert "reconstruct [OPTIONS] CHECKPOINT INPUT" in result.output
     missing = CliRunner().invoke(app, ["reconstruct"], env={"COLUMNS": "200"})
     assert missing.exit_code == 2 and "{checkpoint}" not in missing.output
+
+
+@pytest.mark.parametrize("command", [*COMMANDS, "mask-check"])
+def test_flags_have_no_no_twins(command):
+    """``--resume``, ``--yes`` and the like are one flag each: no ``--no-resume`` twin cluttering every help page."""
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "--no-" not in result.output

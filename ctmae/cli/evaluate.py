@@ -83,8 +83,10 @@ def evaluate(
     label_names: LabelNamesOption = None,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False)] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted evaluation in REPORT_DIR.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace evaluate's outputs in a non-empty REPORT_DIR.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted evaluation in REPORT_DIR.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace evaluate's outputs in a non-empty REPORT_DIR.")
+    ] = False,
 ) -> None:
     """Measure what pretraining buys: frozen probes, few-shot fine-tuning vs scratch, reconstruction vs fills."""
 

@@ -22,7 +22,9 @@ def export(
             "--format", help="safetensors: encoder.safetensors + config.json + README.md; monai-bundle: MONAI's layout."
         ),
     ] = "safetensors",
-    overwrite: Annotated[bool, typer.Option(help="Replace the contents of a non-empty export folder.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the contents of a non-empty export folder.")
+    ] = False,
 ) -> None:
     """Export the encoder of a pretrained MAE for MONAI's ViT / UNETR, with its preprocessing and a model card."""
 

@@ -163,7 +163,10 @@ def finetune_seg(
         Optional[Path], typer.Option("--out", "-o", help="Run folder (training) or label folder (--predict).")
     ] = None,
     from_scratch: Annotated[
-        bool, typer.Option(help="Random ViT weights: the baseline (sizes from CHECKPOINT if given, else --model).")
+        bool,
+        typer.Option(
+            "--from-scratch", help="Random ViT weights: the baseline (sizes from CHECKPOINT if given, else --model)."
+        ),
     ] = False,
     model: Annotated[
         str, typer.Option(help="ViT size preset with --from-scratch and no CHECKPOINT: tiny|small|base")
@@ -181,7 +184,9 @@ def finetune_seg(
     epochs: Annotated[Optional[float], typer.Option(help="Passes over all training crops, instead of --steps")] = None,
     batch_size: Annotated[int, typer.Option(help="Crops per step")] = 2,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine)")] = 1e-4,
-    freeze_encoder: Annotated[bool, typer.Option(help="Keep the ViT fixed; train the decoder only")] = False,
+    freeze_encoder: Annotated[
+        bool, typer.Option("--freeze-encoder", help="Keep the ViT fixed; train the decoder only")
+    ] = False,
     layer_decay: Annotated[float, typer.Option(help="Layer-wise LR decay per ViT block (1: off)")] = 1.0,
     crop: Annotated[
         Optional[int],
@@ -207,9 +212,11 @@ def finetune_seg(
         Optional[Path], typer.Option(help="Preprocessing cache, as pretrain's and prepare's (default: ~/.cache/ctmae)")
     ] = None,
     resume: Annotated[
-        bool, typer.Option(help="Continue from RUN_DIR/checkpoints/last.pt (fresh if none yet).")
+        bool, typer.Option("--resume", help="Continue from RUN_DIR/checkpoints/last.pt (fresh if none yet).")
     ] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace ctmae's outputs in a non-empty RUN_DIR.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace ctmae's outputs in a non-empty RUN_DIR.")
+    ] = False,
     stop_at: Annotated[
         Optional[int], typer.Option(help="Checkpoint and stop after this step; --resume continues.")
     ] = None,

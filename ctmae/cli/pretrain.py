@@ -168,9 +168,11 @@ def pretrain(
         ),
     ] = None,
     resume: Annotated[
-        bool, typer.Option(help="Continue from RUN_DIR/checkpoints/last.pt (fresh if none yet).")
+        bool, typer.Option("--resume", help="Continue from RUN_DIR/checkpoints/last.pt (fresh if none yet).")
     ] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace ctmae's outputs in a non-empty RUN_DIR.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace ctmae's outputs in a non-empty RUN_DIR.")
+    ] = False,
     stop_at: Annotated[
         Optional[int],
         typer.Option(

@@ -66,9 +66,13 @@ def study(
     classes: ClassesOption = None,
     label_names: LabelNamesOption = None,
     point: Annotated[Optional[int], typer.Option(help="Run only point I (0-based; a SLURM array index).")] = None,
-    report: Annotated[bool, typer.Option(help="Only gather the finished points of --out into the report.")] = False,
-    yes: Annotated[bool, typer.Option(help="Run a grid of more than 12 points.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace a study folder made with other data or settings.")] = False,
+    report: Annotated[
+        bool, typer.Option("--report", help="Only gather the finished points of --out into the report.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Run a grid of more than 12 points.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a study folder made with other data or settings.")
+    ] = False,
 ) -> None:
     """Which corruption suits your scans: pretrain and evaluate every point of a grid, then compare them."""
 
