@@ -263,6 +263,7 @@ def test_evaluate_writes_the_report_and_resume_skips_finished_units(small, tiny_
     assert set(report["probe"]) == {"ckpt0", "scratch0", "intensity0"} and set(report["recon"]) == {"ckpt0"}
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "## Frozen probe" in md and "## Reconstruction" in md and f"{report['probe']['ckpt0']['dice']:.3f}" in md
+    assert "tokens: the training cases' patch tokens the linear probe was fitted on" in " ".join(md.split())
     rows = (out / "cases.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0] == "protocol,encoder,shots,repeat,case,measure,value" and len(rows) == 1 + 3 + 2 * 3
     png = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "report.png")))

@@ -127,7 +127,11 @@ def _probe_table(report: dict[str, Any], subjects: dict[str, dict]) -> list[str]
     for slug, r in report["probe"].items():
         per = " | ".join(_f(d) for d in r["dice_per_class"])
         lines.append(f"| {subjects[slug]['label']} | {_f(r['dice'])} | {per} | {r['tokens']} | {r['features']} |")
-    return lines + [""]
+    note = (
+        "tokens: the training cases' patch tokens the linear probe was fitted on (one per encoder patch, each labelled "
+        "with its share of every class); D: the width of each token's features."
+    )
+    return lines + ["", note, ""]
 
 
 def class_names(cases: dict[str, Any]) -> list[str]:
