@@ -109,7 +109,7 @@ def test_periodic_and_stop_at_checkpoints_carry_the_reference_and_reconstruct_sc
     assert f"shift score {shift['shift_score']:.1f} (warning above {WARN_SCORE:g})" in output
 
 
-@pytest.mark.slow  # a ctmae process started and stopped: about 15 s on 2 busy cores
+@pytest.mark.slow  # a ctmae process started, trained and stopped
 def test_a_sigterm_checkpoint_carries_the_reference_and_reconstruct_scores(tmp_path):
     scans = write_body_scans(tmp_path / "scans", 2)
     run = tmp_path / "run"
@@ -162,7 +162,6 @@ def torso(path: Path, seed: int, lungs: bool = True) -> Path:
     return write_volume(path, ct, spacing=(1.5, 1.5, 1.5), direction=AXIS)
 
 
-@pytest.mark.slow  # 20 training steps: about 30 s on 2 busy cores
 def test_a_chest_trained_model_ranks_other_regions_above_a_held_out_chest(tmp_path):
     """Trained briefly on three chest-like torsos: two more stay below the warning, an abdomen-like torso and a head
     phantom score far above it. (A raw reconstruction error ranked the abdomen-like torso below the chests: its soft
@@ -192,7 +191,6 @@ def test_a_chest_trained_model_ranks_other_regions_above_a_held_out_chest(tmp_pa
     assert max(chests) < WARN_SCORE < 10 * WARN_SCORE < min(abdomen, head), (chests, abdomen, head)
 
 
-@pytest.mark.slow  # two reconstructions: about 30 s on 2 busy cores
 def test_reconstruct_prints_the_score_and_warns_far_from_the_training_scans(tiny_checkpoint, tmp_path):
     """The fixture was pretrained on the sample chest CT: its upper slab scores low, a head phantom above the line."""
     shift, output = _reconstruct(tiny_checkpoint, DEMO / "heldout" / "lung1_upper.nii.gz", tmp_path / "a")
