@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ from ctmae.cli import app
 from ctmae.io.discovery import find_volumes
 from ctmae.io.volume import read_volume
 from ctmae.mae.checkpoint import load_checkpoint
-from ctmae.mae.shift import WARN_SCORE
+from ctmae.mae.shift import WARN_SCORE, has_reference, no_reference_note
 from ctmae.preprocess.transforms import preprocess_transforms
 from ctmae.runtime.checkpoint import save_checkpoint
 
@@ -218,20 +219,16 @@ def test_errors_are_one_line(tiny_checkpoint, scans, tmp_path, monkeypatch):
     assert not (tmp_path / "e.npz").exists()
 
 
-# Distribution shift (ctmae.mae.shift): the tiny checkpoint was pretrained on the sample chest CT, so a slab of it
-# (mirrored) is "like the training scans" and a skull-and-brain phantom or a uniform block is not.
+# Distribution shift (ctmae.mae.shift): the tiny checkpoint was pretrained on the sample chest CT, so its upper slab
+# (sample_data/demo/heldout) is "like the training scans" and a skull-and-brain phantom is not.
 SAMPLE_CT = Path(__file__).resolve().parents[1] / "sample_data" / "ct" / "lung1.nii.gz"
 AXIS = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 def _chest_slab(path: Path) -> Path:
-    """12 axial slices of the sample chest, mirrored left-right: a chest the model has not seen as such."""
-    import nibabel as nib
-
-    sample = nib.load(SAMPLE_CT)
-    slab = np.asarray(sample.dataobj)[::-1, :, 18:30].copy()  # (X, Y, 12)
+    """The sample chest's upper 16 slices (lung apices, shoulders): a slab of the training scan."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(slab, sample.affine), path)
+    shutil.copyfile(SAMPLE_CT.parents[1] / "demo" / "heldout" / "lung1_upper.nii.gz", path)
     return path
 
 
@@ -266,7 +263,7 @@ def test_shift_score_is_a_column_of_every_format_and_agrees(tiny_checkpoint, sca
 
 
 def test_a_scan_unlike_the_training_scans_scores_higher_and_is_warned_about(tiny_checkpoint, tmp_path):
-    assert load_checkpoint(tiny_checkpoint)["shift_reference"]["errors"]  # pretrain stored the training scans' errors
+    assert has_reference(load_checkpoint(tiny_checkpoint)["shift_reference"])  # pretrain stored the training features
     _chest_slab(tmp_path / "in" / "chest.nii.gz")
     _head_phantom(tmp_path / "in" / "head.nii.gz")
     result = _run(tiny_checkpoint, tmp_path / "in", "--out", tmp_path / "e.npz")
@@ -332,18 +329,26 @@ def _scores(path: Path) -> dict[str, float]:
     return {r.id: r.shift_score for r in read_output(path)}
 
 
-def test_a_checkpoint_without_a_reference_gives_nan_and_no_warning(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("stored", ["none", "older kind"])
+def test_a_checkpoint_without_a_reference_gives_nan_and_says_so_once(tiny_checkpoint, tmp_path, stored):
     state = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
-    del state["shift_reference"]  # as in checkpoints written before pretraining stored it
+    if stored == "none":  # as in checkpoints written before pretraining stored a reference
+        del state["shift_reference"]
+    else:  # as ctmae stored it before: the training scans' masked-reconstruction errors
+        state["shift_reference"] = {"errors": [0.01], "mean": 0.01, "std": 0.0, "seed": 1, "crops_per_scan": 4}
     older = tmp_path / "older.pt"
     save_checkpoint(state, older)
-    head = _head_phantom(tmp_path / "head.nii.gz")
+    _head_phantom(tmp_path / "in" / "head.nii.gz")
+    _chest_slab(tmp_path / "in" / "chest.nii.gz")
     for suffix in (".npz", ".csv"):
-        result = _run(older, head, "--out", tmp_path / f"e{suffix}")
-        assert result.exit_code == 0 and not _shift_lines(result.output), result.output
+        result = _run(older, tmp_path / "in", "--out", tmp_path / f"e{suffix}")
+        assert result.exit_code == 0, result.output
+        lines = [line for line in result.output.splitlines() if line.startswith("warning:")]
+        assert lines == [f"warning: {no_reference_note('the checkpoint')}"]
+        assert "carries no shift reference (written by an older ctmae)" in lines[0]
     assert np.isnan(_npz(tmp_path / "e.npz")["shift_scores"]).all()
     with open(tmp_path / "e.csv", newline="") as f:
-        assert [r[3] for r in csv.reader(f)] == ["shift_score", ""]  # an empty cell: no score
+        assert [r[3] for r in csv.reader(f)] == ["shift_score", "", ""]  # empty cells: no score
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_earlier_output(tiny_checkpoint, scans, tmp_path, monkeypatch):

@@ -157,7 +157,7 @@ def test_resume_with_other_model_sizes_is_refused_in_one_line(tmp_path):
 
 
 def test_the_progress_rate_is_the_run_s_own_crops_per_second(tmp_path):
-    """The progress bar shows what the loop measures for all ranks (the summary's figure), not a per-process guess."""
+    """The progress bar shows what the loop measures for all ranks (metrics.jsonl's figure), not a per-process guess."""
     from conftest import write_body_scans
     from ctmae.io.discovery import find_volumes
     from ctmae.mae.config import RunConfig
@@ -175,7 +175,9 @@ def test_the_progress_rate_is_the_run_s_own_crops_per_second(tmp_path):
     seen = []
     result = pretrain(cfg, sources, tmp_path / "run", on_step=seen.append)
     assert [s["step"] for s in seen] == [1, 2, 3] and all(s["crops_per_s"] > 0 for s in seen)
-    assert seen[-1]["crops_per_s"] == pytest.approx(result["crops_per_s"], rel=0.2)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text("utf-8").splitlines()]
+    assert [round(s["crops_per_s"], 3) for s in seen] == [row["crops_per_s"] for row in logged]  # metrics.jsonl's
+    assert result["crops_per_s"] <= seen[-1]["crops_per_s"]  # the summary also counts the last checkpoint's time
 
 
 @pytest.mark.parametrize("command", ["pretrain", "finetune-seg"])

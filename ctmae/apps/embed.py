@@ -3,8 +3,9 @@
 The encoder sees every patch (no masking). Crop-sized windows start on the patch grid and cover the whole
 preprocessed volume (MONAI's sliding window; a token shared by overlapping windows gets the mean of their features),
 giving a token map (D, gx, gy, gz) that is pooled to one vector. Each row also carries the scan's ``shift_score``
-(``ctmae.mae.shift``: how far its masked-reconstruction error lies above the training scans'; NaN when the checkpoint
-stores no reference), and a scan above ``WARN_SCORE`` adds a warning line. The file formats are in ``embed_files``.
+(``ctmae.mae.shift``: how far its encoder features lie from the training scans', relative to how far those lie from
+each other; NaN when the checkpoint stores no reference of that kind, which one line says), and a scan above
+``WARN_SCORE`` adds a warning line. The file formats are in ``embed_files``.
 
 Resume: each embedded scan is appended as one JSON line to ``<out>.partial.jsonl`` (flushed and fsynced), and the
 output file is written once at the end, atomically, holding the rows of the previous output, the journal and this
@@ -50,7 +51,7 @@ from ctmae.apps.inference import (
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import VolumeSource, find_volumes
 from ctmae.mae.config import DataConfig
-from ctmae.mae.shift import crops_error, scan_crops, shift_score, shift_warning
+from ctmae.mae.shift import has_reference, no_reference_note, shift_score, shift_warning
 from ctmae.preprocess.transforms import preprocess_transforms
 from ctmae.runtime.loader import VOLUME_STALL_S, iterate_workers
 from ctmae.runtime.signals import Stopped, check_stop
@@ -119,9 +120,10 @@ def embed(
 
     Returns:
         {"out", "embedded", "resumed", "rows", "skipped": one-line problems, "warnings": one-line departures
-        from the checkpoint's preprocessing contract (``ctmae.apps.contract``) and scans unlike the training scans
-        (``ctmae.mae.shift``), "stopped": None, or the stop signal that ended the run between windows or scans
-        (the rows finished so far are written; the same command continues)}.
+        from the checkpoint's preprocessing contract (``ctmae.apps.contract``), scans unlike the training scans
+        (``ctmae.mae.shift``) and, once, a checkpoint that stores no shift reference, "stopped": None, or the stop
+        signal that ended the run between windows or scans (the rows finished so far are written; the same command
+        continues)}.
     """
     check_options(out, pool, tokens_dir)
     out = Path(out)
@@ -136,7 +138,8 @@ def embed(
     if on_start:
         on_start(len(todo))
 
-    embedded, warnings, stopped = 0, [], None
+    embedded, stopped = 0, None
+    warnings = [] if has_reference(loaded.shift_reference) or not todo else [no_reference_note("the checkpoint")]
     stream = _stream(todo, loaded.cfg.data)
     with Journal(journal, digest, pool) as log:
         try:
@@ -218,11 +221,10 @@ def token_features(
 
 def scan_shift(loaded: LoadedModel, image: torch.Tensor) -> float:
     """The shift score (``ctmae.mae.shift``) of a preprocessed volume (1, X, Y, Z); NaN when the checkpoint stores
-    no training-scan reference."""
-    if not loaded.shift_reference:
+    no training-scan reference of that kind."""
+    if not has_reference(loaded.shift_reference):
         return math.nan
-    error = crops_error(loaded.model, scan_crops(image[0], loaded.cfg.data.crop), loaded.cfg)
-    return shift_score(error, loaded.shift_reference)
+    return shift_score(loaded.model, image[0], loaded.shift_reference)
 
 
 class _Prepare(Dataset):

@@ -36,8 +36,9 @@ class Row:
         embedding: pooled encoder features (D,) float32.
         shape: the source scan's shape (X, Y, Z).
         spacing: the source scan's voxel spacing (mm).
-        shift_score: how far the scan's masked-reconstruction error lies from the training scans'
-            (``ctmae.mae.shift``); NaN when the checkpoint stores no reference or the output predates the column.
+        shift_score: how far the scan's encoder features lie from the training scans', relative to how far those
+            lie from each other (``ctmae.mae.shift``); NaN when the checkpoint stores no reference of that kind or
+            the output predates the column.
     """
 
     id: str

@@ -35,7 +35,7 @@ class LoadedModel:
     cfg: RunConfig
     step: int
     device: torch.device
-    shift_reference: dict | None = None  # the training scans' error distribution (ctmae.mae.shift), if stored
+    shift_reference: dict | None = None  # the training scans' feature statistics (ctmae.mae.shift), if stored
 
 
 def load_model(checkpoint: str | os.PathLike, device: str) -> LoadedModel:

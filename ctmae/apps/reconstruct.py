@@ -41,7 +41,7 @@ from ctmae.io.volume import read_volume, write_nifti
 from ctmae.mae.config import MaskConfig
 from ctmae.mae.fills import best_fill
 from ctmae.mae.masking import corrupt, num_masked, sample_mask, strategy
-from ctmae.mae.shift import crops_error, scan_crops, shift_score, shift_warning
+from ctmae.mae.shift import WARN_SCORE, has_reference, no_reference_note, shift_score, shift_warning
 from ctmae.preprocess.transforms import preprocess_transforms
 from ctmae.runtime.checkpoint import CheckpointError
 from ctmae.runtime.files import atomic_write_text
@@ -70,8 +70,10 @@ DEFINITIONS = {
     "window_step_voxels": "voxels between the overlapping windows the scan is reconstructed in; each window's "
     "prediction counts in proportion to the share of its tokens that are visible, and within it by a gaussian "
     "centred on the window",
-    "shift": "the model's masked-reconstruction error on fixed seeded crops of this scan, and shift_score: how many "
-    "standard deviations it lies above the training scans' (ctmae.mae.shift; null when the checkpoint stores none)",
+    "shift": "shift_score: how far the mean encoder feature of fixed seeded crops of this scan lies from the training "
+    "scans' (squared Mahalanobis distance), over the same distance of a training scan left out of the statistics: "
+    "about 1 or below for scans like the training scans, a warning above threshold (ctmae.mae.shift); null when the "
+    "checkpoint stores no reference of this kind (note says so)",
 }
 
 
@@ -181,7 +183,7 @@ def reconstruct(
         "tokens_masked": int(tokens_hidden.sum()),
         "token_mask_ratio": int(tokens_hidden.sum()) / tokens_hidden.numel(),
         "ssim": _ssim(recon, original, lo, hi, loaded.device),
-        "shift": _shift(loaded, image.as_tensor(), source.label),
+        "shift": _shift(loaded, image.as_tensor(), source.label, checkpoint_name),
     }
     versus = metrics["fill"]["masked_minus_fill_db"]
     title = [
@@ -196,12 +198,14 @@ def reconstruct(
     return metrics
 
 
-def _shift(loaded: LoadedModel, image: torch.Tensor, name: str) -> dict[str, Any]:
-    """The scan's masked-reconstruction error and its shift score against the training scans' (1, X, Y, Z) in."""
-    error = crops_error(loaded.model, scan_crops(image[0], loaded.cfg.data.crop), loaded.cfg)
-    ref = loaded.shift_reference
-    score = shift_score(error, ref) if ref else None
-    return {"error": error, "shift_score": score, "warning": shift_warning(name, score) if ref else None}
+def _shift(loaded: LoadedModel, image: torch.Tensor, name: str, checkpoint: str) -> dict[str, Any]:
+    """The shift score of the preprocessed scan (1, X, Y, Z) with its warning; a note instead when the checkpoint
+    stores no reference."""
+    if not has_reference(loaded.shift_reference):
+        note = no_reference_note(checkpoint or "the checkpoint")
+        return {"shift_score": None, "threshold": WARN_SCORE, "warning": None, "note": note}
+    score = shift_score(loaded.model, image[0], loaded.shift_reference)
+    return {"shift_score": score, "threshold": WARN_SCORE, "warning": shift_warning(name, score), "note": None}
 
 
 def _figures(

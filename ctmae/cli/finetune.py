@@ -44,9 +44,7 @@ def _net_from_preset(size: str, feature_size: int, num_classes: int) -> SegNetCo
         raise UsageError(f"unknown --model {size!r}; choose one of {', '.join(MODEL_PRESETS)}")
     p = MODEL_PRESETS[size]
     if p["depth"] != UNETR_DEPTH:
-        raise UsageError(
-            f"the {size} preset has {p['depth']} blocks; MONAI's UNETR needs a 12-block ViT (use tiny, small or base)"
-        )
+        raise UsageError(f"the {size} preset has {p['depth']} blocks; UNETR needs a 12-block ViT (tiny, small, base)")
     return SegNetConfig(size=size, dim=p["dim"], heads=p["heads"], feature_size=feature_size, num_classes=num_classes)
 
 

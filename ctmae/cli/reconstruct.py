@@ -102,14 +102,16 @@ def reconstruct(
                 )
             except Stopped as e:
                 raise Stopped(e.signal, f"nothing written to {out}/") from None
-        if metrics["shift"]["warning"]:
-            errors.print(
-                f"[yellow]warning:[/yellow] {escape(metrics['shift']['warning'])}", highlight=False, soft_wrap=True
-            )
+        shift = metrics["shift"]
+        if shift["warning"] or shift["note"]:
+            line = escape(shift["warning"] or shift["note"])
+            errors.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
         masked, fill = metrics["masked"]["psnr"], metrics["fill"]
         summary = f"masked PSNR {masked:.2f} dB, " if masked is not None else ""
         if fill["masked_minus_fill_db"] is not None:  # the trivial baseline beside the model, every time
             summary += f"gaussian fill {fill['psnr']:.2f} dB ({fill['masked_minus_fill_db']:+.2f} dB), "
+        if shift["shift_score"] is not None:  # how unlike the training scans (ctmae.mae.shift), every time
+            summary += f"shift score {shift['shift_score']:.1f} (warning above {shift['threshold']:g}), "
         console.print(
             f"{summary}mask ratio {metrics['mask_ratio']:.3f}, SSIM {metrics['ssim']:.3f}; wrote {out}/",
             highlight=False,

@@ -6,7 +6,6 @@ returns a plain dict of figures.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,11 +16,10 @@ import torch
 from ctmae.io.discovery import VolumeSource
 from ctmae.mae.checkpoint import load_checkpoint
 from ctmae.mae.config import RunConfig
-from ctmae.mae.crops import CropVisits, crop_batches
+from ctmae.mae.crops import crop_batches
 from ctmae.mae.masking import TokenMask, corrupt, sample_mask
 from ctmae.mae.model import MaskedAutoencoder3D, build_model
-from ctmae.mae.shift import CROPS_PER_SCAN, MAX_REFERENCE_SCANS, crops_error, reference
-from ctmae.mae.shift import SEED as SHIFT_SEED
+from ctmae.mae.shift import training_reference
 from ctmae.runtime.checkpoint import CheckpointError, save_checkpoint
 from ctmae.runtime.distributed import DistInfo, any_rank
 from ctmae.runtime.optim import build_optimizer, updater
@@ -81,8 +79,7 @@ def pretrain(
         state = run.training_state(
             step, model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict()
         )
-        if step == run.total:  # the finished model: store its error on the training scans (ctmae.mae.shift)
-            state["shift_reference"] = _shift_reference(model, sources, cfg)
+        state["shift_reference"] = training_reference(model, sources, cfg.data)  # every checkpoint: ctmae.mae.shift
         save_checkpoint(state, run.checkpoints / "last.pt")
         if step % t.ckpt_every == 0:
             save_checkpoint(state, run.checkpoints / f"step_{step:07d}.pt")
@@ -141,14 +138,6 @@ def pretrain(
         "global_batch": global_batch,
         "model": model,
     }
-
-
-def _shift_reference(model: MaskedAutoencoder3D, sources: Sequence[VolumeSource], cfg: RunConfig) -> dict:
-    """The masked-reconstruction error of up to MAX_REFERENCE_SCANS training scans (seeded crops, fixed mask)."""
-    data = dataclasses.replace(cfg.data, crops_per_volume=CROPS_PER_SCAN)
-    visits = CropVisits(sources, data, seed=SHIFT_SEED)  # epoch 0 of the schedule visits each scan once
-    count = min(len(sources), MAX_REFERENCE_SCANS)
-    return reference([crops_error(model, visits[v][0], cfg) for v in range(count)])
 
 
 def _restore(model: MaskedAutoencoder3D, optimizer: torch.optim.Optimizer, run: Run) -> None:
