@@ -3,9 +3,9 @@ and with the CPU limited by a container quota against a pinned core.
 
 Each case runs the real command (``ctmae pretrain --out R --steps N --device cpu``, the demo's recipe on the bundled
 scans, cache warm) and reads the crops/s the run itself logged in ``metrics.jsonl`` (training only) plus the wall time
-of the whole command. ``OMP_WAIT_POLICY=ACTIVE`` reproduces the spinning OpenMP threads of a command that does not set
-the passive policy, for comparison. Run it alone on the machine: it is about the machine's load, so anything else
-running makes the figures meaningless.
+of the whole command. An empty ``OMP_WAIT_POLICY`` gives libgomp's own default spin (what ctmae did before it set
+the passive policy), and ``GOMP_SPINCOUNT=5000`` a short spin, for comparison. Run it alone on the machine: it is
+about the machine's load, so anything else running makes the figures meaningless.
 
     python -m benchmarks.contention [--steps 150] [--image TAG]   # writes benchmarks/contention_results.md
 
@@ -30,6 +30,8 @@ from benchmarks.common import progress
 REPO = Path(__file__).resolve().parent.parent
 OUT = Path(__file__).resolve().parent / "contention_results.md"
 HOG = [sys.executable, "-c", "while True: pass"]
+LIBGOMP_DEFAULT = {"OMP_WAIT_POLICY": "", "KMP_BLOCKTIME": ""}  # set but empty: ctmae keeps them, libgomp ignores them
+SHORT_SPIN = {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "5000"}
 
 
 def demo(run_dir: Path, steps: int, env: dict[str, str], prefix: tuple[str, ...] = ()) -> subprocess.Popen:
@@ -48,11 +50,10 @@ def finish(proc: subprocess.Popen, run_dir: Path, started: float) -> dict[str, f
     return {"crops_per_s": rows[-1]["crops_per_s"], "wall_s": time.perf_counter() - started}
 
 
-def case(name: str, steps: int, omp: str | None = None, hog: int = 0, demos: int = 1, prefix=()) -> dict:
-    """Run ``demos`` demos at once beside ``hog`` busy loops; the slowest demo's figures."""
-    env = {**os.environ}
-    if omp:
-        env["OMP_WAIT_POLICY"] = omp
+def case(name: str, steps: int, omp: dict | None = None, hog: int = 0, demos: int = 1, prefix=()) -> dict:
+    """Run ``demos`` demos at once beside ``hog`` busy loops, with ``omp`` in the environment; the slowest demo's
+    figures."""
+    env = {**os.environ, **(omp or {})}
     hogs = [subprocess.Popen(HOG) for _ in range(hog)]
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -73,7 +74,22 @@ def container_case(image: str, steps: int, cpus: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         os.chmod(tmp, 0o777)
         t0 = time.perf_counter()
-        cmd = ["podman", "run", "--rm", "--cpus", cpus, "-v", f"{tmp}:/runs", image, "pretrain", "--out", "/runs/d"]
+        # what the image's ctmae sets itself; given explicitly, so an older image is measured alike
+        omp = ["-e", "OMP_WAIT_POLICY=PASSIVE"]
+        cmd = [
+            "podman",
+            "run",
+            "--rm",
+            "--cpus",
+            cpus,
+            *omp,
+            "-v",
+            f"{tmp}:/runs",
+            image,
+            "pretrain",
+            "--out",
+            "/runs/d",
+        ]
         out = subprocess.run([*cmd, "--steps", str(steps), "--device", "cpu"], capture_output=True, text=True)
         if out.returncode != 0:
             raise RuntimeError(f"the container demo failed: {out.stderr[-2000:]}")
@@ -100,12 +116,14 @@ def main(argv: list[str] | None = None) -> None:
         )
     s = args.steps
     rows = [
-        case("alone", s),
-        case("alone, OMP_WAIT_POLICY=ACTIVE (spinning threads)", s, omp="ACTIVE"),
-        case("beside 2 busy loops", s, hog=2),
-        case("beside 2 busy loops, OMP_WAIT_POLICY=ACTIVE (spinning threads)", s, omp="ACTIVE", hog=2),
-        case("2 demos side by side (the slower one)", s, demos=2),
-        case("2 demos side by side, OMP_WAIT_POLICY=ACTIVE (the slower one)", s, omp="ACTIVE", demos=2),
+        case("alone (ctmae: OMP_WAIT_POLICY=PASSIVE)", s),
+        case("alone, libgomp's default spin (300000)", s, omp=LIBGOMP_DEFAULT),
+        case("alone, GOMP_SPINCOUNT=5000 (a short spin)", s, omp=SHORT_SPIN),
+        case("beside 2 busy loops (ctmae)", s, hog=2),
+        case("beside 2 busy loops, libgomp's default spin", s, omp=LIBGOMP_DEFAULT, hog=2),
+        case("beside 2 busy loops, GOMP_SPINCOUNT=5000", s, omp=SHORT_SPIN, hog=2),
+        case("2 demos side by side (ctmae; the slower one)", s, demos=2),
+        case("2 demos side by side, libgomp's default spin (the slower one)", s, omp=LIBGOMP_DEFAULT, demos=2),
     ]
     if args.image and shutil.which("podman"):
         rows.append(case("taskset -c 0 (one pinned core)", s, prefix=("taskset", "-c", "0")))

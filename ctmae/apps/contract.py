@@ -29,6 +29,7 @@ from monai.transforms import Compose, MapTransform
 
 from ctmae.io.dicom import itk_warnings_off
 from ctmae.io.discovery import VolumeSource, find_volumes
+from ctmae.io.labels import label_map_problem
 from ctmae.preprocess.transforms import BODY_HU, LoadCTd, body_threshold
 
 SPACING_FACTOR = 4.0  # warn when an axis is over 4x coarser or finer than trained (5 mm slices vs 1.5 mm pass)
@@ -51,6 +52,7 @@ class InputSummary:
     max: float
     low: float
     modality: str = ""
+    label_map: str | None = None  # why the sample looks like a label map (``ctmae.io.labels``): the command refuses it
 
 
 def preprocessing_of(data: Any) -> dict[str, Any]:
@@ -82,6 +84,8 @@ def input_warnings(preprocessing: dict[str, Any], summary: InputSummary, name: s
         name: how the lines name the input (a privacy-safe volume id).
     """
     lines = []
+    if summary.label_map:  # not a scan at all: the command refuses it in one line, nothing to add
+        return lines
     if summary.modality and summary.modality.upper() != "CT":
         lines.append(f"{name}: DICOM modality {summary.modality}, not CT; the encoder was pretrained on CT in HU")
     spacing_line = _spacing_warning(preprocessing["spacing"], summary.spacing)
@@ -120,8 +124,11 @@ def summarize(array: np.ndarray | torch.Tensor, affine: np.ndarray, modality: st
 
 
 def _summary(sample: np.ndarray, spacing: tuple[float, float, float], modality: str) -> InputSummary:
+    """The summary of a voxel sample (X, Y, K): a subsample of the volume, or some of its slices."""
+    label_map = label_map_problem(sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(sample).T)))  # (K, Y, X)
     sample = np.asarray(sample, dtype=np.float32).ravel()
     return InputSummary(
+        label_map=label_map,
         spacing=spacing,
         min=float(sample.min()),
         max=float(sample.max()),
