@@ -248,7 +248,8 @@ def test_ctrl_c_during_prediction_keeps_finished_volumes_and_exits_130(stopped_v
     assert seconds < SECONDS, seconds
     assert "Ctrl-C: stopping after this window" in err
     assert f"stopped early: stop signal (SIGINT); 1 of 2 label volume(s) written to {pred}" in " ".join(err.split())
-    assert [p.name for p in pred.iterdir()] == ["train__images__case0.nii.gz"]  # nothing of the second, not a part
+    names = sorted(p.name for p in pred.iterdir())  # the first mask and its class-names sidecar; nothing of the second
+    assert names == ["train__images__case0.json", "train__images__case0.nii.gz"]
     assert "Traceback" not in err + out
 
 
