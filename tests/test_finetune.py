@@ -309,6 +309,7 @@ def test_phantom_reaches_high_dice(phantom_run):
     assert (phantom_run / "checkpoints" / "last.pt").is_file() and (phantom_run / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_prediction_in_source_geometry(phantom_run, phantom, tmp_path):
     image = sphere_case(7, shape=(40, 44, 30))[0]
     oblique = write_volume(tmp_path / "in" / "oblique.nrrd", image, spacing=(1.2, 1.4, 2.0), direction=OBLIQUE)
@@ -342,6 +343,7 @@ def test_output_names_stay_inside_the_folder():
     assert all("/" not in n and not n.startswith(".") for n in names)
 
 
+@pytest.mark.slow
 def test_resume_is_exact(phantom, tmp_path):
     args = [
         *FAST,
@@ -373,6 +375,7 @@ def test_resume_is_exact(phantom, tmp_path):
     assert losses[0] == losses[1]
 
 
+@pytest.mark.slow
 def test_wrong_checkpoint_kinds_are_refused(phantom_run, tiny_checkpoint, phantom, tmp_path):
     result = run("--predict", tiny_checkpoint, phantom / "images" / "case0.nii.gz", "--out", tmp_path / "p")
     assert result.exit_code == 1 and "MAE pretraining checkpoint" in result.output
@@ -388,6 +391,7 @@ def test_wrong_checkpoint_kinds_are_refused(phantom_run, tiny_checkpoint, phanto
     assert result.exit_code == 1 and "a fine-tuned segmentation checkpoint" in result.output
 
 
+@pytest.mark.slow
 def test_prediction_never_overwrites_an_input(phantom_run, phantom, tmp_path):
     scans = tmp_path / "scans"
     scans.mkdir()

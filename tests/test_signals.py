@@ -103,6 +103,7 @@ def test_group_stop_signal_with_workers_checkpoints_every_time(tmp_path, scans, 
     assert "resuming from step" in out
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, scans):
     run_dir = tmp_path / "run"
     proc = start(pretrain_cmd(scans, run_dir, tmp_path))
