@@ -127,6 +127,7 @@ def test_a_loader_worker_killed_mid_run_ends_it_with_one_line_and_the_last_check
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith(("error:", "internal error:"))]
-    assert len(lines) == 1 and lines[0].startswith("error: data loading failed: DataLoader worker"), err[-3000:]
+    # one line naming the dead worker (torch raises it wherever the process is: in the loop, or in a checkpoint write)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "DataLoader worker" in lines[0], err[-3000:]
     assert "Traceback" not in err
     assert load_checkpoint(last)["step"] % 2 == 0  # a periodic checkpoint, intact
