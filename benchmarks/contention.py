@@ -3,11 +3,13 @@ and with the CPU limited by a container quota against a pinned core.
 
 Each case runs the real command (``ctmae pretrain --out R --steps N --device cpu``, the demo's recipe on the bundled
 scans, cache warm) and reads the crops/s the run itself logged in ``metrics.jsonl`` (training only) plus the wall time
-of the whole command. An empty ``OMP_WAIT_POLICY`` gives libgomp's own default spin (what ctmae did before it set
-the passive policy), and ``GOMP_SPINCOUNT=5000`` a short spin, for comparison. Run it alone on the machine: it is
-about the machine's load, so anything else running makes the figures meaningless.
+of the whole command. "ctmae" is the command as shipped: its OpenMP threads spin when the machine is idle at start
+and sleep when it is shared (``ctmae.runtime.openmp``); ``OMP_WAIT_POLICY=PASSIVE`` (always sleep) and an empty
+``OMP_WAIT_POLICY`` (libgomp's own spin, whatever the load) are the two fixed policies for comparison. The alone
+cases run interleaved, ``--rounds`` times, the order reversed every round. Run it alone on the machine: it is about
+the machine's load, so anything else running makes the figures meaningless.
 
-    python -m benchmarks.contention [--steps 150] [--image TAG]   # writes benchmarks/contention_results.md
+    python -m benchmarks.contention [--steps 150] [--rounds 3] [--image TAG]   # writes benchmarks/contention_results.md
 
 ``--image`` also times the demo in the container image (``podman run --cpus 1``) against ``taskset -c 0`` on the host.
 """
@@ -30,8 +32,9 @@ from benchmarks.common import progress
 REPO = Path(__file__).resolve().parent.parent
 OUT = Path(__file__).resolve().parent / "contention_results.md"
 HOG = [sys.executable, "-c", "while True: pass"]
-LIBGOMP_DEFAULT = {"OMP_WAIT_POLICY": "", "KMP_BLOCKTIME": ""}  # set but empty: ctmae keeps them, libgomp ignores them
-SHORT_SPIN = {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "5000"}
+LIBGOMP_DEFAULT = {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "300000"}  # libgomp's own default, given explicitly
+PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
+STAGGER_S = 20  # the second demo of the staggered case starts this long after the first (which chose to spin)
 
 
 def demo(run_dir: Path, steps: int, env: dict[str, str], prefix: tuple[str, ...] = ()) -> subprocess.Popen:
@@ -50,15 +53,22 @@ def finish(proc: subprocess.Popen, run_dir: Path, started: float) -> dict[str, f
     return {"crops_per_s": rows[-1]["crops_per_s"], "wall_s": time.perf_counter() - started}
 
 
-def case(name: str, steps: int, omp: dict | None = None, hog: int = 0, demos: int = 1, prefix=()) -> dict:
-    """Run ``demos`` demos at once beside ``hog`` busy loops, with ``omp`` in the environment; the slowest demo's
-    figures."""
-    env = {**os.environ, **(omp or {})}
+def case(
+    name: str, steps: int, omp: dict | None = None, hog: int = 0, demos: int = 1, prefix=(), stagger: float = 0
+) -> dict:
+    """Run ``demos`` demos (each ``stagger`` s after the previous) beside ``hog`` busy loops, with ``omp`` in the
+    environment; the slowest demo's figures."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "GOMP_SPINCOUNT")}
+    env.update(omp or {})
     hogs = [subprocess.Popen(HOG) for _ in range(hog)]
     try:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            runs = [(demo(Path(tmp) / f"r{i}", steps, env, prefix), Path(tmp) / f"r{i}") for i in range(demos)]
+            runs = []
+            for i in range(demos):
+                if i and stagger:
+                    time.sleep(stagger)
+                runs.append((demo(Path(tmp) / f"r{i}", steps, env, prefix), Path(tmp) / f"r{i}"))
             figures = [finish(p, r, t0) for p, r in runs]
     finally:
         for h in hogs:
@@ -101,9 +111,17 @@ def container_case(image: str, steps: int, cpus: str) -> dict:
     return result
 
 
+def median_row(name: str, runs: list[dict]) -> dict:
+    """The run with the median crops/s, named ``name`` and listing every round's figure."""
+    ordered = sorted(runs, key=lambda r: r["crops_per_s"])
+    each = ", ".join(f"{r['crops_per_s']:.1f}" for r in runs)
+    return {**ordered[len(ordered) // 2], "case": f"{name}: {each}"}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the alone cases")
     parser.add_argument("--image", help="container image to time with podman run --cpus 1 against taskset -c 0")
     args = parser.parse_args(argv)
     load = os.getloadavg()
@@ -115,20 +133,24 @@ def main(argv: list[str] | None = None) -> None:
             capture_output=True,
         )
     s = args.steps
-    rows = [
-        case("alone (ctmae: OMP_WAIT_POLICY=PASSIVE)", s),
-        case("alone, libgomp's default spin (300000)", s, omp=LIBGOMP_DEFAULT),
-        case("alone, GOMP_SPINCOUNT=5000 (a short spin)", s, omp=SHORT_SPIN),
+    alone_settings = [("ctmae", None), ("always sleep (PASSIVE)", PASSIVE), ("always spin (libgomp)", LIBGOMP_DEFAULT)]
+    alone: dict[str, list[dict]] = {name: [] for name, _ in alone_settings}
+    for r in range(args.rounds):
+        for name, omp in alone_settings if r % 2 == 0 else alone_settings[::-1]:
+            alone[name].append(case(f"alone, {name}, round {r + 1}", s, omp=omp))
+    rows = [median_row(f"alone, {name} (median of {args.rounds})", runs) for name, runs in alone.items()]
+    rows += [
         case("beside 2 busy loops (ctmae)", s, hog=2),
-        case("beside 2 busy loops, libgomp's default spin", s, omp=LIBGOMP_DEFAULT, hog=2),
-        case("beside 2 busy loops, GOMP_SPINCOUNT=5000", s, omp=SHORT_SPIN, hog=2),
+        case("beside 2 busy loops, always spin", s, omp=LIBGOMP_DEFAULT, hog=2),
         case("2 demos side by side (ctmae; the slower one)", s, demos=2),
-        case("2 demos side by side, libgomp's default spin (the slower one)", s, omp=LIBGOMP_DEFAULT, demos=2),
+        case(
+            f"2 demos, the second {STAGGER_S} s after the first (ctmae; the slower one)", s, demos=2, stagger=STAGGER_S
+        ),
     ]
     if args.image and shutil.which("podman"):
         rows.append(case("taskset -c 0 (one pinned core)", s, prefix=("taskset", "-c", "0")))
         rows.append(container_case(args.image, s, "1"))
-    alone = rows[0]["crops_per_s"]
+    base = rows[0]["crops_per_s"]
     date = datetime.date.today().isoformat()
     lines = [
         "## The demo on a shared CPU",
@@ -140,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         "| case | crops/s | vs alone | wall s |",
         "|---|---|---|---|",
         *[
-            f"| {r['case']} | {r['crops_per_s']:.1f} | {r['crops_per_s'] / alone:.2f} | {r['wall_s']:.0f} |"
+            f"| {r['case']} | {r['crops_per_s']:.1f} | {r['crops_per_s'] / base:.2f} | {r['wall_s']:.0f} |"
             for r in rows
         ],
         "",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import write_body_scans
 from ctmae.cli import app
+from ctmae.runtime import openmp
 from ctmae.runtime.cpu import cgroup_quota, cpu_budget, split_budget
 from ctmae.runtime.loader import plan_workers, shm_free
 
@@ -164,15 +166,50 @@ def test_other_commands_print_the_cpu_budget(tmp_path, tiny_checkpoint, command)
     assert f"cpu budget: 1 of {HOST} cores (--threads)" in result.output
 
 
-def test_the_command_line_sets_openmp_to_sleep_before_torch_loads():
-    """libgomp reads OMP_WAIT_POLICY once, when torch loads it: the CLI module must set it before importing torch."""
+def test_the_command_line_sets_openmp_to_sleep_before_torch_loads_on_a_shared_machine():
+    """libgomp reads OMP_WAIT_POLICY once, when torch loads it: the CLI module must set it before importing torch.
+    A SLURM job shares its node: its threads sleep."""
     env = {k: v for k, v in ENV.items() if k not in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME")}
     code = "import os, ctmae.cli; print(os.environ['OMP_WAIT_POLICY'], os.environ['KMP_BLOCKTIME'])"
-    out = subprocess.run([sys.executable, "-X", "importtime", "-c", code], env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code],
+        env={**env, "SLURM_JOB_ID": "7"},
+        capture_output=True,
+        text=True,
+    )
     assert out.stdout.split() == ["PASSIVE", "0"], out.stderr[-2000:]
     order = [line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if "|" in line]
     assert order.index("ctmae.runtime.openmp") < order.index("torch")
+    code = "import os, ctmae.cli; print(os.environ['OMP_WAIT_POLICY'], os.environ.get('KMP_BLOCKTIME'))"
     kept = subprocess.run(
         [sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True, text=True
     )
-    assert kept.stdout.split() == ["ACTIVE", "0"]  # a value the user set is kept
+    assert kept.stdout.split() == ["ACTIVE", "None"]  # a policy the user set is kept as it is
+
+
+def test_openmp_threads_sleep_beside_busy_processes_and_spin_on_an_idle_machine(monkeypatch):
+    """Two busy loops running: the sample at start sees them and the threads sleep. An idle machine (sample
+    faked: the test machine may be busy) leaves libgomp's spin; every cap that marks a shared machine sleeps."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(HOST)]
+    try:
+        time.sleep(0.3)
+        busy = openmp.busy_cores()
+        env: dict[str, str] = {}
+        policy = openmp.choose_wait_policy(env)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    assert busy is not None and busy >= 0.8 * HOST, busy
+    assert policy.startswith("sleep (") and "cores busy at start" in policy
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+    monkeypatch.setattr(openmp, "busy_cores", lambda: 0.0)
+    monkeypatch.setattr(openmp, "cgroup_quota", lambda: None)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(HOST)))
+    idle: dict[str, str] = {}
+    assert openmp.choose_wait_policy(idle) == "spin (machine idle at start)" and idle == {}
+    for name in ("SLURM_JOB_ID", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS", "CTMAE_THREADS"):
+        assert openmp.choose_wait_policy({name: "2"}) == f"sleep ({name})"
+    monkeypatch.setattr(openmp, "cgroup_quota", lambda: HOST / 2)
+    assert openmp.choose_wait_policy({}) == "sleep (cgroup quota)"
+    assert openmp.choose_wait_policy({"GOMP_SPINCOUNT": "5000"}).startswith("as set")

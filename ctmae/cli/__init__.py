@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import sys
 
-import ctmae.runtime.openmp  # noqa: F401  (first: sets OpenMP's wait policy before any import loads torch)
-from ctmae.cli import (  # noqa: F401
+from ctmae.runtime import openmp
+
+openmp.decide()  # first: OpenMP's wait policy must be in the environment before any import loads torch
+from ctmae.cli import (  # noqa: E402, F401
     embed,
     evaluate,  # noqa: F401
     export,  # noqa: F401
@@ -20,7 +22,7 @@ from ctmae.cli import (  # noqa: F401
     reconstruct,
     study,  # noqa: F401
 )
-from ctmae.cli.common import app
+from ctmae.cli.common import app  # noqa: E402
 
 
 def main() -> None:

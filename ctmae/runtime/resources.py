@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ctmae.runtime.cpu import CpuBudget, apply_threads, cpu_budget, split_budget
 from ctmae.runtime.loader import plan_workers
+from ctmae.runtime.openmp import POLICY
 
 
 @dataclass(frozen=True)
@@ -17,8 +18,10 @@ class Resources:
     notes: tuple[str, ...] = ()  # lines to show (workers cut for shared memory)
 
     def describe(self) -> str:
-        """The start line: ``cpu budget: 4 of 64 cores (cgroup quota); 3 torch thread(s), 1 loader worker(s)``."""
-        return f"{self.budget.describe()}; {self.threads} torch thread(s), {self.workers} loader worker(s)"
+        """The start line: ``cpu budget: 4 of 64 cores (cgroup quota); 3 torch thread(s), 1 loader worker(s)``, and
+        how OpenMP's threads wait when the command line chose it (``ctmae.runtime.openmp``)."""
+        line = f"{self.budget.describe()}; {self.threads} torch thread(s), {self.workers} loader worker(s)"
+        return f"{line}; OpenMP threads {POLICY[0]}" if POLICY else line
 
 
 def plan_resources(threads: int | None, device: str, workers: int | None, item_bytes: int = 0) -> Resources:
