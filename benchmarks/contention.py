@@ -34,7 +34,7 @@ OUT = Path(__file__).resolve().parent / "contention_results.md"
 HOG = [sys.executable, "-c", "while True: pass"]
 LIBGOMP_DEFAULT = {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "300000"}  # libgomp's own default, given explicitly
 PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
-STAGGER_S = 20  # the second demo of the staggered case starts this long after the first (which chose to spin)
+STAGGER_S = 5  # the second demo of the staggered case starts this long after the first (which chose to spin)
 
 
 def demo(run_dir: Path, steps: int, env: dict[str, str], prefix: tuple[str, ...] = ()) -> subprocess.Popen:

@@ -8,7 +8,8 @@ reads the policy once, when torch loads it, so the command line calls ``choose_w
 imports torch:
 
 - the machine is this run's own (every core in the affinity mask, no cgroup quota below the host's cores, not a SLURM
-  job, not one of several torchrun ranks, no ``OMP_NUM_THREADS``/``CTMAE_THREADS`` cap) and other processes kept
+  job, not one of several torchrun ranks, no ``OMP_NUM_THREADS``/``CTMAE_THREADS`` cap), no other ctmae command is
+  running (two started together would each see the other still asleep in its own sample), and other processes kept
   less than a quarter of a core busy over a short sample at start: libgomp's own spin;
 - otherwise ``OMP_WAIT_POLICY=PASSIVE`` (libgomp, LLVM's libomp) and ``KMP_BLOCKTIME=0`` (Intel's libiomp5).
 
@@ -58,6 +59,37 @@ def busy_cores(sample_s: float = SAMPLE_S, stat: str = "/proc/stat") -> float | 
     return (total - (idle1 - idle0)) / total * (os.cpu_count() or 1)
 
 
+def other_ctmae_runs(proc: str = "/proc") -> int:
+    """How many other ctmae commands run on this machine (``ctmae ...`` or ``python -m ctmae ...``), this process's
+    ancestors (a torchrun or shell that started it) excluded."""
+    mine = set()
+    pid = os.getpid()
+    while pid > 1 and pid not in mine:
+        mine.add(pid)
+        try:
+            with open(f"{proc}/{pid}/stat", encoding="ascii", errors="replace") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])  # field 4, after the command name in parentheses
+        except (OSError, ValueError, IndexError):
+            break
+    count = 0
+    try:
+        pids = [int(name) for name in os.listdir(proc) if name.isdigit()]
+    except OSError:
+        return 0
+    for other in pids:
+        if other in mine:
+            continue
+        try:
+            with open(f"{proc}/{other}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        script = any(os.path.basename(a) == b"ctmae" for a in argv[:2])  # ctmae, or python .../bin/ctmae (shebang)
+        if script or argv[1:3] == [b"-m", b"ctmae"]:
+            count += 1
+    return count
+
+
 def machine_is_ours(environ: dict[str, str] | os._Environ = os.environ) -> str | None:
     """Why this machine counts as shared (a short reason), or None when it is this run's own and idle."""
     for name in SHARED_ENV:
@@ -69,6 +101,9 @@ def machine_is_ours(environ: dict[str, str] | os._Environ = os.environ) -> str |
     quota = cgroup_quota()
     if quota is not None and quota < host:
         return "cgroup quota"
+    others = other_ctmae_runs()
+    if others:
+        return f"{others} other ctmae run(s)"
     busy = busy_cores()
     if busy is None:
         return "load unknown"
