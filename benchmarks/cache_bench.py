@@ -35,8 +35,8 @@ from ctmae.mae.crops import crop_batches
 from ctmae.preprocess import cache as cache_module
 from ctmae.preprocess.cache import VolumeCache
 from ctmae.preprocess.prepare import prepare_dataset
-from ctmae.preprocess.schedule import visit_batches, visit_volume
 from ctmae.preprocess.transforms import preprocess_transforms
+from ctmae.preprocess.visit_order import visit_batches, visit_volume
 from ctmae.seg.config import SegDataConfig
 from ctmae.seg.data import LabelledCase, cache_cases
 

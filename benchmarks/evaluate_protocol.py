@@ -31,7 +31,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from ctmae.apps.evaluate import split_cases
+from ctmae.experiments.evaluate import split_cases
 from ctmae.seg.data import find_cases
 
 REPO = Path(__file__).resolve().parent.parent

@@ -71,8 +71,8 @@ def score(checkpoint: Path, seeds: int, scratch: Path, heldout: Path = HELDOUT, 
     """Pooled masked PSNR of the model and of the best gaussian fill on the held-out slab, under block masks
     (48 mm cubes) and random masks (single 24 mm cubes), drawn on 16-voxel cells: every recipe with a patch that
     divides 16 faces the very same hidden voxels for a seed."""
-    from ctmae.apps.inference import load_model
-    from ctmae.apps.reconstruct import mask_config, reconstruct
+    from ctmae.infer.reconstruct import mask_config, reconstruct
+    from ctmae.infer.sliding import load_model
 
     loaded = load_model(checkpoint, "cpu")
     block = round(BLOCK_MM / loaded.cfg.data.spacing[0] / UNIT)

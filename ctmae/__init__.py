@@ -29,7 +29,7 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu", im
     Raises:
         ctmae.runtime.checkpoint.CheckpointError: not a ctmae encoder, or weights that do not match their config.
     """
-    from ctmae.apps.encoder import load_encoder as load
+    from ctmae.share.load import load_encoder as load
 
     return load(path, device, img_size)
 
@@ -46,6 +46,6 @@ def load_unetr(path: str | os.PathLike, num_classes: int, feature_size: int = 16
     Raises:
         ValueError: an encoder UNETR cannot hold. CheckpointError: as ``load_encoder``.
     """
-    from ctmae.apps.encoder import load_unetr as load
+    from ctmae.share.load import load_unetr as load
 
     return load(path, num_classes, feature_size, img_size)

@@ -153,7 +153,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from ctmae.io.discovery import find_volumes
     from ctmae.mae.config import RunConfig
     from ctmae.mae.train import pretrain
-    from ctmae.preprocess.build import prepare_cache
+    from ctmae.preprocess.build_cache import build_cache
 
     root = tmp_path_factory.mktemp("tiny_mae")
     cfg = RunConfig.from_dict(
@@ -164,7 +164,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
         }
     )
     sources, _ = find_volumes([str(SAMPLE_DATA / "ct")])
-    good, problems = prepare_cache(sources, cfg.data)
+    good, problems = build_cache(sources, cfg.data)
     assert good and not problems, problems
     pretrain(cfg, good, root / "run")
     return root / "run" / "checkpoints" / "last.pt"

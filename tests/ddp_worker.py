@@ -10,7 +10,7 @@ import torch
 from ctmae.io.discovery import find_volumes
 from ctmae.mae.config import RunConfig
 from ctmae.mae.train import pretrain
-from ctmae.preprocess.build import prepare_cache
+from ctmae.preprocess.build_cache import build_cache
 from ctmae.runtime.distributed import barrier, cleanup, setup
 
 if __name__ == "__main__":
@@ -24,7 +24,7 @@ if __name__ == "__main__":
         }
     )
     sources, _ = find_volumes([scans])
-    prepare_cache(sources[dist.rank :: dist.world], cfg.data)
+    build_cache(sources[dist.rank :: dist.world], cfg.data)
     barrier(dist)
     result = pretrain(cfg, sources, out, dist=dist)
     torch.save(result["model"].state_dict(), out / f"rank{dist.rank}.pt")

@@ -18,7 +18,7 @@ from conftest import OBLIQUE, write_dicom_series
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import VolumeSource
 from ctmae.mae.config import DataConfig
-from ctmae.preprocess.build import prepare_cache
+from ctmae.preprocess.build_cache import build_cache
 from ctmae.preprocess.cache import OLD_CACHE_NOTE, CachedVolume, VolumeCache
 from ctmae.preprocess.transforms import preprocess_transforms
 from ctmae.runtime.files import OutputError
@@ -222,7 +222,7 @@ def test_an_entry_of_an_older_ctmae_is_rebuilt_and_said_once(tmp_path):
         (cache.dir / f"{key}.json").write_text('{"bytes": 16512, "crc32": 0}', encoding="utf-8")
         olds.append(cache.dir / key)
     notes = []
-    good, problems = prepare_cache(sources, cfg, on_note=notes.append)
+    good, problems = build_cache(sources, cfg, on_note=notes.append)
     assert good == sources and problems == [] and notes == [OLD_CACHE_NOTE]
     assert not any(o.with_suffix(x).exists() for o in olds for x in (".npy", ".json"))
     assert sorted(p.suffix for p in cache.dir.iterdir()) == [".b2nd", ".b2nd", ".json", ".json"]
@@ -241,7 +241,7 @@ def test_a_full_disk_is_one_line_and_earlier_entries_stay_intact(tmp_path, monke
 
     monkeypatch.setattr(cache_module, "write_bytes", fills_up)
     with pytest.raises(OutputError) as info:
-        prepare_cache(sources, cfg)
+        build_cache(sources, cfg)
     message = str(info.value)
     assert "\n" not in message and "No space left on device" in message and ".b2nd" in message
     names = sorted(p.name for p in (tmp_path / "cache").iterdir())

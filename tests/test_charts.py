@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ctmae.apps.evaluate.chart import INK, MARGIN, PALETTE, PANEL_H, PANEL_W, TOP, render
+from ctmae.draw.charts import INK, MARGIN, PALETTE, PANEL_H, PANEL_W, TOP, render_report
 
 
 def report(dice: list[float]) -> dict:
@@ -24,7 +24,7 @@ def probe_panel(image: np.ndarray) -> np.ndarray:
 
 
 def test_a_zero_dice_bar_is_visible_and_every_bar_is_named():
-    panel = probe_panel(render(report([0.0, 0.5])))
+    panel = probe_panel(render_report(report([0.0, 0.5])))
     baseline = panel[TOP + PANEL_H - 2]  # the row just above the x axis
     for colour in PALETTE[:2]:
         assert (baseline == colour).all(axis=1).any(), colour  # both bars reach the axis, the zero one included

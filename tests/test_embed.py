@@ -18,12 +18,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import ctmae.apps.embed
-import ctmae.apps.embed_files
+import ctmae.infer.embed
+import ctmae.infer.embed_outputs
 from conftest import write_dicom_series, write_volume
-from ctmae.apps.embed import token_name
-from ctmae.apps.embed_files import read_output
 from ctmae.cli import app
+from ctmae.infer.embed import token_name
+from ctmae.infer.embed_outputs import read_output
 from ctmae.io.discovery import find_volumes
 from ctmae.io.volume import read_volume
 from ctmae.mae.checkpoint import load_checkpoint
@@ -52,13 +52,13 @@ def scans(tmp_path: Path) -> Path:
 def counted(monkeypatch) -> list[int]:
     """Counts token-map computations: one per scan actually embedded."""
     calls: list[int] = []
-    real = ctmae.apps.embed.token_features
+    real = ctmae.infer.embed.token_features
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ctmae.apps.embed, "token_features", counting)
+    monkeypatch.setattr(ctmae.infer.embed, "token_features", counting)
     return calls
 
 
@@ -118,7 +118,7 @@ def test_resume_skips_finished_ids(tiny_checkpoint, scans, tmp_path, counted):
 
 def test_a_crash_mid_run_loses_only_the_scan_in_progress(tiny_checkpoint, scans, tmp_path, monkeypatch):
     out = tmp_path / "emb.csv"
-    real = ctmae.apps.embed.token_features
+    real = ctmae.infer.embed.token_features
     calls: list[str] = []
 
     def dies_on_second(*args, **kwargs):
@@ -127,7 +127,7 @@ def test_a_crash_mid_run_loses_only_the_scan_in_progress(tiny_checkpoint, scans,
             raise KeyboardInterrupt  # as a kill while the second scan is being embedded
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ctmae.apps.embed, "token_features", dies_on_second)
+    monkeypatch.setattr(ctmae.infer.embed, "token_features", dies_on_second)
     assert _run(tiny_checkpoint, scans, "--out", out).exit_code == 130
     journal = out.with_name(out.name + ".partial.jsonl")
     assert not out.exists() and journal.is_file()
@@ -301,7 +301,7 @@ def test_an_output_from_before_the_shift_column_resumes_with_nan(
     out = tmp_path / ("e.csv" if suffix == ".partial.jsonl" else f"e{suffix}")
     if suffix == ".partial.jsonl":  # a run killed before its output was written leaves the journal
         with monkeypatch.context() as m:
-            m.setattr(ctmae.apps.embed, "write_output", _killed)
+            m.setattr(ctmae.infer.embed, "write_output", _killed)
             assert _run(tiny_checkpoint, scans / "a.nii.gz", "--out", out).exit_code == 130
         journal = out.with_name(out.name + ".partial.jsonl")
         lines = [json.loads(line) for line in journal.read_text(encoding="utf-8").splitlines()]
@@ -360,7 +360,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_earlier_output(tiny_checkpoint, s
         Path(path).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ctmae.apps.embed_files, "_write_npz", full)
+    monkeypatch.setattr(ctmae.infer.embed_outputs, "_write_npz", full)
     result = _run(tiny_checkpoint, scans, "--out", out)
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert result.output.splitlines()[-1].startswith(f"error: {out}: could not write (No space left on device)")
@@ -423,7 +423,7 @@ def test_a_stop_signal_writes_the_rows_finished_so_far(tiny_checkpoint, scans, t
     """SIGTERM while the second scan is embedded: the first scan's row is written, whole; a rerun does the second."""
     previous = signal.signal(signal.SIGTERM, lambda *a: None)  # without ctmae's handler the signal would be lost
     out, calls = tmp_path / "emb.csv", []
-    real = ctmae.apps.embed.token_features
+    real = ctmae.infer.embed.token_features
 
     def stop_in_second(*args, **kwargs):
         calls.append(1)
@@ -431,7 +431,7 @@ def test_a_stop_signal_writes_the_rows_finished_so_far(tiny_checkpoint, scans, t
             os.kill(os.getpid(), signal.SIGTERM)  # as a cluster's stop while the second scan is embedded
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ctmae.apps.embed, "token_features", stop_in_second)
+    monkeypatch.setattr(ctmae.infer.embed, "token_features", stop_in_second)
     try:
         result = _run(tiny_checkpoint, scans, "--out", out)
     finally:

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from conftest import SAMPLE_DATA, write_volume
-from ctmae.apps.evaluate import EvalSettings, Progress, check_cases, load_subjects, run_evaluation, split_cases
-from ctmae.apps.evaluate.cases import PreparedCases, shot_subset
-from ctmae.apps.evaluate.probe import intensity_featurizer, run_probe
-from ctmae.apps.evaluate.recon import Tally, masked_errors, run_recon
 from ctmae.cli import app
+from ctmae.experiments.evaluate import EvalSettings, Progress, check_cases, load_subjects, run_evaluation, split_cases
+from ctmae.experiments.evaluate.cases import PreparedCases, shot_subset
+from ctmae.experiments.evaluate.probe import intensity_featurizer, run_probe
+from ctmae.experiments.evaluate.recon import Tally, masked_errors, run_recon
 from ctmae.mae.checkpoint import load_checkpoint, model_from_checkpoint
 from ctmae.mae.config import MaskConfig, RunConfig
 from ctmae.mae.model import build_model
@@ -187,8 +187,8 @@ def test_intensity_floor_fails_where_features_with_context_succeed(phantoms):
 
 def test_probe_runs_on_real_scans_with_a_checkpoint(lung_pair, tiny_checkpoint):
     """Real CT: the probe fits on one case and scores the mirrored one, for the encoder and the floor."""
-    from ctmae.apps.evaluate.probe import encoder_featurizer
-    from ctmae.apps.inference import load_model
+    from ctmae.experiments.evaluate.probe import encoder_featurizer
+    from ctmae.infer.sliding import load_model
 
     loaded = load_model(tiny_checkpoint, "cpu")
     train, test = PreparedCases().get(loaded.cfg.data, _cases(lung_pair))
@@ -274,7 +274,7 @@ def test_evaluate_writes_the_report_and_resume_skips_finished_units(small, tiny_
         "\n".join(journal[:-2]) + "\n", encoding="utf-8"
     )  # as if killed before the last two units
     ran = []
-    from ctmae.apps.evaluate import runner as runner_module
+    from ctmae.experiments.evaluate import runner as runner_module
 
     original = runner_module._Worker.run
     monkeypatch.setattr(
@@ -496,10 +496,10 @@ def test_pretraining_logs_probe_dice_and_previews_without_changing_training(smal
 
 def test_a_preview_of_the_first_training_scan_by_default(small, tmp_path):
     """No labels: a preview every ``train.ckpt_every`` steps; no probe rows."""
-    from ctmae.apps.monitor import TrainingMonitor
+    from ctmae.experiments.monitor import TrainingMonitor
     from ctmae.io.discovery import find_volumes
     from ctmae.mae.train import pretrain
-    from ctmae.preprocess.build import prepare_cache
+    from ctmae.preprocess.build_cache import build_cache
 
     cfg = RunConfig.from_dict(
         {
@@ -508,7 +508,7 @@ def test_a_preview_of_the_first_training_scan_by_default(small, tmp_path):
             "train": {"steps": 2, "batch_size": 1, "ckpt_every": 1, "log_every": 1, "device": "cpu"},
         }
     )
-    sources, _ = prepare_cache(find_volumes([str(small / "images" / "case0.nii.gz")])[0], cfg.data)
+    sources, _ = build_cache(find_volumes([str(small / "images" / "case0.nii.gz")])[0], cfg.data)
     monitor = TrainingMonitor.for_run(cfg, tmp_path / "run", sources[0])
     pretrain(cfg, sources, tmp_path / "run", monitor=monitor)
     assert sorted(p.name for p in (tmp_path / "run" / "previews").iterdir()) == ["step_0000001.png", "step_0000002.png"]

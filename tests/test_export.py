@@ -21,12 +21,12 @@ from typer.testing import CliRunner
 
 import ctmae
 from conftest import SAMPLE_DATA, write_dicom_series, write_volume
-from ctmae.apps.contract import input_warnings, preprocessing_of, read_summary
 from ctmae.cli import app
 from ctmae.io.discovery import find_volumes
 from ctmae.mae.checkpoint import load_checkpoint, model_from_checkpoint
 from ctmae.mae.config import DataConfig
 from ctmae.mae.model import sincos_embedding_3d
+from ctmae.preprocess.contract import input_warnings, preprocessing_of, read_summary
 from ctmae.preprocess.transforms import preprocess_transforms
 from ctmae.runtime.checkpoint import CheckpointError
 
@@ -122,8 +122,8 @@ def test_load_encoder_for_another_crop_recomputes_the_position_table(exports):
 def test_bundle_runs_through_monai_bundle_on_the_sample_scan(tiny_checkpoint, exports, tmp_path):
     from monai.bundle import ConfigParser, run
 
-    from ctmae.apps.embed import token_features
-    from ctmae.apps.inference import load_model, preprocess
+    from ctmae.infer.embed import token_features
+    from ctmae.infer.sliding import load_model, preprocess
 
     bundle = exports["monai-bundle"]
     parser = ConfigParser()
@@ -152,7 +152,7 @@ def test_bundle_runs_through_monai_bundle_on_the_sample_scan(tiny_checkpoint, ex
 def test_export_of_a_dicom_trained_model_holds_no_dicom_tags(tmp_path):
     from ctmae.mae.config import RunConfig
     from ctmae.mae.train import pretrain
-    from ctmae.preprocess.build import prepare_cache
+    from ctmae.preprocess.build_cache import build_cache
 
     name, pid = "Doe^Jane", "PID-48151623"
     body = np.full((40, 40, 36), -1000, np.int16)
@@ -165,7 +165,7 @@ def test_export_of_a_dicom_trained_model_holds_no_dicom_tags(tmp_path):
             "train": {"steps": 2, "batch_size": 1, "log_every": 1},
         }
     )
-    good, problems = prepare_cache(find_volumes([tmp_path / "series"])[0], cfg.data)
+    good, problems = build_cache(find_volumes([tmp_path / "series"])[0], cfg.data)
     assert good and not problems
     pretrain(cfg, good, tmp_path / "run")
     files = []

@@ -239,7 +239,7 @@ def test_layer_decay_and_frozen_encoder_groups(freeze):
 def test_patch_8_checkpoint_is_refused(tmp_path, phantom):
     from ctmae.mae.config import RunConfig
     from ctmae.mae.train import pretrain
-    from ctmae.preprocess.build import prepare_cache
+    from ctmae.preprocess.build_cache import build_cache
 
     cfg = RunConfig.from_dict(
         {
@@ -248,7 +248,7 @@ def test_patch_8_checkpoint_is_refused(tmp_path, phantom):
             "train": {"steps": 2, "batch_size": 1},
         }
     )
-    good, _ = prepare_cache(find_volumes([str(phantom / "images" / "case0.nii.gz")])[0], cfg.data)
+    good, _ = build_cache(find_volumes([str(phantom / "images" / "case0.nii.gz")])[0], cfg.data)
     pretrain(cfg, good, tmp_path / "mae")
     result = run(
         tmp_path / "mae" / "checkpoints" / "last.pt",

@@ -1,4 +1,5 @@
-"""The package's shape: no import cycle, no module over ~400 lines, no function over ~80 lines of body."""
+"""The package's shape: stages import only downward, no import cycle, no folder over ~a fifth of the code, no module
+over ~400 lines, no function over ~80 lines of body."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "ctmae"
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80  # body lines, after the signature and docstring (Typer signatures are long by nature)
+MAX_FOLDER_SHARE = 0.22  # of the package's lines, per stage folder
+# The stages, bottom first: a module may import its own stage and the ones before it, never one after it.
+STAGES = ("runtime", "io", "preprocess", "mae", "seg", "draw", "infer", "share", "experiments", "api", "cli")
 
 
 def module_name(path: Path) -> str:
@@ -80,8 +84,43 @@ def test_modules_and_functions_stay_small():
     assert not too_long, too_long
 
 
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import from a stage to a later one in ``STAGES``, as "importer -> imported"."""
+
+    def rank(module: str) -> int | None:
+        parts = module.split(".")
+        return STAGES.index(parts[1]) if len(parts) > 1 and parts[1] in STAGES else None
+
+    return sorted(
+        f"{m} -> {e}"
+        for m, edges in graph.items()
+        for e in edges
+        if None not in (rank(m), rank(e)) and rank(e) > rank(m)
+    )
+
+
+def test_stages_import_only_downward():
+    assert upward_imports(import_graph()) == []
+
+
+def test_the_layer_check_finds_an_upward_import():
+    graph = {"ctmae.io.volume": {"ctmae.mae.config"}, "ctmae.mae.config": {"ctmae.io.volume"}}
+    assert upward_imports(graph) == ["ctmae.io.volume -> ctmae.mae.config"]
+
+
+def test_no_folder_holds_more_than_a_fifth_of_the_code():
+    lines: dict[str, int] = {}
+    for path in PACKAGE.rglob("*.py"):
+        folder = path.relative_to(PACKAGE).parts[0] if path.parent != PACKAGE else "(root)"
+        lines[folder] = lines.get(folder, 0) + len(path.read_text(encoding="utf-8").splitlines())
+    total = sum(lines.values())
+    heavy = {f: f"{n / total:.0%}" for f, n in lines.items() if n > MAX_FOLDER_SHARE * total}
+    assert not heavy, heavy
+
+
 def test_each_stage_is_a_subpackage():
     stages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
-    assert {"io", "preprocess", "runtime", "mae", "seg", "apps", "cli"} <= stages
+    assert stages <= set(STAGES), f"a folder that is no stage: {sorted(stages - set(STAGES))}"
+    assert set(STAGES) - {"api"} <= stages
     loose = sorted(p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
     assert not loose, f"modules outside the stage folders: {loose}"

@@ -24,7 +24,7 @@ TRAIN = ["--model", "tiny", "--crop", "64", "--batch-size", "4", "--device", "cp
 # bounded wait (not the plan) is what is tested.
 UNPLANNED = """
 import sys
-import ctmae.preprocess.schedule as schedule
+import ctmae.preprocess.visit_order as schedule
 import ctmae.runtime.resources as resources
 resources.plan_workers = lambda workers, item_bytes: (workers, None)
 schedule.STALL_S = float(sys.argv[1])

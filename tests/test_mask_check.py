@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import write_volume
-from ctmae.apps.mask_check import check_masking, hidden_share, object_sizes
 from ctmae.cli import app
+from ctmae.experiments.mask_check import check_masking, hidden_share, object_sizes
 from ctmae.io.discovery import find_volumes
 from ctmae.mae.config import RunConfig
 

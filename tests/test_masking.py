@@ -24,7 +24,7 @@ from ctmae.mae.masking import (
     unregister,
 )
 from ctmae.mae.train import pretrain
-from ctmae.preprocess.build import prepare_cache
+from ctmae.preprocess.build_cache import build_cache
 
 GRID = (6, 6, 6)
 CPU = torch.device("cpu")
@@ -155,7 +155,7 @@ def test_a_toy_strategy_registered_in_a_test_masks_and_trains(slab, tmp_path):
         }
     )
     sources, _ = find_volumes([write_body_scans(tmp_path / "scans", 1)])
-    good, _ = prepare_cache(sources, cfg.data)
+    good, _ = build_cache(sources, cfg.data)
     result = pretrain(cfg, good, tmp_path / "run")
     assert result["steps"] == 2 and math.isfinite(result["last_loss"])
     assert "kind: slab" in (tmp_path / "run" / "config.yaml").read_text(encoding="utf-8")

@@ -20,7 +20,7 @@ from ctmae.cli import app
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import find_volumes
 from ctmae.mae.config import DataConfig
-from ctmae.preprocess.build import build_entries
+from ctmae.preprocess.build_cache import build_entries
 from ctmae.preprocess.cache import OLD_CACHE_NOTE, VolumeCache
 from ctmae.preprocess.prepare import Shard, hu_percentiles
 from ctmae.seg.config import SegDataConfig

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ctmae.apps.glyphs import text_width, wrap
-from ctmae.apps.preview import render_preview
+from ctmae.draw.glyphs import text_width, wrap
+from ctmae.draw.preview import render_preview
 
 TITLE = [
     "/a/very/long/folder/of/runs/exp-with-a-long-name/checkpoints/step_0001400.pt (step 1400)",

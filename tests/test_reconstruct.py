@@ -19,9 +19,9 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import SAMPLE_DATA, write_dicom_series, write_volume
-from ctmae.apps.preview import BACKGROUND, COLUMNS, ERROR_LUT, SEP, TEXT, WINDOW, render_preview
-from ctmae.apps.reconstruct import OUTPUTS
 from ctmae.cli import app
+from ctmae.draw.preview import BACKGROUND, COLUMNS, ERROR_LUT, SEP, TEXT, WINDOW, render_preview
+from ctmae.infer.reconstruct import OUTPUTS
 from ctmae.io.discovery import find_volumes
 from ctmae.io.volume import read_volume
 from ctmae.mae.checkpoint import load_checkpoint
@@ -306,7 +306,7 @@ def test_head_preview_is_what_the_written_files_show(tiny_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("crop, patch, stride", [(32, 16, 32), (64, 16, 48), (96, 16, 64), (32, 8, 24)])
 def test_windows_step_on_the_patch_grid(crop, patch, stride):
-    from ctmae.apps.inference import patch_aligned_overlap
+    from ctmae.infer.sliding import patch_aligned_overlap
 
     overlap = patch_aligned_overlap(crop, patch)
     assert 0.0 <= overlap < 1.0 and int(crop * (1 - overlap)) == stride  # MONAI's stride formula
@@ -359,8 +359,8 @@ def test_window_step_sets_how_densely_windows_overlap(tiny_checkpoint, tmp_path)
 def _predict_with_window_means(tiny_checkpoint, monkeypatch, volume: torch.Tensor, window_step: int, seen: list):
     """``_predict`` under ``--mask none`` with a model whose every window predicts that window's mean scan voxel
     (``known`` = 1), recording each window's encoder input and known map in ``seen``."""
-    from ctmae.apps.inference import load_model
-    from ctmae.apps.reconstruct import _predict, mask_config
+    from ctmae.infer.reconstruct import _predict, mask_config
+    from ctmae.infer.sliding import load_model
     from ctmae.mae.model import MaskedAutoencoder3D
 
     def window_mean(self, images, ids_keep=None, ids_pred=None, known=None):

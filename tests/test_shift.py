@@ -23,7 +23,7 @@ from ctmae.mae.config import RunConfig
 from ctmae.mae.model import build_model
 from ctmae.mae.shift import KIND, WARN_SCORE, has_reference, reference, scan_crops, shift_score, shift_warning
 from ctmae.mae.train import pretrain
-from ctmae.preprocess.build import prepare_cache
+from ctmae.preprocess.build_cache import build_cache
 from ctmae.preprocess.transforms import preprocess_transforms
 from ctmae.runtime.checkpoint import save_checkpoint
 
@@ -176,7 +176,7 @@ def test_a_chest_trained_model_ranks_other_regions_above_a_held_out_chest(tmp_pa
     for i in range(3):
         torso(tmp_path / "train" / f"chest{i}.nii.gz", i)
     sources, _ = find_volumes([str(tmp_path / "train")])
-    good, _ = prepare_cache(sources, cfg.data)
+    good, _ = build_cache(sources, cfg.data)
     pretrain(cfg, good, tmp_path / "run")
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     model, transform = model_from_checkpoint(state), preprocess_transforms(cfg.data)

@@ -15,9 +15,9 @@ import SimpleITK as sitk
 from typer.testing import CliRunner
 
 from conftest import write_body_scans, write_volume
-from ctmae.apps.study import GridError, load_grid_file, parse_grid, plan_points
-from ctmae.apps.study.report import ranking
 from ctmae.cli import app
+from ctmae.experiments.study import GridError, load_grid_file, parse_grid, plan_points
+from ctmae.experiments.study.report import ranking
 from ctmae.mae.config import RunConfig
 
 runner = CliRunner()
@@ -116,8 +116,8 @@ def test_ranking_line():
 
 
 def test_report_flags_and_ranking_from_status_files(tmp_path):
-    from ctmae.apps.evaluate import EvalSettings
-    from ctmae.apps.study import gather, manifest
+    from ctmae.experiments.evaluate import EvalSettings
+    from ctmae.experiments.study import gather, manifest
 
     grid = parse_grid(["mask=none,random,block", "dec_depth=1,4"])
     points = plan_points(grid, TINY)

@@ -71,9 +71,9 @@ def embed(
     """Embed scans with a pretrained encoder: one vector per scan (no masking; the whole scan is covered)."""
 
     def body() -> None:
-        from ctmae.apps.embed import check_options
-        from ctmae.apps.embed import embed as run_embed
-        from ctmae.apps.encoder import load_encoder_model
+        from ctmae.infer.embed import check_options
+        from ctmae.infer.embed import embed as run_embed
+        from ctmae.share.load import load_encoder_model
 
         if device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
@@ -103,7 +103,7 @@ def embed(
                 on_windows=windows_bar(progress),
             )
         report_skipped(result["skipped"])
-        for line in result["warnings"]:  # the checkpoint's preprocessing contract (ctmae.apps.contract)
+        for line in result["warnings"]:  # the checkpoint's preprocessing contract (ctmae.preprocess.contract)
             errors.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
         skipped = len(skipped_only(result["skipped"]))  # a note on ignored files skips no scan
         summary = (

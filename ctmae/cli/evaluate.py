@@ -91,7 +91,7 @@ def evaluate(
     """Measure what pretraining buys: frozen probes, few-shot fine-tuning vs scratch, reconstruction vs fills."""
 
     def body() -> None:
-        from ctmae.apps.evaluate import EvalSettings, ResumeMismatch, check_cases, load_subjects, split_cases
+        from ctmae.experiments.evaluate import EvalSettings, ResumeMismatch, check_cases, load_subjects, split_cases
         from ctmae.seg.data import find_cases
 
         if out is None:
@@ -149,7 +149,7 @@ def evaluate(
 
 
 def _run(settings, subjects, checked, out: Path, resume: bool) -> dict[str, Any]:
-    from ctmae.apps.evaluate import Progress, run_evaluation
+    from ctmae.experiments.evaluate import Progress, run_evaluation
 
     with progress_bar() as progress:
         task = progress.add_task("evaluating", total=None, info="")

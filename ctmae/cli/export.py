@@ -29,8 +29,8 @@ def export(
     """Export the encoder of a pretrained MAE for MONAI's ViT / UNETR, with its preprocessing and a model card."""
 
     def body() -> None:
-        from ctmae.apps.export import FORMATS, OutputExists
-        from ctmae.apps.export import export as run_export
+        from ctmae.share.export import FORMATS, OutputExists
+        from ctmae.share.export import export as run_export
 
         if fmt not in FORMATS:
             raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")

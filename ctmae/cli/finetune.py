@@ -99,7 +99,7 @@ def _warn(lines: list[str]) -> None:
 
 
 def _predict(checkpoint: Path, inputs: list[Path], out: Optional[Path], device: Optional[str]) -> None:
-    from ctmae.apps.contract import checkpoint_preprocessing, source_warnings
+    from ctmae.preprocess.contract import checkpoint_preprocessing, source_warnings
     from ctmae.seg.predict import predict
 
     if not inputs:
@@ -228,7 +228,7 @@ def finetune_seg(
         if predict is not None:
             _predict(predict, args or [], out, device)
             return
-        from ctmae.apps.contract import (
+        from ctmae.preprocess.contract import (
             checkpoint_preprocessing,
             preprocessing_change,
             preprocessing_of,

@@ -22,7 +22,7 @@ def info(
     """Show a checkpoint's or export's architecture, preprocessing, training summary and what it can feed."""
 
     def body() -> None:
-        from ctmae.apps.info import describe
+        from ctmae.share.info import describe
 
         found = describe(path)
         table = Table(title=escape(f"{found.path}: {found.kind}"), show_header=False, title_justify="left")

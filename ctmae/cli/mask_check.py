@@ -35,7 +35,7 @@ def mask_check(
     """Measure labelled objects against the mask block: MAE learns little about objects one block hides whole."""
 
     def body() -> None:
-        from ctmae.apps.mask_check import check_masking, write_overlay
+        from ctmae.experiments.mask_check import check_masking, write_overlay
         from ctmae.io.checks import InputError
         from ctmae.io.discovery import find_volumes, skipped_only
         from ctmae.mae.checkpoint import load_checkpoint

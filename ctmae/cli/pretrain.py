@@ -36,7 +36,7 @@ from ctmae.mae.masking import MASKS
 from ctmae.runtime.distributed import DistInfo, barrier, cleanup, gather
 
 if TYPE_CHECKING:
-    from ctmae.apps.monitor import TrainingMonitor
+    from ctmae.experiments.monitor import TrainingMonitor
 
 # With no INPUTS, `ctmae pretrain` is a short CPU demo on the bundled scans (lung1's lower slab and lung2); options
 # given explicitly still win. The recipe is the best measured by benchmarks/recipe.py (BENCHMARKS.md, issue 18): 64³
@@ -64,7 +64,7 @@ def _volumes(inputs: list[Path], cfg: RunConfig, dist: DistInfo, modality: str |
     Under torchrun the ranks preprocess disjoint shares of the volumes, then meet at a barrier: each volume is
     cached once, by one process (cache files are written atomically, so a reader never sees half of one).
     """
-    from ctmae.preprocess.build import prepare_cache
+    from ctmae.preprocess.build_cache import build_cache
     from ctmae.preprocess.cache import VolumeCache
     from ctmae.preprocess.inventory import inventory, used_sources, write_inventory
 
@@ -78,7 +78,7 @@ def _volumes(inputs: list[Path], cfg: RunConfig, dist: DistInfo, modality: str |
     mine = sources[dist.rank :: dist.world]
     with progress_bar() as progress:
         task = progress.add_task("preprocessing", total=len(mine), info="")
-        ready, bad = prepare_cache(
+        ready, bad = build_cache(
             mine,
             cfg.data,
             on_volume=lambda: progress.advance(task),
@@ -200,7 +200,7 @@ def pretrain(
     """Pretrain a 3D masked autoencoder on CT scans."""
 
     def body() -> None:
-        from ctmae.apps.contract import preprocessing_change
+        from ctmae.preprocess.contract import preprocessing_change
 
         check_steps_or_epochs(steps, epochs)
         if out is None and inputs:
@@ -271,7 +271,7 @@ def pretrain(
 
 def _probe_cases(cfg: RunConfig, images: Optional[list[Path]], labels: Optional[list[Path]], every: Optional[int]):
     """The in-training probe's labelled cases, checked and preprocessed (None without --probe-images)."""
-    from ctmae.apps.monitor import ProbeCases
+    from ctmae.experiments.monitor import ProbeCases
     from ctmae.seg.data import find_cases
 
     if not images:
@@ -284,8 +284,8 @@ def _probe_cases(cfg: RunConfig, images: Optional[list[Path]], labels: Optional[
 
 
 def _monitor(cfg: RunConfig, run_dir: Path, first_scan, probe, probe_every, preview_every) -> TrainingMonitor:
-    """Rank 0's probe-and-preview hook (``ctmae.apps.monitor``)."""
-    from ctmae.apps.monitor import TrainingMonitor
+    """Rank 0's probe-and-preview hook (``ctmae.experiments.monitor``)."""
+    from ctmae.experiments.monitor import TrainingMonitor
 
     if preview_every is not None and preview_every < 0:
         raise UsageError(f"--preview-every must be >= 0, got {preview_every}")

@@ -64,10 +64,10 @@ def reconstruct(
     """Mask a scan, reconstruct it, and write the result on the scan's own grid (opens in 3D Slicer / ITK-SNAP)."""
 
     def body() -> None:
-        from ctmae.apps.contract import path_warnings, preprocessing_of
-        from ctmae.apps.inference import load_model
-        from ctmae.apps.reconstruct import mask_config
-        from ctmae.apps.reconstruct import reconstruct as run_reconstruct
+        from ctmae.infer.reconstruct import mask_config
+        from ctmae.infer.reconstruct import reconstruct as run_reconstruct
+        from ctmae.infer.sliding import load_model
+        from ctmae.preprocess.contract import path_warnings, preprocessing_of
 
         if device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")

@@ -77,7 +77,7 @@ def study(
     """Which corruption suits your scans: pretrain and evaluate every point of a grid, then compare them."""
 
     def body() -> None:
-        from ctmae.apps import study as st
+        from ctmae.experiments import study as st
 
         if out is None:
             raise UsageError("--out STUDY_DIR is required")
@@ -117,7 +117,7 @@ def study(
 
 
 def _settings(protocols, shots, repeats, seed, test_cases, ft_steps, windows, device, classes):
-    from ctmae.apps.evaluate import EvalSettings
+    from ctmae.experiments.evaluate import EvalSettings
 
     try:
         return EvalSettings(
@@ -153,7 +153,7 @@ def _base(config, model, crop, patch, steps, seed, device, workers, cache_dir, b
 
 
 def _choose(points: list, index: Optional[int], yes: bool) -> list:
-    from ctmae.apps.study import MAX_POINTS
+    from ctmae.experiments.study import MAX_POINTS
 
     if index is not None:
         if not 0 <= index < len(points):
@@ -168,7 +168,7 @@ def _choose(points: list, index: Optional[int], yes: bool) -> list:
 
 
 def _eval_cases(images: list[Path], labels: PathList, settings, names_file: Optional[Path]):
-    from ctmae.apps.evaluate import check_cases, split_cases
+    from ctmae.experiments.evaluate import check_cases, split_cases
     from ctmae.seg.data import find_cases
 
     cases = find_cases([str(p) for p in images], [str(p) for p in labels or []])
@@ -186,7 +186,7 @@ def _sources(scans: list[Path]):
     """The training volumes, found once and cached once per distinct preprocessing (points share the cache)."""
     from ctmae.io.checks import InputError
     from ctmae.io.discovery import find_volumes
-    from ctmae.preprocess.build import prepare_cache
+    from ctmae.preprocess.build_cache import build_cache
 
     found, problems = find_volumes([str(p) for p in scans])
     report_skipped(problems)
@@ -197,7 +197,7 @@ def _sources(scans: list[Path]):
     def sources_for(point) -> list:
         key = repr(point.cfg.data)
         if key not in ready:
-            good, bad = prepare_cache(found, point.cfg.data, min_edge=point.cfg.model.patch)
+            good, bad = build_cache(found, point.cfg.data, min_edge=point.cfg.model.patch)
             report_skipped(bad)
             if not good:
                 raise InputError(f"no usable volume among the inputs ({len(bad)} skipped)")
@@ -208,8 +208,8 @@ def _sources(scans: list[Path]):
 
 
 def _run(points: list, out: Path, sources_for, settings, cases) -> dict[str, Any]:
-    from ctmae.apps.evaluate import Progress
-    from ctmae.apps.study import StudyHooks, run_study
+    from ctmae.experiments.evaluate import Progress
+    from ctmae.experiments.study import StudyHooks, run_study
 
     with progress_bar() as progress:
         task = progress.add_task("study", total=None, info="")
@@ -244,8 +244,8 @@ def _run(points: list, out: Path, sources_for, settings, cases) -> dict[str, Any
 
 
 def _report_only(out: Path) -> None:
-    from ctmae.apps.study import StudyMismatch, gather, plan_points
-    from ctmae.apps.study.plan import read_manifest
+    from ctmae.experiments.study import StudyMismatch, gather, plan_points
+    from ctmae.experiments.study.plan import read_manifest
     from ctmae.mae.config import RunConfig
 
     try:

@@ -1,6 +1,6 @@
 """The seeded stream of random training crops for pretraining, cut straight from the compressed cache.
 
-Crops follow ``ctmae.preprocess.schedule``'s visits: any step's batch is a pure function of the seed and the step.
+Crops follow ``ctmae.preprocess.visit_order``'s visits: any step's batch is a pure function of the seed and the step.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from ctmae.io.discovery import VolumeSource
 from ctmae.mae.config import DataConfig
 from ctmae.preprocess.cache import VolumeCache
-from ctmae.preprocess.schedule import global_visit, visit_batches, visit_volume
+from ctmae.preprocess.visit_order import global_visit, visit_batches, visit_volume
 
 
 class CropVisits(Dataset):

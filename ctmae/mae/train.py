@@ -22,9 +22,9 @@ from ctmae.mae.model import MaskedAutoencoder3D, build_model
 from ctmae.mae.shift import training_reference
 from ctmae.runtime.checkpoint import CheckpointError, save_checkpoint
 from ctmae.runtime.distributed import DistInfo, any_rank
+from ctmae.runtime.lr_schedule import lr_factor
 from ctmae.runtime.optim import build_optimizer, updater
 from ctmae.runtime.run import Run, open_run
-from ctmae.runtime.schedule import lr_factor
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run gives up
 
@@ -44,7 +44,7 @@ def pretrain(
 
     Args:
         cfg: the run's settings (``train.steps`` may be None: resolved here and saved).
-        sources: usable, already cached volumes (see ``ctmae.preprocess.build.prepare_cache``).
+        sources: usable, already cached volumes (see ``ctmae.preprocess.build_cache.build_cache``).
         run_dir: output folder; ``checkpoints/last.pt`` there is continued when ``resume``.
         resume: continue from ``run_dir/checkpoints/last.pt`` if it exists (start fresh otherwise).
         stop_at: end this process after this step (checkpointing it), as a preempted job would; resume continues.
@@ -53,7 +53,7 @@ def pretrain(
         on_step: called after each step with ``{"step", "loss", "lr", "crops_per_s"}`` (loss only on logged steps,
             else None; crops/s of all ranks since the run started, as the summary reports it).
         monitor: called on rank 0 after each step (unless stopping) with ``(step, model, run.log)``; it picks its own
-            steps to probe or preview the model (``ctmae.apps.monitor.TrainingMonitor``).
+            steps to probe or preview the model (``ctmae.experiments.monitor.TrainingMonitor``).
 
     Returns:
         Figures of the run: steps, first/last logged loss, seconds, crops per second, checkpoint path,

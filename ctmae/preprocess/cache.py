@@ -23,7 +23,7 @@ last: it marks the entry complete and records the array file's size and CRC-32. 
 deterministic (one blosc2 thread: with several, chunks land in the frame in the order threads finish), so two
 processes building one entry at once write the same bytes, and whichever renames land last leave a whole entry.
 The size is checked at every read, the CRC once per process and entry (an entry verified or built by this process,
-or by ``prepare_cache``'s workers for it, stays verified in DataLoader workers forked afterwards). A damaged entry is
+or by ``build_cache``'s workers for it, stays verified in DataLoader workers forked afterwards). A damaged entry is
 removed and rebuilt. The sidecar also keeps facts about the scan (spacing, shape, modality, an HU histogram) that
 ``ctmae prepare`` summarises without reading the scan again.
 """

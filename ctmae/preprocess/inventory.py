@@ -25,7 +25,7 @@ KINDS = {".nii": "NIfTI", ".gz": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD", ".mh
 def inventory(sources: Sequence[VolumeSource], cache: VolumeCache) -> tuple[list[dict], list[str]]:
     """(one row per source, in order; one line per voxel-identical duplicate, which is marked unused).
 
-    The sources' cache entries must exist (``ctmae.preprocess.build.prepare_cache``).
+    The sources' cache entries must exist (``ctmae.preprocess.build_cache.build_cache``).
     """
     rows, notes, first_of = [], [], {}
     for source in sources:

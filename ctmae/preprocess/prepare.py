@@ -22,7 +22,7 @@ import numpy as np
 
 from ctmae.io.discovery import VolumeSource
 from ctmae.mae.config import DataConfig
-from ctmae.preprocess.build import build_all
+from ctmae.preprocess.build_cache import build_all
 from ctmae.preprocess.cache import CACHE_VERSION, HU_BIN, HU_RANGE
 from ctmae.runtime.files import atomic_write_text
 

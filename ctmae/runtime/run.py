@@ -19,8 +19,8 @@ from ctmae.runtime.checkpoint import rng_state, set_rng_state
 from ctmae.runtime.device import autocast_for, resolve_device, resolve_precision
 from ctmae.runtime.distributed import DistInfo, any_rank, mean_over_ranks
 from ctmae.runtime.loader import LoaderStopped
+from ctmae.runtime.lr_schedule import resolve_steps
 from ctmae.runtime.metrics_log import MetricsLog
-from ctmae.runtime.schedule import resolve_steps
 from ctmae.runtime.signals import StopFlag
 
 

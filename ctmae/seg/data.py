@@ -11,7 +11,7 @@ through SimpleITK's resampling as for pretraining (the same entry), the label by
 grid, cropped with the image's body box; what ``preprocess_transforms(cfg, label=True)`` gives. A later run over the
 same cases preprocesses nothing. The cache keeps each label's own values; the classes a run learns
 (``SegDataConfig.label_values``, ``ctmae.seg.classes``) are picked from them as the cases are read. Crops follow
-``ctmae.preprocess.schedule``'s schedule: visit ``v`` is epoch ``v // V``, slot ``v % V`` of that epoch's seeded
+``ctmae.preprocess.visit_order``'s schedule: visit ``v`` is epoch ``v // V``, slot ``v % V`` of that epoch's seeded
 permutation, its random draws seeded by ``(seed, v)``; so any step's batch is a pure function of the seed and
 ``--resume`` is exact.
 """
@@ -41,7 +41,7 @@ from ctmae.io.labels import class_counts
 from ctmae.io.volume import CTReader, ras_affine
 from ctmae.mae.config import default_cache_dir
 from ctmae.preprocess.cache import OLD_CACHE_NOTE, VolumeCache
-from ctmae.preprocess.schedule import global_visit, visit_batches, visit_volume
+from ctmae.preprocess.visit_order import global_visit, visit_batches, visit_volume
 from ctmae.seg.classes import SelectClassesd
 from ctmae.seg.config import SegDataConfig
 
@@ -364,6 +364,6 @@ def crop_batches(
     world: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (images, labels) batches (B, 1, c, c, c), continuing exactly where step ``start_step`` would be;
-    ``rank`` of ``world`` processes reads its own share of the visits (``ctmae.preprocess.schedule``)."""
+    ``rank`` of ``world`` processes reads its own share of the visits (``ctmae.preprocess.visit_order``)."""
     visits = CaseVisits(cached, cfg, seed, rank, world)
     yield from visit_batches(visits, cfg.crops_per_volume, batch_size, start_step, cfg.workers)

@@ -70,7 +70,7 @@ def net_config_from_mae(model: ModelConfig, feature_size: int, num_classes: int)
     )
 
 
-def load_encoder(unetr: UNETR, mae_weights: dict[str, torch.Tensor]) -> int:
+def copy_encoder(unetr: UNETR, mae_weights: dict[str, torch.Tensor]) -> int:
     """Copy the MAE's ``encoder.*`` tensors into ``unetr.vit``; returns how many tensors were loaded.
 
     The position embedding is recomputed with ``sincos_embedding_3d`` when UNETR's token grid differs from the

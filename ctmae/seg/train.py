@@ -21,14 +21,14 @@ from torch import nn
 
 from ctmae.runtime.device import autocast_for
 from ctmae.runtime.distributed import DistInfo
+from ctmae.runtime.lr_schedule import lr_factor
 from ctmae.runtime.optim import backward_and_step
 from ctmae.runtime.run import Run, open_run
-from ctmae.runtime.schedule import lr_factor
 from ctmae.runtime.signals import Stopped
 from ctmae.runtime.windows import OnWindows, watch, window_count
 from ctmae.seg.config import SegConfig
 from ctmae.seg.data import LabelledCase, cache_cases, crop_batches
-from ctmae.seg.network import build_unetr, load_encoder, load_seg_checkpoint, param_groups, save_seg_checkpoint
+from ctmae.seg.network import build_unetr, copy_encoder, load_seg_checkpoint, param_groups, save_seg_checkpoint
 
 SW_BATCH = 4  # sliding windows per forward pass on a GPU; one on a CPU, where a window takes seconds and a stop
 SW_OVERLAP = 0.25  # signal is checked between forward passes
@@ -90,7 +90,7 @@ def build_segmenter(cfg: SegConfig, mae_weights: dict[str, torch.Tensor] | None)
     """
     torch.manual_seed(cfg.train.seed)
     unetr = build_unetr(cfg.net, cfg.data.crop)
-    loaded = load_encoder(unetr, mae_weights) if mae_weights is not None else 0
+    loaded = copy_encoder(unetr, mae_weights) if mae_weights is not None else 0
     if cfg.train.freeze_encoder:
         unetr.vit.requires_grad_(False)
     return unetr, loaded
