@@ -1,7 +1,8 @@
 """How PyTorch's OpenMP threads wait between operations: spin on a machine that is the run's own, sleep on a shared one.
 
 PyTorch's OpenMP threads (GNU libgomp in the pip wheels) spin for up to 300,000 iterations before they sleep. On an
-idle machine that is the fastest way to wait (on the tiny CPU demo about 12 % faster than sleeping at once). Beside
+idle machine that is the fastest way to wait (the CPU demo ran 1.1 to 1.7 times as fast as with threads that sleep
+at once, by machine). Beside
 other busy processes they spin on cores those processes need, and a run falls to a fifth of its fair share; the
 passive policy (sleep at once) gives it back (measured in BENCHMARKS.md, "The demo on a shared CPU"). The runtime
 reads the policy once, when torch loads it, so the command line calls ``choose_wait_policy`` first, before anything
