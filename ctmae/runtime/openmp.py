@@ -2,11 +2,10 @@
 
 PyTorch's OpenMP threads (GNU libgomp in the pip wheels) spin for up to 300,000 iterations before they sleep. On an
 idle machine that is the fastest way to wait (the CPU demo ran 1.1 to 1.7 times as fast as with threads that sleep
-at once, by machine). Beside
-other busy processes they spin on cores those processes need, and a run falls to a fifth of its fair share; the
-passive policy (sleep at once) gives it back (measured in BENCHMARKS.md, "The demo on a shared CPU"). The runtime
-reads the policy once, when torch loads it, so the command line calls ``choose_wait_policy`` first, before anything
-imports torch:
+at once, by machine). Beside other busy processes they spin on cores those processes need, and a run falls to a
+fifth of its fair share; the passive policy (sleep at once) gives it back (measured in BENCHMARKS.md, "The demo on a
+shared CPU"). The runtime reads the policy once, when torch loads it, so the command line calls ``decide`` first,
+before anything imports torch:
 
 - the machine is this run's own (every core in the affinity mask, no cgroup quota below the host's cores, not a SLURM
   job, not one of several torchrun ranks, no ``OMP_NUM_THREADS``/``CTMAE_THREADS`` cap), no other ctmae command is
