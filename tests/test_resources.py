@@ -213,3 +213,21 @@ def test_openmp_threads_sleep_beside_busy_processes_and_spin_on_an_idle_machine(
     monkeypatch.setattr(openmp, "cgroup_quota", lambda: HOST / 2)
     assert openmp.choose_wait_policy({}) == "sleep (cgroup quota)"
     assert openmp.choose_wait_policy({"GOMP_SPINCOUNT": "5000"}).startswith("as set")
+
+
+def test_another_ctmae_command_marks_the_machine_shared(monkeypatch):
+    """Two commands started together each sample the machine while the other still sleeps in its own sample: a
+    running ctmae command (the console script, here a process whose argv[0] is ``ctmae``) is counted instead."""
+    monkeypatch.setattr(openmp, "busy_cores", lambda: 0.0)
+    monkeypatch.setattr(openmp, "cgroup_quota", lambda: None)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(HOST)))
+    before = openmp.other_ctmae_runs()
+    other = subprocess.Popen(["bash", "-c", "exec -a ctmae sleep 30"])
+    try:
+        time.sleep(0.3)
+        assert openmp.other_ctmae_runs() == before + 1
+        assert openmp.choose_wait_policy({}) == f"sleep ({before + 1} other ctmae run(s))"
+    finally:
+        other.kill()
+        other.wait()
+    assert openmp.other_ctmae_runs() == before
