@@ -264,3 +264,18 @@ def test_study_evaluates_chosen_classes_and_names_them(total, tmp_path):
     assert study["points"][0]["figures"]["classes"] == ["liver", "spleen"]
     md = (tmp_path / "study" / "study.md").read_text(encoding="utf-8")
     assert "Classes evaluated: liver, spleen." in md and "Probe Dice per class of the best point (000-" in md
+
+
+def test_info_names_the_classes_of_a_segmentation_checkpoint(tmp_path):
+    """``ctmae info`` on a fine-tuned checkpoint lists each output channel with its name and the label value it
+    was trained on, so a user knows what a predicted 1 or 2 means without the run folder."""
+    from ctmae.seg.config import SegConfig, SegNetConfig
+    from ctmae.seg.network import build_unetr, save_seg_checkpoint
+
+    data = SegDataConfig(crop=32, label_values=(5, 1), class_names=("liver", "spleen"))
+    cfg = SegConfig(data=data, net=SegNetConfig(size="tiny", dim=96, heads=4, num_classes=3))
+    path = tmp_path / "best.pt"
+    save_seg_checkpoint({"config": cfg.to_dict(), "model": build_unetr(cfg.net, 32).state_dict(), "step": 1}, path)
+    result = CliRunner().invoke(app, ["info", str(path)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "1 liver (label 5), 2 spleen (label 1)" in result.output

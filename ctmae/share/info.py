@@ -130,6 +130,7 @@ def _segmentation(path: Path) -> Description:
         ("feature_size", str(n.feature_size)),
         ("num_classes", f"{n.num_classes} (background included)"),
         ("img_size", f"{cfg.data.crop}³"),
+        ("classes", _classes(cfg.data.label_values, cfg.data.class_names, n.num_classes)),
     ]
     out.sections["preprocessing"] = [(k, _text(v)) for k, v in preprocessing_of(cfg.data).items()]
     figures = run_figures(path, int(state.get("step", 0))).get("training", {})
@@ -150,6 +151,14 @@ def _segmentation(path: Path) -> Description:
         "export / embed / reconstruct: no, they take the MAE checkpoint the encoder came from",
     ]
     return out
+
+
+def _classes(values: tuple[int, ...], names: tuple[str, ...], num_classes: int) -> str:
+    """``1 liver (label 5), 2 spleen (label 1)``: each output channel, its name and the label value it was trained
+    on; channels 1..K are label values 1..K when no ``--classes`` picked them."""
+    values = values or tuple(range(1, num_classes))
+    names = names or ("",) * len(values)
+    return ", ".join(f"{c} {n or 'unnamed'} (label {v})" for c, (v, n) in enumerate(zip(values, names), start=1))
 
 
 def _text(value: Any) -> str:
