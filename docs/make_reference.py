@@ -102,7 +102,9 @@ def cli_reference() -> str:
         "",
     ]
     commands = {n: c for n, c in sorted(group.commands.items()) if not c.hidden}
-    lines += [f"- [`ctmae {n}`](#ctmae-{n}): {_cell((c.help or '').split(chr(10) + chr(10))[0])}" for n, c in commands.items()]
+    for name, command in commands.items():
+        summary = (command.help or "").split("\n\n")[0]
+        lines.append(f"- [`ctmae {name}`](#ctmae-{name}): {_cell(summary)}")
     for name, command in commands.items():
         lines += ["", f"## ctmae {name}", "", "```", _usage(name, command), "```", ""]
         lines += [_cell(part) for part in (command.help or "").split("\n\n")]
@@ -177,7 +179,7 @@ def _annotation(cls: type, name: str) -> str:
     return getattr(hint, "__name__", text) if typing.get_origin(hint) is None else text
 
 
-def _sections(title: str, cls: type, path: str) -> list[str]:
+def _sections(cls: type, path: str) -> list[str]:
     """One table per dataclass section of ``cls`` (recursing into nested sections); plain fields in ``path``."""
     lines: list[str] = []
     comments = _field_comments(cls)
@@ -185,9 +187,10 @@ def _sections(title: str, cls: type, path: str) -> list[str]:
     for f in dataclasses.fields(cls):
         key = f"{path}.{f.name}" if path else f.name
         if f.default is dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):  # type: ignore[misc]
-            lines += _sections(title, f.default_factory, key)  # type: ignore[arg-type,misc]
+            lines += _sections(f.default_factory, key)  # type: ignore[arg-type,misc]
         else:
-            plain.append(f"| `{key}` | `{_cell(_annotation(cls, f.name))}` | {_config_default(f)} | {_cell(comments[f.name])} |")
+            kind = _cell(_annotation(cls, f.name))
+            plain.append(f"| `{key}` | `{kind}` | {_config_default(f)} | {_cell(comments[f.name])} |")
     if plain:
         doc = inspect.getdoc(cls) or ""
         own = doc and not doc.startswith(cls.__name__ + "(")  # dataclasses without a docstring get their signature
@@ -222,12 +225,12 @@ def config_reference() -> str:
         "",
         *presets,
         "",
-        *_sections("pretrain", RunConfig, ""),
+        *_sections(RunConfig, ""),
         "## Fine-tuning (`ctmae finetune-seg`)",
         "",
         "Stored as `config.yaml` in the fine-tuning run folder and in its checkpoints.",
         "",
-        *_sections("finetune", SegConfig, ""),
+        *_sections(SegConfig, ""),
     ]
     while lines[-1] == "":
         lines.pop()
