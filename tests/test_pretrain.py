@@ -171,7 +171,7 @@ def test_the_progress_rate_is_the_run_s_own_crops_per_second(tmp_path):
             "train": {"steps": 3, "batch_size": 2, "device": "cpu", "log_every": 1},
         }
     )
-    sources, _ = build_cache(find_volumes([str(write_body_scans(tmp_path / "s", 1))])[0], cfg.data)
+    sources, _ = build_cache(find_volumes([str(write_body_scans(tmp_path / "s", 1))])[0], cfg.preprocess)
     seen = []
     result = pretrain(cfg, sources, tmp_path / "run", on_step=seen.append)
     assert [s["step"] for s in seen] == [1, 2, 3] and all(s["crops_per_s"] > 0 for s in seen)

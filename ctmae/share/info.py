@@ -129,9 +129,9 @@ def _segmentation(path: Path) -> Description:
         ("ViT", f"{n.size} preset: width {n.dim}, 12 blocks, {n.heads} heads, 16³ patches"),
         ("feature_size", str(n.feature_size)),
         ("num_classes", f"{n.num_classes} (background included)"),
-        ("img_size", f"{cfg.data.crop}³"),
+        ("img_size", f"{cfg.preprocess.crop}³"),
     ]
-    out.sections["preprocessing"] = [(k, _text(v)) for k, v in preprocessing_of(cfg.data).items()]
+    out.sections["preprocessing"] = [(k, _text(v)) for k, v in preprocessing_of(cfg.preprocess).items()]
     figures = run_figures(path, int(state.get("step", 0))).get("training", {})
     best = state.get("best_dice")
     out.sections["training"] = [
