@@ -114,3 +114,31 @@ def test_a_segmentation_checkpoint_saved_in_the_flat_layout_loads(tmp_path):
     assert state["config"].preprocess.spacing == (2.0,) * 3 and state["config"].preprocess.crop == 32
     rebuilt = segmenter_from_checkpoint(state)
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), unetr.state_dict().values()))
+
+
+def test_the_shipped_recipes_load_and_config_reads_them_by_name(tmp_path):
+    from ctmae.mae.config import RECIPES, recipe_path
+
+    demo, gpu = (RunConfig.load_yaml(recipe_path(name)) for name in RECIPES)
+    assert (demo.model.size, demo.preprocess.crop, demo.data.crops_per_volume, demo.data.zoom) == ("tiny", 64, 8, 0.25)
+    assert (demo.model.fill_sigma, demo.mask.predict_ratio, demo.train.steps, demo.train.lr) == (8.0, 0.75, 1400, 3e-3)
+    assert (gpu.model.size, gpu.preprocess.crop, gpu.train.batch_size, gpu.train.steps) == ("base", 96, 4, 100000)
+    assert gpu.model.dim == MODEL_PRESETS["base"]["dim"] and gpu.train.device == "auto"
+    mine = tmp_path / "gpu"  # a file of that name in the working folder is read, not the recipe
+    mine.write_text("train:\n  steps: 7\n", encoding="utf-8")
+    assert RunConfig.load_yaml(recipe_path(mine)).train.steps == 7
+    with pytest.raises(ValueError, match=r"tpu: no such config file, and not a recipe \(demo, gpu\)"):
+        recipe_path("tpu")
+
+
+def test_import_ctmae_is_cheap_and_exports_the_configs_on_first_use():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ctmae; assert 'torch' not in sys.modules, 'torch at import'; "
+        "cfg = ctmae.PretrainConfig.recipe('demo'); assert cfg.model.size == 'tiny'; "
+        "assert ctmae.FinetuneConfig().preprocess == ctmae.PreprocessConfig()"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8")
+    assert result.returncode == 0, result.stderr

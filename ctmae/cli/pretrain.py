@@ -30,7 +30,7 @@ from ctmae.cli.common import (
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import check_modality, find_volumes, skipped_only
 from ctmae.mae.checkpoint import load_checkpoint
-from ctmae.mae.config import MODEL_PRESETS, RunConfig
+from ctmae.mae.config import MODEL_PRESETS, RECIPES, RunConfig, recipe_path
 from ctmae.mae.context import context_problem, context_warnings
 from ctmae.mae.masking import MASKS
 from ctmae.runtime.distributed import DistInfo, barrier, cleanup, gather
@@ -38,18 +38,8 @@ from ctmae.runtime.distributed import DistInfo, barrier, cleanup, gather
 if TYPE_CHECKING:
     from ctmae.experiments.monitor import TrainingMonitor
 
-# With no INPUTS, `ctmae pretrain` is a short CPU demo on the bundled scans (lung1's lower slab and lung2); options
-# given explicitly still win. The recipe is the best measured by benchmarks/recipe.py (BENCHMARKS.md, issue 18): 64³
-# crops, the loss on every hidden token, a decoder that predicts the residual over a gaussian fill (sigma 8) with
-# queries that read the fills around them, batch 8 at learning rate 3e-3, each batch 8 crops of one scan, scaled by
-# 1/1.25 to 1.25. Loader workers are planned from the CPU budget: none below four cores, where they slow the step.
-DEMO = {
-    "model": {"size": "tiny", "fill_sigma": 8.0, "fill_queries": True},
-    "preprocess": {"crop": 64},
-    "data": {"crops_per_volume": 8, "zoom": 0.25},
-    "mask": {"predict_ratio": 0.75},
-    "train": {"steps": 1400, "batch_size": 8, "lr": 3e-3, "log_every": 10},
-}  # benchmarks/recipe_table.py's demo-cpv8-zoom
+# With no INPUTS, `ctmae pretrain` is a short CPU demo on the bundled scans (lung1's lower slab and lung2) with the
+# recipe ctmae/recipes/demo.yaml; options given explicitly still win.
 DEMO_OUT = Path("runs/demo")
 
 
@@ -133,8 +123,8 @@ def pretrain(
     config: Annotated[
         Optional[Path],
         typer.Option(
-            help="YAML file with data/model/mask/train sections (as a run's "
-            "config.yaml); options given here override it."
+            help=f"YAML file with preprocess/data/model/mask/train sections (as a run's config.yaml), or a recipe "
+            f"shipped with ctmae: {'|'.join(RECIPES)}; options given here override it."
         ),
     ] = None,
     model: Annotated[
@@ -215,9 +205,9 @@ def pretrain(
         if base is not None:  # loader workers belong to the machine, not the run: a requeued job plans its own
             base = base.replace(data={"workers": None})
         try:
-            cfg = base or (RunConfig() if inputs else RunConfig.from_dict(DEMO))
+            cfg = base or (RunConfig() if inputs else RunConfig.recipe("demo"))
             if config is not None:
-                cfg = RunConfig.load_yaml(config, base=cfg)
+                cfg = RunConfig.load_yaml(recipe_path(config), base=cfg)
             cfg = cfg.replace(
                 **_given(
                     model={"size": model, "patch": patch},

@@ -7,7 +7,10 @@ Each section is a frozen dataclass; ``RunConfig.to_dict`` / ``RunConfig.from_dic
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from ctmae.mae.masking import MaskConfig, strategy  # the mask section lives with the registry it names
@@ -22,6 +25,22 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
     "base": dict(dim=768, depth=12, heads=12, dec_dim=384, dec_depth=4, dec_heads=12),  # ViT-B; MONAI MAE's decoder
     "large": dict(dim=1024, depth=24, heads=16, dec_dim=512, dec_depth=4, dec_heads=16),
 }
+
+
+RECIPES = ("demo", "gpu")  # YAML files in ctmae/recipes/: the CPU demo, a base recipe for GPUs
+
+
+def recipe_path(name: str | os.PathLike) -> Path:
+    """The file ``--config`` names: an existing YAML file, or a recipe shipped in ctmae/recipes/ by name.
+
+    Raises:
+        ValueError: neither a file nor a recipe, naming both.
+    """
+    if Path(name).is_file():
+        return Path(name)
+    if str(name) in RECIPES:
+        return Path(str(resources.files("ctmae") / "recipes" / f"{name}.yaml"))
+    raise ValueError(f"{name}: no such config file, and not a recipe ({', '.join(RECIPES)})")
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,11 @@ class RunConfig(Sections):
 
     def __post_init__(self) -> None:
         check(self)
+
+    @classmethod
+    def recipe(cls, name: str | os.PathLike) -> RunConfig:
+        """A recipe shipped in ctmae/recipes/ by name (``demo``, ``gpu``), or a YAML file (``recipe_path``)."""
+        return cls.load_yaml(recipe_path(name))
 
     @classmethod
     def expand(cls, d: dict[str, Any], base: RunConfig) -> tuple[dict[str, Any], RunConfig]:
