@@ -30,14 +30,14 @@ from benchmarks import synthetic
 from benchmarks.common import Figure, Row, Target, interleaved, machine, peak_read_bytes, progress
 from benchmarks.data_bench import scratch_dir
 from ctmae.io.discovery import VolumeSource, find_volumes
-from ctmae.mae.config import DataConfig
+from ctmae.mae.config import RunConfig
 from ctmae.mae.crops import crop_batches
 from ctmae.preprocess import cache as cache_module
 from ctmae.preprocess.cache import VolumeCache
+from ctmae.preprocess.config import PreprocessConfig
 from ctmae.preprocess.prepare import prepare_dataset
 from ctmae.preprocess.transforms import preprocess_transforms
 from ctmae.preprocess.visit_order import visit_batches, visit_volume
-from ctmae.seg.config import SegDataConfig
 from ctmae.seg.data import LabelledCase, cache_cases
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,7 +69,7 @@ class NpyVisits(Dataset):
     ``np.stack`` (``prealloc``: straight into one preallocated batch, to compare the formats alone). Same schedule
     and random offsets as ``ctmae.mae.crops.CropVisits``."""
 
-    def __init__(self, files: list[Path], cfg: DataConfig, seed: int, prealloc: bool) -> None:
+    def __init__(self, files: list[Path], cfg: RunConfig, seed: int, prealloc: bool) -> None:
         self.files, self.cfg, self.seed, self.prealloc = files, cfg, seed, prealloc
 
     def __len__(self) -> int:
@@ -77,7 +77,7 @@ class NpyVisits(Dataset):
 
     def __getitem__(self, visit: int) -> tuple[torch.Tensor]:
         volume = np.load(self.files[visit_volume(len(self.files), self.seed, visit)], mmap_mode="r")
-        rng, c, n = np.random.default_rng([self.seed, visit]), self.cfg.crop, self.cfg.crops_per_volume
+        rng, c, n = np.random.default_rng([self.seed, visit]), self.cfg.preprocess.crop, self.cfg.data.crops_per_volume
         if self.prealloc:
             crops = np.empty((n, 1, c, c, c), np.float32)
             for crop in crops:
@@ -91,9 +91,9 @@ class NpyVisits(Dataset):
         return (torch.from_numpy(np.stack(stack))[:, None],)
 
 
-def npy_batches(files: list[Path], cfg: DataConfig, seed: int, prealloc: bool = False):
-    n = cfg.crops_per_volume
-    return (b for (b,) in visit_batches(NpyVisits(files, cfg, seed, prealloc), n, n, 0, cfg.workers))
+def npy_batches(files: list[Path], cfg: RunConfig, seed: int, prealloc: bool = False):
+    n = cfg.data.crops_per_volume
+    return (b for (b,) in visit_batches(NpyVisits(files, cfg, seed, prealloc), n, n, 0, cfg.data.workers))
 
 
 def write_npy(cache: VolumeCache, source: VolumeSource, path: Path) -> Path:
@@ -102,7 +102,7 @@ def write_npy(cache: VolumeCache, source: VolumeSource, path: Path) -> Path:
     return path
 
 
-def bytes_row(name: str, source: VolumeSource, cfg: DataConfig, scratch: Path) -> Row:
+def bytes_row(name: str, source: VolumeSource, cfg: PreprocessConfig, scratch: Path) -> Row:
     cache = VolumeCache(cfg)
     entry = cache.ensure(source)
     npy = write_npy(cache, source, scratch / f"{entry.stem}.npy")
@@ -121,7 +121,7 @@ def bytes_row(name: str, source: VolumeSource, cfg: DataConfig, scratch: Path) -
     )
 
 
-def copies(source: VolumeSource, npy: Path, cfg: DataConfig, count: int, folder: Path):
+def copies(source: VolumeSource, npy: Path, cfg: PreprocessConfig, count: int, folder: Path):
     """``count`` distinct files per format holding one scan's entry: hard links of the scan (new keys), the
     entry's files copied under each key, and copies of the ``.npy``; for rows that need distinct files."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -154,11 +154,12 @@ def evict(paths: list[Path]) -> str:
     return "posix_fadvise(POSIX_FADV_DONTNEED) on each file"
 
 
-def crop_rows(sources: list[VolumeSource], npys: list[Path], cfg: DataConfig, plan: Plan) -> list[Row]:
+def crop_rows(sources: list[VolumeSource], npys: list[Path], cfg: RunConfig, plan: Plan) -> list[Row]:
     """Crops/s of the new cache's stream against the previous .npy stream: warm, warm vs the format alone, cold."""
-    cfg = dataclasses.replace(cfg, workers=0)
-    n, visits = cfg.crops_per_volume, plan.warm_visits
-    ours, old, alone = crop_batches(sources, cfg, 0, n), npy_batches(npys, cfg, 0), npy_batches(npys, cfg, 0, True)
+    cfg = cfg.replace(data={"workers": 0})
+    n, visits, pre = cfg.data.crops_per_volume, plan.warm_visits, cfg.preprocess
+    ours = crop_batches(sources, pre, cfg.data, 0, n)
+    old, alone = npy_batches(npys, cfg, 0), npy_batches(npys, cfg, 0, True)
     for stream in (ours, old, alone):  # warm: every file read once
         for _ in range(len(sources)):
             next(stream)
@@ -168,9 +169,9 @@ def crop_rows(sources: list[VolumeSource], npys: list[Path], cfg: DataConfig, pl
 
     times = interleaved({"b2nd": run(ours), "npy": run(old), "npy prealloc": run(alone)}, plan.repeats, "warm crops")
     warm = {k: Figure([visits * n / t for t in v], "crops/s") for k, v in times.items()}
-    files = [VolumeCache(cfg).path(s) for s in sources] + npys
+    files = [VolumeCache(pre).path(s) for s in sources] + npys
     how = evict(files)
-    cold_streams = {"b2nd": crop_batches(sources, cfg, 1, n), "npy": npy_batches(npys, cfg, 1)}
+    cold_streams = {"b2nd": crop_batches(sources, pre, cfg.data, 1, n), "npy": npy_batches(npys, cfg, 1)}
 
     def cold(name):
         def go():
@@ -183,7 +184,7 @@ def crop_rows(sources: list[VolumeSource], npys: list[Path], cfg: DataConfig, pl
     times = interleaved({k: cold(k) for k in cold_streams}, plan.repeats, "cold crops")
     cold_fig = {k: Figure([len(sources) * n / t for t in v], "crops/s") for k, v in times.items()}
     common = (
-        f"`crop_batches` (crop {cfg.crop}, {n} crops per visit, batch {n}, workers 0) over {len(sources)} cached "
+        f"`crop_batches` (crop {pre.crop}, {n} crops per visit, batch {n}, workers 0) over {len(sources)} cached "
         f"copies of the synthetic {'×'.join(map(str, FULL_SHAPE))} scan"
     )
     return [
@@ -228,7 +229,7 @@ def prepare_row(scan: Path, name: str, plan: Plan, scratch: Path) -> Row:
 
     def build(workers: int):
         def go():
-            cfg = DataConfig(cache_dir=str(scratch / f"prepare_{next(runs)}"))
+            cfg = PreprocessConfig(cache_dir=str(scratch / f"prepare_{next(runs)}"))
             summary, problems = prepare_dataset(sources, cfg, workers=workers, min_edge=16)
             assert summary["scans"] == len(sources) and not problems, problems
             shutil.rmtree(cfg.cache_dir)
@@ -251,15 +252,15 @@ def prepare_row(scan: Path, name: str, plan: Plan, scratch: Path) -> Row:
     )
 
 
-def seg_rows(cases: list[LabelledCase], cfg: SegDataConfig, plan: Plan, scratch: Path) -> list[Row]:
+def seg_rows(cases: list[LabelledCase], cfg: PreprocessConfig, plan: Plan, scratch: Path) -> list[Row]:
     """finetune-seg's first pass over labelled cases (on-disk cache) vs the MONAI chain, then its second pass."""
     runs = iter(range(10**6))
 
     def ours():
-        cache_cases(cases, cfg, cache_dir=scratch / f"seg_{next(runs)}")
+        cache_cases(cases, dataclasses.replace(cfg, cache_dir=str(scratch / f"seg_{next(runs)}")))
 
     def theirs():
-        transform = preprocess_transforms(cfg.preprocessing(), label=True)
+        transform = preprocess_transforms(cfg, label=True)
         CacheDataset([c.item() for c in cases], transform=transform, cache_rate=1.0, num_workers=0, progress=False)
 
     times = interleaved({"ctmae": ours, "monai": theirs}, plan.repeats, "finetune-seg first pass")
@@ -271,7 +272,7 @@ def seg_rows(cases: list[LabelledCase], cfg: SegDataConfig, plan: Plan, scratch:
     cache_module._label_on_grid = lambda *args: calls.append(args) or real_label(*args)
     try:
         t0 = time.perf_counter()
-        cached = cache_cases(cases, cfg, cache_dir=built)
+        cached = cache_cases(cases, dataclasses.replace(cfg, cache_dir=str(built)))
         second = time.perf_counter() - t0
         t0 = time.perf_counter()
         for i in range(len(cached)):
@@ -341,20 +342,21 @@ def main(argv: list[str] | None = None) -> None:
         label = synthetic.write_nifti(scratch / "synthetic_label.nii.gz", lungs.astype(np.int16))
         small = synthetic.write_nifti(scratch / "small.nii.gz", volume[:16, :16, :16])
         del volume
-        cfg = DataConfig(cache_dir=str(scratch / "cache"))  # the defaults: spacing 1.5 mm, window, crop 96, 4 crops
+        cfg = RunConfig().replace(preprocess={"cache_dir": str(scratch / "cache")})  # defaults: 1.5 mm, crop 96, ...
+        pre = cfg.preprocess
         sample, full = find_volumes([SAMPLE / "ct"])[0][0], find_volumes([nii])[0][0]
         progress("memory, bytes")
         rows.append(memory_row(nii, small))
-        rows.append(bytes_row("sample_data/ct/lung1.nii.gz", sample, cfg, scratch))
-        rows.append(bytes_row(f"synthetic {'×'.join(map(str, FULL_SHAPE))}", full, cfg, scratch))
-        sources, npys = copies(full, scratch / f"{VolumeCache(cfg).key(full)}.npy", cfg, plan.copies, scratch / "c")
+        rows.append(bytes_row("sample_data/ct/lung1.nii.gz", sample, pre, scratch))
+        rows.append(bytes_row(f"synthetic {'×'.join(map(str, FULL_SHAPE))}", full, pre, scratch))
+        sources, npys = copies(full, scratch / f"{VolumeCache(pre).key(full)}.npy", pre, plan.copies, scratch / "c")
         rows += crop_rows(sources, npys, cfg, plan)
         rows.append(prepare_row(nii, f"synthetic {'×'.join(map(str, FULL_SHAPE))}", plan, scratch))
         cases = [
             LabelledCase("lung1", sample, find_volumes([SAMPLE / "labels"])[0][0]),
             LabelledCase("synthetic", full, find_volumes([label])[0][0]),
         ]
-        rows += seg_rows(cases, SegDataConfig(), plan, scratch)
+        rows += seg_rows(cases, PreprocessConfig(), plan, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     info["load average at end (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())

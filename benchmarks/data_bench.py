@@ -19,7 +19,7 @@ from monai.transforms import Compose, LoadImaged, Orientationd, RandSpatialCropS
 
 from benchmarks.common import Figure, Row, Target, interleaved, progress
 from ctmae.io.discovery import VolumeSource
-from ctmae.mae.config import DataConfig
+from ctmae.mae.config import RunConfig
 from ctmae.mae.crops import crop_batches
 from ctmae.preprocess.cache import VolumeCache
 from ctmae.runtime.loader import PREFETCH
@@ -29,20 +29,20 @@ CROPS_TARGET = Target(">=", 10.0, "≥ 10×")
 LOADER_TARGET = Target(">=", 2.0, "≥ 2×")
 
 
-def monai_chain(cfg: DataConfig, dicom: bool, crops: bool) -> Compose:
+def monai_chain(cfg: RunConfig, dicom: bool, crops: bool) -> Compose:
     """MONAI's uncached pipeline; ``crops`` appends RandSpatialCropSamplesd (seeded)."""
-    lo, hi = cfg.hu_window
+    lo, hi = cfg.preprocess.hu_window
     reader = PydicomReader() if dicom else None  # None: LoadImaged picks its default reader for the suffix
     steps = [
         LoadImaged("image", reader=reader, ensure_channel_first=True, image_only=True),
         Orientationd("image", axcodes="RAS"),
-        Spacingd("image", pixdim=cfg.spacing, mode="bilinear"),
+        Spacingd("image", pixdim=cfg.preprocess.spacing, mode="bilinear"),
         ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
     ]
     if crops:
         steps.append(
             RandSpatialCropSamplesd(
-                "image", roi_size=(cfg.crop,) * 3, num_samples=cfg.crops_per_volume, random_size=False
+                "image", roi_size=(cfg.preprocess.crop,) * 3, num_samples=cfg.data.crops_per_volume, random_size=False
             )
         )
     chain = Compose(steps)
@@ -55,7 +55,7 @@ def monai_input(source: VolumeSource) -> dict:
     return {"image": str(Path(source.files[0]).parent) if source.is_dicom else source.files[0]}
 
 
-def first_pass(name: str, source: VolumeSource, cfg: DataConfig, repeats: int, scratch: Path) -> Row:
+def first_pass(name: str, source: VolumeSource, cfg: RunConfig, repeats: int, scratch: Path) -> Row:
     """Seconds to build one cache entry on a fresh cache folder vs MONAI's deterministic chain on the same input."""
     chain = monai_chain(cfg, source.is_dicom, crops=False)
     data = monai_input(source)
@@ -63,7 +63,7 @@ def first_pass(name: str, source: VolumeSource, cfg: DataConfig, repeats: int, s
 
     def ours() -> None:
         cache_dir = scratch / f"first_pass_{next(counter)}"
-        VolumeCache(dataclasses.replace(cfg, cache_dir=str(cache_dir))).ensure(source)
+        VolumeCache(dataclasses.replace(cfg.preprocess, cache_dir=str(cache_dir))).ensure(source)
         shutil.rmtree(cache_dir)
 
     def theirs() -> None:
@@ -82,19 +82,19 @@ def first_pass(name: str, source: VolumeSource, cfg: DataConfig, repeats: int, s
         FIRST_PASS_TARGET,
         notes=f"ctmae: `VolumeCache.ensure` on a fresh cache folder: read (a NIfTI is decompressed once, by "
         f"nibabel, with SimpleITK's header for geometry; DICOM through SimpleITK/GDCM), then SimpleITK resamples "
-        f"the stored int16 straight to float32 on the RAS {cfg.spacing} mm grid that MONAI's Orientationd → "
+        f"the stored int16 straight to float32 on the RAS {cfg.preprocess.spacing} mm grid that MONAI's Orientationd → "
         f"Spacingd plan lazily (equal to `preprocess_transforms` within 1e-4), HU window in place, foreground "
         f"crop, pad, write .npy + CRC. MONAI: LoadImaged ({reader}) → "
         f"Orientationd → Spacingd → ScaleIntensityRanged, output {shape}. Ratio = ctmae / MONAI time.",
     )
 
 
-def cached_crops(name: str, source: VolumeSource, cfg: DataConfig, repeats: int, visits: int) -> Row:
+def cached_crops(name: str, source: VolumeSource, cfg: RunConfig, repeats: int, visits: int) -> Row:
     """Crops/s of ctmae's cached crop stream (workers 0) vs MONAI's uncached chain with RandSpatialCropSamplesd."""
-    cfg = dataclasses.replace(cfg, workers=0)
-    VolumeCache(cfg).ensure(source)
-    n = cfg.crops_per_volume
-    stream = crop_batches([source], cfg, seed=0, batch_size=n)  # one batch = one visit = n crops
+    cfg = cfg.replace(data={"workers": 0})
+    VolumeCache(cfg.preprocess).ensure(source)
+    n = cfg.data.crops_per_volume
+    stream = crop_batches([source], cfg.preprocess, cfg.data, seed=0, batch_size=n)  # one batch = one visit = n crops
     chain = monai_chain(cfg, source.is_dicom, crops=True)
     data = monai_input(source)
     next(stream)
@@ -103,7 +103,7 @@ def cached_crops(name: str, source: VolumeSource, cfg: DataConfig, repeats: int,
     def ours() -> None:
         for _ in range(visits):
             batch = next(stream)
-            assert batch.shape == (n, 1, cfg.crop, cfg.crop, cfg.crop)
+            assert batch.shape == (n, 1, cfg.preprocess.crop, cfg.preprocess.crop, cfg.preprocess.crop)
 
     def theirs() -> None:
         assert len(chain(dict(data))) == n
@@ -117,7 +117,7 @@ def cached_crops(name: str, source: VolumeSource, cfg: DataConfig, repeats: int,
         b.fmt(),
         a.median / b.median,
         CROPS_TARGET,
-        notes=f"ctmae: `crop_batches` over a built `VolumeCache` (memory-mapped .npy), crop {cfg.crop}, "
+        notes=f"ctmae: `crop_batches` over a built `VolumeCache` (memory-mapped .npy), crop {cfg.preprocess.crop}, "
         f"{n} crops per volume visit, workers 0, {visits} visits per repeat. MONAI: the uncached chain "
         f"+ RandSpatialCropSamplesd(num_samples={n}) on the same input, one call per repeat. "
         f"Ratio = ctmae crops/s ÷ MONAI crops/s.",
@@ -126,7 +126,7 @@ def cached_crops(name: str, source: VolumeSource, cfg: DataConfig, repeats: int,
 
 def loader_vs_step(
     sources: list[VolumeSource],
-    cfg: DataConfig,
+    cfg: RunConfig,
     step,
     batch: int,
     steps: int,
@@ -141,9 +141,9 @@ def loader_vs_step(
     is measured afterwards on a fresh loader alone, after its workers started.
     """
     for s in sources:
-        VolumeCache(cfg).ensure(s)
+        VolumeCache(cfg.preprocess).ensure(s)
     waits, computes = [], []
-    stream = crop_batches(sources, cfg, seed=0, batch_size=batch)
+    stream = crop_batches(sources, cfg.preprocess, cfg.data, seed=0, batch_size=batch)
     step(next(stream))  # warm-up, includes the workers' start
     for i in range(steps):
         t0 = time.perf_counter()
@@ -157,8 +157,8 @@ def loader_vs_step(
     del stream
     consumed = Figure([batch / t for t in computes], "crops/s")
 
-    stream = crop_batches(sources, cfg, seed=1, batch_size=batch)
-    for _ in range(2 * (cfg.workers or 0) * PREFETCH + 1):  # fill and drain the prefetch queue once: workers are up
+    stream = crop_batches(sources, cfg.preprocess, cfg.data, seed=1, batch_size=batch)
+    for _ in range(2 * (cfg.data.workers or 0) * PREFETCH + 1):  # fill and drain the prefetch queue: workers are up
         next(stream)
     delivered = []
     for r in range(repeats):
@@ -176,10 +176,10 @@ def loader_vs_step(
         consumed.fmt(),
         delivered_fig.median / consumed.median,
         LOADER_TARGET,
-        notes=f"ctmae column: crops/s from `crop_batches` alone, workers {cfg.workers}, crops_per_volume "
-        f"{cfg.crops_per_volume}, batch {batch}, {batches_per_repeat} batches per repeat, over "
+        notes=f"ctmae column: crops/s from `crop_batches` alone, workers {cfg.data.workers}, crops_per_volume "
+        f"{cfg.data.crops_per_volume}, batch {batch}, {batches_per_repeat} batches per repeat, over "
         f"{len(sources)} cached volumes. Reference column: crops/s consumed by ctmae training steps "
-        f"({model_text}, crop {cfg.crop}, batch {batch}) in a live loop fed by that loader; in that loop "
+        f"({model_text}, crop {cfg.preprocess.crop}, batch {batch}) in a live loop fed by that loader; in that loop "
         f"the step waited for data {statistics.median(waits) * 1e3:.1f} ms median "
         f"(max {max(waits) * 1e3:.1f} ms) per step, {wait_share:.2%} of the loop's time. "
         f"Ratio = delivered ÷ consumed.",

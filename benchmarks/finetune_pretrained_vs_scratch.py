@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 from ctmae.mae.checkpoint import load_checkpoint
-from ctmae.seg.config import SegConfig, SegDataConfig
+from ctmae.preprocess.config import PreprocessConfig
+from ctmae.seg.config import SegConfig
 from ctmae.seg.data import check_case, find_cases, split_cases
 from ctmae.seg.network import net_config_from_mae
 from ctmae.seg.train import finetune
@@ -57,7 +58,7 @@ def main() -> None:
     mae = load_checkpoint(args.checkpoint)
     m = mae["config"]
     cfg = SegConfig(
-        data=SegDataConfig(spacing=m.data.spacing, hu_window=m.data.hu_window, crop=args.crop or m.model.img_size),
+        preprocess=PreprocessConfig(m.preprocess.spacing, m.preprocess.hu_window, args.crop or m.model.img_size),
         net=net_config_from_mae(m.model, args.feature_size, max(2, top + 1)),
     ).replace(
         train={
@@ -76,7 +77,7 @@ def main() -> None:
         + ("" if held_out else " (the same case: Dice on training data, not held out)")
     )
     print(
-        f"{m.model.size} ViT from {args.checkpoint} ({m.train.steps} pretraining steps), crop {cfg.data.crop}, "
+        f"{m.model.size} ViT from {args.checkpoint} ({m.train.steps} pretraining steps), crop {cfg.preprocess.crop}, "
         f"{args.steps} fine-tuning steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}"
     )
 

@@ -31,9 +31,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.step_vs_monai import ctmae_update, monai_mae, monai_update
-from ctmae.mae.config import DataConfig, MaskConfig, ModelConfig, RunConfig
+from ctmae.mae.config import MaskConfig, ModelConfig, RunConfig
 from ctmae.mae.masking import sample_mask
 from ctmae.mae.model import build_model
+from ctmae.preprocess.config import PreprocessConfig
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name(); the first
 # match wins, so the more specific names come first.
@@ -68,7 +69,7 @@ def build(impl: str, m: ModelConfig, ratio: float, device: torch.device, compile
         # MONAI's forward index-puts decoder_embed's output into fp32 mask tokens, which fails under autocast (bf16
         # into fp32); casting that one (B, Lv+1, Dd) tensor back to fp32 keeps fp32 weights and bf16 matmuls.
         model.decoder_embed.register_forward_hook(lambda mod, inp, out: out.float())
-    cfg = RunConfig(data=DataConfig(crop=m.img_size), model=m, mask=MaskConfig(ratio=ratio))
+    cfg = RunConfig(preprocess=PreprocessConfig(crop=m.img_size), model=m, mask=MaskConfig(ratio=ratio))
     update = ctmae_update(model, cfg) if impl == "ctmae" else monai_update(model)
     net = torch.compile(model) if compiled else model
     gen = torch.Generator(device).manual_seed(0)

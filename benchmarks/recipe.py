@@ -75,7 +75,7 @@ def score(checkpoint: Path, seeds: int, scratch: Path, heldout: Path = HELDOUT, 
     from ctmae.infer.sliding import load_model
 
     loaded = load_model(checkpoint, "cpu")
-    block = round(BLOCK_MM / loaded.cfg.data.spacing[0] / UNIT)
+    block = round(BLOCK_MM / loaded.cfg.preprocess.spacing[0] / UNIT)
     out = {}
     for kind, edge in (("block", block), ("random", 1)):
         sse = {"model": 0.0, "fill": 0.0}

@@ -241,7 +241,7 @@ RECIPES: dict[str, dict] = {
 
 
 # The demo's recipe of session 5 (p16-c64-fillq8-b8-lr3 for a fixed 1400 steps). Session 6 made demo-cpv8-zoom the
-# demo (ctmae.cli.pretrain.DEMO).
+# demo (ctmae/recipes/demo.yaml).
 DEMO_S5 = {
     "model": {"size": "tiny", "fill_sigma": 8.0, "fill_queries": True},
     "data": {"crop": 64, "crops_per_volume": 4},

@@ -30,7 +30,7 @@ from benchmarks import data_bench, model_bench, synthetic
 from benchmarks.common import Row, machine, not_measured, progress
 from benchmarks.step_vs_monai import ctmae_step
 from ctmae.io.discovery import find_volumes
-from ctmae.mae.config import DataConfig, RunConfig
+from ctmae.mae.config import RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_CT = REPO / "sample_data" / "ct" / "lung1.nii.gz"
@@ -114,7 +114,7 @@ def data_rows(scratch: Path, plan: Plan) -> list[Row]:
     }
     if SAMPLE_CT.is_file():
         volumes["sample_data/ct/lung1.nii.gz"] = find_volumes([SAMPLE_CT])[0][0]
-    cfg = DataConfig(cache_dir=str(scratch / "cache"), workers=2)  # default spacing, window, crop 96, 4 crops
+    cfg = RunConfig().replace(preprocess={"cache_dir": str(scratch / "cache")}, data={"workers": 2})  # crop 96, ...
 
     rows = []
     for name, source in volumes.items():
@@ -141,9 +141,10 @@ def data_rows(scratch: Path, plan: Plan) -> list[Row]:
         rows.append(data_bench.cached_crops(name, source, cfg, plan.crop_repeats, plan.crop_visits))
 
     default = RunConfig().model
-    progress(f"loader vs step: default config ({default.size} model, crop {cfg.crop}, workers {cfg.workers})")
+    crop, workers = cfg.preprocess.crop, cfg.data.workers
+    progress(f"loader vs step: default config ({default.size} model, crop {crop}, workers {workers})")
     torch.manual_seed(0)
-    _, step = ctmae_step(cfg.crop, default.patch, default.size, BATCH, RATIO)
+    _, step = ctmae_step(cfg.preprocess.crop, default.patch, default.size, BATCH, RATIO)
     rows.append(
         data_bench.loader_vs_step(
             list(volumes.values()),

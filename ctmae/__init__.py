@@ -2,19 +2,36 @@
 
 ``ctmae.load_encoder`` and ``ctmae.load_unetr`` hand a pretrained encoder (an export folder or an MAE checkpoint) to
 MONAI's ``ViT`` / ``UNETR``; they import torch and MONAI only when called, so ``import ctmae`` stays cheap.
+``ctmae.PretrainConfig`` (with ``PretrainConfig.recipe("demo")``) and ``ctmae.FinetuneConfig`` are the run configs,
+``ctmae.PreprocessConfig`` their shared preprocessing section; each is imported on first use.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
     from monai.networks.nets import UNETR, ViT
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "load_encoder", "load_unetr"]
+__all__ = ["FinetuneConfig", "PreprocessConfig", "PretrainConfig", "__version__", "load_encoder", "load_unetr"]
+# public name -> (module, attribute), imported on first use (PEP 562)
+_LAZY = {
+    "PretrainConfig": ("ctmae.mae.config", "RunConfig"),
+    "FinetuneConfig": ("ctmae.seg.config", "SegConfig"),
+    "PreprocessConfig": ("ctmae.preprocess.config", "PreprocessConfig"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'ctmae' has no attribute {name!r}")
+    import importlib
+
+    module, attribute = _LAZY[name]
+    return getattr(importlib.import_module(module), attribute)
 
 
 def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu", img_size: int | None = None) -> ViT:

@@ -159,12 +159,13 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     cfg = RunConfig.from_dict(
         {
             "model": {"size": "tiny"},
-            "data": {"crop": 64, "workers": 0, "cache_dir": str(root / "cache")},
+            "preprocess": {"crop": 64, "cache_dir": str(root / "cache")},
+            "data": {"workers": 0},
             "train": {"steps": 4, "batch_size": 2, "lr": 1e-3, "log_every": 1},
         }
     )
     sources, _ = find_volumes([str(SAMPLE_DATA / "ct")])
-    good, problems = build_cache(sources, cfg.data)
+    good, problems = build_cache(sources, cfg.preprocess)
     assert good and not problems, problems
     pretrain(cfg, good, root / "run")
     return root / "run" / "checkpoints" / "last.pt"

@@ -24,7 +24,7 @@ if __name__ == "__main__":
         }
     )
     sources, _ = find_volumes([scans])
-    build_cache(sources[dist.rank :: dist.world], cfg.data)
+    build_cache(sources[dist.rank :: dist.world], cfg.preprocess)
     barrier(dist)
     result = pretrain(cfg, sources, out, dist=dist)
     torch.save(result["model"].state_dict(), out / f"rank{dist.rank}.pt")

@@ -20,6 +20,7 @@ from ctmae.io.discovery import VolumeSource
 from ctmae.mae.config import DataConfig
 from ctmae.preprocess.build_cache import build_cache
 from ctmae.preprocess.cache import OLD_CACHE_NOTE, CachedVolume, VolumeCache
+from ctmae.preprocess.config import PreprocessConfig
 from ctmae.preprocess.transforms import preprocess_transforms
 from ctmae.runtime.files import OutputError
 
@@ -32,7 +33,7 @@ TILTED = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.block(  # conftest's oblique LPS d
 NO_TIES = np.diag([-0.7, -0.9, 2.5, 1.0])
 SAGITTAL_NO_TIES = SAGITTAL @ np.diag([0.9 / 0.8, 1.0, 1.0, 1.0])  # its 0.8 mm axis is the first
 TILTED_NO_TIES = TILTED @ np.diag([1.0, 0.9 / 0.8, 1.0, 1.0])
-WINDOW = DataConfig().hu_window
+WINDOW = PreprocessConfig().hu_window
 # The cache stores whole HU (int16), so a value differs from the float chain by at most half a HU step, on top of
 # the float rounding in which SimpleITK's resampling and MONAI's differ (the tolerance of the float32 cache before).
 HALF_STEP = 0.5 / (WINDOW[1] - WINDOW[0])
@@ -75,8 +76,8 @@ def _dicom(path) -> VolumeSource:
     return VolumeSource(path.name, tuple(str(f) for f in files), True)
 
 
-def _cfg(tmp_path, **kw) -> DataConfig:
-    return DataConfig(cache_dir=str(tmp_path / "cache"), crop=16, workers=0, **kw)
+def _cfg(tmp_path) -> PreprocessConfig:
+    return PreprocessConfig(cache_dir=str(tmp_path / "cache"), crop=16)
 
 
 @pytest.mark.parametrize(
@@ -134,7 +135,7 @@ def test_flip_mirrors_about_half_the_training_crops_left_right(tmp_path, flip):
     ramp = np.broadcast_to(np.linspace(-800, 800, 60)[:, None, None], (60, 40, 30)).astype(np.int16)
     path = write_volume(tmp_path / "ramp.nii.gz", ramp, spacing=(1.5, 1.5, 1.5), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
     visits = CropVisits(
-        [VolumeSource(path.name, (str(path),), False)], _cfg(tmp_path, flip=flip, crops_per_volume=8), 0
+        [VolumeSource(path.name, (str(path),), False)], _cfg(tmp_path), DataConfig(flip=flip, crops_per_volume=8), 0
     )
     crops = np.concatenate([visits[v][0].numpy() for v in range(4)])  # (32, 1, 16, 16, 16)
     rising = np.sign(crops[:, 0, -1] - crops[:, 0, 0]).mean(axis=(1, 2))  # +1 or -1 per crop along x
@@ -154,7 +155,7 @@ def test_zoom_scales_the_training_crops_within_its_range(tmp_path, zoom):
     ramp = np.broadcast_to(np.linspace(-800, 800, 81)[:, None, None], (81, 40, 30)).astype(np.int16)  # 20 HU/voxel
     path = write_volume(tmp_path / "ramp.nii.gz", ramp, spacing=(1.5, 1.5, 1.5), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
     visits = CropVisits(
-        [VolumeSource(path.name, (str(path),), False)], _cfg(tmp_path, zoom=zoom, crops_per_volume=8), 0
+        [VolumeSource(path.name, (str(path),), False)], _cfg(tmp_path), DataConfig(zoom=zoom, crops_per_volume=8), 0
     )
     crops = np.concatenate([visits[v][0].numpy() for v in range(4)])  # (32, 1, 16, 16, 16)
     base = 15 * 20 / 2000  # 15 voxel steps of 20 HU, in window units (HU window 2000 wide)
@@ -253,7 +254,7 @@ def test_a_full_disk_is_one_line_and_earlier_entries_stay_intact(tmp_path, monke
 def _build_at_once(cache_dir: str, path: str, barrier) -> None:
     source = VolumeSource("lps", (path,), False)
     barrier.wait()
-    VolumeCache(DataConfig(cache_dir=cache_dir, crop=16, workers=0)).ensure(source)
+    VolumeCache(PreprocessConfig(cache_dir=cache_dir, crop=16)).ensure(source)
 
 
 @pytest.mark.parametrize("round_", range(3))

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from conftest import organ_ct, organ_map, write_volume
 from ctmae.cli import app
 from ctmae.io.checks import InputError
+from ctmae.preprocess.config import PreprocessConfig
 from ctmae.seg.classes import choose_classes, parse_classes
-from ctmae.seg.config import SegDataConfig
 from ctmae.seg.data import cache_cases, find_cases
 from ctmae.seg.label_names import LabelNames, read_names
 from ctmae.seg.network import load_seg_checkpoint
@@ -145,10 +145,10 @@ def test_chosen_classes_are_applied_after_the_cache_whose_entries_serve_any_choi
     write_cases(tmp_path, count=1, classes=117)
     cases = find_cases([tmp_path / "images"], [tmp_path / "labels"])
     raw = organ_map((40, 40, 32), 117, seed=0)
-    base = SegDataConfig(spacing=ISO, crop=32)
-    plain = cache_cases(cases, base, tmp_path / "cache")[0]["label"].numpy()[0]
+    pre = PreprocessConfig(spacing=ISO, crop=32, cache_dir=str(tmp_path / "cache"))
+    plain = cache_cases(cases, pre)[0]["label"].numpy()[0]
     entries = sorted((tmp_path / "cache").rglob("*.b2nd"))
-    chosen = cache_cases(cases, SegDataConfig(spacing=ISO, crop=32, label_values=(5, 1)), tmp_path / "cache")
+    chosen = cache_cases(cases, pre, label_values=(5, 1))
     label = chosen[0]["label"].numpy()[0]  # (X, Y, Z) on the cached grid
     assert sorted((tmp_path / "cache").rglob("*.b2nd")) == entries  # nothing new cached: the remap follows it
     assert np.array_equal(label, np.select([plain == 5, plain == 1], [1.0, 2.0], 0.0))
@@ -269,11 +269,13 @@ def test_study_evaluates_chosen_classes_and_names_them(total, tmp_path):
 def test_info_names_the_classes_of_a_segmentation_checkpoint(tmp_path):
     """``ctmae info`` on a fine-tuned checkpoint lists each output channel with its name and the label value it
     was trained on, so a user knows what a predicted 1 or 2 means without the run folder."""
-    from ctmae.seg.config import SegConfig, SegNetConfig
+    from ctmae.preprocess.config import PreprocessConfig
+    from ctmae.seg.config import SegConfig, SegDataConfig, SegNetConfig
     from ctmae.seg.network import build_unetr, save_seg_checkpoint
 
-    data = SegDataConfig(crop=32, label_values=(5, 1), class_names=("liver", "spleen"))
-    cfg = SegConfig(data=data, net=SegNetConfig(size="tiny", dim=96, heads=4, num_classes=3))
+    data = SegDataConfig(label_values=(5, 1), class_names=("liver", "spleen"))
+    net = SegNetConfig(size="tiny", dim=96, heads=4, num_classes=3)
+    cfg = SegConfig(data=data, preprocess=PreprocessConfig(crop=32), net=net)
     path = tmp_path / "best.pt"
     save_seg_checkpoint({"config": cfg.to_dict(), "model": build_unetr(cfg.net, 32).state_dict(), "step": 1}, path)
     result = CliRunner().invoke(app, ["info", str(path)], terminal_width=200)

@@ -146,7 +146,7 @@ def test_token_maps_have_the_stated_shape_and_affine(tiny_checkpoint, scans, tmp
     cfg = load_checkpoint(tiny_checkpoint)["config"]
     p = cfg.model.patch
     for source in find_volumes([scans])[0]:
-        image = preprocess_transforms(cfg.data)({"image": list(source.files)})["image"]
+        image = preprocess_transforms(cfg.preprocess)({"image": list(source.files)})["image"]
         grid = [math.ceil(n / p) for n in image.shape[1:]]
         token_map = np.load(tokens / f"{token_name(source.id)}.npy")
         assert token_map.shape == (cfg.model.dim, *grid) and token_map.dtype == np.float32

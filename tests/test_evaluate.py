@@ -168,7 +168,7 @@ def test_intensity_floor_fails_where_features_with_context_succeed(phantoms):
     as the features carry context, here a fixed feature counting bright neighbours. It does not show that any
     encoder learns such context: that is what the protocol measures."""
     cfg = RunConfig.from_dict({"model": {"size": "tiny"}, "data": {"crop": 64}})
-    prepared = PreparedCases().get(cfg.data, _cases(phantoms))
+    prepared = PreparedCases().get(cfg.preprocess, _cases(phantoms))
     train, test = prepared[:4], prepared[4:]
     bright = [(c.image.as_tensor()[0] > 0.575) for c in test]
     trivial = np.mean(
@@ -191,7 +191,7 @@ def test_probe_runs_on_real_scans_with_a_checkpoint(lung_pair, tiny_checkpoint):
     from ctmae.infer.sliding import load_model
 
     loaded = load_model(tiny_checkpoint, "cpu")
-    train, test = PreparedCases().get(loaded.cfg.data, _cases(lung_pair))
+    train, test = PreparedCases().get(loaded.cfg.preprocess, _cases(lung_pair))
     for featurize, width in ((encoder_featurizer(loaded, 4), loaded.cfg.model.dim), (intensity_featurizer(P), 7)):
         result = run_probe(featurize, [train], [test], 2, P, steps=50)
         assert 0.0 <= result.dice <= 1.0 and result.features == width
@@ -227,7 +227,7 @@ def test_gaussian_fill_beats_mean_fill_on_a_smooth_volume_more_under_random_mask
 def test_recon_protocol_scores_the_mae_and_the_fills_under_the_same_masks(small, tiny_checkpoint):
     state = load_checkpoint(tiny_checkpoint)
     model = model_from_checkpoint(state).eval()
-    test = PreparedCases().get(state["config"].data, _cases(small)[:1])
+    test = PreparedCases().get(state["config"].preprocess, _cases(small)[:1])
     result = run_recon(model, state["config"].mask, test, windows=1, seed=0, device=torch.device("cpu"))
     for kind in ("block", "random"):
         figures = result[kind]
@@ -508,7 +508,7 @@ def test_a_preview_of_the_first_training_scan_by_default(small, tmp_path):
             "train": {"steps": 2, "batch_size": 1, "ckpt_every": 1, "log_every": 1, "device": "cpu"},
         }
     )
-    sources, _ = build_cache(find_volumes([str(small / "images" / "case0.nii.gz")])[0], cfg.data)
+    sources, _ = build_cache(find_volumes([str(small / "images" / "case0.nii.gz")])[0], cfg.preprocess)
     monitor = TrainingMonitor.for_run(cfg, tmp_path / "run", sources[0])
     pretrain(cfg, sources, tmp_path / "run", monitor=monitor)
     assert sorted(p.name for p in (tmp_path / "run" / "previews").iterdir()) == ["step_0000001.png", "step_0000002.png"]

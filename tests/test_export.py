@@ -24,15 +24,15 @@ from conftest import SAMPLE_DATA, write_dicom_series, write_volume
 from ctmae.cli import app
 from ctmae.io.discovery import find_volumes
 from ctmae.mae.checkpoint import load_checkpoint, model_from_checkpoint
-from ctmae.mae.config import DataConfig
 from ctmae.mae.model import sincos_embedding_3d
+from ctmae.preprocess.config import PreprocessConfig
 from ctmae.preprocess.contract import input_warnings, preprocessing_of, read_summary
 from ctmae.preprocess.transforms import preprocess_transforms
 from ctmae.runtime.checkpoint import CheckpointError
 
 FEATURE_ATOL = 1e-5  # fp32: MONAI's ViT and ctmae's encoder differ only in the order of floating-point operations
 LUNG = SAMPLE_DATA / "ct" / "lung1.nii.gz"
-TRAINED = preprocessing_of(DataConfig(crop=64))  # the tiny checkpoint's preprocessing: 1.5 mm, -1000..1000 HU
+TRAINED = preprocessing_of(PreprocessConfig(crop=64))  # the tiny checkpoint's preprocessing: 1.5 mm, -1000..1000 HU
 runner = CliRunner()
 
 
@@ -53,10 +53,11 @@ def exports(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def seg_checkpoint(tmp_path_factory) -> Path:
     """A segmentation checkpoint as finetune-seg writes it (tiny UNETR, weights as initialised)."""
-    from ctmae.seg.config import SegConfig, SegDataConfig, SegNetConfig
+    from ctmae.seg.config import SegConfig, SegNetConfig
     from ctmae.seg.network import build_unetr, save_seg_checkpoint
 
-    cfg = SegConfig(data=SegDataConfig(crop=32), net=SegNetConfig(size="tiny", dim=96, heads=4), pretrained="mae.pt")
+    net = SegNetConfig(size="tiny", dim=96, heads=4)
+    cfg = SegConfig(preprocess=PreprocessConfig(crop=32), net=net, pretrained="mae.pt")
     path = tmp_path_factory.mktemp("seg") / "best.pt"
     state = {"config": cfg.to_dict(), "model": build_unetr(cfg.net, 32).state_dict(), "step": 3, "best_dice": 0.25}
     save_seg_checkpoint({**state, "encoder_tensors": 173}, path)
@@ -67,7 +68,7 @@ def seg_checkpoint(tmp_path_factory) -> Path:
 def lung_crop(tiny_checkpoint) -> tuple[torch.Tensor, torch.nn.Module]:
     """The sample scan preprocessed by the checkpoint's chain: its central 64³ crop (1, 1, 64, 64, 64); the MAE."""
     state = load_checkpoint(tiny_checkpoint)
-    volume = preprocess_transforms(state["config"].data)({"image": [str(LUNG)]})["image"].as_tensor()
+    volume = preprocess_transforms(state["config"].preprocess)({"image": [str(LUNG)]})["image"].as_tensor()
     starts = [(n - 64) // 2 for n in volume.shape[1:]]
     crop = volume[:, starts[0] : starts[0] + 64, starts[1] : starts[1] + 64, starts[2] : starts[2] + 64]
     return crop[None].contiguous(), model_from_checkpoint(state).eval()
@@ -142,7 +143,8 @@ def test_bundle_runs_through_monai_bundle_on_the_sample_scan(tiny_checkpoint, ex
     tokens = np.load(out)
     loaded = load_model(tiny_checkpoint, "cpu")
     sources, _ = find_volumes([LUNG])
-    expected = token_features(loaded, preprocess(sources[0], preprocess_transforms(loaded.cfg.data)).as_tensor(), 2)
+    volume = preprocess(sources[0], preprocess_transforms(loaded.cfg.preprocess)).as_tensor()
+    expected = token_features(loaded, volume, 2)
     # (D, gx, gy, gz): the RAS body box of lung1 at 1.5 mm (195 x 145 x 158 voxels) padded to whole 16³ patches
     assert tokens.shape == tuple(expected.shape) == (96, 13, 10, 10)
     np.testing.assert_allclose(tokens, expected.numpy(), atol=1e-4)  # MONAI's nibabel reader vs ctmae's SimpleITK
@@ -165,7 +167,7 @@ def test_export_of_a_dicom_trained_model_holds_no_dicom_tags(tmp_path):
             "train": {"steps": 2, "batch_size": 1, "log_every": 1},
         }
     )
-    good, problems = build_cache(find_volumes([tmp_path / "series"])[0], cfg.data)
+    good, problems = build_cache(find_volumes([tmp_path / "series"])[0], cfg.preprocess)
     assert good and not problems
     pretrain(cfg, good, tmp_path / "run")
     files = []
@@ -357,22 +359,23 @@ def test_preprocessing_overrides_of_a_pretrained_encoder_are_refused(tiny_checkp
     (run_dir / "checkpoints").mkdir(parents=True)
     shutil.copy(tiny_checkpoint, run_dir / "checkpoints" / "last.pt")
     config = tmp_path / "cfg.yaml"
-    config.write_text("data:\n  spacing: [2.0, 2.0, 2.0]\n", encoding="utf-8")
+    config.write_text("preprocess:\n  spacing: [2.0, 2.0, 2.0]\n", encoding="utf-8")
     common = ("pretrain", LUNG, "--out", run_dir, "--resume")
     result = _run(*common, "--config", config)
     assert result.exit_code == 2, result.output
-    assert "data.spacing 2x2x2 mm differs from the 1.5x1.5x1.5 mm the encoder was pretrained with" in result.output
-    config.write_text("data:\n  hu_window: [-200.0, 300.0]\n", encoding="utf-8")
+    expected = "preprocess.spacing 2x2x2 mm differs from the 1.5x1.5x1.5 mm the encoder was pretrained with"
+    assert expected in result.output
+    config.write_text("data:\n  hu_window: [-200.0, 300.0]\n", encoding="utf-8")  # the flat layout too
     result = _run(*common, "--config", config)
-    assert result.exit_code == 2 and "data.hu_window -200..300 HU differs" in result.output
+    assert result.exit_code == 2 and "preprocess.hu_window -200..300 HU differs" in result.output
     result = _run(*common, "--crop", "32")
-    assert result.exit_code == 2 and "data.crop 32 differs from the 64" in result.output
+    assert result.exit_code == 2 and "preprocess.crop 32 differs from the 64" in result.output
 
     labels = SAMPLE_DATA / "labels"
     result = _run("finetune-seg", tiny_checkpoint, "--images", LUNG.parent, "--labels", labels, "--out",
                   tmp_path / "seg", "--spacing", "3")  # fmt: skip
     assert result.exit_code == 2, result.output
-    assert "--spacing 3: data.spacing 3x3x3 mm differs from the 1.5x1.5x1.5 mm" in result.output
+    assert "--spacing 3: preprocess.spacing 3x3x3 mm differs from the 1.5x1.5x1.5 mm" in result.output
     assert len(result.output.strip().splitlines()) == 1
 
 

@@ -178,8 +178,8 @@ def test_nan_run_exits_1_with_a_message_naming_the_step(tmp_path, scans, monkeyp
 def test_damaged_cache_entries_are_rebuilt(tmp_path, scans, damage):
     cfg = RunConfig.from_dict({"data": {"cache_dir": str(tmp_path / "cache"), "crop": 32}, "model": {"patch": 8}})
     source = find_volumes([str(scans / "scan0.nii.gz")])[0][0]
-    entry = VolumeCache(cfg.data).ensure(source)
-    good = VolumeCache(cfg.data).load(source).numpy().copy()
+    entry = VolumeCache(cfg.preprocess).ensure(source)
+    good = VolumeCache(cfg.preprocess).load(source).numpy().copy()
     raw = bytearray(entry.read_bytes())
     if damage == "truncate":
         entry.write_bytes(raw[: len(raw) // 2])
@@ -188,7 +188,7 @@ def test_damaged_cache_entries_are_rebuilt(tmp_path, scans, damage):
         entry.write_bytes(raw)
     else:
         entry.with_suffix(".json").unlink()
-    again = VolumeCache(cfg.data).load(source).numpy()  # a new process: the checksum is checked once
+    again = VolumeCache(cfg.preprocess).load(source).numpy()  # a new process: the checksum is checked once
     assert np.array_equal(again, good)
 
 

@@ -18,7 +18,8 @@ from ctmae.io.discovery import find_volumes
 from ctmae.io.volume import read_volume
 from ctmae.mae.checkpoint import load_checkpoint
 from ctmae.mae.model import build_model, sincos_embedding_3d
-from ctmae.seg.config import SegConfig, SegDataConfig, SegNetConfig
+from ctmae.preprocess.config import PreprocessConfig
+from ctmae.seg.config import SegConfig, SegNetConfig
 from ctmae.seg.data import LabelledCase, check_case, find_cases, split_cases
 from ctmae.seg.network import load_seg_checkpoint, net_config_from_mae
 from ctmae.seg.predict import output_name, sidecar_path
@@ -174,7 +175,7 @@ def test_split_is_seeded_and_keeps_cases_apart():
 
 def seg_config(mae_cfg, crop: int) -> SegConfig:
     net = net_config_from_mae(mae_cfg.model, feature_size=8, num_classes=2)
-    return SegConfig(data=SegDataConfig(crop=crop), net=net)
+    return SegConfig(preprocess=PreprocessConfig(crop=crop), net=net)
 
 
 @pytest.mark.parametrize("crop", [64, 32])
@@ -219,7 +220,7 @@ def test_layer_decay_and_frozen_encoder_groups(freeze):
     from ctmae.seg.network import param_groups
     from ctmae.seg.train import build_segmenter
 
-    cfg = SegConfig(data=SegDataConfig(crop=32), net=SegNetConfig(dim=48, heads=4, feature_size=4)).replace(
+    cfg = SegConfig(preprocess=PreprocessConfig(crop=32), net=SegNetConfig(dim=48, heads=4, feature_size=4)).replace(
         train={"freeze_encoder": freeze}
     )
     unetr, _ = build_segmenter(cfg, None)
@@ -248,7 +249,7 @@ def test_patch_8_checkpoint_is_refused(tmp_path, phantom):
             "train": {"steps": 2, "batch_size": 1},
         }
     )
-    good, _ = build_cache(find_volumes([str(phantom / "images" / "case0.nii.gz")])[0], cfg.data)
+    good, _ = build_cache(find_volumes([str(phantom / "images" / "case0.nii.gz")])[0], cfg.preprocess)
     pretrain(cfg, good, tmp_path / "mae")
     result = run(
         tmp_path / "mae" / "checkpoints" / "last.pt",

@@ -309,12 +309,12 @@ def test_uneven_spacing_names_the_slice_and_its_distance(tmp_path, ct_array, cas
 
 
 def test_messages_about_a_dicom_series_name_its_folder(tmp_path):
-    from ctmae.mae.config import DataConfig
     from ctmae.preprocess.build_cache import build_cache
+    from ctmae.preprocess.config import PreprocessConfig
 
     series = tmp_path / "SERIES"
     write_dicom_series(series, np.zeros((16, 16, 5), np.int16), spacing=(1.0, 1.0, 2.5), direction=IDENTITY)
-    cfg = DataConfig(spacing=(1.5, 1.5, 1.5), crop=32, cache_dir=str(tmp_path / "cache"), workers=0)
+    cfg = PreprocessConfig(spacing=(1.5, 1.5, 1.5), crop=32, cache_dir=str(tmp_path / "cache"))
     good, problems = build_cache(find_volumes([series])[0], cfg, min_edge=16)
     assert good == [] and len(problems) == 1
     assert problems[0].startswith(f"{series}: body region is ") and "slice_" not in problems[0], problems[0]

@@ -16,7 +16,7 @@ from conftest import SAMPLE_DATA, organ_ct, organ_map, write_volume
 from ctmae.cli import app
 from ctmae.io.discovery import Note, find_volumes, skipped_only
 from ctmae.io.labels import label_map_problem
-from ctmae.seg.config import SegDataConfig
+from ctmae.preprocess.config import PreprocessConfig
 from ctmae.seg.data import cache_cases, check_case, find_cases
 
 TINY = ["--model", "tiny", "--crop", "32", "--patch", "8", "--workers", "0", "--steps", "1"]
@@ -261,5 +261,5 @@ def test_finetune_seg_still_reads_the_labels_of_an_nnunet_root(tmp_path):
     cases = find_cases([root])
     assert [c.id for c in cases] == ["case_000", "case_001"]
     assert all(check_case(c) == 2 for c in cases)
-    cached = cache_cases(cases[:1], SegDataConfig(spacing=(2.0, 2.0, 2.0), crop=32))  # labels through LoadCTd
+    cached = cache_cases(cases[:1], PreprocessConfig(spacing=(2.0, 2.0, 2.0), crop=32))  # labels through LoadCTd
     assert np.unique(cached[0]["label"].numpy()).tolist() == [1.0, 2.0]  # cropped to the body: no background

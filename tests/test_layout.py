@@ -6,8 +6,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "ctmae"
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80  # body lines, after the signature and docstring (Typer signatures are long by nature)
@@ -101,9 +99,6 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
     )
 
 
-@pytest.mark.xfail(
-    strict=True, reason="preprocess/ still reads mae.config.DataConfig; the preprocessing settings type lands next"
-)
 def test_stages_import_only_downward():
     assert upward_imports(import_graph()) == []
 

@@ -155,7 +155,7 @@ def test_a_toy_strategy_registered_in_a_test_masks_and_trains(slab, tmp_path):
         }
     )
     sources, _ = find_volumes([write_body_scans(tmp_path / "scans", 1)])
-    good, _ = build_cache(sources, cfg.data)
+    good, _ = build_cache(sources, cfg.preprocess)
     result = pretrain(cfg, good, tmp_path / "run")
     assert result["steps"] == 2 and math.isfinite(result["last_loss"])
     assert "kind: slab" in (tmp_path / "run" / "config.yaml").read_text(encoding="utf-8")

@@ -19,11 +19,10 @@ from conftest import write_body_scans, write_volume
 from ctmae.cli import app
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import find_volumes
-from ctmae.mae.config import DataConfig
 from ctmae.preprocess.build_cache import build_entries
 from ctmae.preprocess.cache import OLD_CACHE_NOTE, VolumeCache
+from ctmae.preprocess.config import PreprocessConfig
 from ctmae.preprocess.prepare import Shard, hu_percentiles
-from ctmae.seg.config import SegDataConfig
 from ctmae.seg.data import cache_cases, find_cases
 
 SMALL = ["--crop", "32"]  # prepare's settings that pretrain's TINY options match
@@ -139,13 +138,13 @@ def test_a_full_disk_stops_prepare_in_one_line_and_keeps_earlier_entries(tmp_pat
     assert not (cache / "dataset.json").exists() and not list(cache.glob(".*"))  # no half-written file
     (first,) = find_volumes([scans / "scan0.nii.gz"])[0]
     monkeypatch.setattr(cache_module, "_VERIFIED", set())
-    VolumeCache(DataConfig(cache_dir=str(cache), crop=32)).load(first)  # intact: its CRC holds
+    VolumeCache(PreprocessConfig(cache_dir=str(cache), crop=32)).load(first)  # intact: its CRC holds
 
 
 def test_an_older_cache_is_rebuilt_and_said_once(tmp_path, scans):
     cache = tmp_path / "cache"
     cache.mkdir()
-    old = VolumeCache(DataConfig(cache_dir=str(cache), crop=32))
+    old = VolumeCache(PreprocessConfig(cache_dir=str(cache), crop=32))
     for s in find_volumes([scans])[0][:3]:
         key = cache_module.hashlib.sha256(f"{s.identity()}|{old.old_settings}".encode()).hexdigest()[:32]
         np.save(cache / f"{key}.npy", np.zeros((32, 32, 32), np.float32))
@@ -227,7 +226,7 @@ def test_a_bad_label_is_named_in_one_line(tmp_path, values, option, words):
 def test_cache_cases_items_are_what_train_reads(tmp_path):
     image, label = pair(tmp_path, "a.nii.gz", "b.nii.gz")
     cases = find_cases([image], [label])
-    cached = cache_cases(cases, SegDataConfig(spacing=ISO, crop=32), cache_dir=tmp_path / "cache")
+    cached = cache_cases(cases, PreprocessConfig(spacing=ISO, crop=32, cache_dir=str(tmp_path / "cache")))
     assert len(cached) == 1
     item = cached[0]
     for key in ("image", "label"):
@@ -250,7 +249,7 @@ def test_a_single_worker_takes_the_cores_for_simpleitk_and_keeps_torch_at_one_th
 
     monkeypatch.setattr(VolumeCache, "_preprocess", spy)
     sources = find_volumes([scans])[0]
-    built = [b for _, b in build_entries(sources, DataConfig(cache_dir=str(tmp_path / "c"), crop=32), workers=1)]
+    built = [b for _, b in build_entries(sources, PreprocessConfig(cache_dir=str(tmp_path / "c"), crop=32), workers=1)]
     assert all(b.meta for b in built)
     cores = len(os.sched_getaffinity(0))
     assert seen.read_text().split("\n")[:2] == [f"{cores} 1", f"{cores} 1"]

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from conftest import write_volume
 from ctmae.cli import app
 from ctmae.mae.checkpoint import load_checkpoint
+from ctmae.mae.config import RunConfig, recipe_path
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data"
 FAST = ["--model", "tiny", "--crop", "32", "--patch", "8", "--batch-size", "2", "--workers", "0"]
@@ -143,6 +144,10 @@ def test_no_arguments_runs_the_demo_into_runs_demo(tmp_path, monkeypatch):
     # the demo pretrains on lung1's lower 32 slices and on lung2: lung1's upper slab stays held out for reconstruct
     sizes = [json.loads(f.read_text(encoding="utf-8"))["source"]["size"] for f in (tmp_path / "cache").rglob("*.json")]
     assert sorted(sizes) == [[195, 195, 32], [214, 214, 61]]
+    ran = RunConfig.load_yaml(tmp_path / "runs" / "demo" / "config.yaml")  # the shipped recipe, as the options say
+    demo = RunConfig.load_yaml(recipe_path("demo")).replace(train={"steps": 2}, data={"workers": 0})
+    resolved = {"device": ran.train.device, "precision": ran.train.precision}  # auto, as this machine resolved it
+    assert ran == demo.replace(preprocess={"cache_dir": str(tmp_path / "cache" / "ctmae")}, train=resolved)
     again = run("--steps", "2")
     assert again.exit_code == 2 and "runs/demo" in again.output and "--overwrite" in again.output
 
@@ -171,7 +176,7 @@ def test_the_progress_rate_is_the_run_s_own_crops_per_second(tmp_path):
             "train": {"steps": 3, "batch_size": 2, "device": "cpu", "log_every": 1},
         }
     )
-    sources, _ = build_cache(find_volumes([str(write_body_scans(tmp_path / "s", 1))])[0], cfg.data)
+    sources, _ = build_cache(find_volumes([str(write_body_scans(tmp_path / "s", 1))])[0], cfg.preprocess)
     seen = []
     result = pretrain(cfg, sources, tmp_path / "run", on_step=seen.append)
     assert [s["step"] for s in seen] == [1, 2, 3] and all(s["crops_per_s"] > 0 for s in seen)

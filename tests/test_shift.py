@@ -176,10 +176,10 @@ def test_a_chest_trained_model_ranks_other_regions_above_a_held_out_chest(tmp_pa
     for i in range(3):
         torso(tmp_path / "train" / f"chest{i}.nii.gz", i)
     sources, _ = find_volumes([str(tmp_path / "train")])
-    good, _ = build_cache(sources, cfg.data)
+    good, _ = build_cache(sources, cfg.preprocess)
     pretrain(cfg, good, tmp_path / "run")
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    model, transform = model_from_checkpoint(state), preprocess_transforms(cfg.data)
+    model, transform = model_from_checkpoint(state), preprocess_transforms(cfg.preprocess)
 
     def score(path: Path) -> float:
         (source,), _ = find_volumes([path])

@@ -63,13 +63,13 @@ def test_grid_aliases_and_coercion():
         "mask.kind": ["none", "block"],
         "mask.ratio": [0.5, 0.75],
         "model.dec_depth": [1, 2],
-        "data.spacing": [[2, 2, 2]],
+        "preprocess.spacing": [[2, 2, 2]],  # the flat layout's name for it
     }
     points = plan_points(grid, TINY)
     # none ignores the ratio: its two ratios are one experiment
     assert [p.cfg.mask.kind for p in points] == ["none", "none", "block", "block", "block", "block"]
     assert points[2].cfg.mask.ratio == 0.5 and points[3].cfg.model.dec_depth == 2
-    assert points[0].cfg.data.spacing == (2.0, 2.0, 2.0)
+    assert points[0].cfg.preprocess.spacing == (2.0, 2.0, 2.0)
     assert len({p.folder for p in points}) == len(points)
 
 

@@ -32,9 +32,10 @@ from ctmae.io.checks import InputError
 from ctmae.io.discovery import find_volumes, skipped_only
 from ctmae.mae.checkpoint import load_checkpoint
 from ctmae.mae.config import MODEL_PRESETS
+from ctmae.preprocess.config import PreprocessConfig
 from ctmae.runtime.distributed import DistInfo, cleanup
 from ctmae.runtime.signals import StopFlag, Stopped
-from ctmae.seg.config import UNETR_DEPTH, SegConfig, SegDataConfig, SegNetConfig
+from ctmae.seg.config import UNETR_DEPTH, SegConfig, SegNetConfig
 
 PathList = Optional[list[Path]]
 
@@ -260,7 +261,8 @@ def finetune_seg(
         if change:  # a pretrained encoder's input contract is not an option
             raise UsageError(f"--spacing {spacing:g}: {change} ({fixed}); omit --spacing, or train --from-scratch")
         chosen = _classes(cases + (val_cases or []), classes, label_names, num_classes)
-        data_opts = dict(crop=crop, crops_per_volume=crops_per_volume, pos_fraction=pos_fraction, **chosen.config())
+        data_opts = dict(crops_per_volume=crops_per_volume, pos_fraction=pos_fraction, **chosen.config())
+        pre_opts = {"crop": crop, "cache_dir": str(cache_dir) if cache_dir else None}
         train_opts = {
             "steps": steps,
             "epochs": epochs,
@@ -281,16 +283,16 @@ def finetune_seg(
                     f"--classes {classes}: the run in {out} learns other classes; resume without --classes"
                 )
             given = {"steps": steps, "device": device, "precision": precision}
-            cfg = cfg.replace(train={k: v for k, v in given.items() if v is not None})
+            given_pre = {"cache_dir": str(cache_dir)} if cache_dir else {}
+            cfg = cfg.replace(train={k: v for k, v in given.items() if v is not None}, preprocess=given_pre)
         else:
             net_opts = {"model": model, "feature_size": feature_size, "num_classes": chosen.count}
-            mae, cfg = _new_config(
-                checkpoint, from_scratch, spacing, net_opts, {**data_opts, "workers": workers}, train_opts
-            )
-        voxels = cfg.data.crops_per_volume * cfg.data.crop**3
+            sections = {"preprocess": pre_opts, "data": {**data_opts, "workers": workers}, "train": train_opts}
+            mae, cfg = _new_config(checkpoint, from_scratch, spacing, net_opts, sections)
+        voxels = cfg.data.crops_per_volume * cfg.preprocess.crop**3
         cfg = cfg.replace(data={"workers": use_resources(threads, cfg.train.device, workers, voxels * 8).workers})
         if cfg.pretrained:  # the encoder's input contract, from each image's header and a few slices
-            _warn(source_warnings(preprocessing_of(cfg.data), [c.image for c in cases + (val_cases or [])]))
+            _warn(source_warnings(preprocessing_of(cfg.preprocess), [c.image for c in cases + (val_cases or [])]))
         train_cases, held_out = (cases, val_cases) if val_cases else split_cases(cases, val_fraction, cfg.train.seed)
         if len(cases) == 1 and not val_cases:
             console.print(
@@ -299,17 +301,17 @@ def finetune_seg(
                 highlight=False,
             )
         weights = None if from_scratch or mae is None else mae["model"]
-        _train(cfg, train_cases, held_out, out, weights, resume, stop_at, dist, cache_dir)
+        _train(cfg, train_cases, held_out, out, weights, resume, stop_at, dist)
         cleanup(dist)
 
     run_command(body)
 
 
 def _new_config(
-    checkpoint: Optional[Path], from_scratch: bool, spacing: Optional[float], net_opts: dict, data: dict, train: dict
+    checkpoint: Optional[Path], from_scratch: bool, spacing: Optional[float], net_opts: dict, sections: dict
 ) -> tuple[Optional[dict], SegConfig]:
-    """(the MAE checkpoint's state or None, the fine-tuning config): data settings and ViT sizes from the checkpoint
-    (or the preset for --from-scratch), then the options."""
+    """(the MAE checkpoint's state or None, the fine-tuning config): preprocessing and ViT sizes from the checkpoint
+    (or the preset for --from-scratch), then the options; the cache folder is this machine's."""
     from ctmae.seg.network import net_config_from_mae
 
     mae = None
@@ -319,14 +321,14 @@ def _new_config(
             net = net_config_from_mae(mae["config"].model, net_opts["feature_size"], net_opts["num_classes"])
         except ValueError as e:
             raise ValueError(f"{checkpoint}: {e}") from None
-        pre = mae["config"].data
-        base = SegDataConfig(spacing=pre.spacing, hu_window=pre.hu_window, crop=mae["config"].model.img_size)
+        base = PreprocessConfig(**{k: getattr(mae["config"].preprocess, k) for k in ("spacing", "hu_window", "crop")})
     else:
         net = _net_from_preset(net_opts["model"], net_opts["feature_size"], net_opts["num_classes"])
-        base = SegDataConfig(**({"spacing": (spacing,) * 3} if spacing else {}))
+        base = PreprocessConfig(**({"spacing": (spacing,) * 3} if spacing else {}))
     try:
-        cfg = SegConfig(data=base, net=net, pretrained="" if from_scratch else str(checkpoint))
-        return mae, cfg.replace(data={**data, "crop": data["crop"] or base.crop}, train=train)
+        cfg = SegConfig(preprocess=base, net=net, pretrained="" if from_scratch else str(checkpoint))
+        given = {k: v for k, v in sections["preprocess"].items() if v is not None}
+        return mae, cfg.replace(**{**sections, "preprocess": given})
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -340,7 +342,6 @@ def _train(
     resume: bool,
     stop_at: Optional[int],
     dist: DistInfo,
-    cache_dir: Optional[Path] = None,
 ) -> None:
     from ctmae.seg.classes import classes_of
     from ctmae.seg.train import finetune
@@ -381,7 +382,6 @@ def _train(
             dist=dist,
             on_start=started,
             on_step=stepped,
-            cache_dir=str(cache_dir) if cache_dir else None,
         )
     table = Table(title="fine-tuning summary", show_header=False)
     per_class = result["dice_per_class"] or []

@@ -24,16 +24,17 @@ from ctmae.cli.common import (
 )
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import check_modality, find_volumes, skipped_only
-from ctmae.mae.config import RunConfig, default_cache_dir
+from ctmae.mae.config import RunConfig
+from ctmae.preprocess.config import default_cache_dir
 
 
 def _config(config: Optional[Path], spacing: Optional[float], crop: Optional[int], cache_dir: Optional[Path]):
-    """The data settings: pretraining's defaults, a pretraining YAML's ``data`` section, then the options."""
+    """The run settings: pretraining's defaults, a pretraining YAML, then the options (``preprocess`` section)."""
     try:
         run = RunConfig.load_yaml(config, base=RunConfig()) if config is not None else RunConfig()
         given = {"spacing": (spacing,) * 3 if spacing else None, "crop": crop}
         given["cache_dir"] = str(cache_dir) if cache_dir else None
-        return run.replace(data={k: v for k, v in given.items() if v is not None})
+        return run.replace(preprocess={k: v for k, v in given.items() if v is not None})
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -129,7 +130,7 @@ def prepare(
 
             summary, bad = prepare_dataset(
                 mine,
-                cfg.data,
+                cfg.preprocess,
                 skipped=skipped_only(problems) if not part else [],
                 workers=count,
                 min_edge=cfg.model.patch,
@@ -137,7 +138,7 @@ def prepare(
                 on_note=note,
             )
         report_skipped(problems + bad)
-        path = write_summary(cfg.data.cache_dir, summary, part)
+        path = write_summary(cfg.preprocess.cache_dir, summary, part)
         _print_summary(summary, path)
         if not summary["scans"] and mine:
             raise InputError(f"no usable scan among the inputs ({len(summary['skipped'])} skipped)")

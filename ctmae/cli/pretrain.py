@@ -30,7 +30,7 @@ from ctmae.cli.common import (
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import check_modality, find_volumes, skipped_only
 from ctmae.mae.checkpoint import load_checkpoint
-from ctmae.mae.config import MODEL_PRESETS, RunConfig
+from ctmae.mae.config import MODEL_PRESETS, RECIPES, RunConfig, recipe_path
 from ctmae.mae.context import context_problem, context_warnings
 from ctmae.mae.masking import MASKS
 from ctmae.runtime.distributed import DistInfo, barrier, cleanup, gather
@@ -38,17 +38,8 @@ from ctmae.runtime.distributed import DistInfo, barrier, cleanup, gather
 if TYPE_CHECKING:
     from ctmae.experiments.monitor import TrainingMonitor
 
-# With no INPUTS, `ctmae pretrain` is a short CPU demo on the bundled scans (lung1's lower slab and lung2); options
-# given explicitly still win. The recipe is the best measured by benchmarks/recipe.py (BENCHMARKS.md, issue 18): 64³
-# crops, the loss on every hidden token, a decoder that predicts the residual over a gaussian fill (sigma 8) with
-# queries that read the fills around them, batch 8 at learning rate 3e-3, each batch 8 crops of one scan, scaled by
-# 1/1.25 to 1.25. Loader workers are planned from the CPU budget: none below four cores, where they slow the step.
-DEMO = {
-    "model": {"size": "tiny", "fill_sigma": 8.0, "fill_queries": True},
-    "data": {"crop": 64, "crops_per_volume": 8, "zoom": 0.25},
-    "mask": {"predict_ratio": 0.75},
-    "train": {"steps": 1400, "batch_size": 8, "lr": 3e-3, "log_every": 10},
-}  # benchmarks/recipe_table.py's demo-cpv8-zoom
+# With no INPUTS, `ctmae pretrain` is a short CPU demo on the bundled scans (lung1's lower slab and lung2) with the
+# recipe ctmae/recipes/demo.yaml; options given explicitly still win.
 DEMO_OUT = Path("runs/demo")
 
 
@@ -80,10 +71,11 @@ def _volumes(inputs: list[Path], cfg: RunConfig, dist: DistInfo, modality: str |
         task = progress.add_task("preprocessing", total=len(mine), info="")
         ready, bad = build_cache(
             mine,
-            cfg.data,
+            cfg.preprocess,
             on_volume=lambda: progress.advance(task),
             min_edge=cfg.model.patch,
             on_note=lambda line: console.print(f"[yellow]note:[/yellow] {escape(line)}", highlight=False),
+            workers=cfg.data.workers or 0,
         )
     barrier(dist)
     ready_ids, bad = set(gather([s.id for s in ready], dist)), gather(bad, dist)
@@ -92,7 +84,7 @@ def _volumes(inputs: list[Path], cfg: RunConfig, dist: DistInfo, modality: str |
     count = len(skipped_only(problems)) + len(bad)  # a note on ignored files skips no volume
     if not good:
         raise InputError(f"no usable volume among the inputs ({count} skipped)")
-    rows, duplicates = inventory(good, VolumeCache(cfg.data))
+    rows, duplicates = inventory(good, VolumeCache(cfg.preprocess))
     for line in duplicates:
         errors.print(f"[yellow]note:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
     if dist.is_main:
@@ -102,7 +94,7 @@ def _volumes(inputs: list[Path], cfg: RunConfig, dist: DistInfo, modality: str |
     twins = f", {len(duplicates)} duplicate(s) used once" if duplicates else ""
     listed = f"; inventory: {run_dir / 'inputs.csv'}" if dist.is_main else ""
     console.print(
-        f"{len(good)} volume(s) ready{skipped}{twins}; cache: {cfg.data.cache_dir}{listed}",
+        f"{len(good)} volume(s) ready{skipped}{twins}; cache: {cfg.preprocess.cache_dir}{listed}",
         highlight=False,
         soft_wrap=True,
     )
@@ -131,8 +123,8 @@ def pretrain(
     config: Annotated[
         Optional[Path],
         typer.Option(
-            help="YAML file with data/model/mask/train sections (as a run's "
-            "config.yaml); options given here override it."
+            help=f"YAML file with preprocess/data/model/mask/train sections (as a run's config.yaml), or a recipe "
+            f"shipped with ctmae: {'|'.join(RECIPES)}; options given here override it."
         ),
     ] = None,
     model: Annotated[
@@ -213,18 +205,18 @@ def pretrain(
         if base is not None:  # loader workers belong to the machine, not the run: a requeued job plans its own
             base = base.replace(data={"workers": None})
         try:
-            cfg = base or (RunConfig() if inputs else RunConfig.from_dict(DEMO))
+            cfg = base or (RunConfig() if inputs else RunConfig.recipe("demo"))
             if config is not None:
-                cfg = RunConfig.load_yaml(config, base=cfg)
+                cfg = RunConfig.load_yaml(recipe_path(config), base=cfg)
             cfg = cfg.replace(
                 **_given(
                     model={"size": model, "patch": patch},
-                    data={
+                    preprocess={
                         "crop": crop,
-                        "workers": workers,
                         "cache_dir": str(cache_dir) if cache_dir else None,
                         "spacing": (spacing,) * 3 if spacing else None,
                     },
+                    data={"workers": workers},
                     mask={
                         "kind": mask,
                         "ratio": mask_ratio,
@@ -247,7 +239,7 @@ def pretrain(
                 cfg = cfg.replace(train={"steps": None})
         except ValueError as e:
             raise UsageError(str(e)) from None
-        change = base and preprocessing_change(base.data, cfg.data)
+        change = base and preprocessing_change(base.preprocess, cfg.preprocess)
         if change:  # the checkpoint's encoder learned from that preprocessing: a resumed run keeps it
             raise UsageError(f"--resume: {change} ({last}); resume without changing it, or start a new RUN_DIR")
         problem = context_problem(cfg)
@@ -255,7 +247,7 @@ def pretrain(
             raise UsageError(problem)
         for line in context_warnings(cfg):
             errors.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
-        crop_bytes = cfg.data.crop**3 * 4  # float32
+        crop_bytes = cfg.preprocess.crop**3 * 4  # float32
         res = use_resources(threads, cfg.train.device, cfg.data.workers, cfg.data.crops_per_volume * crop_bytes)
         cfg = cfg.replace(data={"workers": res.workers})
         probe = _probe_cases(cfg, probe_images, probe_labels, probe_every) if dist.is_main else None

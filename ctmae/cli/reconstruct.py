@@ -77,7 +77,7 @@ def reconstruct(
             mask_cfg = mask_config(loaded, mask, mask_ratio, block)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        for line in path_warnings(preprocessing_of(loaded.cfg.data), input):  # the encoder's input contract
+        for line in path_warnings(preprocessing_of(loaded.cfg.preprocess), input):  # the encoder's input contract
             errors.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
         patch, crop = loaded.cfg.model.patch, loaded.cfg.model.img_size
         if mask_unit is not None and mask_unit % patch:

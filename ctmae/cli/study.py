@@ -91,7 +91,7 @@ def study(
         check_classes_option(classes)
         settings = _settings(protocols, shots, repeats, seed, test_cases, ft_steps, windows, device, classes)
         base = _base(config, model, crop, patch, steps, seed, device, workers, cache_dir, batch_size)
-        visit_bytes = base.data.crops_per_volume * base.data.crop**3 * 4
+        visit_bytes = base.data.crops_per_volume * base.preprocess.crop**3 * 4
         base = base.replace(data={"workers": use_resources(threads, device, base.data.workers, visit_bytes).workers})
         try:
             if bool(grid) == bool(grid_file):
@@ -141,10 +141,11 @@ def _base(config, model, crop, patch, steps, seed, device, workers, cache_dir, b
 
     try:
         cfg = RunConfig.load_yaml(config) if config else RunConfig()
-        data = {"crop": crop, "workers": workers, "cache_dir": str(cache_dir) if cache_dir else None}
+        pre = {"crop": crop, "cache_dir": str(cache_dir) if cache_dir else None}
         return cfg.replace(
             model={k: v for k, v in {"size": model, "patch": patch}.items() if v is not None},
-            data={k: v for k, v in data.items() if v is not None},
+            preprocess={k: v for k, v in pre.items() if v is not None},
+            data={"workers": workers} if workers is not None else {},
             train={"steps": steps, "epochs": None, "seed": seed, "device": device}
             | ({"batch_size": batch_size} if batch_size else {}),
         )
@@ -195,9 +196,10 @@ def _sources(scans: list[Path]):
     ready: dict[str, list] = {}
 
     def sources_for(point) -> list:
-        key = repr(point.cfg.data)
+        key = repr(point.cfg.preprocess)
         if key not in ready:
-            good, bad = build_cache(found, point.cfg.data, min_edge=point.cfg.model.patch)
+            pre, workers = point.cfg.preprocess, point.cfg.data.workers or 0
+            good, bad = build_cache(found, pre, min_edge=point.cfg.model.patch, workers=workers)
             report_skipped(bad)
             if not good:
                 raise InputError(f"no usable volume among the inputs ({len(bad)} skipped)")

@@ -69,7 +69,7 @@ def hidden_share(extents_mm: np.ndarray, cfg: RunConfig, seed: int = 0, draws: i
         seed: seeds the positions and the masks.
         draws: masks simulated per object.
     """
-    grid, token_mm = cfg.model.grid, cfg.model.patch * np.asarray(cfg.data.spacing)
+    grid, token_mm = cfg.model.grid, cfg.model.patch * np.asarray(cfg.preprocess.spacing)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     shares = np.zeros(len(extents_mm))
@@ -112,10 +112,10 @@ def check_masking(
     fitting = [b for b, share in by_block.items() if share <= by_block[1] + tolerance]
     return {
         "mask": dataclasses.asdict(cfg.mask),
-        "crop": cfg.data.crop,
+        "crop": cfg.preprocess.crop,
         "patch": cfg.model.patch,
-        "spacing_mm": list(cfg.data.spacing),
-        "block_edge_mm": [cfg.mask.block * cfg.model.patch * s for s in cfg.data.spacing],
+        "spacing_mm": list(cfg.preprocess.spacing),
+        "block_edge_mm": [cfg.mask.block * cfg.model.patch * s for s in cfg.preprocess.spacing],
         "objects": objects,
         "hidden_share": float(shares.mean()),
         "hidden_share_by_block": by_block,
@@ -139,7 +139,7 @@ def write_overlay(
     grid = cfg.model.grid
     hidden = sample_mask(cfg.mask, 1, (grid,) * 3, torch.Generator().manual_seed(seed), torch.device("cpu"))
     hidden = hidden.mask.view(grid, grid, grid)[:, :, grid // 2].numpy()  # (gx, gy) at the object's depth
-    token_vox = cfg.model.patch * np.asarray(cfg.data.spacing)[:2] / spacing[:2]  # voxels per token in x, y
+    token_vox = cfg.model.patch * np.asarray(cfg.preprocess.spacing)[:2] / spacing[:2]  # voxels per token in x, y
     ys, xs = np.mgrid[0 : slice_.shape[0], 0 : slice_.shape[1]]
     gx = np.floor((xs - obj["center_voxel"][0]) / token_vox[0] + grid / 2).astype(int)
     gy = np.floor((ys - obj["center_voxel"][1]) / token_vox[1] + grid / 2).astype(int)

@@ -57,7 +57,7 @@ class ProbeCases:
         test, pool = (tuple(cases), tuple(cases)) if len(cases) == 1 else split_cases(cases, None, 1, seed)
         classes = check_cases(test, pool).classes
         prepared = PreparedCases()
-        train, held = prepared.get(cfg.data, pool), prepared.get(cfg.data, test)
+        train, held = prepared.get(cfg.preprocess, pool), prepared.get(cfg.preprocess, test)
         return ProbeCases(train, held, classes, len(cases) > 1, test[0].image)
 
 

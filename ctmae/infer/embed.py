@@ -49,8 +49,8 @@ from ctmae.infer.sliding import (
 )
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import VolumeSource, find_volumes
-from ctmae.mae.config import DataConfig
 from ctmae.mae.shift import has_reference, no_reference_note, shift_score, shift_warning
+from ctmae.preprocess.config import PreprocessConfig
 from ctmae.preprocess.contract import image_warnings, preprocessing_of, with_input_probe
 from ctmae.preprocess.transforms import preprocess_transforms
 from ctmae.runtime.loader import VOLUME_STALL_S, iterate_workers
@@ -140,7 +140,7 @@ def embed(
 
     embedded, stopped = 0, None
     warnings = [] if has_reference(loaded.shift_reference) or not todo else [no_reference_note("the checkpoint")]
-    stream = _stream(todo, loaded.cfg.data)
+    stream = _stream(todo, loaded.cfg.preprocess, loaded.cfg.data.workers or 0)
     with Journal(journal, digest, pool) as log:
         try:
             for item in stream:
@@ -230,7 +230,7 @@ def scan_shift(loaded: LoadedModel, image: torch.Tensor) -> float:
 class _Prepare(Dataset):
     """Preprocesses one volume per item (in DataLoader workers); a dict with the tensor and geometry, or a problem."""
 
-    def __init__(self, sources: Sequence[VolumeSource], cfg: DataConfig) -> None:
+    def __init__(self, sources: Sequence[VolumeSource], cfg: PreprocessConfig) -> None:
         self.sources, self.cfg = list(sources), cfg
         self.transform = None
 
@@ -259,11 +259,13 @@ def _keep(item: dict[str, Any]) -> dict[str, Any]:
     return item  # DataLoader's default conversion would turn the numpy affine into a tensor
 
 
-def _stream(sources: Sequence[VolumeSource], cfg: DataConfig) -> Generator[dict[str, Any], None, None]:
-    """Preprocessed volumes in order, one in the main process plus at most 2 per worker in flight (``cfg.workers``
+def _stream(
+    sources: Sequence[VolumeSource], cfg: PreprocessConfig, workers: int
+) -> Generator[dict[str, Any], None, None]:
+    """Preprocessed volumes in order, one in the main process plus at most 2 per worker in flight (``workers``
     as the command planned them against /dev/shm); the workers leave stop signals to the main process, a wait for
     them ends on a stall (``ctmae.runtime.loader``), and they end when the generator is closed."""
-    workers = min(cfg.workers or 0, len(sources))
+    workers = min(workers, len(sources))
     loader = DataLoader(_Prepare(sources, cfg), batch_size=None, num_workers=workers, collate_fn=_keep)
     return iterate_workers(loader, stall_s=VOLUME_STALL_S)
 

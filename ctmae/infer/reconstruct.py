@@ -128,10 +128,10 @@ def reconstruct(
         raise ValueError(f"window step {window_step} must be a multiple of the patch size, at most the crop")
     source = _one_volume(input_path)
     ensure_not_inputs([Path(out_dir) / name for name in (*OUTPUTS, "preview.png", "metrics.json")], [source])
-    transform = preprocess_transforms(cfg.data, pad=False)  # _predict pads at the far end only
+    transform = preprocess_transforms(cfg.preprocess, pad=False)  # _predict pads at the far end only
     image = preprocess(source, transform)  # (1, X, Y, Z) in 0..1, RAS, cropped to the body
     array, affine = read_volume(source)  # (X0, Y0, Z0) HU, the geometry every output keeps
-    lo, hi = cfg.data.hu_window
+    lo, hi = cfg.preprocess.hu_window
 
     kind = strategy(mask)
     _refuse_one_cell(source, image.shape[1:], mask, mask_unit or cfg.model.patch)

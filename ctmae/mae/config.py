@@ -1,4 +1,4 @@
-"""Run configuration: data, model, masking and optimisation settings, stored in every checkpoint.
+"""Run configuration: preprocessing, data, model, masking and optimisation settings, stored in every checkpoint.
 
 Each section is a frozen dataclass; ``RunConfig.to_dict`` / ``RunConfig.from_dict`` give the plain-dict form that
 ``config.yaml`` and checkpoints hold. ``from_dict`` names the offending key on an unknown key or a wrong type.
@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ctmae.mae.masking import MaskConfig, strategy  # the mask section lives with the registry it names
+from ctmae.preprocess.config import PreprocessConfig, lift_flat_layout
 from ctmae.runtime.config import Sections, check_common
 
 # Encoder/decoder sizes, one entry per preset; head_dim = dim / heads. tiny, small and base keep 12 encoder blocks
@@ -25,21 +27,28 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-def default_cache_dir() -> str:
-    """The preprocessing cache shared by all runs of this user: ``$XDG_CACHE_HOME/ctmae`` or ``~/.cache/ctmae``."""
-    return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ctmae")
+RECIPES = ("demo", "gpu")  # YAML files in ctmae/recipes/: the CPU demo, a base recipe for GPUs
+
+
+def recipe_path(name: str | os.PathLike) -> Path:
+    """The file ``--config`` names: an existing YAML file, or a recipe shipped in ctmae/recipes/ by name.
+
+    Raises:
+        ValueError: neither a file nor a recipe, naming both.
+    """
+    if Path(name).is_file():
+        return Path(name)
+    if str(name) in RECIPES:
+        return Path(str(resources.files("ctmae") / "recipes" / f"{name}.yaml"))
+    raise ValueError(f"{name}: no such config file, and not a recipe ({', '.join(RECIPES)})")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)  # target voxel size in mm along RAS x, y, z
-    hu_window: tuple[float, float] = (-1000.0, 1000.0)  # HU clipped to this range, then scaled to 0..1
-    crop: int = 96  # edge of the cubic training crop in voxels; a multiple of the patch size
     crops_per_volume: int = 4  # random crops drawn each time a cached volume is read
     flip: bool = False  # pretraining mirrors each crop left-right (RAS x) with probability 1/2
     zoom: float = 0.0  # > 0: each pretraining crop is scaled by s, log-uniform in [1/(1+zoom), 1+zoom] (anatomy of
     # other sizes: patients differ; a cube of crop·s voxels is read and resampled trilinearly to the crop)
-    cache_dir: str = field(default_factory=default_cache_dir)  # preprocessed volumes, keyed by file and settings
     workers: int | None = None  # DataLoader worker processes (0: load in the training process; None: planned from
     # the CPU budget and /dev/shm by the command, ctmae.runtime.resources; in-process where nothing planned it)
 
@@ -94,6 +103,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunConfig(Sections):
+    # A section of its own (not a field of ``data``): the preprocess stage, the cache, the export's contract and a
+    # fine-tune read exactly this, and it holds the same type in both run configs.
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -103,27 +115,34 @@ class RunConfig(Sections):
         check(self)
 
     @classmethod
+    def recipe(cls, name: str | os.PathLike) -> RunConfig:
+        """A recipe shipped in ctmae/recipes/ by name (``demo``, ``gpu``), or a YAML file (``recipe_path``)."""
+        return cls.load_yaml(recipe_path(name))
+
+    @classmethod
     def expand(cls, d: dict[str, Any], base: RunConfig) -> tuple[dict[str, Any], RunConfig]:
-        """A ``model.size`` preset brings its widths (other model keys refine it); ``data.crop`` sets the model's
-        ``img_size`` too (one crop size for both)."""
+        """A ``model.size`` preset brings its widths (other model keys refine it); ``preprocess.crop`` sets the
+        model's ``img_size`` too (one crop size for both). The flat layout's ``data.spacing`` etc. are lifted."""
+        d = lift_flat_layout(d)
         model = d.get("model") or {}
         if isinstance(model, dict) and "size" in model:
             if model["size"] not in MODEL_PRESETS:
                 raise ValueError(f"unknown model size {model['size']!r}; choose one of {', '.join(MODEL_PRESETS)}")
             base = dataclasses.replace(base, model=dataclasses.replace(base.model, **MODEL_PRESETS[model["size"]]))
-        data = d.get("data") or {}
-        if isinstance(data, dict) and "crop" in data and isinstance(model, dict):
-            d["model"] = {"img_size": data["crop"], **model}
+        pre = d.get("preprocess") or {}
+        if isinstance(pre, dict) and "crop" in pre and isinstance(model, dict):
+            d["model"] = {"img_size": pre["crop"], **model}
         return d, base
 
 
 def check(cfg: RunConfig) -> None:
     """Cross-field checks; ValueError with what was given."""
     m, d, k, t = cfg.model, cfg.data, cfg.mask, cfg.train
+    crop = cfg.preprocess.crop
     if m.patch < 1 or m.img_size % m.patch:
         raise ValueError(f"crop {m.img_size} must be a positive multiple of the patch size {m.patch}")
-    if d.crop != m.img_size:
-        raise ValueError(f"data.crop ({d.crop}) and model.img_size ({m.img_size}) must be equal")
+    if crop != m.img_size:
+        raise ValueError(f"preprocess.crop ({crop}) and model.img_size ({m.img_size}) must be equal")
     if m.head not in ("linear", "upsample", "smooth") or (m.head == "upsample" and m.patch % 4):
         raise ValueError(f"model.head must be linear, upsample (patch divisible by 4) or smooth, got {m.head!r}")
     if m.head == "smooth" and not m.fill_sigma:
@@ -142,4 +161,4 @@ def check(cfg: RunConfig) -> None:
         raise ValueError("batch_size and crops_per_volume must be >= 1, workers >= 0")
     if not 0.0 <= d.zoom <= 1.0:
         raise ValueError(f"data.zoom must be in [0, 1] (crops scaled by up to 1 + zoom), got {d.zoom}")
-    check_common(d, t)
+    check_common(t)

@@ -26,7 +26,7 @@ def context_problem(cfg: RunConfig) -> str | None:
     visible, total = visible_tokens(cfg)
     if strategy(cfg.mask).hides_tokens and visible < min(MIN_VISIBLE_TOKENS, total - 1):
         return (
-            f"mask ratio {cfg.mask.ratio:g} leaves {visible} of {total} tokens visible per {cfg.data.crop}³ crop "
+            f"mask ratio {cfg.mask.ratio:g} leaves {visible} of {total} tokens visible per {cfg.preprocess.crop}³ crop "
             f"({cfg.model.patch}³ patches); at least {MIN_VISIBLE_TOKENS} are needed: lower --mask-ratio, or use a "
             f"larger --crop or a smaller --patch"
         )
@@ -42,7 +42,7 @@ def context_warnings(cfg: RunConfig) -> list[str]:
     if visible < WARN_VISIBLE_TOKENS:
         lines.append(
             f"mask ratio {cfg.mask.ratio:g} leaves {visible} of {total} tokens ({visible / total:.0%}) visible per "
-            f"{cfg.data.crop}³ crop of {cfg.model.patch}³ patches: little context to infer hidden anatomy from "
+            f"{cfg.preprocess.crop}³ crop of {cfg.model.patch}³ patches: little context to infer hidden anatomy from "
             f"(ctmae study's ratio sweep shows where the downstream metric turns down)"
         )
     if cfg.mask.kind == "block" and cfg.mask.block >= cfg.model.grid:

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from ctmae.io.discovery import VolumeSource
 from ctmae.mae.config import DataConfig
 from ctmae.preprocess.cache import VolumeCache
+from ctmae.preprocess.config import PreprocessConfig
 from ctmae.preprocess.visit_order import global_visit, visit_batches, visit_volume
 
 
@@ -30,10 +31,16 @@ class CropVisits(Dataset):
     """
 
     def __init__(
-        self, sources: Sequence[VolumeSource], cfg: DataConfig, seed: int, rank: int = 0, world: int = 1
+        self,
+        sources: Sequence[VolumeSource],
+        pre: PreprocessConfig,
+        cfg: DataConfig,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         self.sources, self.cfg, self.seed, self.rank, self.world = list(sources), cfg, seed, rank, world
-        self.cache = VolumeCache(cfg)
+        self.crop, self.cache = pre.crop, VolumeCache(pre)
 
     def __len__(self) -> int:
         return 2**62  # endless; the sampler decides which visits are read
@@ -43,7 +50,7 @@ class CropVisits(Dataset):
         source = self.sources[visit_volume(len(self.sources), self.seed, visit)]
         volume = self.cache.load(source)  # (X, Y, Z), each edge >= crop
         rng = np.random.default_rng([self.seed, visit])
-        c = self.cfg.crop
+        c = self.crop
         crops = np.empty((self.cfg.crops_per_volume, 1, c, c, c), np.float32)  # (N, 1, c, c, c)
         for crop in crops:
             edge = self._edge(rng, volume.shape)
@@ -61,13 +68,14 @@ class CropVisits(Dataset):
     def _edge(self, rng: np.random.Generator, shape: Sequence[int]) -> int:
         """Edge of the cube to read for one crop: ``crop``, or with ``zoom`` a log-uniform scale of it that fits."""
         if not self.cfg.zoom:
-            return self.cfg.crop
+            return self.crop
         scale = float(np.exp(rng.uniform(-1.0, 1.0) * np.log1p(self.cfg.zoom)))
-        return max(2, min(round(self.cfg.crop * scale), *shape))
+        return max(2, min(round(self.crop * scale), *shape))
 
 
 def crop_batches(
     sources: Sequence[VolumeSource],
+    pre: PreprocessConfig,
     cfg: DataConfig,
     seed: int,
     batch_size: int,
@@ -81,6 +89,6 @@ def crop_batches(
     epoch. When ``crops_per_volume`` equals the per-rank batch, the global batch of a step holds the same crops
     as a single process with ``world`` times the batch.
     """
-    visits = CropVisits(sources, cfg, seed, rank, world)
+    visits = CropVisits(sources, pre, cfg, seed, rank, world)
     for (crops,) in visit_batches(visits, cfg.crops_per_volume, batch_size, start_step, cfg.workers):
         yield crops

@@ -41,9 +41,9 @@ import numpy as np
 import torch
 
 from ctmae.io.discovery import VolumeSource
-from ctmae.mae.config import DataConfig
 from ctmae.mae.model import MaskedAutoencoder3D
 from ctmae.preprocess.cache import VolumeCache
+from ctmae.preprocess.config import PreprocessConfig
 
 KIND = "encoder-feature-mean"  # the kind of reference a checkpoint stores; older checkpoints hold another or none
 SEED = 20_240_917  # one fixed seed: every scan is scored on crops at the same generator's positions
@@ -121,12 +121,12 @@ def reference(model: MaskedAutoencoder3D, volumes: Sequence[Any], crop: int) -> 
     }
 
 
-def training_reference(model: MaskedAutoencoder3D, sources: Sequence[VolumeSource], data: DataConfig) -> dict:
+def training_reference(model: MaskedAutoencoder3D, sources: Sequence[VolumeSource], pre: PreprocessConfig) -> dict:
     """``reference`` over a seeded choice of at most ``MAX_REFERENCE_SCANS`` cached training scans."""
     count = min(len(sources), MAX_REFERENCE_SCANS)
     chosen = sorted(np.random.default_rng(SEED).choice(len(sources), count, replace=False).tolist())
-    cache = VolumeCache(data)
-    return reference(model, [cache.load(sources[i]) for i in chosen], data.crop)
+    cache = VolumeCache(pre)
+    return reference(model, [cache.load(sources[i]) for i in chosen], pre.crop)
 
 
 def has_reference(ref: dict[str, Any] | None) -> bool:

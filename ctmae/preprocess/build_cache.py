@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import VolumeSource
-from ctmae.mae.config import DataConfig
 from ctmae.preprocess.cache import OLD_CACHE_NOTE, Built, VolumeCache
+from ctmae.preprocess.config import PreprocessConfig
 from ctmae.runtime.cpu import current_budget
 from ctmae.runtime.files import OutputError
 from ctmae.runtime.loader import iterate_workers
@@ -48,15 +48,15 @@ def _use_threads(threads: int) -> None:
 
 
 def build_entries(
-    sources: Sequence[VolumeSource], cfg: DataConfig, min_edge: int = 1, workers: int | None = None
+    sources: Sequence[VolumeSource], cfg: PreprocessConfig, min_edge: int = 1, workers: int = 0
 ) -> Iterator[tuple[VolumeSource, Built]]:
-    """Build (or find) every source's entry in ``workers`` processes (default ``cfg.workers``), yielding in order.
+    """Build (or find) every source's entry in ``workers`` processes (0: this one), yielding in order.
 
     Raises:
         OutputError: an entry could not be written (e.g. a full disk); entries written before are intact.
     """
     cache = VolumeCache(cfg, min_edge)
-    workers = min((cfg.workers or 0) if workers is None else workers, len(sources))
+    workers = min(workers, len(sources))
     threads = max(1, current_budget().cores // workers) if workers else 0  # each worker's share of the CPU budget
     loader = DataLoader(_Build(sources, cache, threads), batch_size=None, num_workers=workers)
     for source, built in zip(sources, iterate_workers(loader)):
@@ -69,10 +69,11 @@ def build_entries(
 
 def build_cache(
     sources: Sequence[VolumeSource],
-    cfg: DataConfig,
+    cfg: PreprocessConfig,
     on_volume: Callable[[], None] | None = None,
     min_edge: int = 1,
     on_note: Callable[[str], None] | None = None,
+    workers: int = 0,
 ) -> tuple[list[VolumeSource], list[str]]:
     """Preprocess every volume into the cache (in parallel workers); returns (usable sources, problems).
 
@@ -82,19 +83,20 @@ def build_cache(
         on_volume: optional callback called once per finished volume (progress).
         min_edge: refuse volumes whose body region is smaller than this many voxels along an axis (one patch).
         on_note: called once with ``OLD_CACHE_NOTE`` when entries of an older ctmae are being rebuilt.
+        workers: DataLoader processes building entries (0: this process; the run's ``data.workers``).
 
     Raises:
         OutputError: the cache could not be written (e.g. a full disk); entries written before are intact.
     """
-    built, problems = build_all(sources, cfg, min_edge, on_volume=on_volume, on_note=on_note)
+    built, problems = build_all(sources, cfg, min_edge, workers, on_volume=on_volume, on_note=on_note)
     return [source for source, _ in built], problems
 
 
 def build_all(
     sources: Sequence[VolumeSource],
-    cfg: DataConfig,
+    cfg: PreprocessConfig,
     min_edge: int = 1,
-    workers: int | None = None,
+    workers: int = 0,
     on_volume: Callable[[], None] | None = None,
     on_note: Callable[[str], None] | None = None,
 ) -> tuple[list[tuple[VolumeSource, Built]], list[str]]:

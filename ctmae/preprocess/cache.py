@@ -51,9 +51,9 @@ from ctmae.io.checks import InputError
 from ctmae.io.discovery import VolumeSource
 from ctmae.io.labels import refuse_label_map
 from ctmae.io.volume import CTReader, itk_grid
-from ctmae.mae.config import DataConfig
+from ctmae.preprocess.config import PreprocessConfig
 from ctmae.preprocess.resample import resample_to_grid
-from ctmae.preprocess.transforms import body_threshold, ras_grid
+from ctmae.preprocess.transforms import ras_grid
 from ctmae.runtime.files import atomic_path, atomic_write_text
 
 CACHE_VERSION = 2  # bump when the preprocessing code or the format changes what an entry holds
@@ -141,7 +141,7 @@ class VolumeCache:
     without being read again. ``stale`` counts entries of an older ctmae this object replaced.
     """
 
-    def __init__(self, cfg: DataConfig, min_edge: int = 1) -> None:
+    def __init__(self, cfg: PreprocessConfig, min_edge: int = 1) -> None:
         lo, hi = cfg.hu_window
         if not -32768 <= lo < hi <= 32767:
             raise ValueError(f"hu_window {cfg.hu_window}: the cache stores HU as int16; use a window in -32768..32767")
@@ -149,7 +149,7 @@ class VolumeCache:
         self.reader = CTReader()
         self.grid = ras_grid(["image"], cfg, lazy=True)
         self.window = cfg.hu_window
-        self.body = body_threshold(cfg)
+        self.body = cfg.body_threshold
         self.pad = SpatialPadd(["image"], spatial_size=(cfg.crop,) * 3, value=0.0)
         self.min_edge = min_edge
         self.settings, self.old_settings = (

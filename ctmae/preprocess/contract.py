@@ -30,7 +30,9 @@ from monai.transforms import Compose, MapTransform
 from ctmae.io.dicom import itk_warnings_off
 from ctmae.io.discovery import VolumeSource, find_volumes
 from ctmae.io.labels import label_map_problem
-from ctmae.preprocess.transforms import BODY_HU, LoadCTd, body_threshold
+from ctmae.preprocess.config import BODY_HU, PreprocessConfig, lift_flat_layout
+from ctmae.preprocess.transforms import LoadCTd
+from ctmae.runtime.config import update_section
 
 SPACING_FACTOR = 4.0  # warn when an axis is over 4x coarser or finer than trained (5 mm slices vs 1.5 mm pass)
 AIR_HU = -200.0  # every CT of a body holds air (about -1000 HU) around it or in it; nothing below this is not HU CT
@@ -55,22 +57,22 @@ class InputSummary:
     label_map: str | None = None  # why the sample looks like a label map (``ctmae.io.labels``): the command refuses it
 
 
-def preprocessing_of(data: Any) -> dict[str, Any]:
-    """The portable ``preprocessing`` section for a ``DataConfig`` / ``SegDataConfig`` (spacing, hu_window, crop).
+def preprocessing_of(pre: PreprocessConfig) -> dict[str, Any]:
+    """The portable ``preprocessing`` section of a run's ``PreprocessConfig`` (the cache folder left out).
 
     This is what config.json stores and what every check below reads; keys name MONAI's transforms' arguments.
     """
-    lo, hi = (float(v) for v in data.hu_window)
+    lo, hi = (float(v) for v in pre.hu_window)
     return {
         "orientation": "RAS",
-        "spacing": [float(s) for s in data.spacing],
+        "spacing": [float(s) for s in pre.spacing],
         "interpolation": "bilinear",
         "hu_window": [lo, hi],
         "scaled_to": [0.0, 1.0],
         "clip": True,
         "body_threshold_hu": BODY_HU,
-        "body_threshold": body_threshold(data),
-        "crop": int(data.crop),
+        "body_threshold": pre.body_threshold,
+        "crop": int(pre.crop),
         "pad_value": 0.0,
     }
 
@@ -260,14 +262,15 @@ def preprocessing_change(
     """The first preprocessing setting ``asked`` changes from the pretrained encoder's ``trained``, as one phrase.
 
     Args:
-        trained, asked: ``spacing``, ``hu_window`` and ``crop`` as attributes (``DataConfig``, ``SegDataConfig``) or
-            keys (a ``preprocessing`` section); ``asked`` needs only the keys compared.
+        trained, asked: ``spacing``, ``hu_window`` and ``crop`` as attributes (a ``PreprocessConfig``) or keys (a
+            ``preprocessing`` section); ``asked`` needs only the keys compared.
         keys: the settings compared.
     """
     for key in keys:
         old, new = (x[key] if isinstance(x, dict) else getattr(x, key) for x in (trained, asked))
         if np.any(np.asarray(old, dtype=np.float64) != np.asarray(new, dtype=np.float64)):
-            return f"data.{key} {_shown(key, new)} differs from the {_shown(key, old)} the encoder was pretrained with"
+            shown = f"{_shown(key, new)} differs from the {_shown(key, old)}"
+            return f"preprocess.{key} {shown} the encoder was pretrained with"
     return None
 
 
@@ -280,18 +283,11 @@ def _shown(key: str, value: Any) -> str:
 
 
 def checkpoint_preprocessing(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``preprocessing`` section of a ctmae checkpoint's ``data`` config, read without loading the tensors into
-    memory (``mmap``); None for anything else (the command's own loading then names the problem)."""
+    """The ``preprocessing`` section of a ctmae checkpoint's config (either layout), read without loading the
+    tensors into memory (``mmap``); None for anything else (the command's own loading then names the problem)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        data = state["config"]["data"]
-        return preprocessing_of(_Data(tuple(data["spacing"]), tuple(data["hu_window"]), int(data["crop"])))
+        section = lift_flat_layout(state["config"])["preprocess"]
+        return preprocessing_of(update_section(PreprocessConfig(cache_dir=""), section, "preprocess"))
     except Exception:
         return None
-
-
-@dataclass(frozen=True)
-class _Data:
-    spacing: tuple[float, float, float]
-    hu_window: tuple[float, float]
-    crop: int

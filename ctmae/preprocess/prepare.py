@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from ctmae.io.discovery import VolumeSource
-from ctmae.mae.config import DataConfig
 from ctmae.preprocess.build_cache import build_all
 from ctmae.preprocess.cache import CACHE_VERSION, HU_BIN, HU_RANGE
+from ctmae.preprocess.config import PreprocessConfig
 from ctmae.runtime.files import atomic_write_text
 
 PERCENTILES = (1, 50, 99)
@@ -55,9 +55,9 @@ class Shard:
 
 def prepare_dataset(
     sources: Sequence[VolumeSource],
-    cfg: DataConfig,
+    cfg: PreprocessConfig,
     skipped: Sequence[str] = (),
-    workers: int | None = None,
+    workers: int = 0,
     min_edge: int = 1,
     on_scan: Callable[[], None] | None = None,
     on_note: Callable[[str], None] | None = None,
@@ -68,7 +68,7 @@ def prepare_dataset(
         sources: scans from ``ctmae.io.discovery.find_volumes`` (one shard's share, if sharded).
         cfg: preprocessing settings and cache folder.
         skipped: one-line problems of inputs already skipped (discovery, modality), reported with the rest.
-        workers: processes building entries (default ``cfg.workers``; 0: this process).
+        workers: processes building entries (0: this process).
         min_edge: refuse scans whose body region is smaller than this along an axis (pretraining's patch).
         on_scan: called once per finished scan (progress).
         on_note: called once with ``OLD_CACHE_NOTE`` when entries of an older ctmae are being rebuilt.
@@ -83,7 +83,7 @@ def prepare_dataset(
     return summarise([entry.meta for _, entry in built], [*skipped, *problems], cfg), problems
 
 
-def summarise(metas: Sequence[dict], skipped: Sequence[str], cfg: DataConfig) -> dict:
+def summarise(metas: Sequence[dict], skipped: Sequence[str], cfg: PreprocessConfig) -> dict:
     """The dataset summary of image entries' sidecars: counts, ranges, HU percentiles, modalities, bytes.
 
     HU percentiles come from the merged histograms (``HU_BIN``-wide bins, each scan's strided subsample), as bin

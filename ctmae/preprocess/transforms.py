@@ -23,9 +23,7 @@ from monai.utils import ensure_tuple
 from ctmae.io.discovery import files_label
 from ctmae.io.labels import refuse_label_map
 from ctmae.io.volume import CTReader
-from ctmae.mae.config import DataConfig
-
-BODY_HU = -500.0  # voxels above this HU count as foreground (body) for the foreground crop
+from ctmae.preprocess.config import PreprocessConfig
 
 
 class LoadCTd(MapTransform):
@@ -50,7 +48,7 @@ class LoadCTd(MapTransform):
         return d
 
 
-def preprocess_transforms(cfg: DataConfig, label: bool = False, pad: bool = True) -> Compose:
+def preprocess_transforms(cfg: PreprocessConfig, label: bool = False, pad: bool = True) -> Compose:
     """The deterministic chain: {"image": files} -> {"image": MetaTensor (1, X, Y, Z) float32 in 0..1, RAS}.
 
     With ``label``, a "label" key (a label volume on the image's grid) follows every spatial step with
@@ -65,21 +63,15 @@ def preprocess_transforms(cfg: DataConfig, label: bool = False, pad: bool = True
             EnsureChannelFirstd(keys, channel_dim="no_channel"),
             *ras_grid(keys, cfg),
             ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
-            CropForegroundd(keys, source_key="image", select_fn=functools.partial(torch.gt, other=body_threshold(cfg))),
+            CropForegroundd(keys, source_key="image", select_fn=functools.partial(torch.gt, other=cfg.body_threshold)),
             *([SpatialPadd(keys, spatial_size=(cfg.crop,) * 3, value=0.0)] if pad else []),
         ]
     )
 
 
-def ras_grid(keys: list[str], cfg: DataConfig, lazy: bool = False) -> list[MapTransform]:
+def ras_grid(keys: list[str], cfg: PreprocessConfig, lazy: bool = False) -> list[MapTransform]:
     """Orientation to RAS, then resampling to ``cfg.spacing`` (bilinear for the image, nearest for a label)."""
     return [
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), lazy=lazy),
         Spacingd(keys, pixdim=cfg.spacing, mode=["bilinear", "nearest"][: len(keys)], dtype=torch.float32, lazy=lazy),
     ]
-
-
-def body_threshold(cfg: DataConfig) -> float:
-    """The foreground (body) threshold ``BODY_HU`` in HU-window units (0..1)."""
-    lo, hi = cfg.hu_window
-    return min(max((BODY_HU - lo) / (hi - lo), 0.0), 0.99)

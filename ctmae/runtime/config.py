@@ -71,14 +71,12 @@ class Sections:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def check_common(data: Any, train: Any) -> None:
-    """Checks shared by pretraining and fine-tuning configs: device, precision, schedule, HU window, spacing."""
+def check_common(train: Any) -> None:
+    """Checks shared by pretraining and fine-tuning configs' train sections: device, precision, schedule."""
     if train.precision not in PRECISIONS or train.device not in DEVICES:
         raise ValueError(f"precision must be one of {PRECISIONS} and device one of {DEVICES}")
     if (train.steps is not None and train.steps < 1) or (train.epochs is not None and train.epochs <= 0):
         raise ValueError(f"steps and epochs must be positive, got steps={train.steps} epochs={train.epochs}")
-    if data.hu_window[0] >= data.hu_window[1] or min(data.spacing) <= 0:
-        raise ValueError(f"hu_window must be (low, high) with low < high and spacing positive, got {data}")
 
 
 def update_section(base: Any, d: dict[str, Any], name: str) -> Any:

@@ -1,4 +1,4 @@
-"""Fine-tuning configuration for ``finetune-seg``: preprocessing, the UNETR it builds, and training settings.
+"""Fine-tuning configuration for ``finetune-seg``: preprocessing, labelled data, the UNETR it builds, and training.
 
 Frozen dataclasses, stored as a plain dict in every segmentation checkpoint, so a segmenter is rebuilt from its
 checkpoint alone (``SegConfig.from_dict``).
@@ -7,8 +7,9 @@ checkpoint alone (``SegConfig.from_dict``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from ctmae.mae.config import DataConfig
+from ctmae.preprocess.config import PreprocessConfig, lift_flat_layout
 from ctmae.runtime.config import Sections, check_common
 
 UNETR_PATCH = 16  # MONAI's UNETR hard-codes 16³ patches
@@ -17,19 +18,12 @@ UNETR_DEPTH = 12  # ... and a 12-block ViT whose blocks 3, 6, 9 feed the skip co
 
 @dataclass(frozen=True)
 class SegDataConfig:
-    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)  # target voxel size in mm (from the MAE checkpoint)
-    hu_window: tuple[float, float] = (-1000.0, 1000.0)  # HU scaled to 0..1 (from the MAE checkpoint)
-    crop: int = 96  # edge of the training crop and the sliding window; a multiple of 16
     crops_per_volume: int = 4  # foreground-balanced crops drawn per visit of a labelled volume
     pos_fraction: float = 0.5  # share of crops centred on a labelled (non-zero) voxel
     workers: int | None = None  # DataLoader processes drawing crops (0: in the training process; None: planned
     # by the command from the CPU budget and /dev/shm)
     label_values: tuple[int, ...] = ()  # label value of each class 1..K (--classes; other values are background)
     class_names: tuple[str, ...] = ()  # name of each class 1..K ("" unnamed); () when the labels have no names
-
-    def preprocessing(self) -> DataConfig:
-        """The pretraining ``DataConfig`` that ``ctmae.preprocess.transforms.preprocess_transforms`` reads."""
-        return DataConfig(spacing=self.spacing, hu_window=self.hu_window, crop=self.crop, cache_dir="", workers=0)
 
 
 @dataclass(frozen=True)
@@ -64,6 +58,8 @@ class SegTrainConfig:
 
 @dataclass(frozen=True)
 class SegConfig(Sections):
+    # spacing and HU window from the MAE checkpoint; crop (training crop and sliding window) a multiple of 16
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     data: SegDataConfig = field(default_factory=SegDataConfig)
     net: SegNetConfig = field(default_factory=SegNetConfig)
     train: SegTrainConfig = field(default_factory=SegTrainConfig)
@@ -72,12 +68,17 @@ class SegConfig(Sections):
     def __post_init__(self) -> None:
         check(self)
 
+    @classmethod
+    def expand(cls, d: dict[str, Any], base: SegConfig) -> tuple[dict[str, Any], SegConfig]:
+        """The flat layout's ``data.spacing``, ``data.hu_window``, ``data.crop`` are lifted into ``preprocess``."""
+        return lift_flat_layout(d), base
+
 
 def check(cfg: SegConfig) -> None:
     """Cross-field checks; ValueError with what was given."""
-    d, n, t = cfg.data, cfg.net, cfg.train
-    if d.crop < UNETR_PATCH or d.crop % UNETR_PATCH:
-        raise ValueError(f"crop {d.crop} must be a positive multiple of 16 (UNETR's patch size)")
+    d, n, t, crop = cfg.data, cfg.net, cfg.train, cfg.preprocess.crop
+    if crop < UNETR_PATCH or crop % UNETR_PATCH:
+        raise ValueError(f"crop {crop} must be a positive multiple of 16 (UNETR's patch size)")
     if n.dim % n.heads:
         raise ValueError(f"ViT width {n.dim} must divide by its {n.heads} heads")
     if n.num_classes < 2 or n.feature_size < 1:
@@ -98,4 +99,4 @@ def check(cfg: SegConfig) -> None:
         raise ValueError(f"layer_decay must be in (0, 1], got {t.layer_decay}")
     if t.batch_size < 1 or t.val_every < 1 or t.log_every < 1:
         raise ValueError("batch_size, val_every and log_every must be >= 1")
-    check_common(d, t)
+    check_common(t)

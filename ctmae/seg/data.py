@@ -19,7 +19,6 @@ permutation, its random draws seeded by ``(seed, v)``; so any step's batch is a 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
 import re
@@ -39,8 +38,8 @@ from ctmae.io.dicom import itk_warnings_off
 from ctmae.io.discovery import VolumeSource, find_volumes, skipped_only
 from ctmae.io.labels import class_counts
 from ctmae.io.volume import CTReader, ras_affine
-from ctmae.mae.config import default_cache_dir
 from ctmae.preprocess.cache import OLD_CACHE_NOTE, VolumeCache
+from ctmae.preprocess.config import PreprocessConfig
 from ctmae.preprocess.visit_order import global_visit, visit_batches, visit_volume
 from ctmae.seg.classes import SelectClassesd
 from ctmae.seg.config import SegDataConfig
@@ -285,8 +284,8 @@ class CachedCases(Sequence):
 
 def cache_cases(
     cases: Sequence[LabelledCase],
-    cfg: SegDataConfig,
-    cache_dir: str | os.PathLike | None = None,
+    pre: PreprocessConfig,
+    label_values: Sequence[int] = (),
     on_case: Callable[[], None] | None = None,
     on_note: Callable[[str], None] | None = None,
 ) -> CachedCases:
@@ -294,9 +293,8 @@ def cache_cases(
 
     Args:
         cases: checked labelled cases.
-        cfg: spacing, HU window and crop (the padding): the entries' key, as pretraining's; the chosen classes
-            (``label_values``), applied as the labels are read.
-        cache_dir: the cache folder (default: pretraining's default, ``ctmae.mae.config.default_cache_dir``).
+        pre: spacing, HU window and crop (the padding): the entries' key, as pretraining's; and the cache folder.
+        label_values: the chosen classes (``SegDataConfig.label_values``), applied as the labels are read.
         on_case: called once per case made ready (progress).
         on_note: called once with ``OLD_CACHE_NOTE`` when entries of an older ctmae are being rebuilt.
 
@@ -304,8 +302,7 @@ def cache_cases(
         InputError: an image or label is unusable (one line naming it).
         OutputError: the cache could not be written (e.g. a full disk).
     """
-    folder = os.fspath(cache_dir) if cache_dir else default_cache_dir()
-    cache = VolumeCache(dataclasses.replace(cfg.preprocessing(), cache_dir=folder))
+    cache = VolumeCache(pre)
     for case in cases:
         cache.label_entry(case.image, case.label)  # builds the image's entry too
         if cache.stale and on_note:
@@ -313,10 +310,10 @@ def cache_cases(
             on_note = None
         if on_case:
             on_case()
-    return CachedCases(cache, cases, cfg.label_values)
+    return CachedCases(cache, cases, tuple(label_values))
 
 
-def random_transforms(cfg: SegDataConfig) -> Compose:
+def random_transforms(cfg: SegDataConfig, crop: int) -> Compose:
     """Foreground-balanced crops and flips along each axis, one random draw shared by image and label."""
     pos = cfg.pos_fraction
     return Compose(
@@ -324,7 +321,7 @@ def random_transforms(cfg: SegDataConfig) -> Compose:
             RandCropByPosNegLabeld(
                 KEYS,
                 label_key="label",
-                spatial_size=(cfg.crop,) * 3,
+                spatial_size=(crop,) * 3,
                 pos=pos,
                 neg=1.0 - pos,
                 num_samples=cfg.crops_per_volume,
@@ -339,8 +336,10 @@ def random_transforms(cfg: SegDataConfig) -> Compose:
 class CaseVisits(Dataset):
     """Item ``v`` is visit ``v`` of the seeded schedule: (images (N, 1, c, c, c), labels (N, 1, c, c, c))."""
 
-    def __init__(self, cached: CachedCases, cfg: SegDataConfig, seed: int, rank: int = 0, world: int = 1) -> None:
-        self.cached, self.cfg, self.seed, self.rank, self.world = cached, cfg, seed, rank, world
+    def __init__(
+        self, cached: CachedCases, cfg: SegDataConfig, crop: int, seed: int, rank: int = 0, world: int = 1
+    ) -> None:
+        self.cached, self.cfg, self.crop, self.seed, self.rank, self.world = cached, cfg, crop, seed, rank, world
 
     def __len__(self) -> int:
         return 2**62  # endless; the sampler decides which visits are read
@@ -348,7 +347,7 @@ class CaseVisits(Dataset):
     def __getitem__(self, local_visit: int) -> tuple[torch.Tensor, torch.Tensor]:
         visit = global_visit(local_visit, self.rank, self.world)
         case = self.cached[visit_volume(len(self.cached), self.seed, visit)]
-        draw = random_transforms(self.cfg)
+        draw = random_transforms(self.cfg, self.crop)
         draw.set_random_state(seed=(self.seed * 1_000_003 + visit) % 2**32)
         crops = draw({k: case[k] for k in KEYS})
         return tuple(torch.stack([c[k].as_tensor() for c in crops]) for k in KEYS)  # 2 x (N, 1, c, c, c)
@@ -357,6 +356,7 @@ class CaseVisits(Dataset):
 def crop_batches(
     cached: CachedCases,
     cfg: SegDataConfig,
+    crop: int,
     seed: int,
     batch_size: int,
     start_step: int = 0,
@@ -365,5 +365,5 @@ def crop_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (images, labels) batches (B, 1, c, c, c), continuing exactly where step ``start_step`` would be;
     ``rank`` of ``world`` processes reads its own share of the visits (``ctmae.preprocess.visit_order``)."""
-    visits = CaseVisits(cached, cfg, seed, rank, world)
+    visits = CaseVisits(cached, cfg, crop, seed, rank, world)
     yield from visit_batches(visits, cfg.crops_per_volume, batch_size, start_step, cfg.workers)

@@ -148,6 +148,6 @@ def load_seg_checkpoint(path: str | os.PathLike, map_location: str | torch.devic
 def segmenter_from_checkpoint(state: dict[str, Any]) -> UNETR:
     """Rebuild the UNETR from a loaded segmentation checkpoint's config and weights."""
     cfg: SegConfig = state["config"]
-    unetr = build_unetr(cfg.net, cfg.data.crop)
+    unetr = build_unetr(cfg.net, cfg.preprocess.crop)
     unetr.load_state_dict(state["model"])
     return unetr

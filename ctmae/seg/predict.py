@@ -96,7 +96,7 @@ def predict(
     torch_device = resolve_device(device)
     precision = resolve_precision("auto", torch_device)
     unetr = segmenter_from_checkpoint(state).to(torch_device).eval()
-    preprocess = preprocess_transforms(cfg.data.preprocessing())
+    preprocess = preprocess_transforms(cfg.preprocess)
     invert = Invertd("pred", transform=preprocess, orig_keys="image", nearest_interp=True)
     written, taken = [], set()
     for source in sources:

@@ -37,7 +37,9 @@ SW_OVERLAP = 0.25  # signal is checked between forward passes
 def sliding_window(cfg: SegConfig, device: torch.device) -> SlidingWindowInferer:
     """Whole-volume inference in crop-sized windows, Gaussian-weighted where they overlap."""
     batch = SW_BATCH if device.type == "cuda" else 1
-    return SlidingWindowInferer(roi_size=(cfg.data.crop,) * 3, sw_batch_size=batch, overlap=SW_OVERLAP, mode="gaussian")
+    return SlidingWindowInferer(
+        roi_size=(cfg.preprocess.crop,) * 3, sw_batch_size=batch, overlap=SW_OVERLAP, mode="gaussian"
+    )
 
 
 def segment_logits(
@@ -89,7 +91,7 @@ def build_segmenter(cfg: SegConfig, mae_weights: dict[str, torch.Tensor] | None)
     The decoder's initial weights depend on the seed only, so pretrained and from-scratch runs differ in the ViT.
     """
     torch.manual_seed(cfg.train.seed)
-    unetr = build_unetr(cfg.net, cfg.data.crop)
+    unetr = build_unetr(cfg.net, cfg.preprocess.crop)
     loaded = copy_encoder(unetr, mae_weights) if mae_weights is not None else 0
     if cfg.train.freeze_encoder:
         unetr.vit.requires_grad_(False)
@@ -171,7 +173,6 @@ def finetune(
     dist: DistInfo = DistInfo(),
     on_start: Callable[[dict[str, Any]], None] | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
-    cache_dir: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune a UNETR and write ``run_dir``: config.yaml, metrics.jsonl, train.log, checkpoints/{last,best}.pt.
 
@@ -186,7 +187,6 @@ def finetune(
             rank 0 alone writes files. SIGTERM/SIGUSR1/Ctrl-C on any rank: finish the step, write last.pt, stop.
         on_start: called once with ``{"start_step", "total_steps", "device", "precision", "encoder_tensors"}``.
         on_step: called after each step with ``{"step", "loss", "lr", "val_dice"}`` (None when not computed).
-        cache_dir: the preprocessing cache the cases are read through (``ctmae.seg.data.cache_cases``' default if None).
 
     Returns:
         Figures of the run: steps, last loss, best and last mean validation Dice (and per class), seconds, paths,
@@ -212,9 +212,18 @@ def finetune(
     if on_start:
         on_start(run.start_info(encoder_tensors=loaded))
 
-    train_data, val_data = (cache_cases(c, cfg.data, cache_dir, on_note=run.log.info) for c in (train_cases, val_cases))
+    train_data, val_data = (
+        cache_cases(c, cfg.preprocess, cfg.data.label_values, on_note=run.log.info) for c in (train_cases, val_cases)
+    )
     batches = crop_batches(
-        train_data, cfg.data, t.seed, t.batch_size, start_step=run.start, rank=dist.rank, world=dist.world
+        train_data,
+        cfg.data,
+        cfg.preprocess.crop,
+        t.seed,
+        t.batch_size,
+        start_step=run.start,
+        rank=dist.rank,
+        world=dist.world,
     )
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     net.train()

@@ -153,7 +153,7 @@ def describe_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[s
         "network": "monai.networks.nets.ViT",
         "architecture": arguments,
         "position_embedding": POSITION_NOTE,
-        "preprocessing": preprocessing_of(cfg.data),
+        "preprocessing": preprocessing_of(cfg.preprocess),
         "training": training,
         **({"evaluation": figures} if figures else {}),
         "weights": {

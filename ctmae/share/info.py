@@ -129,10 +129,10 @@ def _segmentation(path: Path) -> Description:
         ("ViT", f"{n.size} preset: width {n.dim}, 12 blocks, {n.heads} heads, 16³ patches"),
         ("feature_size", str(n.feature_size)),
         ("num_classes", f"{n.num_classes} (background included)"),
-        ("img_size", f"{cfg.data.crop}³"),
+        ("img_size", f"{cfg.preprocess.crop}³"),
         ("classes", _classes(cfg.data.label_values, cfg.data.class_names, n.num_classes)),
     ]
-    out.sections["preprocessing"] = [(k, _text(v)) for k, v in preprocessing_of(cfg.data).items()]
+    out.sections["preprocessing"] = [(k, _text(v)) for k, v in preprocessing_of(cfg.preprocess).items()]
     figures = run_figures(path, int(state.get("step", 0))).get("training", {})
     best = state.get("best_dice")
     out.sections["training"] = [

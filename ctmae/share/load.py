@@ -16,8 +16,9 @@ import torch
 from monai.networks.nets import UNETR, ViT
 
 from ctmae.infer.sliding import LoadedModel, load_model
-from ctmae.mae.config import DataConfig, ModelConfig, RunConfig
+from ctmae.mae.config import ModelConfig, RunConfig
 from ctmae.mae.model import sincos_embedding_3d
+from ctmae.preprocess.config import PreprocessConfig
 from ctmae.runtime.checkpoint import CheckpointError
 from ctmae.runtime.device import resolve_device
 from ctmae.seg.network import build_unetr, copy_encoder, net_config_from_mae
@@ -143,7 +144,7 @@ def load_encoder_model(path: str | os.PathLike, device: str) -> LoadedModel:
     pre, training = config["preprocessing"], config.get("training", {})
     cfg = RunConfig(
         model=model_config(config["architecture"], training.get("model_size", "custom")),
-        data=DataConfig(spacing=tuple(pre["spacing"]), hu_window=tuple(pre["hu_window"]), crop=int(pre["crop"])),
+        preprocess=PreprocessConfig(tuple(pre["spacing"]), tuple(pre["hu_window"]), int(pre["crop"])),
     )
     return LoadedModel(ExportedEncoder(vit).to(dev).eval(), cfg, int(training.get("step") or 0), dev)
 

@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 
 from ctmae.io.checks import InputError
-from ctmae.mae.config import DataConfig
+from ctmae.preprocess.config import PreprocessConfig
 from ctmae.preprocess.transforms import preprocess_transforms
 from ctmae.seg.classes import ClassMap, SelectClassesd, check_present, numbered_classes
 from ctmae.seg.data import LabelledCase, case_values
@@ -155,7 +155,7 @@ class PreparedCases:
     label_values: tuple[int, ...] = ()
     store: dict[tuple, Prepared] = field(default_factory=dict)
 
-    def get(self, data: DataConfig, cases: Sequence[LabelledCase]) -> list[Prepared]:
+    def get(self, data: PreprocessConfig, cases: Sequence[LabelledCase]) -> list[Prepared]:
         key = (tuple(data.spacing), tuple(data.hu_window), data.crop, self.label_values)
         transform = None
         for case in cases:

@@ -21,6 +21,7 @@ import torch
 from ctmae.experiments.evaluate.cases import Prepared
 from ctmae.experiments.evaluate.settings import EvalSettings
 from ctmae.mae.config import RunConfig
+from ctmae.preprocess.config import PreprocessConfig
 from ctmae.runtime.device import resolve_device
 from ctmae.seg.classes import ClassMap
 from ctmae.seg.config import SegConfig, SegDataConfig
@@ -41,8 +42,9 @@ def seg_config(mae: RunConfig, settings: EvalSettings, classes: ClassMap, repeat
     """
     net = net_config_from_mae(mae.model, settings.feature_size, classes.count)
     crop = settings.crop or mae.model.img_size
-    data = SegDataConfig(spacing=mae.data.spacing, hu_window=mae.data.hu_window, crop=crop, **classes.config())
-    return SegConfig(data=data, net=net, pretrained=pretrained).replace(
+    pre = PreprocessConfig(spacing=mae.preprocess.spacing, hu_window=mae.preprocess.hu_window, crop=crop)
+    data = SegDataConfig(**classes.config())
+    return SegConfig(preprocess=pre, data=data, net=net, pretrained=pretrained).replace(
         train={
             "steps": settings.steps,
             "lr": settings.lr,
@@ -67,7 +69,7 @@ def run_fewshot(
     """Fine-tune one few-shot run in ``run_dir`` (continuing its ``last.pt`` if there is one) and score it.
 
     Args:
-        prepared: the test cases preprocessed as ``cfg.data`` says, asked for only when there are several.
+        prepared: the test cases preprocessed as ``cfg.preprocess`` says, asked for only when there are several.
 
     Returns:
         ``{"dice", "dice_per_class", "per_case", "train_cases", "seconds"}``, or ``{"stopped", "interrupted"}``

@@ -131,7 +131,7 @@ class _Worker:
             return build_model(subject.cfg.model).to(device).eval(), None
 
     def _probe(self, subject: Subject, on_case: Callable[[], None]) -> dict[str, Any]:
-        s, data = self.settings, subject.cfg.data
+        s, data = self.settings, subject.cfg.preprocess
         train, test = self.prepared.get(data, self.cases.pool), self.prepared.get(data, self.cases.test)
         if subject.kind == "intensity":
             featurize = intensity_featurizer(subject.cfg.model.patch)
@@ -155,7 +155,7 @@ class _Worker:
 
     def _recon(self, subject: Subject, on_case: Callable[[], None]) -> dict[str, Any]:
         model, _ = self._model(subject)
-        test = self.prepared.get(subject.cfg.data, self.cases.test)
+        test = self.prepared.get(subject.cfg.preprocess, self.cases.test)
         use_model = not subject.cfg.model.norm_pix_loss  # normalised targets carry no intensity scale
         device = next(model.parameters()).device
         s = self.settings
@@ -178,7 +178,7 @@ class _Worker:
                 tick(step - last[0])
             last[0] = step
 
-        prepared = lambda: self.prepared.get(cfg.data.preprocessing(), test)  # noqa: E731
+        prepared = lambda: self.prepared.get(cfg.preprocess, test)  # noqa: E731
         result = run_fewshot(cfg, train, test, prepared, self.run_dir(unit), weights, stepped)
         if tick and "stopped" not in result:
             tick(unit.ticks - last[0])

@@ -95,7 +95,7 @@ def load_subjects(checkpoints: Sequence[str | os.PathLike], settings: EvalSettin
             Subject(f"ckpt{i}", "pretrained", label, cfg, str(path), file_sha256(path), int(state["step"]), problem)
         )
         del state
-        m, d = cfg.model, cfg.data
+        m, d = cfg.model, cfg.preprocess
         twin = repr((m, d.spacing, d.hu_window))
         if twin not in scratch:
             scratch[twin] = Subject(

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from ctmae.mae.config import RunConfig
+from ctmae.preprocess.config import FLAT_KEYS
 
 # shorthands for the settings a masking study varies; any ``section.key`` of RunConfig works too
 ALIASES = {
@@ -29,8 +30,11 @@ ALIASES = {
     "lr": "train.lr",
     "batch_size": "train.batch_size",
 }
+# the preprocessing keys' older names (grid files and study manifests written before the preprocess section)
+FLAT_ALIASES = {f"data.{k}": f"preprocess.{k}" for k in FLAT_KEYS}
+ALIASES |= FLAT_ALIASES
 # keys the study fixes for every point (they define what is compared, or come from the study's own options)
-FIXED = ("train.seed", "train.steps", "train.epochs", "train.device", "data.cache_dir", "model.size")
+FIXED = ("train.seed", "train.steps", "train.epochs", "train.device", "preprocess.cache_dir", "model.size")
 # short names used in point folder names
 SHORT = {"mask.kind": "", "mask.ratio": "r", "mask.block": "b", "mask.predict_ratio": "pr", "model.dec_depth": "dd"}
 
@@ -63,7 +67,7 @@ def resolve_key(key: str) -> str:
 
 def _value(text: Any, key: str) -> Any:
     """A grid value as the config field wants it: YAML scalars, strings kept for str fields, a number repeated for
-    a tuple field (``data.spacing=1.5`` -> (1.5, 1.5, 1.5))."""
+    a tuple field (``preprocess.spacing=1.5`` -> (1.5, 1.5, 1.5))."""
     hint = _fields()[key]
     if isinstance(text, str):
         text = text.strip()

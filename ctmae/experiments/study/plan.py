@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from ctmae.experiments.evaluate import EvalSettings
-from ctmae.experiments.study.grid import expand, point_name
+from ctmae.experiments.study.grid import FLAT_ALIASES, expand, point_name
 from ctmae.mae.config import RunConfig
 from ctmae.mae.masking import strategy
+from ctmae.preprocess.config import lift_flat_layout
 from ctmae.runtime.files import atomic_write_text
 
 MANIFEST = "study.json"
@@ -89,7 +90,7 @@ def manifest(
 ) -> dict[str, Any]:
     """The study's identity: data, grid, base config (seed and steps included) and evaluation settings."""
     data = base.to_dict()
-    data["data"].pop("cache_dir")  # where the cache lives does not change a figure
+    data["preprocess"].pop("cache_dir")  # where the cache lives does not change a figure
     data["data"].pop("workers")
     return {
         "format": FORMAT,
@@ -109,8 +110,11 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))["manifest"]
-    except (OSError, ValueError, KeyError, TypeError):
+        man = json.loads(path.read_text(encoding="utf-8"))["manifest"]
+        man["base"] = lift_flat_layout(man["base"])  # a study begun before the preprocess section continues
+        man["grid"] = {FLAT_ALIASES.get(k, k): v for k, v in man["grid"].items()}
+        return man
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise StudyMismatch(
             f"{path}: not a ctmae study manifest; pass --overwrite to start a new study there"
         ) from None

@@ -91,7 +91,8 @@ def markdown(study: dict[str, Any]) -> str:
     lines = ["# ctmae study", ""]
     lines.append(
         f"{len(man['scans'])} training file(s), {len(man['eval_data'])} evaluation file(s); model "
-        f"{man['base']['model']['size']}, crop {man['base']['data']['crop']}, patch {man['base']['model']['patch']}, "
+        f"{man['base']['model']['size']}, crop {man['base']['preprocess']['crop']}, "
+        f"patch {man['base']['model']['patch']}, "
         f"{man['steps']} steps per point, seed {man['seed']}. {study['done']} of {len(rows)} point(s) done"
         + (f", {study['failed']} failed." if study["failed"] else ".")
     )
