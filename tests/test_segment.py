@@ -141,9 +141,9 @@ def test_the_api_returns_what_it_wrote_and_prints_nothing(seg_run, tmp_path, cap
     assert result == Segmentation(tmp_path / "pred", (label,), 1, (), result.warnings, None)
     assert label.is_file() and sidecar_path(label).is_file()
     assert heard.events[0] == ("start", "segmenting", 1)
-    background, sphere_voxels = np.bincount(read_volume(find_volumes([label])[0][0])[0].astype(int).ravel(), minlength=2)
+    counts = np.bincount(read_volume(find_volumes([label])[0][0])[0].astype(int).ravel(), minlength=2)
     scan_id = find_volumes([scans[1]])[0][0].id
-    line = f"{scan_id} -> {label}  voxels per class: background {background}, class 1 {sphere_voxels}"
+    line = f"{scan_id} -> {label}  voxels per class: background {counts[0]}, class 1 {counts[1]}"
     assert heard.events[-1] == ("advance", line)  # one line per volume, as the command prints it
     windows = [e for e in heard.events if e[0] == "windows"]
     assert windows and windows[-1][1] == windows[-1][2]  # every window of the scan was run and reported
