@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import write_volume
-from ctmae.api.common import OptionError, Reporter
+from conftest import Heard, write_volume
+from ctmae.api.common import OptionError
 from ctmae.api.segment import Segmentation, segment
 from ctmae.cli import app
 from ctmae.cli.segment import ALIAS_NOTE
@@ -116,22 +116,6 @@ def test_segment_refuses_in_one_line(seg_run, tiny_checkpoint, tmp_path, case, c
     assert not (tmp_path / "p").exists()
 
 
-class Heard(Reporter):
-    """A reporter that keeps what it hears."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple] = []
-
-    def start(self, what: str, total: int | None) -> None:
-        self.events.append(("start", what, total))
-
-    def advance(self, line: str = "") -> None:
-        self.events.append(("advance", line))
-
-    def windows(self, done: int, total: int) -> None:
-        self.events.append(("windows", done, total))
-
-
 def test_the_api_returns_what_it_wrote_and_prints_nothing(seg_run, tmp_path, capfd):
     checkpoint, scans = seg_run
     heard = Heard()
@@ -140,11 +124,12 @@ def test_the_api_returns_what_it_wrote_and_prints_nothing(seg_run, tmp_path, cap
     label = tmp_path / "pred" / "oblique.nii.gz"
     assert result == Segmentation(tmp_path / "pred", (label,), 1, (), result.warnings, None)
     assert label.is_file() and sidecar_path(label).is_file()
-    assert heard.events[0] == ("start", "segmenting", 1)
     counts = np.bincount(read_volume(find_volumes([label])[0][0])[0].astype(int).ravel(), minlength=2)
     scan_id = find_volumes([scans[1]])[0][0].id
     line = f"{scan_id} -> {label}  voxels per class: background {counts[0]}, class 1 {counts[1]}"
-    assert heard.events[-1] == ("advance", line)  # one line per volume, as the command prints it
+    progress = [e for e in heard.events if e[0] in ("start", "advance")]
+    assert progress == [("start", "segmenting", 1), ("advance", line)]  # one line per volume, as the command prints
+    assert [e[1] for e in heard.events if e[0] == "warn"] == list(result.warnings)
     windows = [e for e in heard.events if e[0] == "windows"]
     assert windows and windows[-1][1] == windows[-1][2]  # every window of the scan was run and reported
 
