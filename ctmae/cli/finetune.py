@@ -1,5 +1,5 @@
-"""``ctmae finetune-seg``: fine-tune a UNETR on labelled scans from a pretrained MAE encoder (or from scratch), or
-segment new scans with a fine-tuned checkpoint (``--predict``)."""
+"""``ctmae finetune-seg``: fine-tune a UNETR on labelled scans from a pretrained MAE encoder (or from scratch).
+``--predict`` runs ``ctmae segment`` (``ctmae.cli.segment``)."""
 
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ def finetune_seg(
     """Fine-tune a UNETR for segmentation from a pretrained MAE encoder, or predict with one (--predict)."""
 
     def body() -> None:
-        if predict is not None:  # the old spelling of ctmae segment
+        if predict is not None:  # ctmae segment, by another name
             return segment_alias(predict, args or [], out, device or "auto", threads)
         from ctmae.preprocess.contract import (
             checkpoint_preprocessing,
