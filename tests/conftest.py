@@ -183,3 +183,25 @@ def _restore_threads():
     torch.set_num_threads(threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(sitk_threads)
     cpu._IN_FORCE.clear()
+
+
+class Heard:
+    """A reporter for the API functions (``ctmae.api.common.Reporter``) that keeps what it hears, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def start(self, what: str, total: int | None) -> None:
+        self.events.append(("start", what, total))
+
+    def advance(self, line: str = "") -> None:
+        self.events.append(("advance", line))
+
+    def windows(self, done: int, total: int) -> None:
+        self.events.append(("windows", done, total))
+
+    def warn(self, line: str) -> None:
+        self.events.append(("warn", line))
+
+    def skipped(self, lines) -> None:
+        self.events.append(("skipped", tuple(lines)))

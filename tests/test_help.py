@@ -7,7 +7,18 @@ from typer.testing import CliRunner
 
 from ctmae.cli import app
 
-COMMANDS = ["pretrain", "reconstruct", "embed", "finetune-seg", "evaluate", "export", "info", "prepare", "study"]
+COMMANDS = [
+    "pretrain",
+    "reconstruct",
+    "embed",
+    "finetune-seg",
+    "segment",
+    "evaluate",
+    "export",
+    "info",
+    "prepare",
+    "study",
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

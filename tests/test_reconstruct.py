@@ -432,20 +432,16 @@ def test_an_export_folder_is_refused_naming_what_reconstruct_needs(tiny_checkpoi
 
 def test_a_stop_signal_between_windows_writes_nothing(tiny_checkpoint, tmp_path, monkeypatch):
     """SIGTERM after the first batch of windows: the command stops there, exit code 0, no output half-written."""
-    import ctmae.cli.reconstruct
-    from ctmae.cli.common import windows_bar
+    from ctmae.cli.common import ProgressReporter
 
-    def stop_after_first_batch(progress):
-        show = windows_bar(progress)
+    show = ProgressReporter.windows
 
-        def heard(done: int, total: int) -> None:
-            show(done, total)
-            if done == 2:
-                os.kill(os.getpid(), signal.SIGTERM)  # as a cluster's stop inside the scan
+    def stop_after_first_batch(self, done: int, total: int) -> None:
+        show(self, done, total)
+        if done == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a cluster's stop inside the scan
 
-        return heard
-
-    monkeypatch.setattr(ctmae.cli.reconstruct, "windows_bar", stop_after_first_batch)
+    monkeypatch.setattr(ProgressReporter, "windows", stop_after_first_batch)
     previous = signal.signal(signal.SIGTERM, lambda *a: None)  # without ctmae's handler the signal would be lost
     try:
         result = _run(tiny_checkpoint, LUNG, "--out", tmp_path / "o", "--device", "cpu")

@@ -20,6 +20,7 @@ from ctmae.cli import (  # noqa: E402, F401
     prepare,  # noqa: F401
     pretrain,  # noqa: F401  (registers the subcommand)
     reconstruct,
+    segment,  # noqa: F401
     study,  # noqa: F401
 )
 from ctmae.cli.common import app  # noqa: E402

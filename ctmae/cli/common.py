@@ -5,15 +5,24 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import typer
 import typer.core
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
+from ctmae.api.common import OptionError, Reporter
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import Note
 from ctmae.runtime.checkpoint import CheckpointError
@@ -62,17 +71,22 @@ class UsageError(Exception):
     """Bad options or paths given by the user: exit code 2."""
 
 
+def warn(line: str) -> None:
+    """One yellow ``warning:`` line on stderr; the text is shown as it is, never read as rich markup."""
+    errors.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
+
+
 def run_command(body: Callable[[], None]) -> None:
     """Run a command body: user-facing errors become one line and an exit code, never a traceback.
 
-    Exit codes: 2 usage errors, 1 data/checkpoint errors and internal errors, 130 interrupted; a stop signal that
-    ended the work (``Stopped``) exits as ``end_stopped_work`` says.
+    Exit codes: 2 usage errors (and the API's ``OptionError``), 1 data/checkpoint errors and internal errors, 130
+    interrupted; a stop signal that ended the work (``Stopped``) exits as ``end_stopped_work`` says.
     """
     try:
         body()
     except Stopped as e:
         end_stopped_work(e.signal, e.kept)
-    except UsageError as e:
+    except (UsageError, OptionError) as e:
         errors.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except (InputError, CheckpointError, LoaderError, ValueError, OSError) as e:
@@ -188,6 +202,51 @@ def windows_bar(progress: Progress) -> Callable[[int, int], None]:
         last[0] = done
 
     return update
+
+
+class ProgressReporter(Reporter):
+    """The CLI's reporter (``ctmae.api.common.Reporter``): a bar over the work's units once it starts, a second bar
+    below it over the windows of the scan in progress, and one line per unit done, warning and skipped input.
+
+    Args:
+        rate: a unit name (e.g. "scans") to show units per second beside the units' bar.
+    """
+
+    def __init__(self, rate: str = "") -> None:
+        self.progress = progress_bar()
+        self._rate = rate
+        self._task: TaskID | None = None
+        self._windows: Callable[[int, int], None] | None = None
+
+    def __enter__(self) -> ProgressReporter:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def start(self, what: str, total: int | None) -> None:
+        self._task = self.progress.add_task(what, total=total, info="")
+
+    def advance(self, line: str = "") -> None:
+        if self._task is not None:
+            self.progress.advance(self._task)
+            if self._rate:
+                speed = self.progress.tasks[self._task].speed or 0.0
+                self.progress.update(self._task, info=f"{speed:.2f} {self._rate}/s")
+        if line:
+            console.print(line, highlight=False, soft_wrap=True)
+
+    def windows(self, done: int, total: int) -> None:
+        if self._windows is None:  # made on first use, so that it is drawn below the units' bar
+            self._windows = windows_bar(self.progress)
+        self._windows(done, total)
+
+    def warn(self, line: str) -> None:
+        warn(line)
+
+    def skipped(self, lines: Sequence[str]) -> None:
+        report_skipped(list(lines))
 
 
 def sample_data_dir() -> Path:

@@ -13,7 +13,6 @@ from rich.table import Table
 
 from ctmae.cli.classes import ClassesOption, LabelNamesOption, check_classes_option, resolve_classes
 from ctmae.cli.common import (
-    THREADS_HELP,
     UsageError,
     app,
     console,
@@ -21,7 +20,9 @@ from ctmae.cli.common import (
     progress_bar,
     run_command,
     use_resources,
+    warn,
 )
+from ctmae.cli.options import Device, Threads
 
 PathList = Optional[list[Path]]
 REPORT_OUTPUTS = ("report.json", "report.md", "report.png", "cases.csv", "journal.jsonl", "fewshot")
@@ -81,8 +82,8 @@ def evaluate(
     windows: Annotated[int, typer.Option(help="Crops per test scan for the recon protocol")] = 4,
     classes: ClassesOption = None,
     label_names: LabelNamesOption = None,
-    device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
-    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False)] = None,
+    device: Device = "auto",
+    threads: Threads = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted evaluation in REPORT_DIR.")] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace evaluate's outputs in a non-empty REPORT_DIR.")
@@ -91,7 +92,7 @@ def evaluate(
     """Measure what pretraining buys: frozen probes, few-shot fine-tuning vs scratch, reconstruction vs fills."""
 
     def body() -> None:
-        from ctmae.experiments.evaluate import EvalSettings, ResumeMismatch, check_cases, load_subjects, split_cases
+        from ctmae.experiments.evaluate import ResumeMismatch, check_cases, load_subjects, split_cases
         from ctmae.seg.data import find_cases
 
         if out is None:
@@ -99,24 +100,9 @@ def evaluate(
         if not images:
             raise UsageError("--images is required (with --labels, or one datalist / nnU-Net folder)")
         use_resources(threads, device, 0)
-        try:
-            settings = EvalSettings(
-                protocols=tuple(p.strip() for p in protocols.split(",") if p.strip()),
-                shots=_numbers(shots, "--shots"),
-                repeats=repeats,
-                seed=seed,
-                test_cases=test_cases,
-                steps=steps,
-                lr=lr,
-                batch_size=batch_size,
-                crop=crop,
-                feature_size=feature_size,
-                recon_windows=windows,
-                device=device,
-                classes=classes or "",
-            )
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        given = dict(repeats=repeats, seed=seed, test_cases=test_cases, steps=steps, lr=lr, batch_size=batch_size)
+        given |= dict(crop=crop, feature_size=feature_size, recon_windows=windows, device=device)
+        settings = _settings(protocols, shots, classes, given)
         check_classes_option(classes)
         cases = find_cases([str(p) for p in images], [str(p) for p in labels or []])
         try:
@@ -128,7 +114,7 @@ def evaluate(
         prepare_report_dir(out, resume, overwrite)
         for s in subjects:
             if s.kind == "pretrained" and s.fewshot_problem:
-                errors.print(f"[yellow]warning:[/yellow] {escape(s.fewshot_problem)}", highlight=False, soft_wrap=True)
+                warn(s.fewshot_problem)
         with progress_bar() as progress:
             task = progress.add_task("checking labels", total=len(cases), info="")
             checked = check_cases(test, pool, lambda: progress.advance(task), chosen, names)
@@ -146,6 +132,21 @@ def evaluate(
         _finish(result)
 
     run_command(body)
+
+
+def _settings(protocols: str, shots: str, classes: Optional[str], given: dict[str, Any]):
+    """The evaluation's settings from the options (UsageError for values it cannot take)."""
+    from ctmae.experiments.evaluate import EvalSettings
+
+    try:
+        return EvalSettings(
+            protocols=tuple(p.strip() for p in protocols.split(",") if p.strip()),
+            shots=_numbers(shots, "--shots"),
+            classes=classes or "",
+            **given,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _run(settings, subjects, checked, out: Path, resume: bool) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""``ctmae finetune-seg``: fine-tune a UNETR on labelled scans from a pretrained MAE encoder (or from scratch), or
-segment new scans with a fine-tuned checkpoint (``--predict``)."""
+"""``ctmae finetune-seg``: fine-tune a UNETR on labelled scans from a pretrained MAE encoder (or from scratch).
+``--predict`` runs ``ctmae segment`` (``ctmae.cli.segment``)."""
 
 from __future__ import annotations
 
@@ -23,18 +23,15 @@ from ctmae.cli.common import (
     errors,
     open_run_dir,
     progress_bar,
-    report_skipped,
     run_command,
     use_resources,
-    windows_bar,
 )
+from ctmae.cli.segment import segment_alias
 from ctmae.io.checks import InputError
-from ctmae.io.discovery import find_volumes, skipped_only
 from ctmae.mae.checkpoint import load_checkpoint
 from ctmae.mae.config import MODEL_PRESETS
 from ctmae.preprocess.config import PreprocessConfig
 from ctmae.runtime.distributed import DistInfo, cleanup
-from ctmae.runtime.signals import StopFlag, Stopped
 from ctmae.seg.config import UNETR_DEPTH, SegConfig, SegNetConfig
 
 PathList = Optional[list[Path]]
@@ -97,46 +94,6 @@ def _classes(cases: list, spec: Optional[str], names_file: Optional[Path], num_c
 def _warn(lines: list[str]) -> None:
     for line in lines:
         errors.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
-
-
-def _predict(checkpoint: Path, inputs: list[Path], out: Optional[Path], device: Optional[str]) -> None:
-    from ctmae.preprocess.contract import checkpoint_preprocessing, source_warnings
-    from ctmae.seg.predict import predict
-
-    if not inputs:
-        raise UsageError("--predict needs INPUTS: the scans to segment")
-    if out is None:
-        raise UsageError("--out PRED_DIR is required: the folder for the label files")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: --out must be a folder, but a file is there")
-    sources, problems = find_volumes([str(p) for p in inputs])
-    report_skipped(problems)
-    if not sources:
-        raise InputError(f"no usable volume among the inputs ({len(skipped_only(problems))} skipped)")
-    trained = checkpoint_preprocessing(checkpoint)
-    _warn(source_warnings(trained, sources) if trained else [])  # the segmenter's input contract
-    written: list = []
-    with StopFlag(on_ctrl_c="stopping after this window") as flag, progress_bar() as progress:
-        task = progress.add_task("segmenting", total=len(sources), info="")
-
-        def done(info: dict[str, Any]) -> None:
-            written.append(info["path"])
-            progress.advance(task)
-            console.print(
-                f"{info['source'].id} -> {info['path']}  voxels per class: "
-                + ", ".join(f"{n} {v}" for n, v in zip(info["class_names"], info["voxels_per_class"])),
-                highlight=False,
-                soft_wrap=True,
-            )
-
-        try:
-            predict(checkpoint, sources, out, device=device or "auto", on_volume=done, on_windows=windows_bar(progress))
-        except Stopped:
-            pass  # between windows: the volumes finished so far are written whole
-    if flag.signal:  # also when it came after the last window: the exit code says a stop signal came
-        rest = "" if len(written) == len(sources) else "; the others were not segmented"
-        raise Stopped(flag.signal, f"{len(written)} of {len(sources)} label volume(s) written to {out}{rest}")
-    console.print(f"{len(written)} label volume(s) written to {out}", highlight=False)
 
 
 @app.command("finetune-seg")
@@ -220,15 +177,14 @@ def finetune_seg(
         Optional[int], typer.Option(help="Checkpoint and stop after this step; --resume continues.")
     ] = None,
     predict: Annotated[
-        Optional[Path], typer.Option(help="Segment ARGS with this fine-tuned checkpoint (best.pt) instead of training.")
+        Optional[Path], typer.Option(help="Segment ARGS with this fine-tuned checkpoint (best.pt): ctmae segment.")
     ] = None,
 ) -> None:
     """Fine-tune a UNETR for segmentation from a pretrained MAE encoder, or predict with one (--predict)."""
 
     def body() -> None:
-        if predict is not None:
-            _predict(predict, args or [], out, device)
-            return
+        if predict is not None:  # ctmae segment, by another name
+            return segment_alias(predict, args or [], out, device or "auto", threads)
         from ctmae.preprocess.contract import (
             checkpoint_preprocessing,
             preprocessing_change,

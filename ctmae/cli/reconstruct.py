@@ -6,19 +6,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 
-from ctmae.cli.common import (
-    THREADS_HELP,
-    UsageError,
-    app,
-    console,
-    errors,
-    progress_bar,
-    run_command,
-    use_resources,
-    windows_bar,
-)
+from ctmae.cli.common import ProgressReporter, app, console, run_command, use_resources
+from ctmae.cli.options import Device, Threads, WindowBatch, check_device
 from ctmae.mae.masking import MASKS
 from ctmae.runtime.signals import StopFlag, Stopped
 
@@ -57,66 +47,51 @@ def reconstruct(
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the mask and the noise; the same seed repeats a run.")] = 0,
-    device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", min=1)] = 2,
-    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False)] = None,
+    device: Device = "auto",
+    batch_size: WindowBatch = 2,
+    threads: Threads = None,
 ) -> None:
     """Mask a scan, reconstruct it, and write the result on the scan's own grid (opens in 3D Slicer / ITK-SNAP)."""
 
     def body() -> None:
-        from ctmae.infer.reconstruct import mask_config
-        from ctmae.infer.reconstruct import reconstruct as run_reconstruct
-        from ctmae.infer.sliding import load_model
-        from ctmae.preprocess.contract import path_warnings, preprocessing_of
+        from ctmae.api.reconstruct import reconstruct as run_reconstruct
 
-        if device not in ("auto", "cpu", "cuda"):
-            raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
+        check_device(device)
         use_resources(threads, device, 0, show=False)  # one scan, one result line: the budget is not news here
-        loaded = load_model(checkpoint, device)
-        try:
-            mask_cfg = mask_config(loaded, mask, mask_ratio, block)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        for line in path_warnings(preprocessing_of(loaded.cfg.preprocess), input):  # the encoder's input contract
-            errors.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
-        patch, crop = loaded.cfg.model.patch, loaded.cfg.model.img_size
-        if mask_unit is not None and mask_unit % patch:
-            raise UsageError(f"--mask-unit {mask_unit} must be a multiple of the patch size {patch}")
-        if window_step is not None and (window_step % patch or window_step > crop):
-            raise UsageError(
-                f"--window-step {window_step} must be a multiple of the patch size {patch}, at most {crop}"
-            )
-        with StopFlag(on_ctrl_c="stopping after this window") as flag, progress_bar() as progress:
+        with StopFlag(on_ctrl_c="stopping after this window") as flag, ProgressReporter() as reporter:
             try:
-                metrics = run_reconstruct(
-                    loaded,
+                done = run_reconstruct(
+                    checkpoint,
                     input,
                     out,
-                    mask_cfg,
-                    seed=seed,
-                    batch_size=batch_size,
-                    checkpoint_name=str(checkpoint),
+                    mask=mask,
+                    mask_ratio=mask_ratio,
+                    block=block,
                     mask_unit=mask_unit,
                     window_step=window_step,
-                    on_windows=windows_bar(progress),
+                    seed=seed,
+                    device=device,
+                    batch_size=batch_size,
+                    reporter=reporter,
                 )
             except Stopped as e:
                 raise Stopped(e.signal, f"nothing written to {out}/") from None
-        shift = metrics["shift"]
-        if shift["warning"] or shift["note"]:
-            line = escape(shift["warning"] or shift["note"])
-            errors.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
-        masked, fill = metrics["masked"]["psnr"], metrics["fill"]
-        summary = f"masked PSNR {masked:.2f} dB, " if masked is not None else ""
-        if fill["masked_minus_fill_db"] is not None:  # the trivial baseline beside the model, every time
-            summary += f"gaussian fill {fill['psnr']:.2f} dB ({fill['masked_minus_fill_db']:+.2f} dB), "
-        if shift["shift_score"] is not None:  # how unlike the training scans (ctmae.mae.shift), every time
-            summary += f"shift score {shift['shift_score']:.1f} (warning above {shift['threshold']:g}), "
-        console.print(
-            f"{summary}mask ratio {metrics['mask_ratio']:.3f}, SSIM {metrics['ssim']:.3f}; wrote {out}/",
-            highlight=False,
-        )
+        _summary(done.metrics, out)
         if flag.signal:  # it came once the outputs were being written: they are whole, the exit code says it came
             raise Stopped(flag.signal, f"the outputs were written to {out}/")
 
     run_command(body)
+
+
+def _summary(metrics: dict, out: Path) -> None:
+    """One line: masked PSNR, the gaussian fill beside it, the shift score, mask ratio and SSIM."""
+    masked, fill, shift = metrics["masked"]["psnr"], metrics["fill"], metrics["shift"]
+    summary = f"masked PSNR {masked:.2f} dB, " if masked is not None else ""
+    if fill["masked_minus_fill_db"] is not None:  # the trivial baseline beside the model, every time
+        summary += f"gaussian fill {fill['psnr']:.2f} dB ({fill['masked_minus_fill_db']:+.2f} dB), "
+    if shift["shift_score"] is not None:  # how unlike the training scans (ctmae.mae.shift), every time
+        summary += f"shift score {shift['shift_score']:.1f} (warning above {shift['threshold']:g}), "
+    console.print(
+        f"{summary}mask ratio {metrics['mask_ratio']:.3f}, SSIM {metrics['ssim']:.3f}; wrote {out}/",
+        highlight=False,
+    )

@@ -1,0 +1,1 @@
+"""The Python API: the plain functions the CLI commands call, for notebooks, pipelines and scripts."""
