@@ -243,7 +243,7 @@ def test_reconstruct_never_overwrites_an_input(tmp_path, tiny_checkpoint):
 
 MAE_WHERE = "RUN_DIR/checkpoints/last.pt written by ctmae pretrain"
 SEG_WHERE = "RUN_DIR/checkpoints/best.pt written by ctmae finetune-seg"
-TO_SEGMENT = "to segment scans with it, use ctmae finetune-seg --predict"
+TO_SEGMENT = "to segment scans with it, use ctmae segment"
 PASS_MAE = f"pass an MAE pretraining checkpoint ({MAE_WHERE})"
 
 

@@ -234,7 +234,7 @@ def test_refusals_name_the_problem_in_one_line(tiny_checkpoint, seg_checkpoint, 
         assert result.exit_code == code, (args, result.output)
         assert message in result.output and "Traceback" not in result.output
         assert len(result.output.strip().splitlines()) == 1, result.output
-    assert "finetune-seg --predict" in _run("export", seg_checkpoint, "--out", tmp_path / "c").output
+    assert "ctmae segment" in _run("export", seg_checkpoint, "--out", tmp_path / "c").output
     assert not any((tmp_path / d).exists() for d in "abcd")  # nothing is created for a refused export
 
 
@@ -278,7 +278,7 @@ def test_info_describes_each_kind(tiny_checkpoint, seg_checkpoint, exports, monk
     monkeypatch.setattr(console, "width", 200)  # one table row per line, whatever the terminal
     expected = {
         tiny_checkpoint: ["MAE pretraining checkpoint", "finetune-seg UNETR", "ctmae finetune-seg", "last loss"],
-        seg_checkpoint: ["segmentation checkpoint", "monai.networks.nets.UNETR", "--predict", "best validation Dice"],
+        seg_checkpoint: ["segmentation checkpoint", "monai.networks.nets.UNETR", "ctmae segment", "best validation Dice"],
         exports["safetensors"]: ["encoder export (safetensors)", "hidden_size", "ctmae.load_unetr", "hu_window"],
         exports["monai-bundle"]: ["encoder export (MONAI bundle)", "monai.bundle", "ctmae.load_encoder"],
     }

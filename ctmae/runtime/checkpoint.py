@@ -88,11 +88,11 @@ def _wanted(fmt: str) -> str:
 
 def _wrong_kind_hint(state: dict[str, Any]) -> str:
     """What to pass instead of a checkpoint of the other kind (the commands taking each kind are fixed)."""
-    if state["format"] == FORMAT:  # only finetune-seg --predict (and its --resume) read segmentation checkpoints
+    if state["format"] == FORMAT:  # only ctmae segment and finetune-seg --resume read segmentation checkpoints
         return f"--predict needs a fine-tuned one ({WHERE[SEG_FORMAT]})"
     config = state.get("config")
     origin = config.get("pretrained") if isinstance(config, dict) else None
-    to_segment = "to segment scans with it, use ctmae finetune-seg --predict"
+    to_segment = "to segment scans with it, use ctmae segment"
     if origin:
         return f"pass the MAE pretraining checkpoint it was fine-tuned from ({origin}); {to_segment}"
     return f"it was trained from scratch: pass an MAE pretraining checkpoint ({WHERE[FORMAT]}); {to_segment}"

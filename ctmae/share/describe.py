@@ -108,7 +108,7 @@ def load_mae_state(path: str | os.PathLike) -> dict[str, Any]:
     if peek_format(path) == SEG_FORMAT:
         raise CheckpointError(
             f"{path}: {KINDS[SEG_FORMAT]}, not {KINDS[FORMAT]}; export takes the MAE checkpoint its encoder came "
-            f"from (a segmentation checkpoint feeds ctmae finetune-seg --predict)"
+            f"from (a segmentation checkpoint feeds ctmae segment)"
         )
     state = read_checkpoint(path, FORMAT)
     try:

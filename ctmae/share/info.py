@@ -147,7 +147,7 @@ def _segmentation(path: Path) -> Description:
         ("last loss", _loss(figures)),
     ]
     out.feeds = [
-        f"segmentation: ctmae finetune-seg --predict {path} SCANS --out DIR (label volumes on each scan's grid)",
+        f"segmentation: ctmae segment {path} SCANS --out DIR (label volumes on each scan's grid)",
         "export / embed / reconstruct: no, they take the MAE checkpoint the encoder came from",
     ]
     return out
