@@ -49,7 +49,7 @@ from monai.transforms.utils import generate_spatial_bounding_box
 
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import VolumeSource
-from ctmae.io.labels import refuse_label_map
+from ctmae.io.labels import class_counts, refuse_label_map
 from ctmae.io.volume import CTReader, itk_grid
 from ctmae.preprocess.config import PreprocessConfig
 from ctmae.preprocess.resample import resample_to_grid
@@ -66,7 +66,6 @@ DPARAMS = {"nthreads": 1}
 HU_BIN = 8  # HU per bin of the histogram kept in each image's sidecar
 HU_RANGE = (-4096, 8192)  # histogram range; values outside count in the first/last bin
 HU_SAMPLE = 1 << 20  # about this many voxels (a strided subsample) go into the histogram
-MAX_LABEL_CLASS = 255  # labels are stored as uint8
 OLD_CACHE_NOTE = "cache written by an older ctmae: rebuilding"
 
 # (path, mtime_ns, crc32) of entries whose CRC this process checked or wrote; forked workers inherit it.
@@ -342,30 +341,10 @@ def hu_histogram(image: sitk.Image) -> dict:
     return {"start": lo + first * HU_BIN, "bin": HU_BIN, "counts": counts[first : last + 1].tolist()}
 
 
-def label_classes(image: sitk.Image, name: str) -> int:
-    """The largest class index in a label volume, checked to hold whole numbers 0..255, slab by slab.
-
-    Raises:
-        InputError: naming ``name``: a value that is negative, not a whole number (or not finite), or above 255.
-    """
-    array = sitk.GetArrayViewFromImage(image)  # (Z, Y, X), no copy
-    top, rows = 0, max(1, (1 << 22) // max(1, array[0].size))
-    for start in range(0, array.shape[0], rows):
-        slab = array[start : start + rows]
-        if array.dtype.kind == "f" and not np.array_equal(slab, np.round(slab)):  # NaN is never equal
-            raise InputError(f"{name}: label values must be class indices 0, 1, 2, ... (found non-integer values)")
-        if slab.min() < 0:
-            raise InputError(f"{name}: label values must be class indices 0, 1, 2, ... (found {slab.min():g})")
-        top = max(top, int(slab.max()))
-    if top > MAX_LABEL_CLASS:
-        raise InputError(f"{name}: holds class {top}; labels hold class indices up to {MAX_LABEL_CLASS}")
-    return top
-
-
 def _label_on_grid(label: sitk.Image, name: str, image: dict) -> tuple[np.ndarray, int]:
     """(uint8 codes (X, Y, Z) on the image entry's grid, largest class): nearest neighbour onto the body box, which
     is what Spacingd's nearest mode then CropForegroundd give, and 0 in the padding, as SpatialPadd gives."""
-    top = label_classes(label, name)
+    top = int(np.flatnonzero(class_counts(label, name)).max(initial=0))  # checked: whole numbers 0..255
     shift = np.eye(4)
     shift[:3, 3] = image["pad"]
     origin, spacing, direction = itk_grid(np.asarray(image["affine"]) @ shift)  # the body box's grid
