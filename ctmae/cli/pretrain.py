@@ -30,9 +30,10 @@ from ctmae.cli.common import (
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import check_modality, find_volumes, skipped_only
 from ctmae.mae.checkpoint import load_checkpoint
-from ctmae.mae.config import MODEL_PRESETS, RunConfig
+from ctmae.mae.config import MODEL_PRESETS, PRIMUS_PRESETS, RunConfig
 from ctmae.mae.context import context_problem, context_warnings
 from ctmae.mae.masking import MASKS
+from ctmae.mae.primus import missing_extra
 from ctmae.runtime.distributed import DistInfo, barrier, cleanup, gather
 
 if TYPE_CHECKING:
@@ -135,8 +136,19 @@ def pretrain(
             "config.yaml); options given here override it."
         ),
     ] = None,
+    arch: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Encoder: mae3d (a ViT for MONAI's UNETR) | primus (nnU-Net's Primus, for nnUNetv2_train "
+            "-pretrained_weights; needs ctmae[nnunet]) (default: mae3d)"
+        ),
+    ] = None,
     model: Annotated[
-        Optional[str], typer.Option(help=f"Size preset: {'|'.join(MODEL_PRESETS)} (default: base)")
+        Optional[str],
+        typer.Option(
+            help=f"Size preset: {'|'.join(MODEL_PRESETS)} (default: base); with --arch primus "
+            f"{'|'.join(PRIMUS_PRESETS)} (default: b)"
+        ),
     ] = None,
     crop: Annotated[Optional[int], typer.Option(help="Cubic crop edge in voxels (default: 96)")] = None,
     patch: Annotated[Optional[int], typer.Option(help="Cubic patch edge in voxels (default: 16)")] = None,
@@ -218,7 +230,7 @@ def pretrain(
                 cfg = RunConfig.load_yaml(config, base=cfg)
             cfg = cfg.replace(
                 **_given(
-                    model={"size": model, "patch": patch},
+                    model={"arch": arch, "size": model, "patch": patch},
                     data={
                         "crop": crop,
                         "workers": workers,
@@ -250,7 +262,7 @@ def pretrain(
         change = base and preprocessing_change(base.data, cfg.data)
         if change:  # the checkpoint's encoder learned from that preprocessing: a resumed run keeps it
             raise UsageError(f"--resume: {change} ({last}); resume without changing it, or start a new RUN_DIR")
-        problem = context_problem(cfg)
+        problem = context_problem(cfg) or missing_extra(cfg.model)
         if problem:
             raise UsageError(problem)
         for line in context_warnings(cfg):
