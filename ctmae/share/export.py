@@ -22,7 +22,7 @@ import torch
 from ctmae.runtime.files import atomic_path, atomic_write_json, atomic_write_text
 from ctmae.share.describe import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, describe_checkpoint
 
-FORMATS = ("safetensors", "monai-bundle")
+FORMATS = ("safetensors", "monai-bundle", "nnunet")  # nnunet: ctmae.share.nnunet, for a Primus encoder
 
 
 class OutputExists(ValueError):
@@ -51,18 +51,31 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         os.chmod(tmp, 0o666 & ~umask)  # safetensors creates its file private (0600); exports are for sharing
 
 
-def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "safetensors", overwrite: bool = False):
+def export(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    fmt: str = "safetensors",
+    overwrite: bool = False,
+    patch_size: tuple[int, int, int] | None = None,
+    num_classes: int = 2,
+):
     """Export an MAE checkpoint's encoder to ``out`` in format ``fmt``; returns (config, files written).
+
+    ``patch_size`` and ``num_classes`` size the network of the ``nnunet`` format (``ctmae.share.nnunet``).
 
     Raises:
         ValueError: an unknown format; OutputExists: a non-empty ``out`` without ``overwrite``.
-        CheckpointError: a foreign, corrupt or segmentation checkpoint, or an encoder that does not fit a ViT.
+        CheckpointError: a foreign, corrupt or segmentation checkpoint, or an encoder that does not fit the format.
     """
     from ctmae.share.bundle import write_bundle
     from ctmae.share.model_card import model_card
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "nnunet":
+        from ctmae.share.nnunet import export_nnunet
+
+        return export_nnunet(checkpoint, Path(out), patch_size, num_classes, overwrite)
     config, tensors = describe_checkpoint(checkpoint)
     out = Path(out)
     prepare_out(out, overwrite)
