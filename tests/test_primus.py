@@ -201,12 +201,26 @@ def test_nnunet_trainers_build_what_the_export_builds(size, monkeypatch):
     assert calls[0] == calls[1]
 
 
+def sphere_pair(folder: Path, size: int = 40) -> None:
+    """A labelled scan for the in-training probe: a bright sphere in soft tissue, 1.5 mm voxels."""
+    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), -1)
+    label = (((grid - size / 2) ** 2).sum(-1) < (size / 4) ** 2).astype(np.uint8)
+    body = ((grid - size / 2) ** 2).sum(-1) < (size / 2.2) ** 2
+    noise = np.random.default_rng(0).normal(0, 20, label.shape)
+    write_volume(folder / "images" / "case0.nii.gz", np.where(body, 40.0, -1000.0) + 200.0 * label + noise, (1.5,) * 3)
+    write_volume(folder / "labels" / "case0.nii.gz", label, spacing=(1.5,) * 3, dtype=np.uint8)
+
+
 def _pretrain_export(tmp_path: Path, size: str, crop: int, patch_size: int) -> tuple[Path, Path]:
     run = tmp_path / "run"
+    sphere_pair(tmp_path / "probe")
     args = ["--arch", "primus", "--model", size, "--crop", crop, "--steps", 2, "--batch-size", 2, "--workers", 0]
-    result = cli("pretrain", SAMPLE, "--out", run, "--cache-dir", tmp_path / "cache", "--preview-every", 2, *args)
+    args += ["--probe-images", tmp_path / "probe" / "images", "--probe-labels", tmp_path / "probe" / "labels"]
+    result = cli("pretrain", SAMPLE, "--out", run, "--cache-dir", tmp_path / "cache", "--probe-every", 2, *args)
     assert result.exit_code == 0, result.output
-    assert any((run / "previews").iterdir())  # the in-training previews run on a Primus MAE too
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert any("probe_dice" in r for r in rows)  # the in-training probe and previews run on a Primus MAE too
+    assert any((run / "previews").iterdir())
     out = tmp_path / "nnunet"
     ckpt = run / "checkpoints" / "last.pt"
     result = cli("export", ckpt, "--format", "nnunet", "--out", out, "--patch-size", patch_size, "--num-classes", 2)
