@@ -106,7 +106,6 @@ def main() -> None:
         "nnUNet_raw": str(work / "nnUNet_raw"),
         "nnUNet_preprocessed": str(work / "nnUNet_preprocessed"),
         "nnUNet_results": str(work / "nnUNet_results"),
-        "nnUNet_n_proc_DA": "0",  # augmentation in the training process: a CPU run with no workers to spare
     }
     raw = write_dataset(work / "nnUNet_raw", args.cases)
     trainer_file = Path(nnunetv2.__file__).parent / "training" / "nnUNetTrainer" / "ctmae_short_trainer.py"
@@ -130,7 +129,8 @@ def main() -> None:
         run(preprocess, env, work / "preprocess.log", commands)
         train = [str(bin_dir / "nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER]
         train += ["-pretrained_weights", str(work / "export" / "pretrained_weights.pth"), "-device", "cpu"]
-        out = run(train, env, work / "train.log", commands)
+        # augmentation in the training process (nnUNet_n_proc_DA=0): a CPU run has no cores to spare for workers
+        out = run(train, {**env, "nnUNet_n_proc_DA": "0"}, work / "train.log", commands)
     finally:
         trainer_file.unlink(missing_ok=True)
     keys = ("pretrained weights", "Epoch ", "train_loss", "val_loss", "Pseudo dice", "Epoch time", "Training done")

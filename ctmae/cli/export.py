@@ -62,8 +62,8 @@ def export(
 
 def _export_nnunet(checkpoint: Path, out: Path, overwrite: bool, patch_size: Optional[str], num_classes: int) -> None:
     """``--format nnunet``: the weights file of ``nnUNetv2_train -pretrained_weights``, a plans fragment, a README."""
-    from ctmae.share.export import OutputExists
-    from ctmae.share.nnunet import export_nnunet, patch_size_of
+    from ctmae.share.export import OutputExists, export
+    from ctmae.share.nnunet import patch_size_of
 
     try:
         size = patch_size_of([int(v) for v in patch_size.replace("x", ",").split(",")]) if patch_size else None
@@ -72,7 +72,7 @@ def _export_nnunet(checkpoint: Path, out: Path, overwrite: bool, patch_size: Opt
     if num_classes < 2:
         raise UsageError(f"--num-classes counts the background too: at least 2, got {num_classes}")
     try:
-        config, files = export_nnunet(checkpoint, out, size, num_classes, overwrite)
+        config, files = export(checkpoint, out, "nnunet", overwrite, size, num_classes)
     except OutputExists as e:
         raise UsageError(str(e)) from None
     if config["position_table"] != "as pretrained":

@@ -1,8 +1,9 @@
 """``ctmae export``: a pretrained MAE's encoder as a folder others load without ctmae.
 
-Two layouts. ``safetensors``: ``encoder.safetensors`` (the weights of MONAI's ``ViT``, by MONAI's names),
+Three layouts. ``safetensors``: ``encoder.safetensors`` (the weights of MONAI's ``ViT``, by MONAI's names),
 ``config.json`` (the ``ViT``'s arguments, the preprocessing contract, a training summary, a SHA-256 of the tensors)
-and a ``README.md`` model card. ``monai-bundle``: MONAI's bundle layout (``ctmae.share.bundle``). Both hold the same
+and a ``README.md`` model card. ``monai-bundle``: MONAI's bundle layout (``ctmae.share.bundle``). ``nnunet``: a Primus
+encoder for ``nnUNetv2_train -pretrained_weights`` (``ctmae.share.nnunet``). The first two hold the same
 ``config.json`` content, copy no path but the checkpoint's file name and no DICOM tag, and are written file by file
 atomically (``ctmae.runtime.files``).
 
@@ -61,7 +62,8 @@ def export(
 ):
     """Export an MAE checkpoint's encoder to ``out`` in format ``fmt``; returns (config, files written).
 
-    ``patch_size`` and ``num_classes`` size the network of the ``nnunet`` format (``ctmae.share.nnunet``).
+    ``patch_size`` (None: the pretraining crop) and ``num_classes`` size the network of the ``nnunet`` format
+    (``ctmae.share.nnunet``).
 
     Raises:
         ValueError: an unknown format; OutputExists: a non-empty ``out`` without ``overwrite``.
@@ -72,10 +74,12 @@ def export(
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if fmt == "nnunet":
-        from ctmae.share.nnunet import export_nnunet
+    if fmt == "nnunet":  # the checkpoint is read and checked before the folder is touched, as for the others
+        from ctmae.share.nnunet import describe_nnunet, write_nnunet
 
-        return export_nnunet(checkpoint, Path(out), patch_size, num_classes, overwrite)
+        config, weights, fragment = describe_nnunet(checkpoint, patch_size, num_classes)
+        prepare_out(Path(out), overwrite)
+        return config, write_nnunet(Path(out), config, weights, fragment)
     config, tensors = describe_checkpoint(checkpoint)
     out = Path(out)
     prepare_out(out, overwrite)

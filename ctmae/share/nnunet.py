@@ -128,29 +128,20 @@ def apply_plans(plans_file: str | os.PathLike, fragment_file: str | os.PathLike)
     return plans
 
 
-def export_nnunet(
-    checkpoint: str | os.PathLike,
-    out: Path,
-    patch_size: tuple[int, int, int] | None,
-    num_classes: int,
-    overwrite: bool = False,
-) -> tuple[dict[str, Any], list[Path]]:
-    """Write ``out``/{pretrained_weights.pth, plans_fragment.json, config.json, README.md}; (config, files).
+def describe_nnunet(
+    checkpoint: str | os.PathLike, patch_size: tuple[int, int, int] | None, num_classes: int
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """(config.json content, the network's tensors, the plans fragment) of a Primus MAE checkpoint.
 
     Args:
         checkpoint: a checkpoint of ``ctmae pretrain --arch primus``.
-        out: the export folder (created; a non-empty one only with ``overwrite``).
         patch_size: nnU-Net's patch size (its plans' order); None: the pretraining crop.
         num_classes: nnU-Net's output channels, background included.
-        overwrite: empty a non-empty ``out`` first.
 
     Raises:
         CheckpointError: not a Primus MAE checkpoint (a ViT one, a segmentation one, a foreign file).
-        ValueError: fewer than 2 classes; OutputExists: a non-empty ``out`` without ``overwrite``.
+        ValueError: fewer than 2 classes.
     """
-    from ctmae.share.export import prepare_out
-    from ctmae.share.nnunet_card import nnunet_card
-
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background too (nnU-Net's output channels): >= 2, got {num_classes}")
     path = Path(checkpoint)
@@ -181,10 +172,18 @@ def export_nnunet(
         "ctmae_config": cfg.to_dict(),
         "weights": {"file": WEIGHTS, "tensors": len(weights), "sha256": tensors_sha256(weights)},
     }
-    prepare_out(out, overwrite)
+    return config, weights, plans_fragment(cfg, patch_size)
+
+
+def write_nnunet(
+    out: Path, config: dict[str, Any], weights: dict[str, torch.Tensor], fragment: dict[str, Any]
+) -> list[Path]:
+    """Write ``out``/{pretrained_weights.pth, plans_fragment.json, config.json, README.md} (``out`` exists)."""
+    from ctmae.share.nnunet_card import nnunet_card
+
     with atomic_path(out / WEIGHTS) as tmp:
-        torch.save({"network_weights": weights, "ctmae": {"format": config["format"], "size": cfg.model.size}}, tmp)
-    atomic_write_json(out / PLANS, plans_fragment(cfg, patch_size))
+        torch.save({"network_weights": weights, "ctmae": {"format": config["format"], "size": config["size"]}}, tmp)
+    atomic_write_json(out / PLANS, fragment)
     atomic_write_json(out / CONFIG, config)
     atomic_write_text(out / CARD, nnunet_card(config))
-    return config, [out / WEIGHTS, out / PLANS, out / CONFIG, out / CARD]
+    return [out / WEIGHTS, out / PLANS, out / CONFIG, out / CARD]
