@@ -212,6 +212,7 @@ def sphere_pair(folder: Path, size: int = 40) -> None:
 
 
 def _pretrain_export(tmp_path: Path, size: str, crop: int, patch_size: int) -> tuple[Path, Path]:
+    """Pretrain a Primus for two steps on the sample scan (probe and previews on), export it for nnU-Net."""
     run = tmp_path / "run"
     sphere_pair(tmp_path / "probe")
     args = ["--arch", "primus", "--model", size, "--crop", crop, "--steps", 2, "--batch-size", 2, "--workers", 0]
@@ -230,20 +231,27 @@ def _pretrain_export(tmp_path: Path, size: str, crop: int, patch_size: int) -> t
 
 
 ROUND_TRIPS = [
-    pytest.param("tiny", 32, 64, id="tiny-crop32-patch64"),
-    pytest.param("s", 64, 64, id="S-crop64-patch64", marks=pytest.mark.slow),
+    pytest.param(("tiny", 32, 64), id="tiny-crop32-patch64"),
+    pytest.param(("s", 64, 64), id="S-crop64-patch64", marks=pytest.mark.slow),
 ]
 
 
-@needs_nnunet
-@pytest.mark.parametrize("size, crop, patch_size", ROUND_TRIPS)
-def test_export_loads_with_nnunets_load_pretrained_weights(tmp_path, size, crop, patch_size, capsys):
+@pytest.fixture(scope="module", params=ROUND_TRIPS)
+def exported(request, tmp_path_factory) -> tuple[str, int, int, Path, Path]:
+    """(size, crop, patch size, checkpoint, export folder): one pretraining and export per size for both tests."""
+    if NNUNET_PROBLEM is not None:
+        pytest.skip(f"nnunet extra: {NNUNET_PROBLEM}")
+    size, crop, patch_size = request.param
+    return (size, crop, patch_size, *_pretrain_export(tmp_path_factory.mktemp(size), size, crop, patch_size))
+
+
+def test_export_loads_with_nnunets_load_pretrained_weights(exported, capsys):
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 
     from ctmae.mae.checkpoint import load_checkpoint
     from ctmae.share.nnunet import resample_positions
 
-    ckpt, out = _pretrain_export(tmp_path, size, crop, patch_size)
+    size, crop, patch_size, ckpt, out = exported
     assert sorted(p.name for p in out.iterdir()) == [
         "README.md",
         "config.json",
@@ -269,12 +277,10 @@ def test_export_loads_with_nnunets_load_pretrained_weights(tmp_path, size, crop,
     assert "-pretrained_weights pretrained_weights.pth" in card and "CTNormalization" in card
 
 
-@needs_nnunet
-@pytest.mark.parametrize("size, crop, patch_size", ROUND_TRIPS)
-def test_loaded_network_trains_one_step(tmp_path, size, crop, patch_size):
+def test_loaded_network_trains_one_step(exported):
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 
-    _, out = _pretrain_export(tmp_path, size, crop, patch_size)
+    size, _, patch_size, _, out = exported
     net = _trainer_network(size, [patch_size] * 3, 2)
     load_pretrained_weights(net, str(out / "pretrained_weights.pth"))
     x = torch.rand(1, 1, patch_size, patch_size, patch_size)
