@@ -34,12 +34,13 @@ import numpy as np
 DATASET_ID, DATASET = 901, "Dataset901_CtmaeSpheres"
 TRAINER = "nnUNet_Primus_S_ctmaeShort_Trainer"
 TRAINER_SOURCE = f'''"""Written by ctmae's benchmarks/nnunet_roundtrip.py, removed at its end: one short epoch."""
+import torch
 from nnunetv2.training.nnUNetTrainer.primus.primus_trainers import nnUNet_Primus_S_Trainer
 
 
 class {TRAINER}(nnUNet_Primus_S_Trainer):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = 1
         self.num_iterations_per_epoch = {{iterations}}
         self.num_val_iterations_per_epoch = 1

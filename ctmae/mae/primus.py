@@ -95,7 +95,7 @@ class PrimusEncoder(nn.Module):
         x = self.eva.pos_drop(x + self.eva.pos_embed[0][at])
         if x.shape[1] == 0:  # a window whose tokens are all hidden (reconstruct): EVA cannot reshape zero tokens
             return x  # (B, 0, D)
-        rope = self.eva.rope and self.eva.rope.get_embed()[at].unsqueeze(1)  # (L, 2·r) -> (B, 1, Lv, 2·r) or None
+        rope = None if self.eva.rope is None else self.eva.rope.get_embed()[at].unsqueeze(1)  # (B, 1, Lv, 2·r)
         for blk in self.eva.blocks:
             x = blk(x, rope=rope)
         return self.eva.norm(x)
