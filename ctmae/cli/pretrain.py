@@ -30,9 +30,10 @@ from ctmae.cli.common import (
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import check_modality, find_volumes, skipped_only
 from ctmae.mae.checkpoint import load_checkpoint
-from ctmae.mae.config import MODEL_PRESETS, RECIPES, RunConfig, recipe_path
+from ctmae.mae.config import MODEL_PRESETS, PRIMUS_PRESETS, RECIPES, RunConfig, recipe_path
 from ctmae.mae.context import context_problem, context_warnings
 from ctmae.mae.masking import MASKS
+from ctmae.mae.primus import missing_extra
 from ctmae.runtime.distributed import DistInfo, barrier, cleanup, gather
 
 if TYPE_CHECKING:
@@ -127,8 +128,19 @@ def pretrain(
             f"shipped with ctmae: {'|'.join(RECIPES)}; options given here override it."
         ),
     ] = None,
+    arch: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Encoder: mae3d (a ViT for MONAI's UNETR) | primus (nnU-Net's Primus, for nnUNetv2_train "
+            "-pretrained_weights; needs ctmae[nnunet]) (default: mae3d)"
+        ),
+    ] = None,
     model: Annotated[
-        Optional[str], typer.Option(help=f"Size preset: {'|'.join(MODEL_PRESETS)} (default: base)")
+        Optional[str],
+        typer.Option(
+            help=f"Size preset: {'|'.join(MODEL_PRESETS)} (default: base); with --arch primus "
+            f"{'|'.join(PRIMUS_PRESETS)} (default: b)"
+        ),
     ] = None,
     crop: Annotated[Optional[int], typer.Option(help="Cubic crop edge in voxels (default: 96)")] = None,
     patch: Annotated[Optional[int], typer.Option(help="Cubic patch edge in voxels (default: 16)")] = None,
@@ -210,7 +222,7 @@ def pretrain(
                 cfg = RunConfig.load_yaml(recipe_path(config), base=cfg)
             cfg = cfg.replace(
                 **_given(
-                    model={"size": model, "patch": patch},
+                    model={"arch": arch, "size": model, "patch": patch},
                     preprocess={
                         "crop": crop,
                         "cache_dir": str(cache_dir) if cache_dir else None,
@@ -242,7 +254,7 @@ def pretrain(
         change = base and preprocessing_change(base.preprocess, cfg.preprocess)
         if change:  # the checkpoint's encoder learned from that preprocessing: a resumed run keeps it
             raise UsageError(f"--resume: {change} ({last}); resume without changing it, or start a new RUN_DIR")
-        problem = context_problem(cfg)
+        problem = context_problem(cfg) or missing_extra(cfg.model)
         if problem:
             raise UsageError(problem)
         for line in context_warnings(cfg):

@@ -25,6 +25,21 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
     "base": dict(dim=768, depth=12, heads=12, dec_dim=384, dec_depth=4, dec_heads=12),  # ViT-B; MONAI MAE's decoder
     "large": dict(dim=1024, depth=24, heads=16, dec_dim=512, dec_depth=4, dec_heads=16),
 }
+# nnU-Net's Primus (``--arch primus``): s/b/m/l are exactly the widths, depths and heads of nnU-Net's
+# nnUNet_Primus_{S,B,M,L}_Trainer, with its 8³ patches and EVA's SwiGLU MLP ratio (8/3); the decoder is ctmae's.
+PRIMUS_PRESETS: dict[str, dict[str, float]] = {
+    "tiny": dict(dim=96, depth=4, heads=2, dec_dim=64, dec_depth=1, dec_heads=4),  # CPU tests and demos
+    "s": dict(dim=396, depth=12, heads=6, dec_dim=256, dec_depth=2, dec_heads=8),
+    "b": dict(dim=792, depth=12, heads=12, dec_dim=384, dec_depth=4, dec_heads=12),
+    "m": dict(dim=864, depth=16, heads=12, dec_dim=384, dec_depth=4, dec_heads=12),
+    "l": dict(dim=1056, depth=24, heads=16, dec_dim=512, dec_depth=4, dec_heads=16),
+}
+for _preset in PRIMUS_PRESETS.values():
+    _preset.update(patch=8, mlp_ratio=4 * 2 / 3)
+# The presets of each architecture (``ModelConfig.arch``) and the one a run gets when it names none.
+PRESETS: dict[str, dict[str, dict[str, float]]] = {"mae3d": MODEL_PRESETS, "primus": PRIMUS_PRESETS}
+DEFAULT_SIZE = {"mae3d": "base", "primus": "b"}
+PRIMUS_PATCH = 8  # nnU-Net's Primus trainers embed 8³ patches
 
 
 RECIPES = ("demo", "gpu")  # YAML files in ctmae/recipes/: the CPU demo, a base recipe for GPUs
@@ -55,7 +70,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "mae3d"  # architecture in ctmae.mae.model.ARCHITECTURES that this config builds
+    arch: str = "mae3d"  # architecture in ctmae.mae.model.ARCHITECTURES: mae3d (MONAI-compatible ViT) | primus
+    # (nnU-Net's Primus encoder, for nnUNetv2_train -pretrained_weights; needs the nnunet extra)
     size: str = "base"  # preset name the widths below came from (informative)
     img_size: int = 96  # crop edge the position embeddings are built for
     patch: int = 16  # edge of the cubic, non-overlapping patches
@@ -66,7 +82,7 @@ class ModelConfig:
     dec_dim: int = 384  # decoder width
     dec_depth: int = 4  # decoder blocks
     dec_heads: int = 12  # decoder attention heads
-    mlp_ratio: float = 4.0  # MLP hidden width / model width
+    mlp_ratio: float = 4.0  # MLP hidden width / model width (primus: EVA's SwiGLU, 8/3 in nnU-Net's trainers)
     qkv_bias: bool = True  # bias on the fused q/k/v projection (MONAI's ViT must be built with the same value)
     norm_pix_loss: bool = False  # normalise each target patch to zero mean, unit variance (MAE's option)
     head: str = "linear"  # decoder's voxel head: linear (MAE's) | upsample (two transposed convolutions per patch) |
@@ -121,14 +137,21 @@ class RunConfig(Sections):
 
     @classmethod
     def expand(cls, d: dict[str, Any], base: RunConfig) -> tuple[dict[str, Any], RunConfig]:
-        """A ``model.size`` preset brings its widths (other model keys refine it); ``preprocess.crop`` sets the
-        model's ``img_size`` too (one crop size for both). The flat layout's ``data.spacing`` etc. are lifted."""
+        """A ``model.size`` preset of the ``model.arch`` brings its widths (other model keys refine it; another arch
+        without a size gets the same-named preset or its default); ``preprocess.crop`` sets the model's ``img_size``
+        too (one crop size for both). The flat layout's ``data.spacing`` etc. are lifted."""
         d = lift_flat_layout(d)
         model = d.get("model") or {}
+        if isinstance(model, dict) and model.get("arch", base.model.arch) != base.model.arch:  # the new arch's preset
+            presets = PRESETS.get(model["arch"], {})
+            size = base.model.size if base.model.size in presets else DEFAULT_SIZE.get(model["arch"], base.model.size)
+            model = d["model"] = {"size": size, **model}
         if isinstance(model, dict) and "size" in model:
-            if model["size"] not in MODEL_PRESETS:
-                raise ValueError(f"unknown model size {model['size']!r}; choose one of {', '.join(MODEL_PRESETS)}")
-            base = dataclasses.replace(base, model=dataclasses.replace(base.model, **MODEL_PRESETS[model["size"]]))
+            arch = model.get("arch", base.model.arch)
+            presets = PRESETS.get(arch, MODEL_PRESETS)
+            if model["size"] not in presets:
+                raise ValueError(f"unknown {arch} model size {model['size']!r}; choose one of {', '.join(presets)}")
+            base = dataclasses.replace(base, model=dataclasses.replace(base.model, **presets[model["size"]]))
         pre = d.get("preprocess") or {}
         if isinstance(pre, dict) and "crop" in pre and isinstance(model, dict):
             d["model"] = {"img_size": pre["crop"], **model}
@@ -151,6 +174,8 @@ def check(cfg: RunConfig) -> None:
         raise ValueError("model.fill_queries needs model.fill_sigma > 0 (the fill the decoder corrects)")
     if m.dim % m.heads or m.dec_dim % m.dec_heads:
         raise ValueError(f"widths must divide by heads: dim {m.dim}/{m.heads}, dec_dim {m.dec_dim}/{m.dec_heads}")
+    if m.arch == "primus":
+        check_primus(m)
     if strategy(k).uses_ratio and not 0.0 < k.ratio < 1.0:  # ValueError naming the known kinds for an unknown one
         raise ValueError(f"mask ratio must be between 0 and 1 (exclusive), got {k.ratio}")
     if not 0.0 < k.predict_ratio <= 1.0:
@@ -162,3 +187,12 @@ def check(cfg: RunConfig) -> None:
     if not 0.0 <= d.zoom <= 1.0:
         raise ValueError(f"data.zoom must be in [0, 1] (crops scaled by up to 1 + zoom), got {d.zoom}")
     check_common(t)
+
+
+def check_primus(m: ModelConfig) -> None:
+    """What nnU-Net's Primus needs: its 8³ patches and a head width whose rotary encoding splits over three axes."""
+    if m.patch != PRIMUS_PATCH:
+        raise ValueError(f"model.arch primus embeds {PRIMUS_PATCH}³ patches as nnU-Net's Primus does, got {m.patch}")
+    head = m.dim // m.heads
+    if head % 6:  # EVA's 3D rotary encoding uses head/1.5 channels, in 4s: 2 (sin, cos) per band per axis
+        raise ValueError(f"model.arch primus needs dim/heads divisible by 6 (rotary encoding), got {m.dim}/{m.heads}")

@@ -12,6 +12,9 @@ nets.ViT`` / the ``vit`` of ``UNETR`` built with the same sizes (only MONAI's un
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from importlib import import_module
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -131,8 +134,9 @@ class PatchEmbedding(nn.Module):
 
 
 class ViTEncoder(nn.Module):
-    """3D ViT that encodes any subset of a crop's tokens from patch vectors; ``forward`` is ``forward_features``
-    (there is no head: the features are the output)."""
+    """3D ViT encoding any subset of a crop's tokens from patch vectors; no head: the features are the output."""
+
+    init_by_mae = True  # MaskedAutoencoder3D initialises its weights (MAE's recipe)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -152,9 +156,7 @@ class ViTEncoder(nn.Module):
             x = blk(x)
         return self.norm(x)
 
-    def forward(self, patches: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Same as ``forward_features``: (B, L, C·p³) patches, optional ``ids`` (B, Lv) -> (B, Lv, D)."""
-        return self.forward_features(patches, ids)
+    forward = forward_features
 
 
 class UpsamplingHead(nn.Module):
@@ -225,17 +227,24 @@ class MaskedAutoencoder3D(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder = ViTEncoder(cfg)
+        self.encoder = self.build_encoder(cfg)
         self.decoder = Decoder(cfg)
         self.fill_queries = FillQueries(cfg) if cfg.fill_queries else None
-        self.apply(_init_weights)
+        for part in self.children():  # an encoder from another library (Primus) keeps that library's own init
+            if part is not self.encoder or self.encoder.init_by_mae:
+                part.apply(_init_weights)
         nn.init.normal_(self.decoder.mask_token, std=0.02)
-        w = self.encoder.patch_embedding.patch_embeddings.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer over flattened patches (MAE)
+        if self.encoder.init_by_mae:
+            w = self.encoder.patch_embedding.patch_embeddings.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer over flattened patches (MAE)
         if cfg.fill_sigma:  # a residual over the fill starts at zero: the untrained model is the fill
             last = self.decoder.head.up2 if cfg.head == "upsample" else self.decoder.head
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
+
+    def build_encoder(self, cfg: ModelConfig) -> nn.Module:
+        """The encoder: (B, L, C·p³) patches and optional ``ids`` (B, Lv) -> (B, Lv, D) features."""
+        return ViTEncoder(cfg)
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, D, H, W) -> (B, L, C·p³); tokens in raster order, voxels as (C, pd, ph, pw) like Conv3d weights."""
@@ -366,15 +375,19 @@ class MaskedAutoencoder3D(nn.Module):
         return self.unpatchify(pred, grid)
 
 
-# Architectures by ``ModelConfig.arch``: a second one plugs in with one entry (its class takes a ModelConfig).
-ARCHITECTURES: dict[str, type[MaskedAutoencoder3D]] = {"mae3d": MaskedAutoencoder3D}
+# Architectures by ``ModelConfig.arch``, each a function giving its class (which takes a ModelConfig): a new one is
+# one entry. Primus is imported when built: it subclasses the MAE above and needs the nnunet extra.
+ARCHITECTURES: dict[str, Callable[[], type[MaskedAutoencoder3D]]] = {
+    "mae3d": lambda: MaskedAutoencoder3D,
+    "primus": lambda: import_module("ctmae.mae.primus").PrimusMAE,
+}
 
 
 def build_model(cfg: ModelConfig) -> MaskedAutoencoder3D:
     """The model ``cfg`` describes; every caller (training, checkpoints, inference) builds models here."""
     if cfg.arch not in ARCHITECTURES:
         raise ValueError(f"unknown model arch {cfg.arch!r}; known: {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[cfg.arch](cfg)
+    return ARCHITECTURES[cfg.arch]()(cfg)
 
 
 def _init_weights(m: nn.Module) -> None:

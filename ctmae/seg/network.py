@@ -47,7 +47,13 @@ def build_unetr(net: SegNetConfig, crop: int) -> UNETR:
 
 
 def net_config_from_mae(model: ModelConfig, feature_size: int, num_classes: int) -> SegNetConfig:
-    """The UNETR sizes that hold an MAE encoder; ValueError when patch size, depth or channels cannot fit."""
+    """The UNETR sizes that hold an MAE encoder; ValueError when the architecture, patch size, depth or channels
+    cannot fit."""
+    if model.arch == "primus":
+        raise ValueError(
+            "the checkpoint's encoder is nnU-Net's Primus, which MONAI's UNETR cannot hold: fine-tune it in nnU-Net "
+            "(ctmae export CHECKPOINT --format nnunet --out DIR writes the weights and the commands)"
+        )
     if model.patch != UNETR_PATCH:
         raise ValueError(
             f"the checkpoint's encoder uses {model.patch}³ patches; MONAI's UNETR needs 16³ (pretrain with --patch 16)"

@@ -124,29 +124,14 @@ def describe_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[s
     path = Path(path)
     state = load_mae_state(path)
     cfg: RunConfig = state["config"]
+    if cfg.model.arch == "primus":
+        raise CheckpointError(f"{path}: a Primus encoder is nnU-Net's, not MONAI's ViT; use --format nnunet")
     arguments = vit_arguments(cfg.model)
     try:
         tensors = encoder_tensors(state["model"], arguments)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    step = int(state.get("step", 0))
-    m = cfg.mask
-    training = {
-        "exported_by": f"ctmae {_version()}",
-        "checkpoint": path.name,
-        "model_size": cfg.model.size,
-        "scans": None,  # not recorded in checkpoints of this ctmae version
-        "step": step,
-        "total_steps": cfg.train.steps,
-        "batch_size": cfg.train.batch_size,
-        "lr": cfg.train.lr,
-        "seed": cfg.train.seed,
-        "mask": {"kind": m.kind, "ratio": m.ratio, "block": m.block, "predict_ratio": m.predict_ratio}
-        | ({"noise_std": m.noise_std} if m.kind == "noise" else {}),
-        "norm_pix_loss": cfg.model.norm_pix_loss,
-    }
-    figures = run_figures(path, step)
-    training.update(figures.pop("training", {}))
+    training, figures = training_of(path, state)
     config = {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_VERSION,
@@ -166,6 +151,30 @@ def describe_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[s
         },
     }
     return config, tensors
+
+
+def training_of(path: Path, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the training summary of a loaded MAE checkpoint at ``path``, the evaluation figures of its run folder)."""
+    cfg: RunConfig = state["config"]
+    step = int(state.get("step", 0))
+    m = cfg.mask
+    training = {
+        "exported_by": f"ctmae {_version()}",
+        "checkpoint": path.name,
+        "model_size": cfg.model.size,
+        "scans": None,  # not recorded in checkpoints of this ctmae version
+        "step": step,
+        "total_steps": cfg.train.steps,
+        "batch_size": cfg.train.batch_size,
+        "lr": cfg.train.lr,
+        "seed": cfg.train.seed,
+        "mask": {"kind": m.kind, "ratio": m.ratio, "block": m.block, "predict_ratio": m.predict_ratio}
+        | ({"noise_std": m.noise_std} if m.kind == "noise" else {}),
+        "norm_pix_loss": cfg.model.norm_pix_loss,
+    }
+    figures = run_figures(path, step)
+    training.update(figures.pop("training", {}))
+    return training, figures
 
 
 def run_figures(checkpoint: Path, step: int) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """``ctmae export``: a pretrained MAE's encoder as a folder others load without ctmae.
 
-Two layouts. ``safetensors``: ``encoder.safetensors`` (the weights of MONAI's ``ViT``, by MONAI's names),
+Three layouts. ``safetensors``: ``encoder.safetensors`` (the weights of MONAI's ``ViT``, by MONAI's names),
 ``config.json`` (the ``ViT``'s arguments, the preprocessing contract, a training summary, a SHA-256 of the tensors)
-and a ``README.md`` model card. ``monai-bundle``: MONAI's bundle layout (``ctmae.share.bundle``). Both hold the same
+and a ``README.md`` model card. ``monai-bundle``: MONAI's bundle layout (``ctmae.share.bundle``). ``nnunet``: a Primus
+encoder for ``nnUNetv2_train -pretrained_weights`` (``ctmae.share.nnunet``). The first two hold the same
 ``config.json`` content, copy no path but the checkpoint's file name and no DICOM tag, and are written file by file
 atomically (``ctmae.runtime.files``).
 
@@ -22,7 +23,7 @@ import torch
 from ctmae.runtime.files import atomic_path, atomic_write_json, atomic_write_text
 from ctmae.share.describe import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, describe_checkpoint
 
-FORMATS = ("safetensors", "monai-bundle")
+FORMATS = ("safetensors", "monai-bundle", "nnunet")  # nnunet: ctmae.share.nnunet, for a Primus encoder
 
 
 class OutputExists(ValueError):
@@ -51,18 +52,34 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         os.chmod(tmp, 0o666 & ~umask)  # safetensors creates its file private (0600); exports are for sharing
 
 
-def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "safetensors", overwrite: bool = False):
+def export(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    fmt: str = "safetensors",
+    overwrite: bool = False,
+    patch_size: tuple[int, int, int] | None = None,
+    num_classes: int = 2,
+):
     """Export an MAE checkpoint's encoder to ``out`` in format ``fmt``; returns (config, files written).
+
+    ``patch_size`` (None: the pretraining crop) and ``num_classes`` size the network of the ``nnunet`` format
+    (``ctmae.share.nnunet``).
 
     Raises:
         ValueError: an unknown format; OutputExists: a non-empty ``out`` without ``overwrite``.
-        CheckpointError: a foreign, corrupt or segmentation checkpoint, or an encoder that does not fit a ViT.
+        CheckpointError: a foreign, corrupt or segmentation checkpoint, or an encoder that does not fit the format.
     """
     from ctmae.share.bundle import write_bundle
     from ctmae.share.model_card import model_card
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "nnunet":  # the checkpoint is read and checked before the folder is touched, as for the others
+        from ctmae.share.nnunet import describe_nnunet, write_nnunet
+
+        config, weights, fragment = describe_nnunet(checkpoint, patch_size, num_classes)
+        prepare_out(Path(out), overwrite)
+        return config, write_nnunet(Path(out), config, weights, fragment)
     config, tensors = describe_checkpoint(checkpoint)
     out = Path(out)
     prepare_out(out, overwrite)
