@@ -166,7 +166,7 @@ def describe_nnunet(
         "position_table": "resampled trilinearly" if resampled else "as pretrained",
         "transferred": ["down_projection (8³ patch embedding)", "eva (blocks, norm, absolute position table)"],
         "not_transferred": ["up_projection (segmentation decoder: the trainer's own initialisation)", "mask_token"],
-        "preprocessing": preprocessing_of(cfg.data),
+        "preprocessing": preprocessing_of(cfg.preprocess),
         "training": training,
         **({"evaluation": figures} if figures else {}),
         "ctmae_config": cfg.to_dict(),
