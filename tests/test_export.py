@@ -278,7 +278,12 @@ def test_info_describes_each_kind(tiny_checkpoint, seg_checkpoint, exports, monk
     monkeypatch.setattr(console, "width", 200)  # one table row per line, whatever the terminal
     expected = {
         tiny_checkpoint: ["MAE pretraining checkpoint", "finetune-seg UNETR", "ctmae finetune-seg", "last loss"],
-        seg_checkpoint: ["segmentation checkpoint", "monai.networks.nets.UNETR", "ctmae segment", "best validation Dice"],
+        seg_checkpoint: [
+            "segmentation checkpoint",
+            "monai.networks.nets.UNETR",
+            "ctmae segment",
+            "best validation Dice",
+        ],
         exports["safetensors"]: ["encoder export (safetensors)", "hidden_size", "ctmae.load_unetr", "hu_window"],
         exports["monai-bundle"]: ["encoder export (MONAI bundle)", "monai.bundle", "ctmae.load_encoder"],
     }

@@ -9,7 +9,8 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.markup import escape
 
-from ctmae.cli.classes import ClassesOption, LabelNamesOption, check_classes_option, resolve_classes
+from ctmae.api.classes import check_classes_spec, resolve_classes
+from ctmae.cli.classes import ClassesOption, LabelNamesOption
 from ctmae.cli.common import (
     THREADS_HELP,
     WORKERS_HELP,
@@ -88,7 +89,7 @@ def study(
             raise UsageError("SCANS are required (or --report --out STUDY_DIR to gather a study)")
         if not eval_images:
             raise UsageError("--eval-images is required (with --eval-labels, or one datalist / nnU-Net folder)")
-        check_classes_option(classes)
+        check_classes_spec(classes)
         settings = _settings(protocols, shots, repeats, seed, test_cases, ft_steps, windows, device, classes)
         base = _base(config, model, crop, patch, steps, seed, device, workers, cache_dir, batch_size)
         visit_bytes = base.data.crops_per_volume * base.preprocess.crop**3 * 4
