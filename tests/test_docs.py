@@ -188,7 +188,7 @@ def test_the_quickstart_runs_as_written_on_the_sample_data(tmp_path):
 
 @pytest.mark.slow  # tiny settings, but a pretraining, a fine-tuning and three inference passes on real scans
 def test_the_python_api_walk_through_runs_as_written(tmp_path):
-    """docs/python-api.md's Python blocks, in order, in one session, from a copy of the repository's sample data:
+    """docs/python-api.md's Python blocks, in order, in one process, from a link to of the repository's sample data:
     each call writes what the guide says it writes."""
     (tmp_path / "sample_data").symlink_to(ROOT / "sample_data")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path / "cache")}

@@ -12,8 +12,6 @@ from rich.markup import escape
 from ctmae.api.classes import check_classes_spec, resolve_classes
 from ctmae.cli.classes import ClassesOption, LabelNamesOption
 from ctmae.cli.common import (
-    THREADS_HELP,
-    WORKERS_HELP,
     UsageError,
     app,
     console,
@@ -24,6 +22,7 @@ from ctmae.cli.common import (
     use_resources,
 )
 from ctmae.cli.evaluate import _numbers
+from ctmae.cli.options import Device, Threads, Workers
 from ctmae.mae.config import MODEL_PRESETS
 
 PathList = Optional[list[Path]]
@@ -54,9 +53,9 @@ def study(
     patch: Annotated[Optional[int], typer.Option(help="Patch edge in voxels (default: the config's, 16)")] = None,
     seed: Annotated[int, typer.Option(help="One seed for every point's pretraining and the evaluation")] = 0,
     batch_size: Annotated[Optional[int], typer.Option(help="Pretraining crops per step (default: 2)")] = None,
-    device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
-    workers: Annotated[Optional[int], typer.Option(help=WORKERS_HELP)] = None,
-    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False)] = None,
+    device: Device = "auto",
+    workers: Workers = None,
+    threads: Threads = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Preprocessing cache (default: ~/.cache/ctmae)")] = None,
     protocols: Annotated[str, typer.Option(help="Evaluation protocols: probe,fewshot,recon")] = "probe,fewshot,recon",
     shots: Annotated[str, typer.Option(help="Few-shot labelled cases, comma-separated")] = "1,2",
