@@ -1,5 +1,9 @@
 """ctmae: masked autoencoder pretraining for CT volumes.
 
+The Python API under the commands (docs/python-api.md): ``ctmae.pretrain``, ``ctmae.finetune`` (with
+``ctmae.finetune_config``), ``ctmae.segment``, ``ctmae.reconstruct`` and ``ctmae.embed`` write what their commands
+write and return a result (``Pretraining``, ``Finetuning``, ``Segmentation``, ``Reconstruction``, ``Embedding``); they
+print nothing, tell a ``ctmae.Reporter`` their progress, and raise ``ctmae.OptionError`` for arguments that cannot work.
 ``ctmae.load_encoder`` and ``ctmae.load_unetr`` hand a pretrained encoder (an export folder or an MAE checkpoint) to
 MONAI's ``ViT`` / ``UNETR``; they import torch and MONAI only when called, so ``import ctmae`` stays cheap.
 ``ctmae.PretrainConfig`` (with ``PretrainConfig.recipe("demo")``) and ``ctmae.FinetuneConfig`` are the run configs,
@@ -16,13 +20,26 @@ if TYPE_CHECKING:
     from monai.networks.nets import UNETR, ViT
 
 __version__ = "0.1.0"
-__all__ = ["FinetuneConfig", "PreprocessConfig", "PretrainConfig", "__version__", "load_encoder", "load_unetr"]
 # public name -> (module, attribute), imported on first use (PEP 562)
 _LAZY = {
     "PretrainConfig": ("ctmae.mae.config", "RunConfig"),
     "FinetuneConfig": ("ctmae.seg.config", "SegConfig"),
     "PreprocessConfig": ("ctmae.preprocess.config", "PreprocessConfig"),
+    "pretrain": ("ctmae.api.pretrain", "pretrain"),
+    "Pretraining": ("ctmae.api.pretrain", "Pretraining"),
+    "finetune": ("ctmae.api.finetune", "finetune"),
+    "finetune_config": ("ctmae.api.finetune", "finetune_config"),
+    "Finetuning": ("ctmae.api.finetune", "Finetuning"),
+    "segment": ("ctmae.api.segment", "segment"),
+    "Segmentation": ("ctmae.api.segment", "Segmentation"),
+    "reconstruct": ("ctmae.api.reconstruct", "reconstruct"),
+    "Reconstruction": ("ctmae.api.reconstruct", "Reconstruction"),
+    "embed": ("ctmae.api.embed", "embed"),
+    "Embedding": ("ctmae.api.embed", "Embedding"),
+    "Reporter": ("ctmae.api.common", "Reporter"),
+    "OptionError": ("ctmae.api.common", "OptionError"),
 }
+__all__ = ["__version__", "load_encoder", "load_unetr", *sorted(_LAZY)]
 
 
 def __getattr__(name: str) -> Any:

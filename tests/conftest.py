@@ -191,8 +191,17 @@ class Heard:
     def __init__(self) -> None:
         self.events: list[tuple] = []
 
-    def start(self, what: str, total: int | None) -> None:
-        self.events.append(("start", what, total))
+    def start(self, what: str, total: int | None, done: int = 0) -> None:
+        self.events.append(("start", what, total, *([done] if done else [])))
+
+    def progress(self, done: int, status: str = "") -> None:
+        self.events.append(("progress", done, status))
+
+    def say(self, line: str) -> None:
+        self.events.append(("say", line))
+
+    def note(self, line: str) -> None:
+        self.events.append(("note", line))
 
     def advance(self, line: str = "") -> None:
         self.events.append(("advance", line))

@@ -18,6 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted([ROOT / "README.md", ROOT / "BENCHMARKS.md", *(ROOT / "docs").rglob("*.md")])
 QUICKSTART = ROOT / "docs" / "quickstart.md"
+PYTHON_API = ROOT / "docs" / "python-api.md"
 QUICK_STEPS = "--steps 30"  # the quickstart's own shortcut for the demo ("add `--steps 30`")
 
 
@@ -183,3 +184,23 @@ def test_the_quickstart_runs_as_written_on_the_sample_data(tmp_path):
         assert len(table["ids"]) == 2  # the NIfTI and the DICOM series of lung1
     assert len(list((runs / "tokens").glob("*.npy"))) == 2
     assert {p.name for p in (runs / "encoder").iterdir()} >= {"encoder.safetensors", "config.json", "README.md"}
+
+
+@pytest.mark.slow  # tiny settings, but a pretraining, a fine-tuning and three inference passes on real scans
+def test_the_python_api_walk_through_runs_as_written(tmp_path):
+    """docs/python-api.md's Python blocks, in order, in one process, from a link to of the repository's sample data:
+    each call writes what the guide says it writes."""
+    (tmp_path / "sample_data").symlink_to(ROOT / "sample_data")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    session = "\n".join(fenced(PYTHON_API.read_text(encoding="utf-8"), "python"))
+    result = subprocess.run([sys.executable, "-c", session], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = tmp_path / "runs"
+    assert "resumed at step 3 and ran to step 5" in result.stdout
+    assert "step 5: loss" in result.stdout  # the reporter heard the steps
+    assert (runs / "api" / "checkpoints" / "last.pt").is_file() and (runs / "api" / "inputs.csv").is_file()
+    assert (runs / "api_seg" / "checkpoints" / "best.pt").is_file()
+    assert list((runs / "api_labels").glob("*.nii.gz")) and (runs / "api_recon" / "metrics.json").is_file()
+    with np.load(runs / "api_embeddings.npz") as table:
+        assert len(table["ids"]) == 2
+    assert "torch.Size([1, 8, 96])" in result.stdout

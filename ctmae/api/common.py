@@ -21,11 +21,22 @@ class Reporter:
     may subclass this one, or pass none.
     """
 
-    def start(self, what: str, total: int | None) -> None:
-        """Work of ``total`` units (scans, volumes; None: not known yet) named ``what`` begins."""
+    def start(self, what: str, total: int | None, done: int = 0) -> None:
+        """Work of ``total`` units (scans, volumes, steps; None: not known yet) named ``what`` begins, ``done`` of
+        them already done (a resumed training run)."""
 
     def advance(self, line: str = "") -> None:
         """One unit of the work is done; ``line`` says what it produced (empty: nothing worth a line)."""
+
+    def progress(self, done: int, status: str = "") -> None:
+        """``done`` units of the work are done so far; ``status`` is a short state (loss, crops/s; empty: as
+        before). Training reports its steps this way."""
+
+    def say(self, line: str) -> None:
+        """A line of news: what a run found, where it starts, what it trains on."""
+
+    def note(self, line: str) -> None:
+        """A one-line note that asks for nothing: a duplicate scan used once, loader workers cut to fit memory."""
 
     def windows(self, done: int, total: int) -> None:
         """``done`` of the ``total`` sliding windows of the scan in progress are done (long scans take minutes)."""

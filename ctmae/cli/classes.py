@@ -1,15 +1,12 @@
-"""The ``--classes`` and ``--label-names`` options that finetune-seg, evaluate and study share, and their
-resolution against the labels' names before any label is read."""
+"""The ``--classes`` and ``--label-names`` options that finetune-seg, evaluate and study share (resolved against
+the labels' names by ``ctmae.api.classes``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-
-from ctmae.cli.common import UsageError
 
 ClassesOption = Annotated[
     Optional[str],
@@ -31,32 +28,3 @@ LabelNamesOption = Annotated[
         show_default=False,
     ),
 ]
-
-
-def check_classes_option(spec: Optional[str]) -> None:
-    """Refuse a malformed ``--classes`` at once, before anything slow (UsageError)."""
-    from ctmae.seg.classes import parse_classes
-
-    try:
-        if spec is not None:
-            parse_classes(spec)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
-def resolve_classes(cases: Sequence, spec: Optional[str], names_file: Optional[Path]):
-    """(the classes ``--classes`` chooses or None, the labels' names), checked before any label is read.
-
-    Raises:
-        UsageError: a malformed ``--classes``.
-        InputError: a name no names file knows, or names files that disagree about a chosen class.
-    """
-    from ctmae.seg.classes import choose_classes
-    from ctmae.seg.label_names import LabelNames
-
-    check_classes_option(spec)
-    try:
-        names = LabelNames.of([c.label.files[0] for c in cases], names_file)
-        return (None if spec is None else choose_classes(spec, names)), names
-    except ValueError as e:
-        raise UsageError(str(e)) from None

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import typer
 import typer.core
@@ -26,7 +25,6 @@ from ctmae.api.common import OptionError, Reporter
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import Note
 from ctmae.runtime.checkpoint import CheckpointError
-from ctmae.runtime.distributed import DistInfo, barrier, setup
 from ctmae.runtime.loader import LoaderError, worker_failure
 from ctmae.runtime.resources import Resources, plan_resources
 from ctmae.runtime.signals import Stopped
@@ -74,6 +72,11 @@ class UsageError(Exception):
 def warn(line: str) -> None:
     """One yellow ``warning:`` line on stderr; the text is shown as it is, never read as rich markup."""
     errors.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def note(line: str) -> None:
+    """One yellow ``note:`` line on stderr: a fact that asks for nothing; shown as it is, never read as markup."""
+    errors.print(f"[yellow]note:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def run_command(body: Callable[[], None]) -> None:
@@ -125,8 +128,8 @@ def use_resources(
         raise UsageError(str(e)) from None
     if show:
         console.print(res.describe(), highlight=False, soft_wrap=True)
-    for note in res.notes:
-        errors.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
+    for line in res.notes:
+        note(line)
     return res
 
 
@@ -139,12 +142,9 @@ def check_steps_or_epochs(steps: int | None, epochs: float | None) -> None:
         )
 
 
-def announce_start(run_dir: Path, resume: bool, start_step: int) -> None:
-    """Say whether a run continues a checkpoint: "resuming from step N", or why a --resume starts fresh."""
-    if start_step:
-        console.print(f"resuming from step {start_step} ({run_dir / 'checkpoints' / 'last.pt'})", highlight=False)
-    elif resume:
-        console.print(f"no checkpoint in {run_dir}, starting fresh", highlight=False, soft_wrap=True)
+def given_options(sections: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Config sections of the options the user gave: those left at None are dropped (the config's value stays)."""
+    return {name: {k: v for k, v in values.items() if v is not None} for name, values in sections.items()}
 
 
 def end_stopped_run(result: dict) -> None:
@@ -213,33 +213,43 @@ class ProgressReporter(Reporter):
     """
 
     def __init__(self, rate: str = "") -> None:
-        self.progress = progress_bar()
+        self.bars = progress_bar()
         self._rate = rate
         self._task: TaskID | None = None
         self._windows: Callable[[int, int], None] | None = None
 
     def __enter__(self) -> ProgressReporter:
-        self.progress.__enter__()
+        self.bars.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
+        self.bars.__exit__(*exc)
 
-    def start(self, what: str, total: int | None) -> None:
-        self._task = self.progress.add_task(what, total=total, info="")
+    def start(self, what: str, total: int | None, done: int = 0) -> None:
+        self._task = self.bars.add_task(what, total=total, completed=done, info="")
 
     def advance(self, line: str = "") -> None:
         if self._task is not None:
-            self.progress.advance(self._task)
+            self.bars.advance(self._task)
             if self._rate:
-                speed = self.progress.tasks[self._task].speed or 0.0
-                self.progress.update(self._task, info=f"{speed:.2f} {self._rate}/s")
+                speed = self.bars.tasks[self._task].speed or 0.0
+                self.bars.update(self._task, info=f"{speed:.2f} {self._rate}/s")
         if line:
             console.print(line, highlight=False, soft_wrap=True)
 
+    def progress(self, done: int, status: str = "") -> None:
+        if self._task is not None:
+            self.bars.update(self._task, completed=done, **({"info": status} if status else {}))
+
+    def say(self, line: str) -> None:
+        console.print(line, highlight=False, soft_wrap=True)
+
+    def note(self, line: str) -> None:
+        note(line)
+
     def windows(self, done: int, total: int) -> None:
         if self._windows is None:  # made on first use, so that it is drawn below the units' bar
-            self._windows = windows_bar(self.progress)
+            self._windows = windows_bar(self.bars)
         self._windows(done, total)
 
     def warn(self, line: str) -> None:
@@ -262,46 +272,7 @@ def sample_data_dir() -> Path:
     raise UsageError("no INPUTS given and the bundled sample_data/ folder was not found; pass scans explicitly")
 
 
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "train.log", "checkpoints", "tensorboard")
-
-
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a non-empty RUN_DIR unless resuming or overwriting; --overwrite removes only ctmae's own outputs."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: --out must be a folder, but a file is there")
-    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
-        raise UsageError(f"{out}: folder is not empty; pass --resume to continue that run or --overwrite to replace it")
-    if overwrite and not resume and out.is_dir():
-        for name in RUN_OUTPUTS:
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".ctmae-write-test"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"{out}: cannot write there ({e.strerror}){_write_hint(e)}") from None
-
-
-def _write_hint(e: OSError) -> str:
-    """How to fix an unwritable output folder; in a container, the usual cause is a uid that does not own it."""
-    if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return ""
-    if Path("/.dockerenv").exists() or Path("/run/.containerenv").exists():
-        return (
-            f"; this container runs as uid {os.getuid()}: run it as the folder's owner "
-            f"(docker run --user $(id -u):$(id -g) ...) or mount a folder that uid may write"
-        )
-    return f"; uid {os.getuid()} may not write there: choose another --out or fix the folder's permissions"
-
-
-def open_run_dir(out: Path, resume: bool, overwrite: bool, device: str | None) -> DistInfo:
-    """Join torchrun's process group (if any) and prepare RUN_DIR on rank 0, the only rank that talks and writes."""
-    dist = setup(device or "auto")
-    if dist.is_main:
-        prepare_run_dir(out, resume, overwrite)
-    else:
+def quiet_other_ranks() -> None:
+    """Under torchrun rank 0 alone talks: the other ranks do the same work and would repeat every line."""
+    if int(os.environ.get("RANK", "0")):
         console.quiet = errors.quiet = True
-    barrier(dist)
-    return dist

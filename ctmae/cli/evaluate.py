@@ -11,7 +11,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ctmae.cli.classes import ClassesOption, LabelNamesOption, check_classes_option, resolve_classes
+from ctmae.api.classes import check_classes_spec, resolve_classes
+from ctmae.cli.classes import ClassesOption, LabelNamesOption
 from ctmae.cli.common import (
     UsageError,
     app,
@@ -103,7 +104,7 @@ def evaluate(
         given = dict(repeats=repeats, seed=seed, test_cases=test_cases, steps=steps, lr=lr, batch_size=batch_size)
         given |= dict(crop=crop, feature_size=feature_size, recon_windows=windows, device=device)
         settings = _settings(protocols, shots, classes, given)
-        check_classes_option(classes)
+        check_classes_spec(classes)
         cases = find_cases([str(p) for p in images], [str(p) for p in labels or []])
         try:
             test, pool = split_cases(cases, settings.test_cases, settings.max_shots, settings.seed)

@@ -26,3 +26,25 @@ def check_device(device: str) -> None:
     """Refuse a --device ctmae does not know (UsageError), before any model is loaded."""
     if device not in DEVICES:
         raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
+
+
+# the training commands (pretrain, finetune-seg)
+TrainDevice = Annotated[Optional[str], typer.Option(help="auto|cpu|cuda (default: auto)")]
+Precision = Annotated[Optional[str], typer.Option(help="auto|bf16|fp16|fp32; auto = bf16 on GPU, fp32 on CPU")]
+Steps = Annotated[Optional[int], typer.Option(help="Optimiser steps (default: 1000)")]
+Epochs = Annotated[Optional[float], typer.Option(help="Passes over all training crops, instead of --steps")]
+Resume = Annotated[
+    bool, typer.Option("--resume", help="Continue from RUN_DIR/checkpoints/last.pt (fresh if none yet).")
+]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace ctmae's outputs in a non-empty RUN_DIR.")]
+StopAt = Annotated[
+    Optional[int],
+    typer.Option(help="Checkpoint and stop after this step (e.g. the end of a job's time slot); --resume continues."),
+]
+# the commands that read scans for a cache (prepare, pretrain)
+Modality = Annotated[
+    Optional[str],
+    typer.Option(
+        help="Keep only DICOM series of this modality (e.g. CT); by default non-CT series are used with a warning."
+    ),
+]

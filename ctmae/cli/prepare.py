@@ -7,21 +7,20 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ctmae.cli.common import (
-    INPUTS_HELP,
-    THREADS_HELP,
     UsageError,
     app,
     console,
-    errors,
+    note,
     progress_bar,
     report_skipped,
     run_command,
     use_resources,
+    warn,
 )
+from ctmae.cli.options import Inputs, Modality, Threads
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import check_modality, find_volumes, skipped_only
 from ctmae.mae.config import RunConfig
@@ -64,7 +63,7 @@ def _print_summary(summary: dict, path: Path) -> None:
 
 @app.command()
 def prepare(
-    inputs: Annotated[list[Path], typer.Argument(help=INPUTS_HELP, show_default=False)],
+    inputs: Inputs,
     cache_dir: Annotated[
         Optional[Path],
         typer.Option(help=f"Cache folder, shared with pretrain's --cache-dir (default: {default_cache_dir()})"),
@@ -72,7 +71,7 @@ def prepare(
     workers: Annotated[
         Optional[int], typer.Option(help="Processes building entries (default: the cores of the CPU budget)", min=0)
     ] = None,
-    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False)] = None,
+    threads: Threads = None,
     shard: Annotated[
         Optional[str],
         typer.Option(
@@ -87,12 +86,7 @@ def prepare(
         Optional[Path],
         typer.Option(help="A pretraining YAML (or a run's config.yaml): its data settings, then the options."),
     ] = None,
-    modality: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Keep only DICOM series of this modality (e.g. CT); by default non-CT series are used with a warning."
-        ),
-    ] = None,
+    modality: Modality = None,
 ) -> None:
     """Build the preprocessing cache for pretraining (and fine-tuning) as its own job, with a dataset summary.
 
@@ -114,7 +108,7 @@ def prepare(
             problems += lines
         else:
             for line in lines:
-                errors.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
+                warn(line)
         mine = part.select(sources) if part else sources
         count = use_resources(threads, "cpu", 0).budget.cores if workers is None else workers
         with progress_bar() as progress:
@@ -124,9 +118,6 @@ def prepare(
                 progress.advance(task)
                 state = progress.tasks[task]
                 progress.update(task, info=f"{state.completed / max(state.elapsed or 0.0, 1e-9):.2f} scans/s")
-
-            def note(line: str) -> None:
-                console.print(f"[yellow]note:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
 
             summary, bad = prepare_dataset(
                 mine,

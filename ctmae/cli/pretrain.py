@@ -1,105 +1,33 @@
-"""``ctmae pretrain``: find and cache the scans, train the MAE, print a summary."""
+"""``ctmae pretrain``: options -> a ``PretrainConfig`` -> ``ctmae.api.pretrain.pretrain`` -> a summary."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ctmae.cli.common import (
     INPUTS_HELP,
-    THREADS_HELP,
-    WORKERS_HELP,
+    ProgressReporter,
     UsageError,
-    announce_start,
     app,
     check_steps_or_epochs,
     console,
     end_stopped_run,
-    errors,
-    open_run_dir,
-    progress_bar,
-    report_skipped,
+    given_options,
+    quiet_other_ranks,
     run_command,
     sample_data_dir,
-    use_resources,
 )
-from ctmae.io.checks import InputError
-from ctmae.io.discovery import check_modality, find_volumes, skipped_only
-from ctmae.mae.checkpoint import load_checkpoint
+from ctmae.cli.options import Modality, Overwrite, Precision, Resume, Steps, StopAt, Threads, TrainDevice, Workers
 from ctmae.mae.config import MODEL_PRESETS, PRIMUS_PRESETS, RECIPES, RunConfig, recipe_path
-from ctmae.mae.context import context_problem, context_warnings
 from ctmae.mae.masking import MASKS
-from ctmae.mae.primus import missing_extra
-from ctmae.runtime.distributed import DistInfo, barrier, cleanup, gather
 
-if TYPE_CHECKING:
-    from ctmae.experiments.monitor import TrainingMonitor
-
-# With no INPUTS, `ctmae pretrain` is a short CPU demo on the bundled scans (lung1's lower slab and lung2) with the
+# With no INPUTS, `ctmae pretrain` is a short CPU demo on the bundled scans (sample_data/demo/pretrain) with the
 # recipe ctmae/recipes/demo.yaml; options given explicitly still win.
 DEMO_OUT = Path("runs/demo")
-
-
-def _given(**sections: dict) -> dict:
-    """Drop options the user did not give (None), keeping the nested config layout."""
-    return {name: {k: v for k, v in values.items() if v is not None} for name, values in sections.items()}
-
-
-def _volumes(inputs: list[Path], cfg: RunConfig, dist: DistInfo, modality: str | None, run_dir: Path):
-    """Find and cache the input volumes, reporting skipped ones and voxel-identical duplicates (used once), and
-    write RUN_DIR/inputs.csv; InputError when none is usable.
-
-    Under torchrun the ranks preprocess disjoint shares of the volumes, then meet at a barrier: each volume is
-    cached once, by one process (cache files are written atomically, so a reader never sees half of one).
-    """
-    from ctmae.preprocess.build_cache import build_cache
-    from ctmae.preprocess.cache import VolumeCache
-    from ctmae.preprocess.inventory import inventory, used_sources, write_inventory
-
-    sources, problems = find_volumes([str(p) for p in inputs])
-    sources, lines = check_modality(sources, modality)
-    if modality:
-        problems += lines
-    else:
-        for line in lines:
-            errors.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
-    mine = sources[dist.rank :: dist.world]
-    with progress_bar() as progress:
-        task = progress.add_task("preprocessing", total=len(mine), info="")
-        ready, bad = build_cache(
-            mine,
-            cfg.preprocess,
-            on_volume=lambda: progress.advance(task),
-            min_edge=cfg.model.patch,
-            on_note=lambda line: console.print(f"[yellow]note:[/yellow] {escape(line)}", highlight=False),
-            workers=cfg.data.workers or 0,
-        )
-    barrier(dist)
-    ready_ids, bad = set(gather([s.id for s in ready], dist)), gather(bad, dist)
-    good = [s for s in sources if s.id in ready_ids]
-    report_skipped(problems + bad)
-    count = len(skipped_only(problems)) + len(bad)  # a note on ignored files skips no volume
-    if not good:
-        raise InputError(f"no usable volume among the inputs ({count} skipped)")
-    rows, duplicates = inventory(good, VolumeCache(cfg.preprocess))
-    for line in duplicates:
-        errors.print(f"[yellow]note:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
-    if dist.is_main:
-        write_inventory(run_dir / "inputs.csv", rows)
-    good = used_sources(good, rows)
-    skipped = f", {count} skipped" if count else ""
-    twins = f", {len(duplicates)} duplicate(s) used once" if duplicates else ""
-    listed = f"; inventory: {run_dir / 'inputs.csv'}" if dist.is_main else ""
-    console.print(
-        f"{len(good)} volume(s) ready{skipped}{twins}; cache: {cfg.preprocess.cache_dir}{listed}",
-        highlight=False,
-        soft_wrap=True,
-    )
-    return good
 
 
 @app.command()
@@ -153,36 +81,20 @@ def pretrain(
     ] = None,
     noise_std: Annotated[Optional[float], typer.Option(help="Noise std for --mask noise (default: 0.1)")] = None,
     spacing: Annotated[Optional[float], typer.Option(help="Isotropic target spacing in mm (default: 1.5)")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimiser steps (default: 1000)")] = None,
+    steps: Steps = None,
     epochs: Annotated[Optional[float], typer.Option(help="Passes over all crops, instead of --steps")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Crops per step (default: 2)")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default: 1.5e-4)")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for weights, data order, crops, masks (default: 0)")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto|cpu|cuda (default: auto)")] = None,
-    precision: Annotated[
-        Optional[str], typer.Option(help="auto|bf16|fp16|fp32; auto = bf16 on GPU, fp32 on CPU")
-    ] = None,
-    workers: Annotated[Optional[int], typer.Option(help=WORKERS_HELP)] = None,
-    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False)] = None,
+    device: TrainDevice = None,
+    precision: Precision = None,
+    workers: Workers = None,
+    threads: Threads = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Preprocessing cache (default: ~/.cache/ctmae)")] = None,
-    modality: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Keep only DICOM series of this modality (e.g. CT); by default non-CT series are used with a warning."
-        ),
-    ] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from RUN_DIR/checkpoints/last.pt (fresh if none yet).")
-    ] = False,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace ctmae's outputs in a non-empty RUN_DIR.")
-    ] = False,
-    stop_at: Annotated[
-        Optional[int],
-        typer.Option(
-            help="Checkpoint and stop after this step (e.g. the end of a job's time slot); --resume continues."
-        ),
-    ] = None,
+    modality: Modality = None,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    stop_at: StopAt = None,
     probe_images: Annotated[
         Optional[list[Path]],
         typer.Option(
@@ -204,149 +116,54 @@ def pretrain(
     """Pretrain a 3D masked autoencoder on CT scans."""
 
     def body() -> None:
-        from ctmae.preprocess.contract import preprocessing_change
+        from ctmae.api.pretrain import pretrain as run
+        from ctmae.api.pretrain import resumed_config
 
         check_steps_or_epochs(steps, epochs)
         if out is None and inputs:
             raise UsageError("--out RUN_DIR is required when INPUTS are given")
         run_dir = out or DEMO_OUT
-        dist = open_run_dir(run_dir, resume, overwrite, device)
+        quiet_other_ranks()
+        base = (resumed_config(run_dir) if resume else None) or (RunConfig() if inputs else RunConfig.recipe("demo"))
+        given = {
+            "model": {"arch": arch, "size": model, "patch": patch},
+            "preprocess": {"crop": crop, "cache_dir": str(cache_dir) if cache_dir else None},
+            "data": {"workers": workers},
+            "mask": {"kind": mask, "ratio": mask_ratio, "block": block, "predict_ratio": predict_ratio},
+            "train": {"steps": steps, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed},
+        }
+        given["preprocess"]["spacing"] = (spacing,) * 3 if spacing else None
+        given["mask"]["noise_std"], given["train"]["device"], given["train"]["precision"] = noise_std, device, precision
+        cfg = _config(base, config, given, epochs_only=epochs is not None and steps is None)
         scans = inputs or [sample_data_dir() / "demo" / "pretrain"]  # the upper slab stays held out
-        last = run_dir / "checkpoints" / "last.pt"
-        base = load_checkpoint(last)["config"] if resume and last.is_file() else None
-        if base is not None:  # loader workers belong to the machine, not the run: a requeued job plans its own
-            base = base.replace(data={"workers": None})
-        try:
-            cfg = base or (RunConfig() if inputs else RunConfig.recipe("demo"))
-            if config is not None:
-                cfg = RunConfig.load_yaml(recipe_path(config), base=cfg)
-            cfg = cfg.replace(
-                **_given(
-                    model={"arch": arch, "size": model, "patch": patch},
-                    preprocess={
-                        "crop": crop,
-                        "cache_dir": str(cache_dir) if cache_dir else None,
-                        "spacing": (spacing,) * 3 if spacing else None,
-                    },
-                    data={"workers": workers},
-                    mask={
-                        "kind": mask,
-                        "ratio": mask_ratio,
-                        "block": block,
-                        "predict_ratio": predict_ratio,
-                        "noise_std": noise_std,
-                    },
-                    train={
-                        "steps": steps,
-                        "epochs": epochs,
-                        "batch_size": batch_size,
-                        "lr": lr,
-                        "seed": seed,
-                        "device": device,
-                        "precision": precision,
-                    },
-                )
-            )
-            if epochs is not None and steps is None:
-                cfg = cfg.replace(train={"steps": None})
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        change = base and preprocessing_change(base.preprocess, cfg.preprocess)
-        if change:  # the checkpoint's encoder learned from that preprocessing: a resumed run keeps it
-            raise UsageError(f"--resume: {change} ({last}); resume without changing it, or start a new RUN_DIR")
-        problem = context_problem(cfg) or missing_extra(cfg.model)
-        if problem:
-            raise UsageError(problem)
-        for line in context_warnings(cfg):
-            errors.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
-        crop_bytes = cfg.preprocess.crop**3 * 4  # float32
-        res = use_resources(threads, cfg.train.device, cfg.data.workers, cfg.data.crops_per_volume * crop_bytes)
-        cfg = cfg.replace(data={"workers": res.workers})
-        probe = _probe_cases(cfg, probe_images, probe_labels, probe_every) if dist.is_main else None
-        sources = _volumes(scans, cfg, dist, modality, run_dir)
-        monitor = _monitor(cfg, run_dir, sources[0], probe, probe_every, preview_every) if dist.is_main else None
-        result = _train(cfg, sources, run_dir, resume, stop_at, dist, monitor)
-        cleanup(dist)
-        _print_summary(result)
-        end_stopped_run(result)
+        probe = {"probe_images": probe_images or (), "probe_labels": probe_labels or (), "probe_every": probe_every}
+        with ProgressReporter() as reporter:
+            result = run(
+                scans, run_dir, cfg, resume=resume, overwrite=overwrite, stop_at=stop_at, modality=modality,
+                threads=threads, preview_every=preview_every, reporter=reporter, **probe,
+            )  # fmt: skip
+        _print_summary(result.figures)
+        end_stopped_run(result.figures)
 
     run_command(body)
 
 
-def _probe_cases(cfg: RunConfig, images: Optional[list[Path]], labels: Optional[list[Path]], every: Optional[int]):
-    """The in-training probe's labelled cases, checked and preprocessed (None without --probe-images)."""
-    from ctmae.experiments.monitor import ProbeCases
-    from ctmae.seg.data import find_cases
-
-    if not images:
-        if labels or every:
-            raise UsageError("--probe-labels and --probe-every need --probe-images")
-        return None
-    if every is not None and every < 1:
-        raise UsageError(f"--probe-every must be >= 1, got {every}")
-    return ProbeCases.prepare(find_cases([str(p) for p in images], [str(p) for p in labels or []]), cfg)
+def _config(base: RunConfig, config: Optional[Path], given: dict[str, dict[str, Any]], epochs_only: bool) -> RunConfig:
+    """The run's config: ``base`` (a resumed run's, the defaults, or the demo recipe), then the ``--config`` file or
+    recipe, then the options given (None: not given); ``--epochs`` alone replaces a step count set before."""
+    try:
+        cfg = RunConfig.load_yaml(recipe_path(config), base=base) if config is not None else base
+        cfg = cfg.replace(**given_options(given))
+        return cfg.replace(train={"steps": None}) if epochs_only else cfg
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
-def _monitor(cfg: RunConfig, run_dir: Path, first_scan, probe, probe_every, preview_every) -> TrainingMonitor:
-    """Rank 0's probe-and-preview hook (``ctmae.experiments.monitor``)."""
-    from ctmae.experiments.monitor import TrainingMonitor
-
-    if preview_every is not None and preview_every < 0:
-        raise UsageError(f"--preview-every must be >= 0, got {preview_every}")
-    return TrainingMonitor.for_run(cfg, run_dir, first_scan, probe, probe_every, preview_every)
-
-
-def _train(
-    cfg: RunConfig,
-    sources: list,
-    run_dir: Path,
-    resume: bool,
-    stop_at: Optional[int],
-    dist: DistInfo,
-    monitor: Optional[TrainingMonitor] = None,
-) -> dict:
-    """Run the pretraining loop under a progress bar (steps, loss, crops/s, probe Dice, ETA)."""
-    from ctmae.mae.train import pretrain as run_pretrain
-
-    with progress_bar() as progress:
-        task = progress.add_task("pretraining", total=None, info="")
-
-        def started(info: dict) -> None:
-            progress.update(task, total=info["total_steps"], completed=info["start_step"])
-            announce_start(run_dir, resume, info["start_step"])
-            console.print(
-                f"training on {info['device']} ({info['precision']}), {cfg.model.size} model, "
-                f"mask {cfg.mask.kind}, global batch {info['global_batch']}",
-                highlight=False,
-                soft_wrap=True,
-            )
-
-        def stepped(info: dict) -> None:
-            if info["loss"] is not None:
-                probe = (
-                    f"  probe Dice {monitor.last['probe_dice']:.3f}" if monitor and "probe_dice" in monitor.last else ""
-                )
-                progress.update(task, info=f"loss {info['loss']:.4f}  {info['crops_per_s']:.1f} crops/s{probe}")
-            progress.update(task, completed=info["step"])
-
-        return run_pretrain(
-            cfg,
-            sources,
-            run_dir,
-            resume=resume,
-            stop_at=stop_at,
-            dist=dist,
-            on_start=started,
-            on_step=stepped,
-            monitor=monitor,
-        )
-
-
-def _print_summary(result: dict) -> None:
+def _print_summary(figures: dict) -> None:
     table = Table(title="pretraining summary", show_header=False)
     keys = ("start_step", "steps", "total_steps", "first_loss", "last_loss", "crops_per_s", "device", "precision")
     for key in (*keys, "checkpoint"):
-        value = result[key]
+        value = figures[key]
         if value is not None:
             table.add_row(key.replace("_", " "), f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 
-from ctmae.cli.common import ProgressReporter, UsageError, app, console, errors, run_command, use_resources
+from ctmae.cli.common import ProgressReporter, UsageError, app, console, note, run_command, use_resources
 from ctmae.cli.options import Device, Inputs, Threads, check_device
 from ctmae.runtime.signals import StopFlag, Stopped
 
@@ -45,7 +44,7 @@ def segment_alias(
 ) -> None:
     """``finetune-seg --predict CHECKPOINT INPUTS... --out DIR``: says once that it is ``ctmae segment`` now, then
     runs it."""
-    errors.print(f"[yellow]note:[/yellow] {escape(ALIAS_NOTE)}", highlight=False, soft_wrap=True)
+    note(ALIAS_NOTE)
     if not inputs:
         raise UsageError("--predict needs INPUTS: the scans to segment")
     if out is None:

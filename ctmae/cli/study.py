@@ -9,10 +9,9 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.markup import escape
 
-from ctmae.cli.classes import ClassesOption, LabelNamesOption, check_classes_option, resolve_classes
+from ctmae.api.classes import check_classes_spec, resolve_classes
+from ctmae.cli.classes import ClassesOption, LabelNamesOption
 from ctmae.cli.common import (
-    THREADS_HELP,
-    WORKERS_HELP,
     UsageError,
     app,
     console,
@@ -23,6 +22,7 @@ from ctmae.cli.common import (
     use_resources,
 )
 from ctmae.cli.evaluate import _numbers
+from ctmae.cli.options import Device, Threads, Workers
 from ctmae.mae.config import MODEL_PRESETS
 
 PathList = Optional[list[Path]]
@@ -53,9 +53,9 @@ def study(
     patch: Annotated[Optional[int], typer.Option(help="Patch edge in voxels (default: the config's, 16)")] = None,
     seed: Annotated[int, typer.Option(help="One seed for every point's pretraining and the evaluation")] = 0,
     batch_size: Annotated[Optional[int], typer.Option(help="Pretraining crops per step (default: 2)")] = None,
-    device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
-    workers: Annotated[Optional[int], typer.Option(help=WORKERS_HELP)] = None,
-    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, show_default=False)] = None,
+    device: Device = "auto",
+    workers: Workers = None,
+    threads: Threads = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Preprocessing cache (default: ~/.cache/ctmae)")] = None,
     protocols: Annotated[str, typer.Option(help="Evaluation protocols: probe,fewshot,recon")] = "probe,fewshot,recon",
     shots: Annotated[str, typer.Option(help="Few-shot labelled cases, comma-separated")] = "1,2",
@@ -88,7 +88,7 @@ def study(
             raise UsageError("SCANS are required (or --report --out STUDY_DIR to gather a study)")
         if not eval_images:
             raise UsageError("--eval-images is required (with --eval-labels, or one datalist / nnU-Net folder)")
-        check_classes_option(classes)
+        check_classes_spec(classes)
         settings = _settings(protocols, shots, repeats, seed, test_cases, ft_steps, windows, device, classes)
         base = _base(config, model, crop, patch, steps, seed, device, workers, cache_dir, batch_size)
         visit_bytes = base.data.crops_per_volume * base.preprocess.crop**3 * 4
