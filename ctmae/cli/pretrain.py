@@ -38,7 +38,7 @@ from ctmae.runtime.distributed import DistInfo, barrier, cleanup, gather
 if TYPE_CHECKING:
     from ctmae.experiments.monitor import TrainingMonitor
 
-# With no INPUTS, `ctmae pretrain` is a short CPU demo on the bundled scans (lung1's lower slab and lung2); options
+# With no INPUTS, `ctmae pretrain` is a short CPU demo on the bundled scans (lower slabs of two patients); options
 # given explicitly still win. The recipe is the best measured by benchmarks/recipe.py (BENCHMARKS.md, issue 18): 64³
 # crops, the loss on every hidden token, a decoder that predicts the residual over a gaussian fill (sigma 8) with
 # queries that read the fills around them, batch 8 at learning rate 3e-3, each batch 8 crops of one scan, scaled by
