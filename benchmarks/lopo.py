@@ -47,6 +47,12 @@ LEVERS: dict[str, dict] = {
     "demo": _lever("the demo as shipped"),
     "demo-1step": _lever("the demo after 1 step: the fill it starts from", train={"steps": 1}),
     "flip": _lever("the demo with left-right flips", data={"flip": True}),
+    "contrast25": _lever(
+        "the demo with each crop's intensities bent by a gamma in [1/1.25, 1.25]", data={"contrast": 0.25}
+    ),
+    "contrast50": _lever(
+        "the demo with each crop's intensities bent by a gamma in [1/1.5, 1.5]", data={"contrast": 0.5}
+    ),
     "no-zoom": _lever("the demo without scaling", data={"zoom": 0.0}),
     "zoom50": _lever("the demo with crops scaled by 1/1.5 to 1.5", data={"zoom": 0.5}),
     "plain-decoder": _lever(
