@@ -88,17 +88,27 @@ def score_patient(checkpoint: Path, scans: list[Path], seeds: int, scratch: Path
     return out
 
 
-def rotate(name: str, seeds: int, synthetic: list[Path], work: Path) -> dict:
-    """One lever over the rotation: per held-out patient, the scores of a model pretrained on the others."""
+def rotate(name: str, seeds: int, synthetic: list[Path], work: Path, reuse: bool = False) -> dict:
+    """One lever over the rotation: per held-out patient, the scores of a model pretrained on the others.
+
+    With ``reuse``, a fold whose run in ``work`` finished (its last checkpoint) is not trained again, and one already
+    scored (its score.json) is not scored again."""
     config = LEVERS[name]["config"]
+    steps = config["train"]["steps"]
     rows = {}
     for held, scans in PATIENTS.items():
         others = [s for p, group in PATIENTS.items() if p != held for s in group]
         run = work / name / held.split()[0]
         run.parent.mkdir(parents=True, exist_ok=True)
-        progress(f"{name}: pretraining without {held}, {config['train']['steps']} steps")
-        pretrain(name, config, [*others, *synthetic], run, config["train"]["steps"])
-        rows[held] = score_patient(run / "checkpoints" / "last.pt", scans, seeds, work / name / "recon")
+        scored, checkpoint = run / "score.json", run / "checkpoints" / "last.pt"
+        if reuse and scored.exists():
+            rows[held] = json.loads(scored.read_text(encoding="utf-8"))
+            continue
+        if not (reuse and checkpoint.exists()):
+            progress(f"{name}: pretraining without {held}, {steps} steps")
+            pretrain(name, config, [*others, *synthetic], run, steps)
+        rows[held] = score_patient(checkpoint, scans, seeds, work / name / "recon")
+        scored.write_text(json.dumps(rows[held], indent=2), encoding="utf-8")
         progress(f"{name}: held out {held}: {json.dumps(rows[held])}")
     return rows
 
@@ -134,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=2, help="block masks per held-out scan (seeds 1..N)")
     ap.add_argument("--synthetic", type=int, default=0, help="synthetic chest phantoms added to every fold")
     ap.add_argument("--out", type=Path, default=None, help="keep runs and results.json here (default: a temp folder)")
+    ap.add_argument("--reuse", action="store_true", help="keep the finished runs and scores already in --out")
     args = ap.parse_args(argv)
     command = "python -m benchmarks.lopo " + " ".join(sys.argv[1:] if argv is None else argv)
     info = machine()
@@ -145,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     results = json.loads(done.read_text(encoding="utf-8")) if done.exists() else {}
     for name in args.levers.split(","):
         key = f"{name}+synthetic{args.synthetic}" if args.synthetic else name
-        results[key] = rotate(name, args.seeds, synthetic, work)
+        results[key] = rotate(name, args.seeds, synthetic, work, args.reuse)
         done.write_text(json.dumps(results, indent=2), encoding="utf-8")
     print(markdown({k: v for k, v in results.items() if k.split("+")[0] in LEVERS}, info, command))
 
