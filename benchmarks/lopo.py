@@ -50,6 +50,7 @@ LEVERS: dict[str, dict] = {
     "contrast25": _lever(
         "the demo with each crop's intensities bent by a gamma in [1/1.25, 1.25]", data={"contrast": 0.25}
     ),
+    "contrast25-flip": _lever("contrast25 and flip together", data={"contrast": 0.25, "flip": True}),
     "contrast50": _lever(
         "the demo with each crop's intensities bent by a gamma in [1/1.5, 1.5]", data={"contrast": 0.5}
     ),
