@@ -7,8 +7,9 @@ with ``--window-step 16``. Per patient the masked PSNR is pooled over its scans 
 model's margin over the fill per held-out patient, then the mean and the worst over the rotation.
 
 The patients are people, not files: the bundled abdominal slabs are one patient (sample_data/README.md), and each
-patient's scans are all its slabs. A lever is the demo recipe (``ctmae.cli.pretrain.DEMO``) with some sections
-changed (``LEVERS``); ``--synthetic N`` adds N synthetic chest phantoms to every fold's pretraining.
+patient's scans are all its slabs. A lever is the base recipe (the demo's, ``ctmae.cli.pretrain.DEMO``, without the
+intensity augmentation this benchmark chose) with some sections changed (``LEVERS``); ``--synthetic N`` adds N
+synthetic chest phantoms to every fold's pretraining.
 
     python -m benchmarks.lopo [--levers demo,flip,...] [--seeds 2] [--synthetic 0] [--out DIR]
 """
@@ -39,28 +40,32 @@ PATIENTS: dict[str, list[Path]] = {
 DENSE_STEP = 16  # voxels: the README's ``--window-step 16``
 
 
+BASE = _merged(DEMO, {"data": {"contrast": 0.0}})  # recipe_table.py's demo-cpv8-zoom
+
+
 def _lever(why: str, **sections: dict) -> dict:
-    return {"why": why, "config": _merged(DEMO, sections)}
+    return {"why": why, "config": _merged(BASE, sections)}
 
 
 LEVERS: dict[str, dict] = {
-    "demo": _lever("the demo as shipped"),
-    "demo-1step": _lever("the demo after 1 step: the fill it starts from", train={"steps": 1}),
-    "flip": _lever("the demo with left-right flips", data={"flip": True}),
+    "demo": {"why": "the demo as shipped (contrast25)", "config": DEMO},
+    "base": _lever("the demo before this benchmark: 8 crops a visit, scaled by 1/1.25 to 1.25"),
+    "base-1step": _lever("the base after 1 step: the fill it starts from", train={"steps": 1}),
+    "flip": _lever("the base with left-right flips", data={"flip": True}),
     "contrast25": _lever(
-        "the demo with each crop's intensities bent by a gamma in [1/1.25, 1.25]", data={"contrast": 0.25}
+        "the base with each crop's intensities bent by a gamma in [1/1.25, 1.25]", data={"contrast": 0.25}
     ),
     "contrast25-flip": _lever("contrast25 and flip together", data={"contrast": 0.25, "flip": True}),
     "contrast50": _lever(
-        "the demo with each crop's intensities bent by a gamma in [1/1.5, 1.5]", data={"contrast": 0.5}
+        "the base with each crop's intensities bent by a gamma in [1/1.5, 1.5]", data={"contrast": 0.5}
     ),
-    "no-zoom": _lever("the demo without scaling", data={"zoom": 0.0}),
-    "zoom50": _lever("the demo with crops scaled by 1/1.5 to 1.5", data={"zoom": 0.5}),
+    "no-zoom": _lever("the base without scaling", data={"zoom": 0.0}),
+    "zoom50": _lever("the base with crops scaled by 1/1.5 to 1.5", data={"zoom": 0.5}),
     "plain-decoder": _lever(
-        "the demo with a plain decoder (no fill residual)", model={"fill_sigma": 0.0, "fill_queries": False}
+        "the base with a plain decoder (no fill residual)", model={"fill_sigma": 0.0, "fill_queries": False}
     ),
-    "mask60": _lever("the demo hiding 60% of the tokens", mask={"ratio": 0.6, "predict_ratio": 0.6}),
-    "steps2000": _lever("the demo for 2000 steps", train={"steps": 2000}),
+    "mask60": _lever("the base hiding 60% of the tokens", mask={"ratio": 0.6, "predict_ratio": 0.6}),
+    "steps2000": _lever("the base for 2000 steps", train={"steps": 2000}),
 }
 
 
@@ -141,7 +146,7 @@ def markdown(results: dict, info: dict, command: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--levers", default="demo", help=f"comma-separated names from: {', '.join(LEVERS)}")
+    ap.add_argument("--levers", default="base,demo", help=f"comma-separated names from: {', '.join(LEVERS)}")
     ap.add_argument("--seeds", type=int, default=2, help="block masks per held-out scan (seeds 1..N)")
     ap.add_argument("--synthetic", type=int, default=0, help="synthetic chest phantoms added to every fold")
     ap.add_argument("--out", type=Path, default=None, help="keep runs and results.json here (default: a temp folder)")

@@ -42,13 +42,15 @@ if TYPE_CHECKING:
 # given explicitly still win. The recipe is the best measured by benchmarks/recipe.py (BENCHMARKS.md, issue 18): 64³
 # crops, the loss on every hidden token, a decoder that predicts the residual over a gaussian fill (sigma 8) with
 # queries that read the fills around them, batch 8 at learning rate 3e-3, each batch 8 crops of one scan, scaled by
-# 1/1.25 to 1.25. Loader workers are planned from the CPU budget: none below four cores, where they slow the step.
+# 1/1.25 to 1.25, intensities bent by a gamma in [1/1.25, 1.25] (benchmarks/lopo.py's contrast25: the best
+# leave-one-patient-out margin of the levers measured, BENCHMARKS.md "Generalisation to unseen patients"). Loader
+# workers are planned from the CPU budget: none below four cores, where they slow the step.
 DEMO = {
     "model": {"size": "tiny", "fill_sigma": 8.0, "fill_queries": True},
-    "data": {"crop": 64, "crops_per_volume": 8, "zoom": 0.25},
+    "data": {"crop": 64, "crops_per_volume": 8, "zoom": 0.25, "contrast": 0.25},
     "mask": {"predict_ratio": 0.75},
     "train": {"steps": 1400, "batch_size": 8, "lr": 3e-3, "log_every": 10},
-}  # benchmarks/recipe_table.py's demo-cpv8-zoom
+}  # benchmarks/recipe_table.py's demo-cpv8-zoom with benchmarks/lopo.py's contrast25
 DEMO_OUT = Path("runs/demo")
 
 
