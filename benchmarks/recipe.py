@@ -2,8 +2,8 @@
 
 Each recipe is a config file for ``ctmae pretrain``. It is first timed for a few steps, then pretrained for as many
 steps as fit the budget (the learning-rate schedule spans the whole run), on the bundled demo slab
-(``sample_data/demo/pretrain``: the lower 32 slices of the sample chest CT, and since session 6 a second patient's
-chest CT, lung2) plus ``--synthetic`` anatomical phantoms. Runs of sessions 4 and 5 pretrained on the lower slab
+(``sample_data/demo/pretrain``: the lower slabs of the sample chest CT and of the sample abdominal CT) plus
+``--synthetic`` anatomical phantoms. Runs of sessions 4 and 5 pretrained on the lower slab
 alone: ``--pretrain sample_data/demo/pretrain/lung1_lower.nii.gz`` repeats them.
 Each checkpoint then goes through ``ctmae reconstruct`` on the held-out upper slab (``sample_data/demo/heldout``)
 with several seeded masks drawn on 16-voxel cells (``--mask-unit 16``), so that recipes with patch 8 and patch 16

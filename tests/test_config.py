@@ -33,6 +33,7 @@ def test_dict_round_trip_and_presets(tmp_path):
         ("model:\n  fill_queries: true\n", "fill_sigma"),
         ("model:\n  head: smooth\n", "fill_sigma"),
         ("data:\n  zoom: 1.5\n", "data.zoom"),
+        ("data:\n  contrast: -0.1\n", "data.contrast"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, key):

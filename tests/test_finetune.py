@@ -402,3 +402,23 @@ def test_prediction_never_overwrites_an_input(phantom_run, phantom, tmp_path):
     result = run("--predict", phantom_run / "checkpoints" / "best.pt", scan, "--out", scans)
     assert result.exit_code == 1 and "never overwrites inputs" in result.output
     assert scan.read_bytes() == before
+
+
+ABDOMEN_LABELS = SAMPLE_DATA / "organs" / "abdomen_upper.nii.gz"
+TOP_ORGAN = 117  # the largest class present in the bundled organ map (TotalSegmentator v2 "total")
+
+
+def test_sample_abdomen_organ_map_fits_its_slab_and_names_its_organs():
+    """The bundled organ map lies on the held-out abdominal slab's grid and its names file resolves organs by name."""
+    from ctmae.seg.label_names import read_names
+
+    (case,) = find_cases([SAMPLE_DATA / "demo" / "heldout" / "abdomen_upper.nii.gz"], [ABDOMEN_LABELS])
+    assert check_case(case) == TOP_ORGAN
+    (ct, ct_affine), (labels, label_affine) = read_volume(case.image), read_volume(case.label)
+    assert ct.shape == labels.shape == (122, 101, 30) and np.allclose(ct_affine, label_affine)
+    names = read_names(ABDOMEN_LABELS.parent / "labels.json")
+    present = {names[v] for v in np.unique(labels) if v}
+    assert {"liver", "spleen", "kidney_left", "kidney_right"} <= present and len(present) == 41
+    # the slab continues the pretraining slab of the same patient: 82 slices of 3 mm further up
+    _, lower_affine = read_volume(find_volumes([SAMPLE_DATA / "demo" / "pretrain" / "abdomen_lower.nii.gz"])[0][0])
+    assert np.allclose(ct_affine[:3, 3] - lower_affine[:3, 3], lower_affine[:3, 2] * 82)

@@ -173,10 +173,10 @@ def pair(root: Path, image: str, label: str, seed: int = 0) -> tuple[Path, Path]
 
 
 def test_explicit_files_pair_in_the_order_given(tmp_path):
-    a = pair(tmp_path, "lung2_image.nii.gz", "lung2_label.nii.gz")
+    a = pair(tmp_path, "case2_image.nii.gz", "case2_label.nii.gz")
     b = pair(tmp_path, "other/scan.nii.gz", "other/seg_b.nii.gz", seed=1)
     (case,) = find_cases([a[0]], [a[1]])
-    assert case.id == "lung2_image" and case.image.files == (str(a[0]),) and case.label.files == (str(a[1]),)
+    assert case.id == "case2_image" and case.image.files == (str(a[0]),) and case.label.files == (str(a[1]),)
     cases = find_cases([b[0], a[0]], [b[1], a[1]])
     assert [(c.image.files[0], c.label.files[0]) for c in cases] == [(str(b[0]), str(b[1])), (str(a[0]), str(a[1]))]
     with pytest.raises(InputError) as info:
@@ -194,7 +194,7 @@ def finetune(tmp_path: Path, *args) -> object:
 
 @pytest.mark.slow
 def test_finetune_seg_pairs_named_files_and_preprocesses_once(tmp_path, monkeypatch):
-    image, label = pair(tmp_path, "lung2_image.nii.gz", "lung2_label.nii.gz")
+    image, label = pair(tmp_path, "case2_image.nii.gz", "case2_label.nii.gz")
     common = ["--images", image, "--labels", label, "--cache-dir", tmp_path / "cache"]
     first = finetune(tmp_path, *common, "--out", tmp_path / "run1")
     assert first.exit_code == 0, first.output

@@ -58,7 +58,7 @@ def test_pretrain_on_sample_data_writes_the_run_folder(tmp_path, every_step):
     assert state["step"] == 6 and state["config"].model.size == "tiny"
     assert {"model", "optimizer", "scaler", "rng"} <= set(state)
     assert "checkpoint written to" in (out / "train.log").read_text(encoding="utf-8")
-    # the demo's two scans (lung1's lower slab, lung2), cached
+    # the demo's two scans (the lower slabs of lung1 and of the abdomen), cached
     assert len(list((tmp_path / "cache").glob("*.b2nd"))) == 2
 
 
@@ -141,9 +141,10 @@ def test_no_arguments_runs_the_demo_into_runs_demo(tmp_path, monkeypatch):
     result = run("--steps", "2", "--workers", "0")  # the demo, shortened
     assert result.exit_code == 0, result.output
     assert (tmp_path / "runs" / "demo" / "checkpoints" / "last.pt").is_file()
-    # the demo pretrains on lung1's lower 32 slices and on lung2: lung1's upper slab stays held out for reconstruct
+    # the demo pretrains on the lower slabs of lung1 (32 slices) and of the abdomen (82): both upper slabs stay held
+    # out for reconstruct and the organ probe
     sizes = [json.loads(f.read_text(encoding="utf-8"))["source"]["size"] for f in (tmp_path / "cache").rglob("*.json")]
-    assert sorted(sizes) == [[195, 195, 32], [214, 214, 61]]
+    assert sorted(sizes) == [[122, 101, 82], [195, 195, 32]]
     ran = RunConfig.load_yaml(tmp_path / "runs" / "demo" / "config.yaml")  # the shipped recipe, as the options say
     demo = RunConfig.load_yaml(recipe_path("demo")).replace(train={"steps": 2}, data={"workers": 0})
     resolved = {"device": ran.train.device, "precision": ran.train.precision}  # auto, as this machine resolved it

@@ -64,6 +64,8 @@ class DataConfig:
     flip: bool = False  # pretraining mirrors each crop left-right (RAS x) with probability 1/2
     zoom: float = 0.0  # > 0: each pretraining crop is scaled by s, log-uniform in [1/(1+zoom), 1+zoom] (anatomy of
     # other sizes: patients differ; a cube of crop·s voxels is read and resampled trilinearly to the crop)
+    contrast: float = 0.0  # > 0: each pretraining crop's 0..1 intensities x become x^g, g log-uniform in
+    # [1/(1+contrast), 1+contrast] (scanners, doses and contrast agent shift soft tissue; air and the top stay put)
     workers: int | None = None  # DataLoader worker processes (0: load in the training process; None: planned from
     # the CPU budget and /dev/shm by the command, ctmae.runtime.resources; in-process where nothing planned it)
 
@@ -186,6 +188,8 @@ def check(cfg: RunConfig) -> None:
         raise ValueError("batch_size and crops_per_volume must be >= 1, workers >= 0")
     if not 0.0 <= d.zoom <= 1.0:
         raise ValueError(f"data.zoom must be in [0, 1] (crops scaled by up to 1 + zoom), got {d.zoom}")
+    if not 0.0 <= d.contrast <= 1.0:
+        raise ValueError(f"data.contrast must be in [0, 1] (gamma up to 1 + contrast), got {d.contrast}")
     check_common(t)
 
 

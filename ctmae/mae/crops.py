@@ -27,7 +27,9 @@ class CropVisits(Dataset):
     Offsets are uniform over the valid range; with ``flip`` each crop is mirrored left-right (RAS x) with
     probability 1/2 (a chest's left and right halves are near mirror images: twice the anatomy to learn from); with
     ``zoom`` each crop is a cube of ``crop``·s voxels, s log-uniform in [1/(1 + zoom), 1 + zoom], resampled
-    trilinearly to ``crop``: the anatomy at other sizes, as other patients bring it.
+    trilinearly to ``crop``: the anatomy at other sizes, as other patients bring it; with ``contrast`` each crop's
+    intensities x (0..1) become x^g, g log-uniform in [1/(1 + contrast), 1 + contrast]: soft tissue brighter or
+    darker, as other scanners and contrast agent make it, while air (0) and the top of the window (1) stay put.
     """
 
     def __init__(
@@ -61,6 +63,9 @@ class CropVisits(Dataset):
                 cube = np.empty((edge, edge, edge), np.float32)
                 volume.read(start, cube.shape, out=cube)
                 crop[0] = F.interpolate(torch.from_numpy(cube)[None, None], size=(c, c, c), mode="trilinear")[0, 0]
+            if self.cfg.contrast:  # drawn only when asked, so runs without it keep their crops
+                gamma = float(np.exp(rng.uniform(-1.0, 1.0) * np.log1p(self.cfg.contrast)))
+                np.power(crop, gamma, out=crop)
             if self.cfg.flip and rng.random() < 0.5:
                 crop[0] = crop[0, ::-1].copy()
         return (torch.from_numpy(crops),)
