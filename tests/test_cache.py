@@ -178,8 +178,8 @@ def test_contrast_bends_the_training_crops_intensities_within_its_range(tmp_path
     volume = np.zeros((40, 16, 30), np.int16)  # soft tissue at 0 HU, one crop wide along y
     volume[:, :2], volume[:, -2:] = -1000, 1000  # a layer of air and one of bone that every crop holds
     path = write_volume(tmp_path / "v.nii.gz", volume, spacing=(1.5, 1.5, 1.5), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
-    cfg = _cfg(tmp_path, contrast=contrast, crops_per_volume=8)
-    visits = CropVisits([VolumeSource(path.name, (str(path),), False)], cfg, 0)
+    pre, cfg = _cfg(tmp_path), DataConfig(contrast=contrast, crops_per_volume=8)
+    visits = CropVisits([VolumeSource(path.name, (str(path),), False)], pre, cfg, 0)
     crops = np.concatenate([visits[v][0].numpy() for v in range(4)])  # (32, 1, 16, 16, 16)
     tissue = crops[:, 0, 8, 8, 8]
     gamma = np.log(tissue) / np.log(0.5)
@@ -189,7 +189,7 @@ def test_contrast_bends_the_training_crops_intensities_within_its_range(tmp_path
         assert gamma.min() < 0.95 and gamma.max() > 1.05, gamma
         assert gamma.min() > 1 / 1.25 - 1e-3 and gamma.max() < 1.25 + 1e-3, gamma
     assert (crops.min(axis=(1, 2, 3, 4)) == 0).all() and (crops.max(axis=(1, 2, 3, 4)) == 1).all()
-    np.testing.assert_array_equal(crops[:8], CropVisits(visits.sources, cfg, 0)[0][0].numpy())
+    np.testing.assert_array_equal(crops[:8], CropVisits(visits.sources, pre, cfg, 0)[0][0].numpy())
 
 
 def test_compressed_entry_is_a_fraction_of_the_float32_volume(tmp_path):
