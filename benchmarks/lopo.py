@@ -7,7 +7,7 @@ with ``--window-step 16``. Per patient the masked PSNR is pooled over its scans 
 model's margin over the fill per held-out patient, then the mean and the worst over the rotation.
 
 The patients are people, not files: the bundled abdominal slabs are one patient (sample_data/README.md), and each
-patient's scans are all its slabs. A lever is the base recipe (the demo's, ``ctmae.cli.pretrain.DEMO``, without the
+patient's scans are all its slabs. A lever is the base recipe (the demo's, ``ctmae/recipes/demo.yaml``, without the
 intensity augmentation this benchmark chose) with some sections changed (``LEVERS``); ``--synthetic N`` adds N
 synthetic chest phantoms to every fold's pretraining.
 
@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from benchmarks.common import machine, progress
-from benchmarks.recipe import BLOCK_MM, UNIT, phantoms, pretrain
+from benchmarks.recipe import BLOCK_MM, UNIT, phantoms, pooled, pretrain
 from benchmarks.recipe_table import _merged
-from ctmae.cli.pretrain import DEMO
+from ctmae.mae.config import recipe_path
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 PATIENTS: dict[str, list[Path]] = {
@@ -40,6 +41,7 @@ PATIENTS: dict[str, list[Path]] = {
 DENSE_STEP = 16  # voxels: the README's ``--window-step 16``
 
 
+DEMO = yaml.safe_load(recipe_path("demo").read_text(encoding="utf-8"))  # ctmae/recipes/demo.yaml
 BASE = _merged(DEMO, {"data": {"contrast": 0.0}})  # recipe_table.py's demo-cpv8-zoom
 
 
@@ -79,18 +81,12 @@ def score_patient(checkpoint: Path, scans: list[Path], seeds: int, scratch: Path
     mask = mask_config(loaded, "block", 0.75, round(BLOCK_MM / loaded.cfg.data.spacing[0] / UNIT))
     out = {}
     for windows, step in (("default", None), ("dense", DENSE_STEP)):
-        sse, voxels = {"model": 0.0, "fill": 0.0}, 0
-        for i, scan in enumerate(scans):
-            for seed in range(1, seeds + 1):
-                m = reconstruct(
-                    loaded, scan, scratch / f"{windows}{i}-{seed}", mask, seed, mask_unit=UNIT, window_step=step
-                )
-                n = m["masked"]["voxels"]
-                sse["model"] += m["masked"]["mse"] * n
-                sse["fill"] += m["fill"]["mse"] * n
-                voxels += n
-        model, fill = (10 * math.log10(voxels / sse[k]) for k in ("model", "fill"))
-        out[windows] = {"model": model, "fill": fill, "difference": model - fill}
+        runs = [
+            reconstruct(loaded, scan, scratch / f"{windows}{i}-{seed}", mask, seed, mask_unit=UNIT, window_step=step)
+            for i, scan in enumerate(scans)
+            for seed in range(1, seeds + 1)
+        ]
+        out[windows] = pooled(runs)
     return out
 
 

@@ -78,20 +78,23 @@ def score(checkpoint: Path, seeds: int, scratch: Path, heldout: Path = HELDOUT, 
     block = round(BLOCK_MM / loaded.cfg.preprocess.spacing[0] / UNIT)
     out = {}
     for kind, edge in (("block", block), ("random", 1)):
-        sse = {"model": 0.0, "fill": 0.0}
-        voxels = 0
-        for seed in range(seeds):
-            mask = mask_config(loaded, kind, 0.75, edge)
-            m = reconstruct(
-                loaded, heldout, scratch / f"{kind}{seed}", mask, seed, mask_unit=UNIT, window_step=window_step
-            )
-            n = m["masked"]["voxels"]
-            sse["model"] += m["masked"]["mse"] * n
-            sse["fill"] += m["fill"]["mse"] * n
-            voxels += n
-        model, fill = (10 * math.log10(voxels / sse[k]) for k in ("model", "fill"))
-        out[kind] = {"model": model, "fill": fill, "difference": model - fill}
+        mask = mask_config(loaded, kind, 0.75, edge)
+        runs = [
+            reconstruct(loaded, heldout, scratch / f"{kind}{seed}", mask, seed, mask_unit=UNIT, window_step=window_step)
+            for seed in range(seeds)
+        ]
+        out[kind] = pooled(runs)
     return out
+
+
+def pooled(runs: list[dict]) -> dict[str, float]:
+    """Masked PSNR of the model and of the best gaussian fill over several reconstructions (``metrics.json``
+    contents), from their squared errors pooled over every masked voxel, and the model's margin in dB."""
+    voxels = sum(m["masked"]["voxels"] for m in runs)
+    model, fill = (
+        10 * math.log10(voxels / sum(m[key]["mse"] * m["masked"]["voxels"] for m in runs)) for key in ("masked", "fill")
+    )
+    return {"model": model, "fill": fill, "difference": model - fill}
 
 
 def main(argv: list[str] | None = None) -> None:

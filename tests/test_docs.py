@@ -129,6 +129,11 @@ def test_every_benchmark_table_has_its_command_and_date():
 # --- the quickstart, run as written --------------------------------------------------------------------------------
 
 
+def run_text(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run ``argv`` and keep its output as text, decoded as UTF-8 whatever this process's locale says."""
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace")
+
+
 def quickstart_blocks() -> tuple[list[str], list[str]]:
     """The quickstart's bash blocks: (install blocks, blocks that use ctmae)."""
     blocks = fenced(QUICKSTART.read_text(encoding="utf-8"), "bash")
@@ -165,26 +170,10 @@ def test_the_quickstart_runs_as_written_on_the_sample_data(tmp_path):
     _, blocks = quickstart_blocks()
     for block in blocks:
         command = block.replace("ctmae pretrain --out runs/demo\n", f"ctmae pretrain --out runs/demo {QUICK_STEPS}\n")
-        result = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", command],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-        )
+        result = run_text(["bash", "-euo", "pipefail", "-c", command], tmp_path, env)
         assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     for python in fenced(QUICKSTART.read_text(encoding="utf-8"), "python"):
-        result = subprocess.run(
-            [sys.executable, "-c", python],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-        )
+        result = run_text([sys.executable, "-c", python], tmp_path, env)
         assert result.returncode == 0, f"{python}\n{result.stderr[-2000:]}"
 
     runs = tmp_path / "runs"
@@ -207,15 +196,7 @@ def test_the_python_api_walk_through_runs_as_written(tmp_path):
     (tmp_path / "sample_data").symlink_to(ROOT / "sample_data")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     session = "\n".join(fenced(PYTHON_API.read_text(encoding="utf-8"), "python"))
-    result = subprocess.run(
-        [sys.executable, "-c", session],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        errors="replace",
-    )
+    result = run_text([sys.executable, "-c", session], tmp_path, env)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = tmp_path / "runs"
     assert "resumed at step 3 and ran to step 5" in result.stdout
