@@ -43,7 +43,7 @@ from ctmae.seg.data import LabelledCase, cache_cases
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "sample_data"
 FRAGMENT = Path(__file__).resolve().parent / "cache_results.md"
-HEADING = "## Data at scale: the compressed cache, `ctmae prepare`, finetune-seg's first pass (issue 17)"
+HEADING = "## Data at scale: the compressed cache, `ctmae prepare`, finetune-seg's first pass"
 FULL_SHAPE = (512, 512, 300)
 BYTES_TARGET = Target("<=", 0.25, "≤ 0.25×")
 WARM_TARGET = Target(">=", 0.9, "≥ 0.9×")

@@ -3,8 +3,8 @@
 Each recipe is a config file for ``ctmae pretrain``. It is first timed for a few steps, then pretrained for as many
 steps as fit the budget (the learning-rate schedule spans the whole run), on the bundled demo slab
 (``sample_data/demo/pretrain``: the lower slabs of the sample chest CT and of the sample abdominal CT) plus
-``--synthetic`` anatomical phantoms. Runs of sessions 4 and 5 pretrained on the lower slab
-alone: ``--pretrain sample_data/demo/pretrain/lung1_lower.nii.gz`` repeats them.
+``--synthetic`` anatomical phantoms. ``--pretrain sample_data/demo/pretrain/lung1_lower.nii.gz`` pretrains on the
+chest's lower slab alone.
 Each checkpoint then goes through ``ctmae reconstruct`` on the held-out upper slab (``sample_data/demo/heldout``)
 with several seeded masks drawn on 16-voxel cells (``--mask-unit 16``), so that recipes with patch 8 and patch 16
 face the very same hidden voxels: block masks of 48 mm cubes (2 cells at 1.5 mm) and random masks of single cells,

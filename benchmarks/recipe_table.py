@@ -20,7 +20,7 @@ def _recipe(why: str, **sections: dict) -> dict:
 
 
 RECIPES: dict[str, dict] = {
-    "p16-linear": _recipe("the previous demo: tiny, patch 16, crop 96, linear head, loss on 25% of the tokens"),
+    "p16-linear": _recipe("the plain MAE: tiny, patch 16, crop 96, linear head, loss on 25% of the tokens"),
     "p16-all": _recipe("the same, loss on every hidden token", mask={"predict_ratio": 0.75}),
     "p16-upsample": _recipe(
         "patch 16 with the upsampling head, loss on every hidden token",
@@ -240,8 +240,8 @@ RECIPES: dict[str, dict] = {
 }
 
 
-# The demo's recipe of session 5 (p16-c64-fillq8-b8-lr3 for a fixed 1400 steps). Session 6 made demo-cpv8-zoom the
-# demo (ctmae/recipes/demo.yaml).
+# The plain demo recipe (p16-c64-fillq8-b8-lr3 for a fixed 1400 steps), the base of the demo-* variants below;
+# demo-cpv8-zoom plus contrast is the demo (ctmae/recipes/demo.yaml).
 DEMO_S5 = {
     "model": {"size": "tiny", "fill_sigma": 8.0, "fill_queries": True},
     "data": {"crop": 64, "crops_per_volume": 4},
@@ -262,10 +262,10 @@ RECIPES["demo-cpv8-zoom-untrained"] = {
     "config": {**DEMO_S5, "data": {"crop": 64, "crops_per_volume": 8, "zoom": 0.25}, "train": {"lr": 1e-12}},
     "steps": 1,
 }
-# Session 6: the demo's recipe at its fixed step count on the demo data, at three training seeds each.
+# The demo's recipe variants at their fixed step count on the demo data, at three training seeds each.
 for _seed in range(3):
     _tag = f"-seed{_seed}" if _seed else ""
-    RECIPES[f"demo{_tag}"] = _demo("the session-5 demo: p16-c64-fillq8-b8-lr3 for 1400 steps", _seed)
+    RECIPES[f"demo{_tag}"] = _demo("the plain demo recipe: p16-c64-fillq8-b8-lr3 for 1400 steps", _seed)
     RECIPES[f"demo-cpv8{_tag}"] = _demo(
         "the demo with 8 crops per visit (a batch of 8 from one scan)", _seed, data={"crops_per_volume": 8}
     )

@@ -1,4 +1,4 @@
-"""Every performance measure of issue 7, side by side with its MONAI reference, written to BENCHMARKS.md.
+"""Every performance measure against MONAI, side by side with its MONAI reference, written to BENCHMARKS.md.
 
     python -m benchmarks.run                    # full: ViT-B, ~15 minutes on 2 cores
     python -m benchmarks.run --quick            # small preset, fewer repeats: a few minutes
@@ -173,7 +173,7 @@ def markdown(rows: list[Row], info: dict[str, str], command: str, size: str) -> 
     lines = [
         "# Benchmarks",
         "",
-        "ctmae against MONAI, measured side by side in one run by `benchmarks/run.py` (targets from issue 7). "
+        "ctmae against MONAI, measured side by side in one run by `benchmarks/run.py`. "
         "Figures are medians with (min–max) over [n] repeats; compared timings were interleaved. Timings from a "
         "loaded or shared machine are noisy: read the ratios, and rerun on a quiet machine before quoting them.",
         "",
