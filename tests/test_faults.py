@@ -26,6 +26,7 @@ from ctmae.mae.model import MaskedAutoencoder3D
 from ctmae.mae.train import MAX_BAD_STEPS, pretrain
 from ctmae.preprocess.cache import VolumeCache
 from ctmae.runtime.checkpoint import save_checkpoint
+from ctmae.runtime.loader import LoaderError
 
 TESTS = Path(__file__).resolve().parent
 ENV = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{TESTS.parent}"}
@@ -106,6 +107,49 @@ def test_death_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
     # A temp file left by a process killed before its rename is ignored by loading.
     (tmp_path / ".last.pt.999.tmp").write_bytes(b"garbage")
+    assert load_checkpoint(path)["step"] == 7
+
+
+class _SlowItems(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 1000
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        time.sleep(0.05)
+        return torch.zeros(2)
+
+
+def test_a_loader_worker_dying_during_a_checkpoint_write_is_named_not_the_disk(tmp_path, monkeypatch):
+    """torch's SIGCHLD handler raises a dead worker inside torch.save's writer, whose own error would be "unexpected
+    pos": the run names the worker, and the previous checkpoint stays."""
+    path = tmp_path / "last.pt"
+    cfg = RunConfig.from_dict({"model": {"size": "tiny", "patch": 8}, "data": {"crop": 32}}).to_dict()
+    save_checkpoint({"config": cfg, "model": {"w": torch.ones(3)}, "step": 7}, path)
+    it = iter(torch.utils.data.DataLoader(_SlowItems(), num_workers=1))
+    next(it)
+    worker = it._workers[0].pid
+    real_save = torch.save
+
+    class WorkerDiesMidWrite:  # the checkpoint's file, with the loader worker killed (OOM) after the first bytes
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data) -> int:
+            if self.written and worker:
+                os.kill(worker, signal.SIGKILL)
+                time.sleep(2)  # the SIGCHLD handler runs here, inside torch's writer
+            self.written += len(data)
+            return self.f.write(data)
+
+        def flush(self) -> None:
+            self.f.flush()
+
+    monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, WorkerDiesMidWrite(f)))
+    try:
+        with pytest.raises(LoaderError, match=rf"DataLoader worker \(pid\(?s?\)? {worker}\)? .*killed"):
+            save_checkpoint({"config": cfg, "model": {"w": torch.zeros(3)}, "step": 8}, path)
+    finally:
+        del it
     assert load_checkpoint(path)["step"] == 7
 
 

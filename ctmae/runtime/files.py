@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ctmae.runtime.loader import worker_failure
+
 
 class OutputError(OSError):
     """An output that could not be written, as one line naming the file."""
@@ -24,7 +26,8 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
     The temporary name keeps the file's suffixes (nibabel and SimpleITK choose the format from them) and is removed
     if writing fails, so an earlier ``path`` stays intact. A failed write becomes ``OutputError`` naming ``path``:
     "No space left on device" when the folder's file system is full, whatever the writer said (torch's zip writer
-    reports a full disk as ``RuntimeError: ... unexpected pos``).
+    reports a full disk as ``RuntimeError: ... unexpected pos``). A write that failed because a data-loader worker
+    died meanwhile raises that worker's ``LoaderError`` instead.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,7 +40,9 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
-        raise OutputError(f"{path}: could not write ({_reason(e, path.parent)}); earlier outputs are intact") from None
+        raise worker_failure(e) or OutputError(
+            f"{path}: could not write ({_reason(e, path.parent)}); earlier outputs are intact"
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -133,12 +133,20 @@ def _next_item(it: Iterator, stall_s: float | None) -> object:
 
 
 def worker_failure(e: BaseException) -> LoaderError | None:
-    """torch's error for a worker that died (its SIGCHLD handler raises it wherever the training process is), as a
-    ``LoaderError``; None for any other error."""
-    text = str(e)
-    if not isinstance(e, RuntimeError) or not text.startswith("DataLoader worker"):
-        return None
-    return LoaderError(f"data loading failed: {_last_line(e)} (killed for memory? {SHM_HINT})")
+    """torch's error for a worker that died, as a ``LoaderError``, found in ``e`` or the errors it arose from; None
+    for any other error.
+
+    torch's SIGCHLD handler raises a worker's death wherever the training process is. Inside torch.save's writer
+    (which calls back into Python to write) it comes out as the writer's own error, "unexpected pos", with the
+    worker's death as its context: the run names the dead worker, not a broken disk.
+    """
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, RuntimeError) and str(e).startswith("DataLoader worker"):
+            return LoaderError(f"data loading failed: {_last_line(e)} (killed for memory? {SHM_HINT})")
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _last_line(e: BaseException) -> str:
