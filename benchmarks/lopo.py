@@ -68,6 +68,16 @@ LEVERS: dict[str, dict] = {
     ),
     "mask60": _lever("the base hiding 60% of the tokens", mask={"ratio": 0.6, "predict_ratio": 0.6}),
     "steps2000": _lever("the base for 2000 steps", train={"steps": 2000}),
+    "context16": _lever(
+        "contrast25 with fills that read 16 voxels of the scan around each crop (model.fill_context)",
+        data={"contrast": 0.25},
+        model={"fill_context": 16},
+    ),
+    "context32": _lever(
+        "contrast25 with fills that read 32 voxels of the scan around each crop (model.fill_context)",
+        data={"contrast": 0.25},
+        model={"fill_context": 32},
+    ),
 }
 
 
@@ -78,7 +88,7 @@ def score_patient(checkpoint: Path, scans: list[Path], seeds: int, scratch: Path
     from ctmae.infer.sliding import load_model
 
     loaded = load_model(checkpoint, "cpu")
-    mask = mask_config(loaded, "block", 0.75, round(BLOCK_MM / loaded.cfg.data.spacing[0] / UNIT))
+    mask = mask_config(loaded, "block", 0.75, round(BLOCK_MM / loaded.cfg.preprocess.spacing[0] / UNIT))
     out = {}
     for windows, step in (("default", None), ("dense", DENSE_STEP)):
         runs = [

@@ -192,6 +192,31 @@ def test_contrast_bends_the_training_crops_intensities_within_its_range(tmp_path
     np.testing.assert_array_equal(crops[:8], CropVisits(visits.sources, pre, cfg, 0)[0][0].numpy())
 
 
+@pytest.mark.parametrize("zoom", [0.0, 0.25])
+def test_context_crops_hold_the_plain_crops_with_the_scan_around_them(tmp_path, zoom):
+    """``model.fill_context``: each crop comes with 8 voxels of the scan around it (for the fills only). Unscaled, its
+    centre is exactly the crop the same seed gives without context; beyond the scan's edge the context is NaN (never
+    inside the crop), and inside the scan it holds the scan's voxels."""
+    from conftest import write_volume
+    from ctmae.mae.crops import CropVisits
+
+    rng = np.random.default_rng(0)
+    volume = rng.integers(-1000, 1000, (24, 20, 18)).astype(np.int16)  # a crop is 16: every context passes an edge
+    path = write_volume(tmp_path / "v.nii.gz", volume, spacing=(1.5, 1.5, 1.5), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    pre, cfg = _cfg(tmp_path), DataConfig(zoom=zoom, crops_per_volume=8)
+    sources = [VolumeSource(path.name, (str(path),), False)]
+    plain = np.concatenate([CropVisits(sources, pre, cfg, 0)[v][0].numpy() for v in range(4)])  # (32, 1, 16³)
+    around = np.concatenate([CropVisits(sources, pre, cfg, 0, context=8)[v][0].numpy() for v in range(4)])
+    assert around.shape == (32, 1, 32, 32, 32)
+    centre = around[:, :, 8:24, 8:24, 8:24]
+    if not zoom:
+        np.testing.assert_array_equal(centre, plain)
+    assert not np.isnan(centre).any()
+    outside = np.isnan(around)
+    assert outside.any(axis=(1, 2, 3, 4)).all()  # the scan is smaller than every crop with its context
+    assert around[~outside].min() >= 0 and around[~outside].max() <= 1
+
+
 def test_compressed_entry_is_a_fraction_of_the_float32_volume(tmp_path):
     source = _nifti(tmp_path / "lps.nii.gz", LPS)
     path = VolumeCache(_cfg(tmp_path)).ensure(source)

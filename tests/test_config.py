@@ -32,6 +32,8 @@ def test_dict_round_trip_and_presets(tmp_path):
         ("train:\n  batch_size: true\n", "train.batch_size"),
         ("model:\n  fill_queries: true\n", "fill_sigma"),
         ("model:\n  head: smooth\n", "fill_sigma"),
+        ("model:\n  fill_context: 16\n", "fill_context"),
+        ("model:\n  fill_sigma: 8\n  fill_context: 12\n", "fill_context"),  # not a multiple of the patch
         ("data:\n  zoom: 1.5\n", "data.zoom"),
         ("data:\n  contrast: -0.1\n", "data.contrast"),
     ],

@@ -363,7 +363,7 @@ def _predict_with_window_means(tiny_checkpoint, monkeypatch, volume: torch.Tenso
     from ctmae.infer.sliding import load_model
     from ctmae.mae.model import MaskedAutoencoder3D
 
-    def window_mean(self, images, ids_keep=None, ids_pred=None, known=None):
+    def window_mean(self, images, ids_keep=None, ids_pred=None, known=None, maps=None):
         seen.append((images.clone(), known.clone()))
         mean = (images * known).sum((1, 2, 3, 4)) / known.sum((1, 2, 3, 4))  # (B,)
         return mean.view(-1, 1, 1, 1, 1).expand_as(images).clone()

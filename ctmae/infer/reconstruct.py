@@ -39,6 +39,7 @@ from ctmae.io.checks import InputError
 from ctmae.io.discovery import VolumeSource, ensure_not_inputs, find_volumes
 from ctmae.io.volume import read_volume, write_nifti
 from ctmae.mae.config import MaskConfig
+from ctmae.mae.fill_context import pool_factor
 from ctmae.mae.fills import best_fill
 from ctmae.mae.masking import corrupt, num_masked, sample_mask, strategy
 from ctmae.mae.shift import WARN_SCORE, has_reference, no_reference_note, shift_score, shift_warning
@@ -329,6 +330,14 @@ def _predict(
     pads = [q for n, g in zip(reversed(padded.shape[1:]), reversed(hidden.shape)) for q in (0, n // p - g)]
     hidden = torch.nn.functional.pad(hidden, pads)  # (gx, gy, gz): padding beyond the cells is visible air
     encoder_input = corrupt(padded[None], mask_cfg, gen)  # (1, 1, Xp, Yp, Zp)
+    # A model pretrained with fill context corrects fills of the whole scan, so a window whose edge cuts through a
+    # hidden block still fills it from the visible voxels beyond; other models fill from each window, as they learned.
+    maps, f = None, pool_factor(p)
+    if model.cfg.fill_context:
+        seen = (~hidden).float()
+        for axis in range(3):
+            seen = seen.repeat_interleave(p, dim=axis)  # (gx, gy, gz) -> (Xp, Yp, Zp)
+        maps = model.fill_context_maps(encoder_input, (seen * known)[None])  # (1, 2S, Xp/f, Yp/f, Zp/f)
 
     def predictor(windows: torch.Tensor, slices: list[list[slice]]) -> torch.Tensor:
         """(B, 3, c, c, c) [clean, encoder input, scan voxels] -> (B, 3, c, c, c) [prediction of every voxel times
@@ -340,7 +349,12 @@ def _predict(
             rows = (keep.sum(1) == count).nonzero().flatten()
             ids_keep = keep[rows].nonzero()[:, 1].view(len(rows), count)  # (b, Lv), sorted
             # every token predicted: (b, 1, c, c, c); the padding beyond the scan's edge is no voxel to fill from
-            out[rows] = model.reconstruct(windows[rows, 1:2], ids_keep, known=windows[rows, 2:])
+            context = (
+                None
+                if maps is None
+                else torch.stack([maps[0][(slice(None), *_coarse(slices[r], f))] for r in rows.tolist()])
+            )  # (b, 2S, c/f, c/f, c/f)
+            out[rows] = model.reconstruct(windows[rows, 1:2], ids_keep, known=windows[rows, 2:], maps=context)
         weight = keep.float().mean(1).view(-1, 1, 1, 1, 1).expand_as(out)  # (B, 1, c, c, c): share of visible tokens
         return torch.cat([out * weight, weight, out], dim=1)
 
@@ -368,6 +382,12 @@ def _predict(
     view = encoder_input[0, 0] * (1 - hidden_voxels)
     crop_back = (slice(0, size[0]), slice(0, size[1]), slice(0, size[2]))
     return raw[crop_back].cpu(), hidden_voxels[crop_back].cpu(), view[crop_back].cpu(), in_cells.cpu()
+
+
+def _coarse(slices: list[slice], f: int) -> tuple[slice, slice, slice]:
+    """A window's slices on the fill maps' grid, ``f`` times coarser, from MONAI's voxel slices [batch, channel,
+    x, y, z] (windows start on the patch grid, a multiple of ``f``)."""
+    return tuple(slice(s.start // f, s.stop // f) for s in slices[2:])
 
 
 def _score(values: np.ndarray, original: np.ndarray, where: np.ndarray, lo: float, hi: float) -> dict[str, Any]:

@@ -92,6 +92,8 @@ class ModelConfig:
     fill_sigma: float = 0.0  # > 0: the decoder predicts the residual over a gaussian fill (sigma in voxels) of the
     # visible voxels; 0: the voxels themselves (MAE's)
     fill_queries: bool = False  # with fill_sigma: each decoder query reads its patch's fills at several widths
+    fill_context: int = 0  # with fill_sigma: voxels (a multiple of the patch) read around each training crop for its
+    # fills only, hidden in blocks like the crop; reconstruct then fills from the whole scan, as the model learned
 
     @property
     def grid(self) -> int:
@@ -174,6 +176,10 @@ def check(cfg: RunConfig) -> None:
         raise ValueError("model.head smooth predicts a residual over a fill: it needs model.fill_sigma > 0")
     if m.fill_queries and not m.fill_sigma:
         raise ValueError("model.fill_queries needs model.fill_sigma > 0 (the fill the decoder corrects)")
+    if m.fill_context and (not m.fill_sigma or m.fill_context < 0 or m.fill_context % m.patch):
+        raise ValueError(
+            f"model.fill_context ({m.fill_context}) needs model.fill_sigma > 0 and a multiple of the patch ({m.patch})"
+        )
     if m.dim % m.heads or m.dec_dim % m.dec_heads:
         raise ValueError(f"widths must divide by heads: dim {m.dim}/{m.heads}, dec_dim {m.dec_dim}/{m.dec_heads}")
     if m.arch == "primus":

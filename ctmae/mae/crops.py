@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from ctmae.io.discovery import VolumeSource
 from ctmae.mae.config import DataConfig
-from ctmae.preprocess.cache import VolumeCache
+from ctmae.preprocess.cache import CachedVolume, VolumeCache
 from ctmae.preprocess.config import PreprocessConfig
 from ctmae.preprocess.visit_order import global_visit, visit_batches, visit_volume
 
@@ -30,6 +30,8 @@ class CropVisits(Dataset):
     trilinearly to ``crop``: the anatomy at other sizes, as other patients bring it; with ``contrast`` each crop's
     intensities x (0..1) become x^g, g log-uniform in [1/(1 + contrast), 1 + contrast]: soft tissue brighter or
     darker, as other scanners and contrast agent make it, while air (0) and the top of the window (1) stay put.
+    With ``context`` voxels each crop comes with that much of the scan around it (scaled, bent and mirrored with it),
+    for the fills the decoder corrects: (N, 1, c + 2·context, ...), NaN where the context lies beyond the scan.
     """
 
     def __init__(
@@ -40,9 +42,10 @@ class CropVisits(Dataset):
         seed: int,
         rank: int = 0,
         world: int = 1,
+        context: int = 0,
     ) -> None:
         self.sources, self.cfg, self.seed, self.rank, self.world = list(sources), cfg, seed, rank, world
-        self.crop, self.cache = pre.crop, VolumeCache(pre)
+        self.crop, self.context, self.cache = pre.crop, context, VolumeCache(pre)
 
     def __len__(self) -> int:
         return 2**62  # endless; the sampler decides which visits are read
@@ -52,12 +55,14 @@ class CropVisits(Dataset):
         source = self.sources[visit_volume(len(self.sources), self.seed, visit)]
         volume = self.cache.load(source)  # (X, Y, Z), each edge >= crop
         rng = np.random.default_rng([self.seed, visit])
-        c = self.crop
-        crops = np.empty((self.cfg.crops_per_volume, 1, c, c, c), np.float32)  # (N, 1, c, c, c)
+        c, e = self.crop, self.crop + 2 * self.context
+        crops = np.empty((self.cfg.crops_per_volume, 1, e, e, e), np.float32)  # (N, 1, e, e, e)
         for crop in crops:
             edge = self._edge(rng, volume.shape)
             start = [int(rng.integers(0, n - edge + 1)) for n in volume.shape]  # x, y, z
-            if edge == c:
+            if self.context:
+                crop[0] = self._with_context(volume, start, edge)
+            elif edge == c:
                 volume.read(start, (c, c, c), out=crop[0])  # decompresses only the blocks this crop touches
             else:  # a cube of `edge` voxels, resampled to c: the anatomy scaled by c / edge
                 cube = np.empty((edge, edge, edge), np.float32)
@@ -69,6 +74,25 @@ class CropVisits(Dataset):
             if self.cfg.flip and rng.random() < 0.5:
                 crop[0] = crop[0, ::-1].copy()
         return (torch.from_numpy(crops),)
+
+    def _with_context(self, volume: CachedVolume, start: list[int], edge: int) -> np.ndarray:
+        """The cube of ``edge`` voxels at ``start`` with ``context`` (scaled like it) around it, resampled to (e, e,
+        e), e = crop + 2·context; NaN beyond the scan."""
+        margin = round(self.context * edge / self.crop)
+        outer, box = edge + 2 * margin, [a - margin for a in start]
+        cube = np.full((outer, outer, outer), np.nan, np.float32)
+        lo = [max(0, a) for a in box]
+        hi = [min(n, a + outer) for a, n in zip(box, volume.shape)]
+        inside = tuple(slice(a - b, h - b) for a, b, h in zip(lo, box, hi))
+        cube[inside] = volume.read(lo, [h - a for a, h in zip(lo, hi)])
+        e = self.crop + 2 * self.context
+        if outer == e:
+            return cube
+        # resampled with the share of scan voxels in each new voxel, normalised, so no NaN spreads into the crop
+        # (whose rounded edge may reach a voxel beyond the scan): (2, e, e, e)
+        both = torch.from_numpy(np.stack([np.nan_to_num(cube), np.isfinite(cube).astype(np.float32)]))
+        values, share = F.interpolate(both[None], size=(e, e, e), mode="trilinear")[0]
+        return torch.where(share > 1e-3, values / share.clamp_min(1e-3), torch.nan).numpy()
 
     def _edge(self, rng: np.random.Generator, shape: Sequence[int]) -> int:
         """Edge of the cube to read for one crop: ``crop``, or with ``zoom`` a log-uniform scale of it that fits."""
@@ -87,13 +111,15 @@ def crop_batches(
     start_step: int = 0,
     rank: int = 0,
     world: int = 1,
+    context: int = 0,
 ) -> Iterator[torch.Tensor]:
-    """Endless batches (B, 1, c, c, c) of crops, continuing exactly where step ``start_step`` would be.
+    """Endless batches (B, 1, c, c, c) of crops, continuing exactly where step ``start_step`` would be; with
+    ``context``, (B, 1, c + 2·context, ...): each crop with the scan around it (``CropVisits``).
 
     Under ``world`` processes, rank ``r`` reads visits r, r + world, r + 2·world, ...: disjoint volumes in each
     epoch. When ``crops_per_volume`` equals the per-rank batch, the global batch of a step holds the same crops
     as a single process with ``world`` times the batch.
     """
-    visits = CropVisits(sources, pre, cfg, seed, rank, world)
+    visits = CropVisits(sources, pre, cfg, seed, rank, world, context)
     for (crops,) in visit_batches(visits, cfg.crops_per_volume, batch_size, start_step, cfg.workers):
         yield crops

@@ -276,7 +276,11 @@ class MaskedAutoencoder3D(nn.Module):
         return target
 
     def forward(
-        self, images: torch.Tensor, mask: TokenMask, inputs: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        mask: TokenMask,
+        inputs: torch.Tensor | None = None,
+        maps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Masked reconstruction loss.
 
@@ -284,6 +288,7 @@ class MaskedAutoencoder3D(nn.Module):
             images: clean crops (B, C, D, H, W), the reconstruction targets.
             mask: visible and predicted tokens (see ``ctmae.mae.masking``).
             inputs: what the encoder reads (e.g. noise-corrupted images); defaults to ``images``.
+            maps: the crops' fills from the scan around them (``decode``); default from the crops alone.
 
         Returns:
             loss (scalar, MSE over predicted tokens), pred (B, Lp, C·p³), mask (B, L).
@@ -292,7 +297,7 @@ class MaskedAutoencoder3D(nn.Module):
         patches = self.patchify(images)  # (B, L, C·p³), patchified once for the encoder input and the targets
         encoder_in = patches if inputs is None else self.patchify(inputs)
         latent = self.encoder(encoder_in, mask.ids_keep)
-        pred = self.decode(latent, images if inputs is None else inputs, mask.ids_keep, mask.ids_pred)
+        pred = self.decode(latent, images if inputs is None else inputs, mask.ids_keep, mask.ids_pred, maps=maps)
         loss = F.mse_loss(pred.float(), self.targets(patches, mask.ids_pred).float())
         return loss, pred, mask.mask
 
@@ -303,26 +308,39 @@ class MaskedAutoencoder3D(nn.Module):
         ids_keep: torch.Tensor,
         ids_pred: torch.Tensor,
         known: torch.Tensor | None = None,
+        maps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Voxels (B, Lp, C·p³) at the ``ids_pred`` tokens from the encoder's ``latent`` at ``ids_keep``: the
         decoder's output, added to a gaussian fill of the encoder's input ``images`` when ``fill_sigma`` is set (its
         queries reading the fills around them when ``fill_queries`` is, ``ctmae.mae.fill_context``). ``known`` (B, 1,
-        D, H, W) 0/1 marks the voxels that belong to the scan: padding beyond its edge never enters a fill."""
+        D, H, W) 0/1 marks the voxels that belong to the scan: padding beyond its edge never enters a fill. ``maps``
+        (``fill_context_maps``' output for these crops, computed over a larger region, e.g. a whole scan) replaces
+        the fills of the crops alone."""
         if not self.cfg.fill_sigma:
             return self.decoder(latent, ids_keep, ids_pred)
         p = self.cfg.patch
-        visible = visible_voxels(ids_keep, self.grid(images), p, images)  # (B, 1, D, H, W) 0/1
-        visible = visible if known is None else visible * known
-        sigmas = QUERY_SIGMAS if self.fill_queries is not None else ()
-        sigmas = sigmas if self.cfg.fill_sigma in sigmas else (*sigmas, self.cfg.fill_sigma)
-        maps = fill_maps(images, visible, sigmas, p)  # (B, 2S, D/f, H/f, W/f): [fill, support] per sigma
+        if maps is None:
+            visible = visible_voxels(ids_keep, self.grid(images), p, images)  # (B, 1, D, H, W) 0/1
+            maps = self.fill_context_maps(images, visible if known is None else visible * known)
         queries = (
             None if self.fill_queries is None else self.fill_queries(maps[:, : 2 * len(QUERY_SIGMAS)], ids_pred, p)
         )
-        i = 2 * sigmas.index(self.cfg.fill_sigma)
+        i = 2 * self.fill_sigmas.index(self.cfg.fill_sigma)
         fill = self._at(to_voxels(maps[:, i : i + 1], p).expand(-1, images.shape[1], -1, -1, -1), ids_pred)
         residual = self.decoder(latent, ids_keep, ids_pred, queries)
         return fill + (self._smooth(residual, ids_keep, ids_pred, images) if self.cfg.head == "smooth" else residual)
+
+    @property
+    def fill_sigmas(self) -> tuple[float, ...]:
+        """The fill widths (voxels) the decoder reads: ``QUERY_SIGMAS`` with ``fill_queries``, and ``fill_sigma``."""
+        sigmas = QUERY_SIGMAS if self.fill_queries is not None else ()
+        return sigmas if self.cfg.fill_sigma in sigmas else (*sigmas, self.cfg.fill_sigma)
+
+    def fill_context_maps(self, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """The fills ``decode`` adds to and reads, of ``images`` (B, C, D, H, W) from the ``visible`` voxels (B, 1,
+        D, H, W): (B, 2S, D/f, H/f, W/f), [fill, support] per width in ``fill_sigmas`` on ``fill_maps``' coarse grid.
+        Over a whole scan, a crop of these (at multiples of the patch) is what ``decode`` takes as ``maps``."""
+        return fill_maps(images, visible, self.fill_sigmas, self.cfg.patch)
 
     def _smooth(
         self, residual: torch.Tensor, ids_keep: torch.Tensor, ids_pred: torch.Tensor, images: torch.Tensor
@@ -351,6 +369,7 @@ class MaskedAutoencoder3D(nn.Module):
         ids_keep: torch.Tensor | None = None,
         ids_pred: torch.Tensor | None = None,
         known: torch.Tensor | None = None,
+        maps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The decoder's voxels for crops (B, C, D, H, W), which are what the encoder reads (e.g. noise-corrupted).
 
@@ -359,6 +378,7 @@ class MaskedAutoencoder3D(nn.Module):
             ids_keep: (B, Lv) tokens the encoder sees; default every token.
             ids_pred: (B, Lp) tokens to predict; default every token.
             known: (B, 1, D, H, W) 0/1, the voxels of the scan (0 where a crop is padded beyond its edge); default all.
+            maps: the crops' fills from a larger region (``decode``); default from the crops alone.
 
         Returns:
             (B, C, D, H, W): predicted voxels at the ``ids_pred`` tokens, 0 elsewhere. Predictions of a subset equal
@@ -368,7 +388,7 @@ class MaskedAutoencoder3D(nn.Module):
         every = torch.arange(grid[0] * grid[1] * grid[2], device=images.device).expand(images.shape[0], -1)  # (B, L)
         ids_keep = every if ids_keep is None else ids_keep
         ids_pred = every if ids_pred is None else ids_pred
-        pred = self.decode(self.encode(images, ids_keep), images, ids_keep, ids_pred, known)
+        pred = self.decode(self.encode(images, ids_keep), images, ids_keep, ids_pred, known, maps)
         if ids_pred is not every:  # (B, Lp, C·p³) -> (B, L, C·p³), zeros at the tokens not predicted
             index = ids_pred[..., None].expand(-1, -1, pred.shape[2])
             pred = pred.new_zeros(*every.shape, pred.shape[2]).scatter(1, index, pred)

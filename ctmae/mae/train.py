@@ -17,6 +17,7 @@ from ctmae.io.discovery import VolumeSource
 from ctmae.mae.checkpoint import load_checkpoint
 from ctmae.mae.config import RunConfig
 from ctmae.mae.crops import crop_batches
+from ctmae.mae.fill_context import pool_factor, visible_voxels
 from ctmae.mae.masking import TokenMask, corrupt, sample_mask
 from ctmae.mae.model import MaskedAutoencoder3D, build_model
 from ctmae.mae.shift import training_reference
@@ -87,7 +88,17 @@ def pretrain(
             save_checkpoint(state, run.checkpoints / f"step_{step:07d}.pt")
         run.log.info(f"step {step}: checkpoint written to {run.checkpoints / 'last.pt'}")
 
-    batches = crop_batches(sources, cfg.preprocess, cfg.data, t.seed, t.batch_size, run.start, dist.rank, dist.world)
+    batches = crop_batches(
+        sources,
+        cfg.preprocess,
+        cfg.data,
+        t.seed,
+        t.batch_size,
+        run.start,
+        dist.rank,
+        dist.world,
+        cfg.model.fill_context,
+    )
     min_ratio = t.min_lr / t.lr if t.lr else 0.0  # the lr is a pure function of the step: no scheduler state
     net.train()
     step, losses, bad_steps, skipped, stopped = run.start, [], 0, 0, None
@@ -164,13 +175,40 @@ def _loss(
     global_batch: int,
     run: Run,
 ) -> torch.Tensor:
-    """One step's masked-reconstruction loss on this rank's crops (B, 1, c, c, c)."""
+    """One step's masked-reconstruction loss on this rank's crops (B, 1, c, c, c), or (B, 1, e, e, e) with
+    ``model.fill_context`` (``_with_context``)."""
     images = images.to(run.device, non_blocking=True)
     gen = torch.Generator(run.device).manual_seed(cfg.train.seed * 1_000_003 + step)  # masks repeat on resume
-    mask = _rank_slice(sample_mask(cfg.mask, global_batch, model.grid(images), gen, run.device), run.dist)
+    if cfg.model.fill_context:
+        images, inputs, mask, maps = _with_context(model, images, cfg, global_batch, gen, run)
+    else:
+        mask = _rank_slice(sample_mask(cfg.mask, global_batch, model.grid(images), gen, run.device), run.dist)
+        inputs, maps = corrupt(images, cfg.mask, gen), None
     with run.autocast():
-        loss, _, _ = net(images, mask, inputs=corrupt(images, cfg.mask, gen))
+        loss, _, _ = net(images, mask, inputs=inputs, maps=maps)
     return loss
+
+
+def _with_context(
+    model: MaskedAutoencoder3D, around: torch.Tensor, cfg: RunConfig, global_batch: int, gen: torch.Generator, run: Run
+) -> tuple[torch.Tensor, torch.Tensor, TokenMask, torch.Tensor]:
+    """Crops, encoder inputs, token mask and fills from crops with ``model.fill_context`` voxels of the scan around
+    them (B, 1, e, e, e), NaN beyond the scan: the context is hidden in blocks like the crop (its own mask, drawn on
+    its token grid, the crop's mask inside), and the fills read its visible voxels, as reconstruct's fills read the
+    whole scan. Returns the crops (B, 1, c, c, c), their inputs, their mask and their fill maps (``model.decode``)."""
+    m, c, p = cfg.model.fill_context, cfg.model.img_size, cfg.model.patch
+    known = torch.isfinite(around).to(around.dtype)  # (B, 1, e, e, e): 0 beyond the scan
+    around = torch.nan_to_num(around)
+    centre = (slice(None), slice(None), *[slice(m, m + c)] * 3)
+    mask = _rank_slice(sample_mask(cfg.mask, global_batch, model.grid(around[centre]), gen, run.device), run.dist)
+    inputs = corrupt(around, cfg.mask, gen)
+    big = tuple(n // p for n in around.shape[2:])
+    ring = _rank_slice(sample_mask(cfg.mask, global_batch, big, gen, run.device), run.dist)
+    visible = visible_voxels(ring.ids_keep, big, p, around)  # (B, 1, e, e, e) 0/1
+    visible[centre] = visible_voxels(mask.ids_keep, model.grid(around[centre]), p, around)
+    f = pool_factor(p)
+    maps = model.fill_context_maps(inputs, visible * known)  # (B, 2S, e/f, e/f, e/f)
+    return around[centre], inputs[centre], mask, maps[(slice(None), slice(None), *[slice(m // f, (m + c) // f)] * 3)]
 
 
 def _finite(loss: torch.Tensor, run: Run) -> bool:
