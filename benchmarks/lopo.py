@@ -81,9 +81,10 @@ LEVERS: dict[str, dict] = {
 }
 
 
-def score_patient(checkpoint: Path, scans: list[Path], seeds: int, scratch: Path) -> dict:
+def score_patient(checkpoint: Path, scans: list[Path], seeds: int, scratch: Path, adapt_steps: int = 0) -> dict:
     """Masked PSNR of the model and of the best gaussian fill, pooled over ``scans`` and mask seeds 1..``seeds``,
-    with the default windows and dense ones; ``difference`` is the model's margin over the fill in dB."""
+    with the default windows and dense ones; ``difference`` is the model's margin over the fill in dB. With
+    ``adapt_steps`` each scan is reconstructed after test-time training on its visible voxels."""
     from ctmae.infer.reconstruct import mask_config, reconstruct
     from ctmae.infer.sliding import load_model
 
@@ -92,7 +93,16 @@ def score_patient(checkpoint: Path, scans: list[Path], seeds: int, scratch: Path
     out = {}
     for windows, step in (("default", None), ("dense", DENSE_STEP)):
         runs = [
-            reconstruct(loaded, scan, scratch / f"{windows}{i}-{seed}", mask, seed, mask_unit=UNIT, window_step=step)
+            reconstruct(
+                loaded,
+                scan,
+                scratch / f"{windows}{i}-{seed}",
+                mask,
+                seed,
+                mask_unit=UNIT,
+                window_step=step,
+                adapt_steps=adapt_steps,
+            )
             for i, scan in enumerate(scans)
             for seed in range(1, seeds + 1)
         ]
@@ -100,7 +110,7 @@ def score_patient(checkpoint: Path, scans: list[Path], seeds: int, scratch: Path
     return out
 
 
-def rotate(name: str, seeds: int, synthetic: list[Path], work: Path, reuse: bool = False) -> dict:
+def rotate(name: str, seeds: int, synthetic: list[Path], work: Path, reuse: bool = False, adapt_steps: int = 0) -> dict:
     """One lever over the rotation: per held-out patient, the scores of a model pretrained on the others.
 
     With ``reuse``, a fold whose run in ``work`` finished (its last checkpoint) is not trained again, and one already
@@ -112,14 +122,15 @@ def rotate(name: str, seeds: int, synthetic: list[Path], work: Path, reuse: bool
         others = [s for p, group in PATIENTS.items() if p != held for s in group]
         run = work / name / held.split()[0]
         run.parent.mkdir(parents=True, exist_ok=True)
-        scored, checkpoint = run / "score.json", run / "checkpoints" / "last.pt"
+        scored = run / (f"score-adapt{adapt_steps}.json" if adapt_steps else "score.json")
+        checkpoint = run / "checkpoints" / "last.pt"
         if reuse and scored.exists():
             rows[held] = json.loads(scored.read_text(encoding="utf-8"))
             continue
         if not (reuse and checkpoint.exists()):
             progress(f"{name}: pretraining without {held}, {steps} steps")
             pretrain(name, config, [*others, *synthetic], run, steps)
-        rows[held] = score_patient(checkpoint, scans, seeds, work / name / "recon")
+        rows[held] = score_patient(checkpoint, scans, seeds, work / name / "recon", adapt_steps)
         scored.write_text(json.dumps(rows[held], indent=2), encoding="utf-8")
         progress(f"{name}: held out {held}: {json.dumps(rows[held])}")
     return rows
@@ -157,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--synthetic", type=int, default=0, help="synthetic chest phantoms added to every fold")
     ap.add_argument("--out", type=Path, default=None, help="keep runs and results.json here (default: a temp folder)")
     ap.add_argument("--reuse", action="store_true", help="keep the finished runs and scores already in --out")
+    ap.add_argument("--adapt-steps", type=int, default=0, help="reconstruct's --adapt-steps (test-time training)")
     args = ap.parse_args(argv)
     command = "python -m benchmarks.lopo " + " ".join(sys.argv[1:] if argv is None else argv)
     info = machine()
@@ -168,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     results = json.loads(done.read_text(encoding="utf-8")) if done.exists() else {}
     for name in args.levers.split(","):
         key = f"{name}+synthetic{args.synthetic}" if args.synthetic else name
-        results[key] = rotate(name, args.seeds, synthetic, work, args.reuse)
+        key += f"+adapt{args.adapt_steps}" if args.adapt_steps else ""
+        results[key] = rotate(name, args.seeds, synthetic, work, args.reuse, args.adapt_steps)
         done.write_text(json.dumps(results, indent=2), encoding="utf-8")
     print(markdown({k: v for k, v in results.items() if k.split("+")[0] in LEVERS}, info, command))
 

@@ -23,8 +23,8 @@ import ctmae
 from conftest import SAMPLE_DATA, write_dicom_series, write_volume
 from ctmae.cli import app
 from ctmae.io.discovery import find_volumes
+from ctmae.mae.blocks import sincos_embedding_3d
 from ctmae.mae.checkpoint import load_checkpoint, model_from_checkpoint
-from ctmae.mae.model import sincos_embedding_3d
 from ctmae.preprocess.config import PreprocessConfig
 from ctmae.preprocess.contract import input_warnings, preprocessing_of, read_summary
 from ctmae.preprocess.transforms import preprocess_transforms

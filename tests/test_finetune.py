@@ -16,8 +16,9 @@ from ctmae.cli import app
 from ctmae.io.checks import InputError
 from ctmae.io.discovery import find_volumes
 from ctmae.io.volume import read_volume
+from ctmae.mae.blocks import sincos_embedding_3d
 from ctmae.mae.checkpoint import load_checkpoint
-from ctmae.mae.model import build_model, sincos_embedding_3d
+from ctmae.mae.model import build_model
 from ctmae.preprocess.config import PreprocessConfig
 from ctmae.seg.config import SegConfig, SegNetConfig
 from ctmae.seg.data import LabelledCase, check_case, find_cases, split_cases

@@ -29,6 +29,7 @@ def reconstruct(
     block: int | None = None,
     mask_unit: int | None = None,
     window_step: int | None = None,
+    adapt_steps: int = 0,
     seed: int = 0,
     device: str = "auto",
     batch_size: int = 2,
@@ -47,6 +48,8 @@ def reconstruct(
             checkpoints of different patch sizes are scored on the very same hidden voxels.
         window_step: voxels between overlapping windows, a multiple of the patch up to the crop (None: about 3/4 of
             a crop).
+        adapt_steps: first train a copy of the model this many steps on the scan's own visible voxels (test-time
+            training, ``ctmae.infer.adapt``): it lifts a model on a patient or body region it never saw. 0: none.
         seed: seeds the mask and the noise; the same seed repeats a run exactly.
         device: auto, cpu or cuda.
         batch_size: windows per forward pass.
@@ -60,6 +63,7 @@ def reconstruct(
     from ctmae.infer.reconstruct import mask_config
     from ctmae.infer.reconstruct import reconstruct as run_reconstruct
     from ctmae.infer.sliding import load_model
+    from ctmae.mae.masking import strategy
     from ctmae.preprocess.contract import path_warnings, preprocessing_of
 
     loaded = load_model(checkpoint, device)
@@ -75,6 +79,14 @@ def reconstruct(
         raise OptionError(f"--mask-unit {mask_unit} must be a multiple of the patch size {patch}")
     if window_step is not None and (window_step < 1 or window_step % patch or window_step > crop):
         raise OptionError(f"--window-step {window_step} must be a multiple of the patch size {patch}, at most {crop}")
+    if adapt_steps < 0 or (adapt_steps and not strategy(mask_cfg).hides_tokens):
+        raise OptionError(f"--adapt-steps {adapt_steps}: needs a mask that hides tokens (block, random) and >= 0")
+
+    def adapting(done: int, total: int) -> None:
+        if done == 1:
+            reporter.start("test-time training on the scan", total)
+        reporter.progress(done)
+
     metrics = run_reconstruct(
         loaded,
         input,
@@ -86,6 +98,8 @@ def reconstruct(
         mask_unit=mask_unit,
         window_step=window_step,
         on_windows=reporter.windows,
+        adapt_steps=adapt_steps,
+        on_adapt=adapting,
     )
     shift = metrics["shift"]
     if shift["warning"] or shift["note"]:  # how unlike the training scans (ctmae.mae.shift)

@@ -16,16 +16,18 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
-from monai.metrics import PSNRMetric, SSIMMetric
 
 from ctmae.draw.preview import WINDOW, write_preview
+from ctmae.infer.adapt import adapt
+from ctmae.infer.scores import figures as score_figures
+from ctmae.infer.scores import fill_score, ssim
 from ctmae.infer.sliding import (
     LoadedModel,
     default_window_step,
@@ -39,7 +41,7 @@ from ctmae.io.checks import InputError
 from ctmae.io.discovery import VolumeSource, ensure_not_inputs, find_volumes
 from ctmae.io.volume import read_volume, write_nifti
 from ctmae.mae.config import MaskConfig
-from ctmae.mae.fill_context import pool_factor
+from ctmae.mae.fill_context import cells_to_voxels, pool_factor
 from ctmae.mae.fills import best_fill
 from ctmae.mae.masking import corrupt, num_masked, sample_mask, strategy
 from ctmae.mae.shift import WARN_SCORE, has_reference, no_reference_note, shift_score, shift_warning
@@ -71,6 +73,8 @@ DEFINITIONS = {
     "window_step_voxels": "voxels between the overlapping windows the scan is reconstructed in; each window's "
     "prediction counts in proportion to the share of its tokens that are visible, and within it by a gaussian "
     "centred on the window",
+    "adapt_steps": "test-time training steps on this scan's visible voxels before it was reconstructed (ctmae.infer."
+    "adapt; 0: the checkpoint's model as it is)",
     "shift": "shift_score: how far the mean encoder feature of fixed seeded crops of this scan lies from the training "
     "scans' (squared Mahalanobis distance), over the same distance of a training scan left out of the statistics: "
     "about 1 or below for scans like the training scans, a warning above threshold (ctmae.mae.shift); null when the "
@@ -95,6 +99,8 @@ def reconstruct(
     mask_unit: int | None = None,
     window_step: int | None = None,
     on_windows: OnWindows | None = None,
+    adapt_steps: int = 0,
+    on_adapt: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Mask, reconstruct and write one scan's outputs (NIfTI, preview.png, metrics.json) into ``out_dir``.
 
@@ -111,6 +117,9 @@ def reconstruct(
         window_step: voxels between overlapping windows, a multiple of the patch up to the crop (None: about 3/4 of
             a crop, ``default_window_step``).
         on_windows: called after each batch of sliding windows with (windows done, windows of the scan).
+        adapt_steps: train a copy of the model this many steps on the scan's visible voxels first
+            (``ctmae.infer.adapt``); 0: the checkpoint's model as it is.
+        on_adapt: called after each of those steps with (steps done, adapt_steps).
 
     Returns:
         The metrics written to metrics.json.
@@ -137,7 +146,7 @@ def reconstruct(
     kind = strategy(mask)
     _refuse_one_cell(source, image.shape[1:], mask, mask_unit or cfg.model.patch)
     raw, hidden, encoder_view, tokens_hidden = _predict(
-        loaded, image.as_tensor(), mask, seed, batch_size, mask_unit, window_step, on_windows
+        loaded, image.as_tensor(), mask, seed, batch_size, mask_unit, window_step, on_windows, adapt_steps, on_adapt
     )
     check_stop()  # before the fill, the scores and the outputs (seconds on a large scan), which are then written whole
     # the baseline: the best gaussian fill of the same hidden voxels from the visible ones (none without a hole)
@@ -163,7 +172,7 @@ def reconstruct(
     out.mkdir(parents=True, exist_ok=True)
     for name, volume in zip(OUTPUTS, (original, masked, recon, error, hidden.astype(np.uint8))):
         write_nifti(volume, affine, out / name)
-    figures = _figures(recon, original, model_hu, hidden, inside, (lo, hi))
+    figures = score_figures(recon, original, model_hu, hidden, inside, (lo, hi))
     metrics = {
         "title": f"{checkpoint_name or 'checkpoint'} (step {loaded.step}) | {_mask_words(mask, seed)}",
         "checkpoint": checkpoint_name,
@@ -178,12 +187,13 @@ def reconstruct(
             "unit_voxels": mask_unit or cfg.model.patch,
         },
         "window_step_voxels": window_step or default_window_step(cfg.model.img_size, cfg.model.patch),
+        "adapt_steps": adapt_steps,
         **figures,
-        "fill": _fill_score(fill, sigma, original, hidden, (lo, hi), figures["masked"]["psnr"]),
+        "fill": fill_score(fill, sigma, original, hidden, (lo, hi), figures["masked"]["psnr"]),
         "tokens": int(tokens_hidden.numel()),  # over the preprocessed volume padded to whole mask cells
         "tokens_masked": int(tokens_hidden.sum()),
         "token_mask_ratio": int(tokens_hidden.sum()) / tokens_hidden.numel(),
-        "ssim": _ssim(recon, original, lo, hi, loaded.device),
+        "ssim": ssim(recon, original, lo, hi, loaded.device),
         "shift": _shift(loaded, image.as_tensor(), source.label, checkpoint_name),
     }
     versus = metrics["fill"]["masked_minus_fill_db"]
@@ -207,46 +217,6 @@ def _shift(loaded: LoadedModel, image: torch.Tensor, name: str, checkpoint: str)
         return {"shift_score": None, "threshold": WARN_SCORE, "warning": None, "note": note}
     score = shift_score(loaded.model, image[0], loaded.shift_reference)
     return {"shift_score": score, "threshold": WARN_SCORE, "warning": shift_warning(name, score), "note": None}
-
-
-def _figures(
-    recon: np.ndarray,
-    original: np.ndarray,
-    model_hu: np.ndarray,
-    hidden: np.ndarray,
-    inside: np.ndarray,
-    window: tuple[float, float],
-) -> dict[str, Any]:
-    """Voxel counts and errors as ``DEFINITIONS`` states them; all (X, Y, Z) on the source grid, HU / bool."""
-    lo, hi = window
-    return {
-        "units": "errors in scaled intensity: HU window mapped to 0..1 (PSNR peak 1)",
-        "hu_window": [lo, hi],
-        "voxels": int(hidden.size),
-        "field_of_view_voxels": int(inside.sum()),
-        "mask_ratio": float(hidden.sum() / max(inside.sum(), 1)),
-        "masked": _score(recon, original, hidden, lo, hi),
-        "visible": _score(recon, original, ~hidden, lo, hi),
-        "model_on_visible": _score(model_hu, original, inside & ~hidden, lo, hi),
-    }
-
-
-def _fill_score(
-    fill: np.ndarray,
-    sigma: float | None,
-    original: np.ndarray,
-    hidden: np.ndarray,
-    window: tuple[float, float],
-    masked_psnr: float | None,
-) -> dict[str, Any]:
-    """The gaussian fill's error on the hidden voxels and the reconstruction's PSNR minus the fill's (dB); nulls
-    when nothing is hidden (``none``/``noise`` strategies)."""
-    if sigma is None:
-        return {"sigma_voxels": None, "voxels": 0, "mse": None, "psnr": None, "masked_minus_fill_db": None}
-    lo, hi = window
-    score = _score(np.clip(fill, 0.0, 1.0) * (hi - lo) + lo, original, hidden, lo, hi)
-    versus = None if masked_psnr is None or score["psnr"] is None else masked_psnr - score["psnr"]
-    return {"sigma_voxels": sigma, **score, "masked_minus_fill_db": versus}
 
 
 def _mask_words(mask: MaskConfig, seed: int) -> str:
@@ -297,6 +267,8 @@ def _predict(
     mask_unit: int | None,
     window_step: int | None,
     on_windows: OnWindows | None = None,
+    adapt_steps: int = 0,
+    on_adapt: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Model output, hidden-voxel map and encoder input on the preprocessed grid, plus the token mask ratio.
 
@@ -304,6 +276,7 @@ def _predict(
         volume: (1, X, Y, Z) preprocessed, 0..1.
         mask_unit: edge in voxels of the cells the mask is drawn on (a multiple of the patch); None: the patch.
         window_step: voxels between windows (a multiple of the patch); None: ``default_window_step``.
+        adapt_steps: test-time training steps on the scan's visible voxels (``reconstruct``).
 
     Returns:
         (raw prediction, hidden 0/1, encoder input with hidden voxels at 0), each (X, Y, Z) on the CPU, and the
@@ -324,20 +297,19 @@ def _predict(
     cells = tuple(-(-n // unit) for n in size)
     gen = torch.Generator(device).manual_seed(seed)
     hidden = sample_mask(mask_cfg, 1, cells, gen, device).mask.view(cells)  # (ux, uy, uz) bool
-    for axis in range(3):
-        hidden = hidden.repeat_interleave(unit // p, dim=axis)  # -> the tokens of hidden cells
+    hidden = cells_to_voxels(hidden, unit // p)  # -> the tokens of hidden cells
     in_cells = hidden
     pads = [q for n, g in zip(reversed(padded.shape[1:]), reversed(hidden.shape)) for q in (0, n // p - g)]
     hidden = torch.nn.functional.pad(hidden, pads)  # (gx, gy, gz): padding beyond the cells is visible air
     encoder_input = corrupt(padded[None], mask_cfg, gen)  # (1, 1, Xp, Yp, Zp)
+    if adapt_steps:
+        model = adapt(loaded, padded, known, hidden, adapt_steps, seed, on_adapt)
     # A model pretrained with fill context corrects fills of the whole scan, so a window whose edge cuts through a
     # hidden block still fills it from the visible voxels beyond; other models fill from each window, as they learned.
     maps, f = None, pool_factor(p)
     if model.cfg.fill_context:
-        seen = (~hidden).float()
-        for axis in range(3):
-            seen = seen.repeat_interleave(p, dim=axis)  # (gx, gy, gz) -> (Xp, Yp, Zp)
-        maps = model.fill_context_maps(encoder_input, (seen * known)[None])  # (1, 2S, Xp/f, Yp/f, Zp/f)
+        seen = cells_to_voxels((~hidden).float(), p) * known  # (1, Xp, Yp, Zp)
+        maps = model.fill_context_maps(encoder_input, seen[None])  # (1, 2S, Xp/f, Yp/f, Zp/f)
 
     def predictor(windows: torch.Tensor, slices: list[list[slice]]) -> torch.Tensor:
         """(B, 3, c, c, c) [clean, encoder input, scan voxels] -> (B, 3, c, c, c) [prediction of every voxel times
@@ -376,9 +348,7 @@ def _predict(
         with_coord=True,
     )[0]  # (3, Xp, Yp, Zp)
     raw = torch.where(blend[1] > 0, blend[0] / blend[1].clamp_min(1e-12), blend[2])
-    hidden_voxels = hidden.float()
-    for axis in range(3):
-        hidden_voxels = hidden_voxels.repeat_interleave(p, dim=axis)  # (gx, gy, gz) -> (Xp, Yp, Zp)
+    hidden_voxels = cells_to_voxels(hidden.float(), p)  # (gx, gy, gz) -> (Xp, Yp, Zp)
     view = encoder_input[0, 0] * (1 - hidden_voxels)
     crop_back = (slice(0, size[0]), slice(0, size[1]), slice(0, size[2]))
     return raw[crop_back].cpu(), hidden_voxels[crop_back].cpu(), view[crop_back].cpu(), in_cells.cpu()
@@ -388,29 +358,3 @@ def _coarse(slices: list[slice], f: int) -> tuple[slice, slice, slice]:
     """A window's slices on the fill maps' grid, ``f`` times coarser, from MONAI's voxel slices [batch, channel,
     x, y, z] (windows start on the patch grid, a multiple of ``f``)."""
     return tuple(slice(s.start // f, s.stop // f) for s in slices[2:])
-
-
-def _score(values: np.ndarray, original: np.ndarray, where: np.ndarray, lo: float, hi: float) -> dict[str, Any]:
-    """Voxel count, MSE and PSNR of ``values`` against ``original`` (HU) on the voxels ``where``, in 0..1 units.
-
-    PSNR is null when there are no voxels or the MSE is 0 (infinite).
-    """
-    n = int(where.sum())
-    if n == 0:
-        return {"voxels": 0, "mse": None, "psnr": None}
-    pred = torch.from_numpy((values[where] - lo) / (hi - lo)).view(1, 1, n)
-    true = torch.from_numpy((original[where] - lo) / (hi - lo)).view(1, 1, n)
-    mse = float(((pred - true) ** 2).mean())
-    psnr = float(PSNRMetric(max_val=1.0)(pred, true).item()) if mse > 0 else math.inf
-    return {"voxels": n, "mse": mse, "psnr": psnr if math.isfinite(psnr) else None}
-
-
-def _ssim(recon: np.ndarray, original: np.ndarray, lo: float, hi: float, device: torch.device) -> float:
-    """SSIM of reconstruction vs input over the whole volume (0..1 units), on the model's device.
-
-    MONAI convolves with a full (not separable) Gaussian kernel, so a 7³ window (sigma 1.5, nearly all of its
-    weight) stands in for 2D SSIM's 11² at a quarter of the cost; it shrinks for thinner volumes.
-    """
-    win = min(7, min(recon.shape) - (1 - min(recon.shape) % 2))  # odd and no larger than the thinnest axis
-    a, b = (torch.from_numpy((v - lo) / (hi - lo))[None, None].to(device) for v in (recon, original))
-    return float(SSIMMetric(spatial_dims=3, data_range=1.0, win_size=win)(a, b).item())

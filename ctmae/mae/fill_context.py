@@ -28,15 +28,20 @@ def pool_factor(patch: int) -> int:
     return POOL if patch % POOL == 0 else 1
 
 
+def cells_to_voxels(cells: torch.Tensor, edge: int) -> torch.Tensor:
+    """A map over cells (..., gx, gy, gz) on the voxels they cover: (..., gx·edge, gy·edge, gz·edge)."""
+    for axis in (-3, -2, -1):
+        cells = cells.repeat_interleave(edge, dim=axis)
+    return cells
+
+
 def visible_voxels(ids_keep: torch.Tensor, grid: tuple[int, int, int], patch: int, like: torch.Tensor) -> torch.Tensor:
     """0/1 map (B, 1, D, H, W) of the voxels of the tokens ``ids_keep`` (B, Lv) on a ``grid`` of ``patch``³ cells,
     with the dtype and device of ``like``."""
     b = ids_keep.shape[0]
     seen = torch.zeros(b, 1, grid[0] * grid[1] * grid[2], device=like.device, dtype=like.dtype)
     seen = seen.scatter_(2, ids_keep[:, None], 1.0).view(b, 1, *grid)  # (B, 1, gd, gh, gw)
-    for axis in (2, 3, 4):
-        seen = seen.repeat_interleave(patch, dim=axis)
-    return seen  # (B, 1, D, H, W)
+    return cells_to_voxels(seen, patch)  # (B, 1, D, H, W)
 
 
 def fill_maps(images: torch.Tensor, visible: torch.Tensor, sigmas: tuple[float, ...], patch: int) -> torch.Tensor:

@@ -80,25 +80,14 @@ def pretrain(
         state = run.training_state(
             step, model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict()
         )
-        state["shift_reference"] = training_reference(
-            model, sources, cfg.preprocess
-        )  # every checkpoint: ctmae.mae.shift
+        state["shift_reference"] = training_reference(model, sources, cfg.preprocess)  # ctmae.mae.shift
         save_checkpoint(state, run.checkpoints / "last.pt")
         if step % t.ckpt_every == 0:
             save_checkpoint(state, run.checkpoints / f"step_{step:07d}.pt")
         run.log.info(f"step {step}: checkpoint written to {run.checkpoints / 'last.pt'}")
 
-    batches = crop_batches(
-        sources,
-        cfg.preprocess,
-        cfg.data,
-        t.seed,
-        t.batch_size,
-        run.start,
-        dist.rank,
-        dist.world,
-        cfg.model.fill_context,
-    )
+    shard = (run.start, dist.rank, dist.world, cfg.model.fill_context)  # where this rank's crops continue, and how
+    batches = crop_batches(sources, cfg.preprocess, cfg.data, t.seed, t.batch_size, *shard)
     min_ratio = t.min_lr / t.lr if t.lr else 0.0  # the lr is a pure function of the step: no scheduler state
     net.train()
     step, losses, bad_steps, skipped, stopped = run.start, [], 0, 0, None

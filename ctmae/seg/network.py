@@ -15,8 +15,8 @@ import torch
 from monai.networks.nets import UNETR
 from torch import nn
 
+from ctmae.mae.blocks import sincos_embedding_3d
 from ctmae.mae.config import ModelConfig
-from ctmae.mae.model import sincos_embedding_3d
 from ctmae.runtime.checkpoint import SEG_FORMAT, CheckpointError, read_checkpoint, save_checkpoint
 from ctmae.seg.config import UNETR_DEPTH, UNETR_PATCH, SegConfig, SegNetConfig
 

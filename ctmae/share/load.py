@@ -16,8 +16,8 @@ import torch
 from monai.networks.nets import UNETR, ViT
 
 from ctmae.infer.sliding import LoadedModel, load_model
+from ctmae.mae.blocks import sincos_embedding_3d
 from ctmae.mae.config import ModelConfig, RunConfig
-from ctmae.mae.model import sincos_embedding_3d
 from ctmae.preprocess.config import PreprocessConfig
 from ctmae.runtime.checkpoint import CheckpointError
 from ctmae.runtime.device import resolve_device

@@ -22,6 +22,7 @@ import torch
 
 from ctmae.experiments.evaluate.cases import Prepared
 from ctmae.mae.config import MaskConfig
+from ctmae.mae.fill_context import cells_to_voxels
 from ctmae.mae.fills import SIGMAS, gaussian_fill
 from ctmae.mae.masking import sample_mask
 from ctmae.mae.model import MaskedAutoencoder3D
@@ -68,9 +69,7 @@ def masked_errors(
     device, c = window.device, window.shape[-1]
     grid = (c // patch,) * 3
     token_mask = sample_mask(mask, 1, grid, torch.Generator(device).manual_seed(seed), device)
-    visible = (~token_mask.mask).float().view(1, 1, *grid)  # (1, 1, gx, gy, gz)
-    for axis in range(2, 5):
-        visible = visible.repeat_interleave(patch, dim=axis)  # -> (1, 1, c, c, c), 1 where seen
+    visible = cells_to_voxels((~token_mask.mask).float().view(1, 1, *grid), patch)  # (1, 1, c, c, c), 1 where seen
     gone = 1.0 - visible
     tally = Tally(voxels=int(gone.sum()))
     if model is not None:
