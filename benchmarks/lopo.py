@@ -8,10 +8,11 @@ model's margin over the fill per held-out patient, then the mean and the worst o
 
 The patients are people, not files: the bundled abdominal slabs are one patient (sample_data/README.md), and each
 patient's scans are all its slabs. A lever is the base recipe (the demo's, ``ctmae/recipes/demo.yaml``, without the
-intensity augmentation this benchmark chose) with some sections changed (``LEVERS``); ``--synthetic N`` adds N
-synthetic chest phantoms to every fold's pretraining.
+intensity augmentation and the fill context this benchmark chose, for 1400 steps) with some sections changed
+(``LEVERS``); ``--synthetic N`` adds N synthetic chest phantoms to every fold's pretraining; ``--adapt-steps N``
+reconstructs each held-out scan after N steps of test-time training on its visible voxels.
 
-    python -m benchmarks.lopo [--levers demo,flip,...] [--seeds 2] [--synthetic 0] [--out DIR]
+    python -m benchmarks.lopo [--levers demo,flip,...] [--seeds 2] [--synthetic 0] [--adapt-steps 0] [--out DIR]
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ DENSE_STEP = 16  # voxels: the README's ``--window-step 16``
 
 
 DEMO = yaml.safe_load(recipe_path("demo").read_text(encoding="utf-8"))  # ctmae/recipes/demo.yaml
-BASE = _merged(DEMO, {"data": {"contrast": 0.0}})  # recipe_table.py's demo-cpv8-zoom
+# recipe_table.py's demo-cpv8-zoom, the levers' common base: the demo without its intensity augmentation and fill
+# context, for the 1400 steps it trained before the context made a step dearer
+BASE = _merged(DEMO, {"data": {"contrast": 0.0}, "model": {"fill_context": 0}, "train": {"steps": 1400}})
 
 
 def _lever(why: str, **sections: dict) -> dict:
@@ -50,7 +53,11 @@ def _lever(why: str, **sections: dict) -> dict:
 
 
 LEVERS: dict[str, dict] = {
-    "demo": {"why": "the demo as shipped (contrast25)", "config": DEMO},
+    "demo": {"why": "the demo as shipped (ctmae/recipes/demo.yaml)", "config": DEMO},
+    "demo-1step": {
+        "why": "the demo after 1 step: its fill and an untrained residual",
+        "config": _merged(DEMO, {"train": {"steps": 1}}),
+    },
     "base": _lever("the demo before this benchmark: 8 crops a visit, scaled by 1/1.25 to 1.25"),
     "base-1step": _lever("the base after 1 step: the fill it starts from", train={"steps": 1}),
     "flip": _lever("the base with left-right flips", data={"flip": True}),

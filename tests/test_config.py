@@ -124,7 +124,8 @@ def test_the_shipped_recipes_load_and_config_reads_them_by_name(tmp_path):
 
     demo, gpu = (RunConfig.load_yaml(recipe_path(name)) for name in RECIPES)
     assert (demo.model.size, demo.preprocess.crop, demo.data.crops_per_volume, demo.data.zoom) == ("tiny", 64, 8, 0.25)
-    assert (demo.model.fill_sigma, demo.mask.predict_ratio, demo.train.steps, demo.train.lr) == (8.0, 0.75, 1400, 3e-3)
+    assert (demo.model.fill_sigma, demo.mask.predict_ratio, demo.train.steps, demo.train.lr) == (8.0, 0.75, 900, 3e-3)
+    assert (demo.model.fill_context, demo.data.contrast) == (16, 0.25)
     assert (gpu.model.size, gpu.preprocess.crop, gpu.train.batch_size, gpu.train.steps) == ("base", 96, 4, 100000)
     assert gpu.model.dim == MODEL_PRESETS["base"]["dim"] and gpu.train.device == "auto"
     mine = tmp_path / "gpu"  # a file of that name in the working folder is read, not the recipe
