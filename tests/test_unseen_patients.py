@@ -114,6 +114,7 @@ def _reconstruct(checkpoint: Path, scan: Path, out: Path, steps: int) -> dict:
     )
 
 
+@pytest.mark.slow  # 7 s on 2 idle cores
 def test_test_time_training_never_reads_the_voxels_it_is_scored_on(briefly_trained, iso_slab, tmp_path):
     """The same scan with its hidden voxels changed gives the very same reconstruction of them: neither the
     adaptation's inputs, its targets nor its fills read a hidden voxel. And adapting changes the model."""
