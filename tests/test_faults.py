@@ -110,6 +110,43 @@ def test_death_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkey
     assert load_checkpoint(path)["step"] == 7
 
 
+_KILLED_MID_WRITE = """
+import os, signal, sys
+from ctmae.runtime.files import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_bytes(b"half of what was being written")
+    os.kill(os.getpid(), signal.SIGKILL)  # as a job's grace period ends, or the OOM killer
+"""
+
+
+def _killed_mid_write(path: Path) -> Path:
+    """Write ``path`` with ``atomic_path`` in a process that is SIGKILLed mid-write; its temporary file, aged past
+    anything a live writer leaves untouched."""
+    proc = subprocess.run([sys.executable, "-c", _KILLED_MID_WRITE, str(path)], env=ENV, timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    (left,) = [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]
+    old = time.time() - 3600
+    os.utime(left, (old, old))
+    return left
+
+
+def test_what_a_killed_write_left_is_removed_by_the_next_run_and_a_write_in_progress_is_not(tmp_path, scans):
+    """A checkpoint and a cache entry whose writers were SIGKILLed leave hidden temporary files (a base model's is
+    a gigabyte); the next run removes them (train.log says so) and keeps one that is still being written."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    common = [str(scans), "--out", str(out), "--cache-dir", str(cache), *TINY]
+    assert CliRunner().invoke(app, ["pretrain", *common, "--steps", "2"]).exit_code == 0
+    entry = next(cache.glob("*.b2nd"))
+    left = [_killed_mid_write(out / "checkpoints" / "last.pt"), _killed_mid_write(entry)]
+    fresh = out / "checkpoints" / ".step_0000004.pt.4242.0123abcd.tmp.pt"  # another process writing right now
+    fresh.write_bytes(b"in progress")
+    result = CliRunner().invoke(app, ["pretrain", *common, "--steps", "4", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert not any(p.exists() for p in left) and fresh.exists()
+    assert "removed 1 unfinished checkpoint file(s)" in (out / "train.log").read_text(encoding="utf-8")
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 4
+
+
 class _SlowItems(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 1000

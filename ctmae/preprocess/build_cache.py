@@ -14,7 +14,7 @@ from ctmae.io.discovery import VolumeSource
 from ctmae.preprocess.cache import OLD_CACHE_NOTE, Built, VolumeCache
 from ctmae.preprocess.config import PreprocessConfig
 from ctmae.runtime.cpu import current_budget
-from ctmae.runtime.files import OutputError
+from ctmae.runtime.files import OutputError, sweep_temporaries
 from ctmae.runtime.loader import iterate_workers
 
 
@@ -56,6 +56,7 @@ def build_entries(
         OutputError: an entry could not be written (e.g. a full disk); entries written before are intact.
     """
     cache = VolumeCache(cfg, min_edge)
+    sweep_temporaries(cache.dir)  # entries a killed process was writing: never valid, often large
     workers = min(workers, len(sources))
     threads = max(1, current_budget().cores // workers) if workers else 0  # each worker's share of the CPU budget
     loader = DataLoader(_Build(sources, cache, threads), batch_size=None, num_workers=workers)

@@ -6,7 +6,9 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,12 @@ from ctmae.runtime.loader import worker_failure
 
 class OutputError(OSError):
     """An output that could not be written, as one line naming the file."""
+
+
+# ``atomic_path``'s temporary names: .NAME.PID.HEX8.tmp[SUFFIX]
+TEMPORARY = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp(\.[^/]*)?$")
+# A temporary untouched this long is no longer being written: every writer streams into it, and none pauses minutes.
+STALE_SECONDS = 600
 
 
 @contextlib.contextmanager
@@ -45,6 +53,27 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
         ) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sweep_temporaries(folder: str | os.PathLike, older_than: float = STALE_SECONDS) -> tuple[int, int]:
+    """Remove the temporaries ``atomic_path`` left in ``folder`` when its process was killed mid-write (SIGKILL at
+    the end of a job's grace period, the OOM killer, a lost node), where its ``finally`` never ran.
+
+    Only files with ``atomic_path``'s temporary names that nothing has written to for ``older_than`` seconds go: a
+    write in progress (another rank, another job sharing a cache folder) keeps its file fresh. Returns (files
+    removed, their bytes); a folder that does not exist or cannot be listed removes nothing.
+    """
+    removed, size, now = 0, 0, time.time()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if not (TEMPORARY.match(entry.name) and entry.is_file(follow_symlinks=False)):
+                continue
+            with contextlib.suppress(OSError):
+                stat = entry.stat(follow_symlinks=False)
+                if now - stat.st_mtime >= older_than:
+                    os.unlink(entry.path)
+                    removed, size = removed + 1, size + stat.st_size
+    return removed, size
 
 
 def _reason(error: BaseException, folder: Path) -> str:

@@ -18,6 +18,7 @@ import torch
 from ctmae.runtime.checkpoint import rng_state, set_rng_state
 from ctmae.runtime.device import autocast_for, resolve_device, resolve_precision
 from ctmae.runtime.distributed import DistInfo, any_rank, mean_over_ranks
+from ctmae.runtime.files import sweep_temporaries
 from ctmae.runtime.loader import LoaderStopped
 from ctmae.runtime.lr_schedule import resolve_steps
 from ctmae.runtime.metrics_log import MetricsLog
@@ -72,7 +73,7 @@ class Run:
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     def begin(self, description: str) -> None:
-        """Write config.yaml (rank 0), open the logs and log the start line."""
+        """Write config.yaml (rank 0), open the logs, log the start line and remove what a killed write left."""
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.cfg.save_yaml(self.run_dir / "config.yaml")
@@ -81,6 +82,13 @@ class Run:
             f"{'resuming at' if self.start else 'starting'} step {self.start} of {self.total} on {self.device.type} "
             f"({self.precision}), {self.dist.world} process(es); {description}"
         )
+        if self.dist.is_main:  # a job killed while it wrote a checkpoint left its temporary file behind
+            removed, size = sweep_temporaries(self.checkpoints)
+            if removed:
+                self.log.info(
+                    f"removed {removed} unfinished checkpoint file(s) ({size / 2**20:.0f} MiB) in {self.checkpoints} "
+                    f"left by a run killed while it wrote"
+                )
 
     def start_info(self, **extra: Any) -> dict[str, Any]:
         """What a loop's ``on_start`` callback receives: where the run starts and ends, on what, plus ``extra``."""
