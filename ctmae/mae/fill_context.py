@@ -15,12 +15,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from monai.networks.layers import GaussianFilter
+from monai.networks.layers.convutils import gaussian_1d
 from torch import nn
 
 from ctmae.mae.config import ModelConfig
 
 QUERY_SIGMAS = (2.0, 4.0, 8.0, 16.0)  # voxels: the fill widths a query reads
 POOL = 4  # the maps' grid is this many times coarser than the voxels
+TRUNCATED = 4.0  # each gaussian's kernel reaches this many sigmas (MONAI's default)
 
 
 def pool_factor(patch: int) -> int:
@@ -44,16 +46,40 @@ def visible_voxels(ids_keep: torch.Tensor, grid: tuple[int, int, int], patch: in
     return cells_to_voxels(seen, patch)  # (B, 1, D, H, W)
 
 
-def fill_maps(images: torch.Tensor, visible: torch.Tensor, sigmas: tuple[float, ...], patch: int) -> torch.Tensor:
-    """Gaussian fills of the first channel of ``images`` (B, C, D, H, W) from the ``visible`` voxels (B, 1, D, H, W)
-    and their supports, on the coarse grid: (B, 2·S, D/f, H/f, W/f), channels [fill, support] per sigma (voxels).
-    Where no visible voxel is within reach the fill is the mean of the visible ones (per sample)."""
+def fill_reach(sigmas: tuple[float, ...], patch: int) -> int:
+    """Voxels around a region beyond which nothing changes ``fill_maps``' fills and supports inside it (the widest
+    kernel's half-length on the coarse grid), a multiple of the coarsening."""
+    f = pool_factor(patch)
+    return max((len(gaussian_1d(torch.tensor(s / f), truncated=TRUNCATED)) - 1) // 2 for s in sigmas) * f
+
+
+def coarse_sums(images: torch.Tensor, visible: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the fallback of ``fill_maps`` averages, summed per sample on the coarse grid: (visible intensity, visible
+    share), each (B, 1, 1, 1, 1). Sums of parts add up to the sums of the whole."""
     f = pool_factor(patch)
     values, seen = F.avg_pool3d(images[:, :1], f), F.avg_pool3d(visible, f)  # (B, 1, d, h, w)
-    mean = (values * seen).sum((2, 3, 4), keepdim=True) / seen.sum((2, 3, 4), keepdim=True).clamp_min(1e-6)
+    return (values * seen).sum((2, 3, 4), keepdim=True), seen.sum((2, 3, 4), keepdim=True)
+
+
+def fill_maps(
+    images: torch.Tensor,
+    visible: torch.Tensor,
+    sigmas: tuple[float, ...],
+    patch: int,
+    sums: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Gaussian fills of the first channel of ``images`` (B, C, D, H, W) from the ``visible`` voxels (B, 1, D, H, W)
+    and their supports, on the coarse grid: (B, 2·S, D/f, H/f, W/f), channels [fill, support] per sigma (voxels).
+    Where no visible voxel is within reach the fill is the mean of the visible ones (per sample): of these images,
+    or of a larger volume whose ``coarse_sums`` are given (these images then being a part of it that reaches
+    ``fill_reach`` beyond where the maps are read, the maps there are those of the whole volume)."""
+    f = pool_factor(patch)
+    values, seen = F.avg_pool3d(images[:, :1], f), F.avg_pool3d(visible, f)  # (B, 1, d, h, w)
+    total, share = sums if sums is not None else coarse_sums(images, visible, patch)
+    mean = total / share.clamp_min(1e-6)
     maps = []
     for sigma in sigmas:
-        smoothed = GaussianFilter(3, sigma / f).to(images.device)(torch.cat([values * seen, seen], dim=1))
+        smoothed = GaussianFilter(3, sigma / f, TRUNCATED).to(images.device)(torch.cat([values * seen, seen], dim=1))
         num, den = smoothed[:, :1], smoothed[:, 1:]
         maps += [torch.where(den > 1e-6, num / den.clamp_min(1e-12), mean), den]
     return torch.cat(maps, dim=1)

@@ -251,11 +251,14 @@ class MaskedAutoencoder3D(nn.Module):
         sigmas = QUERY_SIGMAS if self.fill_queries is not None else ()
         return sigmas if self.cfg.fill_sigma in sigmas else (*sigmas, self.cfg.fill_sigma)
 
-    def fill_context_maps(self, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    def fill_context_maps(
+        self, images: torch.Tensor, visible: torch.Tensor, sums: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """The fills ``decode`` adds to and reads, of ``images`` (B, C, D, H, W) from the ``visible`` voxels (B, 1,
         D, H, W): (B, 2S, D/f, H/f, W/f), [fill, support] per width in ``fill_sigmas`` on ``fill_maps``' coarse grid.
-        Over a whole scan, a crop of these (at multiples of the patch) is what ``decode`` takes as ``maps``."""
-        return fill_maps(images, visible, self.fill_sigmas, self.cfg.patch)
+        Over a whole scan, a crop of these (at multiples of the patch) is what ``decode`` takes as ``maps``; with the
+        scan's ``sums`` (``fill_maps``), over a part of it reaching ``fill_reach`` beyond the crop, the same."""
+        return fill_maps(images, visible, self.fill_sigmas, self.cfg.patch, sums)
 
     def _smooth(
         self, residual: torch.Tensor, ids_keep: torch.Tensor, ids_pred: torch.Tensor, images: torch.Tensor
