@@ -7,6 +7,12 @@ voxels: the MAE (its decoder predicts every hidden token), a normalised gaussian
 themselves) and the mean of the visible voxels. PSNR is over hidden voxels in 0..1 window units (peak 1), pooled over
 all crops of all test scans, as ``ctmae reconstruct`` reports it.
 
+A model pretrained with fill context (``model.fill_context``) learned to correct fills that read the scan around its
+crops, and ``ctmae reconstruct`` fills from the whole scan: here each of its crops comes with that many voxels of the
+scan around it, hidden in blocks like the crop (a mask of its own, drawn after the crop's, so the crop's hidden voxels
+are the same as for any other checkpoint of its crop size), and both its fills and the gaussian fills read the visible
+voxels there; the scores stay on the crop's hidden voxels.
+
 Random masking hides isolated patches whose neighbours are visible, so smooth interpolation fills them well; block
 masking hides cuboids of several patches, whose centres are far from any visible voxel. A model that beats the
 gaussian fill under block masks has learned something interpolation cannot give.
@@ -22,7 +28,7 @@ import torch
 
 from ctmae.experiments.evaluate.cases import Prepared
 from ctmae.mae.config import MaskConfig
-from ctmae.mae.fill_context import cells_to_voxels
+from ctmae.mae.fill_context import cells_to_voxels, pool_factor
 from ctmae.mae.fills import SIGMAS, gaussian_fill
 from ctmae.mae.masking import sample_mask
 from ctmae.mae.model import MaskedAutoencoder3D
@@ -62,26 +68,60 @@ def window_corners(shape: Sequence[int], crop: int, count: int, gen: torch.Gener
 
 @torch.inference_mode()
 def masked_errors(
-    window: torch.Tensor, mask: MaskConfig, seed: int, patch: int, model: MaskedAutoencoder3D | None = None
+    window: torch.Tensor,
+    mask: MaskConfig,
+    seed: int,
+    patch: int,
+    model: MaskedAutoencoder3D | None = None,
+    around: torch.Tensor | None = None,
 ) -> Tally:
     """Squared errors on the hidden voxels of one crop (1, 1, c, c, c) under one seeded token mask, per method:
-    ``mae`` (only when ``model`` is given), ``mean`` and ``gaussian_<sigma>`` for each of ``SIGMAS``."""
+    ``mae`` (only when ``model`` is given), ``mean`` and ``gaussian_<sigma>`` for each of ``SIGMAS``. With
+    ``around`` (1, 1, e, e, e), the crop with (e - c) / 2 voxels of the scan around it (NaN beyond the scan), the
+    fills read its visible voxels too: the ring is hidden by a mask of its own, drawn after the crop's."""
     device, c = window.device, window.shape[-1]
     grid = (c // patch,) * 3
-    token_mask = sample_mask(mask, 1, grid, torch.Generator(device).manual_seed(seed), device)
+    gen = torch.Generator(device).manual_seed(seed)
+    token_mask = sample_mask(mask, 1, grid, gen, device)
     visible = cells_to_voxels((~token_mask.mask).float().view(1, 1, *grid), patch)  # (1, 1, c, c, c), 1 where seen
     gone = 1.0 - visible
+    values, seen, centre = window, visible, (slice(None),) * 5
+    if around is not None:
+        m, big = (around.shape[-1] - c) // 2, (around.shape[-1] // patch,) * 3
+        centre = (slice(None), slice(None), *[slice(m, m + c)] * 3)
+        ring = sample_mask(mask, 1, big, gen, device).mask.float().view(1, 1, *big)
+        seen = cells_to_voxels(1.0 - ring, patch)  # (1, 1, e, e, e)
+        seen[centre] = visible
+        seen, values = seen * torch.isfinite(around), torch.nan_to_num(around)  # nothing beyond the scan is seen
     tally = Tally(voxels=int(gone.sum()))
     if model is not None:
         ids_pred = token_mask.mask[0].nonzero()[:, 0][None]  # (1, Lm): every hidden token, sorted
-        pred = model.reconstruct(window, token_mask.ids_keep, ids_pred).float().clamp(0, 1)  # (1, 1, c, c, c)
+        maps = None
+        if around is not None:
+            f = pool_factor(patch)
+            maps = model.fill_context_maps(values, seen)[(slice(None), slice(None), *[slice(m // f, (m + c) // f)] * 3)]
+        pred = (
+            model.reconstruct(window, token_mask.ids_keep, ids_pred, maps=maps).float().clamp(0, 1)
+        )  # (1, 1, c, c, c)
         tally.sse["mae"] = float((((pred - window) * gone) ** 2).sum())
-    mean = (window * visible).sum() / visible.sum()
+    mean = (values * seen).sum() / seen.sum()
     tally.sse["mean"] = float((((window - mean) * gone) ** 2).sum())
     for sigma in SIGMAS:
-        fill = gaussian_fill(window, visible, sigma)  # (1, 1, c, c, c)
+        fill = gaussian_fill(values, seen, sigma)[centre]  # (1, 1, c, c, c)
         tally.sse[f"gaussian_{sigma:g}"] = float((((window - fill) * gone) ** 2).sum())
     return tally
+
+
+def with_context(volume: torch.Tensor, corner: Sequence[int], crop: int, context: int) -> torch.Tensor:
+    """The crop of ``volume`` (1, X, Y, Z) at ``corner`` with ``context`` voxels around it: (1, 1, e, e, e),
+    e = crop + 2·context, NaN beyond the volume."""
+    e = crop + 2 * context
+    out = torch.full((1, 1, e, e, e), torch.nan, dtype=torch.float32)
+    lo = [max(0, a - context) for a in corner]
+    hi = [min(n, a + crop + context) for a, n in zip(corner, volume.shape[1:])]
+    inside = tuple(slice(a - (b - context), h - (b - context)) for a, b, h in zip(lo, corner, hi))
+    out[(0, 0, *inside)] = volume[(0, *(slice(a, h) for a, h in zip(lo, hi)))].float()
+    return out
 
 
 def run_recon(
@@ -100,7 +140,7 @@ def run_recon(
     settings only, so checkpoints of one size are scored on identical masked crops. ``use_model`` False (a
     ``norm_pix_loss`` checkpoint, whose predictions carry no intensity scale) scores the fills alone.
     """
-    crop = model.cfg.img_size
+    crop, context = model.cfg.img_size, model.cfg.fill_context if use_model else 0
     pooled = {kind: Tally() for kind in KINDS}
     per_case: dict[str, dict[str, Tally]] = {}
     for i, case in enumerate(test):
@@ -109,10 +149,12 @@ def run_recon(
         per_case[case.id] = {kind: Tally() for kind in KINDS}
         for w, (x, y, z) in enumerate(window_corners(volume.shape[1:], crop, windows, gen)):
             window = volume[None, :, x : x + crop, y : y + crop, z : z + crop].float().to(device)  # (1, 1, c, c, c)
+            around = with_context(volume, (x, y, z), crop, context).to(device) if context else None
             for k, kind in enumerate(KINDS):
                 mask_seed = (seed * 1_000_003 + i) * 1_009 + w * 2 + k
                 settings = mask_settings(mask, kind)
-                tally = masked_errors(window, settings, mask_seed, model.cfg.patch, model if use_model else None)
+                scored = model if use_model else None
+                tally = masked_errors(window, settings, mask_seed, model.cfg.patch, scored, around)
                 per_case[case.id][kind].add(tally)
                 pooled[kind].add(tally)
         if on_case:
