@@ -79,6 +79,22 @@ def test_a_model_pretrained_with_context_fills_hidden_blocks_from_the_whole_scan
     assert abs(scores[16]["fill"]["masked_minus_fill_db"]) < 0.5, scores[16]["fill"]
 
 
+def test_a_context_model_below_the_fill_points_to_test_time_training(untrained, tmp_path):
+    """A fill-context model that loses to the gaussian fill on a scan (here the untrained one: its own sigma-8 fill)
+    gets one note naming --adapt-steps; a model without fill context, which adaptation was not measured to lift,
+    gets none."""
+    outputs = {}
+    for context, checkpoint in untrained.items():
+        args = ["reconstruct", str(checkpoint), str(SLAB), "--out", str(tmp_path / str(context)), "--block", "2"]
+        result = CliRunner().invoke(app, [*args, "--mask-unit", "16", "--seed", "1", "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+        margin = json.loads((tmp_path / str(context) / "metrics.json").read_text())["fill"]["masked_minus_fill_db"]
+        assert margin < 0
+        outputs[context] = " ".join(result.output.split())
+    assert f"note: {SLAB}: " in outputs[16] and "--adapt-steps 500 first trains a copy" in outputs[16]
+    assert "--adapt-steps" not in outputs[0]
+
+
 @pytest.fixture(scope="module")
 def briefly_trained(tmp_path_factory) -> Path:
     """A context model after a few steps (test-time training steps at a tenth of its learning rate)."""
