@@ -85,6 +85,10 @@ LEVERS: dict[str, dict] = {
         data={"contrast": 0.25},
         model={"fill_context": 32},
     ),
+    "demo-zoom50": {
+        "why": "the demo with crops scaled by 1/1.5 to 1.5 (zoom50, the best base lever without the context)",
+        "config": _merged(DEMO, {"data": {"zoom": 0.5}}),
+    },
 }
 
 
