@@ -128,10 +128,11 @@ def rotate(name: str, seeds: int, synthetic: list[Path], work: Path, reuse: bool
     scored (its score.json) is not scored again."""
     config = LEVERS[name]["config"]
     steps = config["train"]["steps"]
+    folder = work / (f"{name}+synthetic{len(synthetic)}" if synthetic else name)  # phantoms make another run
     rows = {}
     for held, scans in PATIENTS.items():
         others = [s for p, group in PATIENTS.items() if p != held for s in group]
-        run = work / name / held.split()[0]
+        run = folder / held.split()[0]
         run.parent.mkdir(parents=True, exist_ok=True)
         scored = run / (f"score-adapt{adapt_steps}.json" if adapt_steps else "score.json")
         checkpoint = run / "checkpoints" / "last.pt"
@@ -141,7 +142,7 @@ def rotate(name: str, seeds: int, synthetic: list[Path], work: Path, reuse: bool
         if not (reuse and checkpoint.exists()):
             progress(f"{name}: pretraining without {held}, {steps} steps")
             pretrain(name, config, [*others, *synthetic], run, steps)
-        rows[held] = score_patient(checkpoint, scans, seeds, work / name / "recon", adapt_steps)
+        rows[held] = score_patient(checkpoint, scans, seeds, folder / "recon", adapt_steps)
         scored.write_text(json.dumps(rows[held], indent=2), encoding="utf-8")
         progress(f"{name}: held out {held}: {json.dumps(rows[held])}")
     return rows
