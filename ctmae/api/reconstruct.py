@@ -106,7 +106,7 @@ def reconstruct(
         reporter.note(
             f"{input}: {margin:+.2f} dB against the gaussian fill; on a patient or body region pretraining never saw, "
             f"--adapt-steps 500 first trains a copy of the model on this scan's visible voxels (test-time training; "
-            f"about a minute on a 2-core CPU)"
+            f"1 to 3 minutes on a 2-core CPU, by scan size)"
         )
     shift = metrics["shift"]
     if shift["warning"] or shift["note"]:  # how unlike the training scans (ctmae.mae.shift)

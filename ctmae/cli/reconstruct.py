@@ -50,8 +50,8 @@ def reconstruct(
         int,
         typer.Option(
             help="First train a copy of the model this many steps on the scan's own visible voxels (test-time "
-            "training): for a patient or body region pretraining never saw (0: none; 500 takes about a minute on a "
-            "2-core CPU)",
+            "training): for a patient or body region pretraining never saw (0: none; 500 take 1 to 3 minutes on a "
+            "2-core CPU, by scan size)",
             min=0,
         ),
     ] = 0,
