@@ -112,10 +112,10 @@ def _scan_fills(
     hi = [min(n, a + c + reach) for a, n in zip(at, volume.shape[1:])]
     region = (slice(None), slice(None), *(slice(a, b) for a, b in zip(lo, hi)))  # crop and reach, within the scan
     inner = (slice(None), slice(None), *(slice(a - b, a - b + c) for a, b in zip(at, lo)))  # the crop in the region
-    seen = visible[region].clone()  # (1, 1, x, y, z)
-    before = coarse_sums(volume[None][region][inner], seen[inner], p)
+    seen, crop = visible[region].clone(), volume[None][region][inner]  # (1, 1, x, y, z), (1, 1, c, c, c)
+    before = coarse_sums(crop, seen[inner], p)
     seen[inner] *= cells_to_voxels((~drawn).float().view((c // p,) * 3), p)  # (c, c, c)
-    after = coarse_sums(volume[None][region][inner], seen[inner], p)
+    after = coarse_sums(crop, seen[inner], p)
     sums = tuple(whole - old + new for whole, old, new in zip(scan_sums, before, after))
     maps = model.fill_context_maps(volume[None][region], seen, sums)  # (1, 2S, x/f, y/f, z/f)
     return maps[(slice(None), slice(None), *(slice(s.start // f, s.stop // f) for s in inner[2:]))]

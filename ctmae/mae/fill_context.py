@@ -57,7 +57,11 @@ def coarse_sums(images: torch.Tensor, visible: torch.Tensor, patch: int) -> tupl
     """What the fallback of ``fill_maps`` averages, summed per sample on the coarse grid: (visible intensity, visible
     share), each (B, 1, 1, 1, 1). Sums of parts add up to the sums of the whole."""
     f = pool_factor(patch)
-    values, seen = F.avg_pool3d(images[:, :1], f), F.avg_pool3d(visible, f)  # (B, 1, d, h, w)
+    return _sums(F.avg_pool3d(images[:, :1], f), F.avg_pool3d(visible, f))
+
+
+def _sums(values: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``coarse_sums`` of coarse maps (B, 1, d, h, w) already pooled."""
     return (values * seen).sum((2, 3, 4), keepdim=True), seen.sum((2, 3, 4), keepdim=True)
 
 
@@ -75,7 +79,7 @@ def fill_maps(
     ``fill_reach`` beyond where the maps are read, the maps there are those of the whole volume)."""
     f = pool_factor(patch)
     values, seen = F.avg_pool3d(images[:, :1], f), F.avg_pool3d(visible, f)  # (B, 1, d, h, w)
-    total, share = sums if sums is not None else coarse_sums(images, visible, patch)
+    total, share = sums if sums is not None else _sums(values, seen)
     mean = total / share.clamp_min(1e-6)
     maps = []
     for sigma in sigmas:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from ctmae.experiments.evaluate.cases import Prepared
 from ctmae.mae.config import MaskConfig
@@ -112,18 +113,6 @@ def masked_errors(
     return tally
 
 
-def with_context(volume: torch.Tensor, corner: Sequence[int], crop: int, context: int) -> torch.Tensor:
-    """The crop of ``volume`` (1, X, Y, Z) at ``corner`` with ``context`` voxels around it: (1, 1, e, e, e),
-    e = crop + 2·context, NaN beyond the volume."""
-    e = crop + 2 * context
-    out = torch.full((1, 1, e, e, e), torch.nan, dtype=torch.float32)
-    lo = [max(0, a - context) for a in corner]
-    hi = [min(n, a + crop + context) for a, n in zip(corner, volume.shape[1:])]
-    inside = tuple(slice(a - (b - context), h - (b - context)) for a, b, h in zip(lo, corner, hi))
-    out[(0, 0, *inside)] = volume[(0, *(slice(a, h) for a, h in zip(lo, hi)))].float()
-    return out
-
-
 def run_recon(
     model: MaskedAutoencoder3D,
     mask: MaskConfig,
@@ -141,15 +130,18 @@ def run_recon(
     ``norm_pix_loss`` checkpoint, whose predictions carry no intensity scale) scores the fills alone.
     """
     crop, context = model.cfg.img_size, model.cfg.fill_context if use_model else 0
+    e = crop + 2 * context  # the edge of a crop with the scan around it
     pooled = {kind: Tally() for kind in KINDS}
     per_case: dict[str, dict[str, Tally]] = {}
     for i, case in enumerate(test):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
         volume = case.image.as_tensor()  # (1, X, Y, Z), at least crop along each axis (padded)
+        # with fill context, the scan around each crop: NaN beyond the scan, (1, X + 2·context, ...)
+        beyond = F.pad(volume.float(), (context,) * 6, value=math.nan) if context else None
         per_case[case.id] = {kind: Tally() for kind in KINDS}
         for w, (x, y, z) in enumerate(window_corners(volume.shape[1:], crop, windows, gen)):
             window = volume[None, :, x : x + crop, y : y + crop, z : z + crop].float().to(device)  # (1, 1, c, c, c)
-            around = with_context(volume, (x, y, z), crop, context).to(device) if context else None
+            around = None if beyond is None else beyond[None, :, x : x + e, y : y + e, z : z + e].to(device)
             for k, kind in enumerate(KINDS):
                 mask_seed = (seed * 1_000_003 + i) * 1_009 + w * 2 + k
                 settings = mask_settings(mask, kind)
