@@ -6,8 +6,10 @@ Import the helpers as plain functions: `from conftest import write_volume, write
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import signal
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -214,3 +216,31 @@ class Heard:
 
     def skipped(self, lines) -> None:
         self.events.append(("skipped", tuple(lines)))
+
+
+def stopped_by_sigterm(monkeypatch, hook: str, at: int, invoke: Callable[[], Any]) -> Any:
+    """``invoke()`` with SIGTERM sent to this process once the CLI's progress reporter's ``hook`` (``progress``,
+    ``windows``) hears ``at`` units done: a cluster's stop in mid-phase. The command's own handler catches it; around
+    the call a no-op handler keeps a signal that arrives outside the command from ending pytest."""
+    from ctmae.cli.common import ProgressReporter
+
+    show = getattr(ProgressReporter, hook)
+
+    def stopping(self, done: int, *args, **kwargs) -> None:
+        show(self, done, *args, **kwargs)
+        if done == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(ProgressReporter, hook, stopping)
+    previous = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        return invoke()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def assert_stopped_writing_nothing(result, out: Path) -> None:
+    """A command stopped by SIGTERM before its outputs: exit 0, the line saying so, and no ``out`` folder."""
+    assert result.exit_code == 0, result.output
+    assert f"stopped early: stop signal (SIGTERM); nothing written to {out}/" in " ".join(result.output.split())
+    assert not out.exists()

@@ -6,9 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import os
 import re
-import signal
 from pathlib import Path
 
 import nibabel as nib
@@ -18,7 +16,7 @@ import SimpleITK as sitk
 import torch
 from typer.testing import CliRunner
 
-from conftest import SAMPLE_DATA, write_dicom_series, write_volume
+from conftest import SAMPLE_DATA, assert_stopped_writing_nothing, stopped_by_sigterm, write_dicom_series, write_volume
 from ctmae.cli import app
 from ctmae.draw.preview import BACKGROUND, COLUMNS, ERROR_LUT, SEP, TEXT, WINDOW, render_preview
 from ctmae.infer.reconstruct import OUTPUTS
@@ -432,26 +430,11 @@ def test_an_export_folder_is_refused_naming_what_reconstruct_needs(tiny_checkpoi
 
 def test_a_stop_signal_between_windows_writes_nothing(tiny_checkpoint, tmp_path, monkeypatch):
     """SIGTERM after the first batch of windows: the command stops there, exit code 0, no output half-written."""
-    from ctmae.cli.common import ProgressReporter
-
-    show = ProgressReporter.windows
-
-    def stop_after_first_batch(self, done: int, total: int) -> None:
-        show(self, done, total)
-        if done == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # as a cluster's stop inside the scan
-
-    monkeypatch.setattr(ProgressReporter, "windows", stop_after_first_batch)
-    previous = signal.signal(signal.SIGTERM, lambda *a: None)  # without ctmae's handler the signal would be lost
-    try:
-        result = _run(tiny_checkpoint, LUNG, "--out", tmp_path / "o", "--device", "cpu")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert result.exit_code == 0, result.output
-    assert f"stopped early: stop signal (SIGTERM); nothing written to {tmp_path / 'o'}/" in " ".join(
-        result.output.split()
+    # as a cluster's stop inside the scan, once the first batch of windows is done
+    result = stopped_by_sigterm(
+        monkeypatch, "windows", 2, lambda: _run(tiny_checkpoint, LUNG, "--out", tmp_path / "o", "--device", "cpu")
     )
-    assert not (tmp_path / "o").exists()
+    assert_stopped_writing_nothing(result, tmp_path / "o")
 
 
 def test_progress_shows_the_windows_of_the_scan(tiny_checkpoint, tmp_path):

@@ -8,8 +8,6 @@ model first learns on the scan's own visible voxels, and never on the voxels it 
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import nibabel as nib
@@ -19,7 +17,7 @@ import SimpleITK as sitk
 import torch
 from typer.testing import CliRunner
 
-from conftest import SAMPLE_DATA
+from conftest import SAMPLE_DATA, assert_stopped_writing_nothing, stopped_by_sigterm
 from ctmae.cli import app
 from ctmae.infer.reconstruct import mask_config, reconstruct
 from ctmae.infer.sliding import load_model
@@ -182,31 +180,16 @@ def test_test_time_training_never_reads_the_voxels_it_is_scored_on(briefly_train
 
 
 def test_adapt_steps_show_their_progress_and_a_stop_signal_there_writes_nothing(briefly_trained, tmp_path, monkeypatch):
-    from ctmae.cli.common import ProgressReporter
-
     args = ["reconstruct", str(briefly_trained), str(SLAB), "--device", "cpu", "--adapt-steps", "4"]
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     assert "test-time training on the scan" in result.output
 
-    show = ProgressReporter.progress
-
-    def stop_at_the_second_step(self, done: int, status: str = "") -> None:
-        show(self, done, status)
-        if done == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # a cluster's stop while the model adapts
-
-    monkeypatch.setattr(ProgressReporter, "progress", stop_at_the_second_step)
-    previous = signal.signal(signal.SIGTERM, lambda *a: None)
-    try:
-        result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "p")])
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert result.exit_code == 0, result.output
-    assert f"stopped early: stop signal (SIGTERM); nothing written to {tmp_path / 'p'}/" in " ".join(
-        result.output.split()
+    # a cluster's stop at the second step of the adaptation
+    result = stopped_by_sigterm(
+        monkeypatch, "progress", 2, lambda: CliRunner().invoke(app, [*args, "--out", str(tmp_path / "p")])
     )
-    assert not (tmp_path / "p").exists()
+    assert_stopped_writing_nothing(result, tmp_path / "p")
 
 
 def test_adapt_steps_without_hidden_tokens_are_refused_in_one_line(briefly_trained, tmp_path):
