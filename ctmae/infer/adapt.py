@@ -104,7 +104,7 @@ def _scan_fills(
 
     Computed over the crop and ``fill_reach`` around it only, with the scan's sums for the fallback fill, which
     gives the whole scan's maps there at a fraction of the cost on a clinical scan (320³ voxels, the demo's model,
-    2 cores: 0.36 s a step instead of 0.78).
+    2 cores: 0.36 s a step, where the whole scan's maps take 0.78).
     """
     c, p, f = model.cfg.img_size, model.cfg.patch, pool_factor(model.cfg.patch)
     reach = fill_reach(model.fill_sigmas, p)
