@@ -213,6 +213,19 @@ def test_pretrain_and_embed_skip_a_label_map_among_scans_by_content(tmp_path, ti
     assert "embedded 1 scan(s), 0 already done, 1 skipped" in embedded.output
 
 
+def test_every_skip_line_names_its_file_the_same_way_for_a_folder_given_relative(tmp_path, monkeypatch):
+    # the label map is refused by its voxels, after discovery; the scout and the note by discovery: all absolute
+    data = mixed_folder(tmp_path)
+    write_volume(data / "scout.nii.gz", np.zeros((64, 64, 1), np.int16), **GEOMETRY)
+    (data / "notes.txt").write_text("x", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    result = pretrain(tmp_path, Path("data"))
+    assert result.exit_code == 0, result.output
+    assert lines_with(result.output, "ct_seg.nrrd")[0].startswith(f"skipped: {data / 'ct_seg.nrrd'}: looks like")
+    assert lines_with(result.output, "scout.nii.gz")[0].startswith(f"skipped: {data / 'scout.nii.gz'}: a dimension")
+    assert lines_with(result.output, "ignored 1 file")[0].endswith(f"ignored 1 file: {data / 'notes.txt'}")
+
+
 def test_reconstruct_refuses_a_label_map_in_one_line(tmp_path, tiny_checkpoint):
     label = mixed_folder(tmp_path) / "ct_seg.nrrd"
     result = runner.invoke(app, ["reconstruct", str(tiny_checkpoint), str(label), "--out", str(tmp_path / "out")])

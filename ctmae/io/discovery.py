@@ -129,12 +129,12 @@ def find_volumes(inputs: Sequence[str | os.PathLike], skip_labels: bool = True) 
 
     Returns:
         (sources, problems): sources deduplicated and sorted by id; problems are one-line messages, each naming the
-        path, for inputs that were skipped, and last, when scanned folders held files that are not scans, one
+        absolute path, for inputs that were skipped, and last, when scanned folders held files that are not scans, one
         ``Note`` naming them ("ignored 2 files: a.png, b.txt"); ``skipped_only`` drops it.
     """
     search = _Search(skip_labels)
-    for item in inputs:
-        _expand(os.fspath(item), search, allow_lists=True)
+    for item in inputs:  # absolute: every message names a file the same way, whichever check refuses it
+        _expand(os.path.abspath(os.fspath(item)), search, allow_lists=True)
     unique: dict[tuple[str, ...], _Found] = {}
     for f in search.found:
         unique.setdefault(tuple(os.path.realpath(p) for p in f.files), f)
