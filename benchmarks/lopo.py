@@ -121,14 +121,23 @@ def score_patient(checkpoint: Path, scans: list[Path], seeds: int, scratch: Path
     return out
 
 
-def rotate(name: str, seeds: int, synthetic: list[Path], work: Path, reuse: bool = False, adapt_steps: int = 0) -> dict:
+def rotate(
+    name: str,
+    seeds: int,
+    synthetic: list[Path],
+    work: Path,
+    reuse: bool = False,
+    adapt_steps: int = 0,
+    train_seed: int = 0,
+) -> dict:
     """One lever over the rotation: per held-out patient, the scores of a model pretrained on the others.
 
     With ``reuse``, a fold whose run in ``work`` finished (its last checkpoint) is not trained again, and one already
-    scored (its score.json) is not scored again."""
-    config = LEVERS[name]["config"]
+    scored (its score.json) is not scored again. ``train_seed`` other than 0 trains the lever from another seed
+    (weights, data order, crops, masks) in its own folder: the spread between seeds is the noise of one run."""
+    config = _merged(LEVERS[name]["config"], {"train": {"seed": train_seed}}) if train_seed else LEVERS[name]["config"]
     steps = config["train"]["steps"]
-    folder = work / (f"{name}+synthetic{len(synthetic)}" if synthetic else name)  # phantoms make another run
+    folder = work / _key(name, len(synthetic), train_seed)  # phantoms and other seeds make other runs
     rows = {}
     for held, scans in PATIENTS.items():
         others = [s for p, group in PATIENTS.items() if p != held for s in group]
@@ -146,6 +155,11 @@ def rotate(name: str, seeds: int, synthetic: list[Path], work: Path, reuse: bool
         scored.write_text(json.dumps(rows[held], indent=2), encoding="utf-8")
         progress(f"{name}: held out {held}: {json.dumps(rows[held])}")
     return rows
+
+
+def _key(name: str, synthetic: int, train_seed: int) -> str:
+    """A lever's run folder and results key: its name, the phantoms added and the training seed when not 0."""
+    return name + (f"+synthetic{synthetic}" if synthetic else "") + (f"+seed{train_seed}" if train_seed else "")
 
 
 def summary(rows: dict, windows: str) -> tuple[float, float]:
@@ -181,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=None, help="keep runs and results.json here (default: a temp folder)")
     ap.add_argument("--reuse", action="store_true", help="keep the finished runs and scores already in --out")
     ap.add_argument("--adapt-steps", type=int, default=0, help="reconstruct's --adapt-steps (test-time training)")
+    ap.add_argument("--train-seed", type=int, default=0, help="the levers' training seed (train.seed)")
     args = ap.parse_args(argv)
     command = "python -m benchmarks.lopo " + " ".join(sys.argv[1:] if argv is None else argv)
     info = machine()
@@ -191,9 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     done = work / "results.json"
     results = json.loads(done.read_text(encoding="utf-8")) if done.exists() else {}
     for name in args.levers.split(","):
-        key = f"{name}+synthetic{args.synthetic}" if args.synthetic else name
-        key += f"+adapt{args.adapt_steps}" if args.adapt_steps else ""
-        results[key] = rotate(name, args.seeds, synthetic, work, args.reuse, args.adapt_steps)
+        key = _key(name, args.synthetic, args.train_seed) + (f"+adapt{args.adapt_steps}" if args.adapt_steps else "")
+        results[key] = rotate(name, args.seeds, synthetic, work, args.reuse, args.adapt_steps, args.train_seed)
         done.write_text(json.dumps(results, indent=2), encoding="utf-8")
     print(markdown({k: v for k, v in results.items() if k.split("+")[0] in LEVERS}, info, command))
 
