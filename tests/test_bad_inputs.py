@@ -139,6 +139,7 @@ def test_no_usable_input_exits_1(tmp_path):
     (tmp_path / "only.nii.gz").write_text("nope", encoding="utf-8")
     result = pretrain(tmp_path, tmp_path / "only.nii.gz")
     assert result.exit_code == 1 and "no usable volume" in result.output and "Traceback" not in result.output
+    assert "preprocessing" not in result.output  # no empty progress bar (0/0) between the skip line and the error
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,10 @@ from ctmae.runtime.loader import LoaderError, worker_failure
 from ctmae.runtime.resources import Resources, plan_resources
 from ctmae.runtime.signals import Stopped
 
-INPUTS_HELP = "Scans: NIfTI/NRRD/MHA files, DICOM series folders, folders (searched recursively) or .txt/.csv lists."
+INPUTS_HELP = (
+    "Scans: NIfTI/NRRD/MHA files, DICOM series folders, multi-frame DICOM files, folders (searched recursively) or"
+    " .txt/.csv lists."
+)
 THREADS_HELP = (
     "CPU cores this command may keep busy (default: its budget: the affinity mask, cgroup CPU quota, "
     "SLURM_CPUS_PER_TASK or CTMAE_THREADS, whichever is smallest)"
@@ -226,7 +229,9 @@ class ProgressReporter(Reporter):
         self.bars.__exit__(*exc)
 
     def start(self, what: str, total: int | None, done: int = 0) -> None:
-        self._task = self.bars.add_task(what, total=total, completed=done, info="")
+        # nothing to do (every input skipped, every scan already done) draws no bar: an empty 0/0 would stand
+        # between the skip lines and the outcome
+        self._task = None if total == 0 else self.bars.add_task(what, total=total, completed=done, info="")
 
     def advance(self, line: str = "") -> None:
         if self._task is not None:
