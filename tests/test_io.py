@@ -18,8 +18,13 @@ from monai.transforms import LoadImaged
 from benchmarks.common import peak_read_bytes
 from conftest import expected_affine, write_dicom_series, write_volume
 from ctmae.io.checks import InputError
+from ctmae.io.dicom import has_dicom_magic
 from ctmae.io.discovery import Note, VolumeSource, find_volumes, skipped_only
 from ctmae.io.volume import CTReader, read_volume, write_nifti
+from ctmae.preprocess.build_cache import build_cache
+from ctmae.preprocess.cache import VolumeCache
+from ctmae.preprocess.config import PreprocessConfig
+from ctmae.preprocess.inventory import inventory
 
 # GDCM stores positions and orientations as decimal strings of at most 16 characters.
 DICOM_ATOL = 1e-4
@@ -69,6 +74,27 @@ def test_dicom_series_round_trips_voxels_and_affine(tmp_path, ct_array):
     array, affine = read_volume(source)
     np.testing.assert_array_equal(array, ct_array)
     np.testing.assert_allclose(affine, expected_affine(), atol=DICOM_ATOL)
+
+
+def test_a_multi_frame_dicom_file_named_on_its_own_is_read_as_the_volume_it_holds(tmp_path, ct_array):
+    # an enhanced CT export: one file holds every slice; a slice of a classic series still gets the folder hint
+    image = sitk.GetImageFromArray(ct_array.transpose(2, 1, 0))  # (X, Y, Z) -> SimpleITK's (Z, Y, X)
+    image.SetSpacing((0.7, 0.9, 2.5))
+    image.SetMetaData("0008|0060", "CT")
+    path = tmp_path / "export" / "volume.dcm"
+    path.parent.mkdir()
+    sitk.WriteImage(image, str(path))
+    assert has_dicom_magic(str(path))
+    source = _only([path])
+    assert source.is_dicom and source.files == (str(path),) and source.label == str(path)
+    assert source.id == "volume.dcm" and source.modality == "CT"
+    array, affine = read_volume(source)
+    np.testing.assert_array_equal(array, ct_array)
+    np.testing.assert_allclose(np.abs(np.diag(affine)[:3]), (0.7, 0.9, 2.5), atol=DICOM_ATOL)
+    assert _only([path.parent]).files == (str(path),)  # its folder scanned: the same volume
+    cfg = PreprocessConfig(cache_dir=str(tmp_path / "cache"))
+    assert build_cache([source], cfg) == ([source], [])
+    assert inventory([source], VolumeCache(cfg))[0][0]["kind"] == "DICOM multi-frame file"
 
 
 @pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32, np.int64])

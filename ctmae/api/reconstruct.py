@@ -39,7 +39,7 @@ def reconstruct(
 
     Args:
         checkpoint: a ``.pt`` written by ``ctmae pretrain``.
-        input: one scan: a NIfTI/NRRD/MHA file or a DICOM series folder.
+        input: one scan: a NIfTI/NRRD/MHA file, a DICOM series folder or a multi-frame DICOM file.
         out: folder for the NIfTIs, preview.png and metrics.json (created; those files are replaced).
         mask: masking strategy (``ctmae.mae.masking.MASKS``); None: the checkpoint's.
         mask_ratio: share of patches hidden; None: the checkpoint's.

@@ -106,7 +106,7 @@ def reconstruct(
 
     Args:
         loaded: the checkpoint's model (``ctmae.infer.sliding.load_model``).
-        input_path: one image file or DICOM series folder.
+        input_path: one image file, DICOM series folder or multi-frame DICOM file.
         out_dir: created if missing; the files in ``OUTPUTS`` plus preview.png and metrics.json are replaced.
         mask: mask kind, ratio and block edge (``mask_config``).
         seed: seeds the token mask and the noise, so a run repeats exactly.

@@ -72,9 +72,9 @@ class VolumeSource:
 
     @property
     def label(self) -> str:
-        """How messages name this volume: its file, or a DICOM series' folder (plus "#hash" of the series when the
-        folder holds several)."""
-        if not self.is_dicom:
+        """How messages name this volume: its file (a multi-frame DICOM file too), or a DICOM series' folder (plus
+        "#hash" of the series when the folder holds several)."""
+        if not self.is_dicom or len(self.files) == 1:
             return self.files[0]
         folder = os.path.dirname(self.files[0])
         return f"{folder}#{self.id.rsplit('#', 1)[1]}" if self.shared_folder and "#" in self.id else folder
@@ -122,7 +122,7 @@ def find_volumes(inputs: Sequence[str | os.PathLike], skip_labels: bool = True) 
 
     Args:
         inputs: image files (.nii, .nii.gz, .nrrd, .mha, .mhd), folders (scanned recursively; DICOM files are split
-            into series), DICOM series folders, and .txt / .csv lists of such paths.
+            into series), DICOM series folders, multi-frame DICOM files, and .txt / .csv lists of such paths.
         skip_labels: in scanned folders, skip the volumes under a ``labelsTr``, ``labelsTs`` or ``labels`` folder
             of a dataset root (a folder that also holds ``imagesTr``, ``imagesTs`` or ``images``), one problem line
             each. False where labels are read on purpose (finetune-seg).
@@ -172,7 +172,7 @@ def _expand(path: str, search: _Search, allow_lists: bool) -> None:
     elif lower.endswith(IMAGE_SUFFIXES):
         _add_image_file(path, search.found, problems)
     elif has_dicom_magic(path):
-        problems.append(f"{path}: a single DICOM file; pass its folder to read the whole series")
+        _add_dicom_file(path, search.found, problems)
     else:
         problems.append(f"{path}: not an image (expected .nii(.gz), .nrrd, .mha, .mhd, a folder or a .txt/.csv list)")
 
@@ -231,6 +231,30 @@ def _add_image_file(path: str, found: list[_Found], problems: list[str]) -> None
         return
     absolute = os.path.abspath(path)
     found.append(_Found((absolute,), False, os.path.dirname(absolute), absolute))
+
+
+def _add_dicom_file(path: str, found: list[_Found], problems: list[str]) -> None:
+    """A DICOM file named on its own: a multi-frame file (an enhanced CT export: the whole volume in one file) is
+    read as a series of that one file, as when its folder is scanned; a slice of a series is refused with the way
+    to read the whole series."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        with itk_warnings_off():
+            reader.ReadImageInformation()
+    except RuntimeError as e:
+        problems.append(f"{path}: {condense_sitk_error(e)}")
+        return
+    size = reader.GetSize()
+    if len(size) < 3 or size[2] < 2:
+        problems.append(f"{path}: a single DICOM file; pass its folder to read the whole series")
+        return
+    problem = shape_problem(tuple(size), reader.GetNumberOfComponents())
+    if problem:
+        problems.append(f"{path}: {problem}")
+        return
+    absolute = os.path.abspath(path)
+    found.append(_Found((absolute,), True, os.path.dirname(absolute), absolute, series_modality(absolute)))
 
 
 def _add_dicom_folder(folder: str, found: list[_Found], problems: list[str]) -> set[str]:

@@ -38,7 +38,7 @@ def inventory(sources: Sequence[VolumeSource], cache: VolumeCache) -> tuple[list
         rows.append(
             {
                 "id": source.id,
-                "kind": "DICOM series" if source.is_dicom else KINDS.get(Path(source.files[0]).suffix.lower(), "image"),
+                "kind": _kind(source),
                 "modality": source.modality,
                 "shape": "x".join(map(str, meta["shape"])),
                 "spacing_mm": "x".join(f"{s:g}" for s in spacing),
@@ -47,6 +47,13 @@ def inventory(sources: Sequence[VolumeSource], cache: VolumeCache) -> tuple[list
             }
         )
     return rows, notes
+
+
+def _kind(source: VolumeSource) -> str:
+    """The inventory's ``kind`` column: the format, and for DICOM a series of files or one multi-frame file."""
+    if source.is_dicom:
+        return "DICOM series" if len(source.files) > 1 else "DICOM multi-frame file"
+    return KINDS.get(Path(source.files[0]).suffix.lower(), "image")
 
 
 def used_sources(sources: Sequence[VolumeSource], rows: Sequence[dict]) -> list[VolumeSource]:
