@@ -146,13 +146,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def phantoms(folder: Path, count: int) -> list[Path]:
-    """``count`` synthetic chest phantoms (body, lungs that grow and shrink along z, ribs, spine) at 1.5 mm."""
+    """``count`` synthetic chest phantoms (body, lungs that grow and shrink along z, ribs, spine) at 1.5 mm: their
+    files in ``folder``, one per phantom."""
     folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        path = folder / f"chest{i}.nii.gz"
+    paths = [folder / f"chest{i}.nii.gz" for i in range(count)]
+    for i, path in enumerate(paths):
         if not path.exists():
             synthetic.write_nifti(path, synthetic.ct_volume((240, 200, 110), (1.5, 1.5, 1.5), seed=i))
-    return [folder] if count else []
+    return paths
 
 
 def markdown(results: dict, info: dict, command: str, args: argparse.Namespace) -> str:
