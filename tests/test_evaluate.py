@@ -348,6 +348,25 @@ def test_a_stop_signal_keeps_finished_units_and_resume_finishes(small, tiny_chec
     assert report["complete"] and report["stopped"] is None and len(report["probe"]) == 3
 
 
+def test_the_scratch_probe_is_the_mean_over_several_random_encoders(small, tiny_checkpoint, tmp_path):
+    """One random initialisation is a noisy yardstick: the scratch row averages probe_draws of them, draw 0 being
+    the single draw's encoder, and says their range; the pretrained row stays one probe."""
+    test, pool = split_cases(_cases(small), None, 1, 0)
+    cases = check_cases(test, pool)
+    reports = {}
+    for draws in (1, 3):
+        settings = EvalSettings(protocols=("probe",), device="cpu", probe_draws=draws)
+        subjects = load_subjects([tiny_checkpoint], settings)
+        reports[draws] = run_evaluation(settings, subjects, cases, tmp_path / str(draws))
+    one, three = reports[1]["probe"]["scratch0"], reports[3]["probe"]["scratch0"]
+    assert one["draws"] == [] and len(set(three["draws"])) == 3 and three["draws"][0] == pytest.approx(one["dice"])
+    assert three["dice"] == pytest.approx(sum(three["draws"]) / 3)
+    assert reports[3]["probe"]["ckpt0"] == reports[1]["probe"]["ckpt0"]
+    low, high = min(three["draws"]), max(three["draws"])
+    md = (tmp_path / "3" / "report.md").read_text(encoding="utf-8")
+    assert f"scratch (tiny), mean of 3 draws (each {low:.3f} to {high:.3f}) | {three['dice']:.3f} |" in md
+
+
 @pytest.mark.slow
 def test_fewshot_runs_pretrained_and_scratch_on_identical_subsets(small, tiny_checkpoint, tmp_path):
     """Two test cases: the run's own validation (mean over them) agrees with the per-case scores of its last model."""

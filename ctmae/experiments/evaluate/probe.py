@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +147,7 @@ class ProbeResult:
     per_case: dict[str, list[float]]  # test case id -> Dice per foreground class
     tokens: int  # training tokens the probe was fitted on
     features: int  # feature width D
+    draws: list[float] = field(default_factory=list)  # each random encoder's mean Dice, when this is their mean
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -184,3 +185,15 @@ def run_probe(
             on_case()
     per_class = [sum(d[c] for d in per_case.values()) / len(per_case) for c in range(classes - 1)]
     return ProbeResult(sum(per_class) / len(per_class), per_class, per_case, sum(len(x) for x in xs), xs[0].shape[1])
+
+
+def mean_of_draws(results: Sequence[ProbeResult]) -> ProbeResult:
+    """Several probes of the same cases (one per randomly initialised encoder) as one: every Dice the mean over
+    them, and ``draws`` each one's mean Dice; a single result is returned as it is."""
+    if len(results) == 1:
+        return results[0]
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    per_class = [mean(c) for c in zip(*(r.dice_per_class for r in results))]
+    per_case = {case: [mean(c) for c in zip(*(r.per_case[case] for r in results))] for case in results[0].per_case}
+    first = results[0]
+    return ProbeResult(mean(per_class), per_class, per_case, first.tokens, first.features, [r.dice for r in results])

@@ -126,7 +126,11 @@ def _probe_table(report: dict[str, Any], subjects: dict[str, dict]) -> list[str]
     lines = ["## Frozen probe: Dice on the test cases", "", head, "|---" * (len(names) + 4) + "|"]
     for slug, r in report["probe"].items():
         per = " | ".join(_f(d) for d in r["dice_per_class"])
-        lines.append(f"| {subjects[slug]['label']} | {_f(r['dice'])} | {per} | {r['tokens']} | {r['features']} |")
+        draws = r.get("draws") or []
+        label = subjects[slug]["label"] + (
+            f", mean of {len(draws)} draws (each {_f(min(draws))} to {_f(max(draws))})" if len(draws) > 1 else ""
+        )
+        lines.append(f"| {label} | {_f(r['dice'])} | {per} | {r['tokens']} | {r['features']} |")
     note = (
         "tokens: the training cases' patch tokens the linear probe was fitted on (one per encoder patch, each labelled "
         "with its share of every class); D: the width of each token's features."
@@ -194,7 +198,8 @@ HOW_TO_READ = """## How to read this report
 - **Frozen probe**: a linear classifier per 16³-voxel token on frozen features, fitted on the training pool and
   scored by Dice on the test cases. *intensity* uses only the statistics of each patch's own voxels: it is the floor.
   An encoder whose probe Dice is not above the floor has learned nothing a linear read-out can use beyond the
-  intensity of a patch; *scratch* is a randomly initialised encoder of the same size (random features with context).
+  intensity of a patch; *scratch* is a randomly initialised encoder of the same size (random features with context),
+  its Dice the mean over several initialisations (their range beside it: one draw alone moves with its seed).
   The probe sees tokens, so structures much smaller than a patch score low for every encoder.
 - **Few-shot**: fine-tuning with k labelled cases, the same subsets, seeds, crops and steps for the pretrained
   encoder and its scratch twin; the gap between the two rows at each k is what pretraining buys. With few test

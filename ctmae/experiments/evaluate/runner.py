@@ -19,7 +19,7 @@ import torch
 from ctmae.experiments.evaluate.cases import EvalCases, PreparedCases, shot_subset
 from ctmae.experiments.evaluate.fewshot import drop_checkpoints, run_fewshot, seg_config
 from ctmae.experiments.evaluate.journal import Journal
-from ctmae.experiments.evaluate.probe import encoder_featurizer, intensity_featurizer, run_probe
+from ctmae.experiments.evaluate.probe import encoder_featurizer, intensity_featurizer, mean_of_draws, run_probe
 from ctmae.experiments.evaluate.recon import run_recon
 from ctmae.experiments.evaluate.report import write_report
 from ctmae.experiments.evaluate.settings import EvalSettings
@@ -120,38 +120,32 @@ class _Worker:
     def run_dir(self, unit: Unit) -> Path:
         return self.out / "fewshot" / unit.subject.slug / f"k{unit.k}_r{unit.repeat}"
 
-    def _model(self, subject: Subject) -> tuple[MaskedAutoencoder3D, dict[str, Any] | None]:
-        """The subject's MAE in eval mode on the device, and the checkpoint's weights (None for a scratch twin)."""
+    def _model(self, subject: Subject, draw: int = 0) -> tuple[MaskedAutoencoder3D, dict[str, Any] | None]:
+        """The subject's MAE in eval mode on the device, and the checkpoint's weights (None for a scratch twin, whose
+        initialisation ``draw`` picks)."""
         device = resolve_device(self.settings.device)
         if subject.kind == "pretrained":
             state = load_checkpoint(subject.path)
             return model_from_checkpoint(state).to(device).eval(), state["model"]
         with torch.random.fork_rng(devices=[]):  # leaves the global RNG as it was
-            torch.manual_seed(self.settings.seed)
+            torch.manual_seed(self.settings.seed + draw)
             return build_model(subject.cfg.model).to(device).eval(), None
 
     def _probe(self, subject: Subject, on_case: Callable[[], None]) -> dict[str, Any]:
         s, data = self.settings, subject.cfg.preprocess
         train, test = self.prepared.get(data, self.cases.pool), self.prepared.get(data, self.cases.test)
-        if subject.kind == "intensity":
-            featurize = intensity_featurizer(subject.cfg.model.patch)
-        else:
-            model, _ = self._model(subject)
-            loaded = LoadedModel(model, subject.cfg, subject.step, next(model.parameters()).device)
-            featurize = encoder_featurizer(loaded, s.batch_windows)
-        result = run_probe(
-            featurize,
-            train,
-            test,
-            self.cases.classes,
-            subject.cfg.model.patch,
-            s.probe_steps,
-            s.probe_lr,
-            s.seed,
-            s.probe_tokens,
-            on_case,
+        p, classes = subject.cfg.model.patch, self.cases.classes
+        fit = lambda featurize: run_probe(  # noqa: E731
+            featurize, train, test, classes, p, s.probe_steps, s.probe_lr, s.seed, s.probe_tokens, on_case
         )
-        return result.to_dict()
+        if subject.kind == "intensity":
+            return fit(intensity_featurizer(p)).to_dict()
+        results = []
+        for draw in range(s.probe_draws if subject.kind == "scratch" else 1):
+            model, _ = self._model(subject, draw)
+            loaded = LoadedModel(model, subject.cfg, subject.step, next(model.parameters()).device)
+            results.append(fit(encoder_featurizer(loaded, s.batch_windows)))
+        return mean_of_draws(results).to_dict()
 
     def _recon(self, subject: Subject, on_case: Callable[[], None]) -> dict[str, Any]:
         model, _ = self._model(subject)

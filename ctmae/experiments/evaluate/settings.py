@@ -24,6 +24,9 @@ class EvalSettings:
     probe_steps: int = 300  # full-batch optimiser steps of the linear probe
     probe_lr: float = 0.05  # Adam learning rate of the linear probe (standardised features)
     probe_tokens: int = 200_000  # at most this many training tokens (a seeded subsample beyond)
+    # randomly initialised encoders the scratch probe averages (seeds seed, seed+1, ...): one draw's Dice moves with
+    # its initialisation (by up to 0.15 on an organ in a single labelled volume), so one draw is a noisy yardstick
+    probe_draws: int = 3
     recon_windows: int = 4  # crops per test scan for the recon protocol
     batch_windows: int = 4  # sliding windows per forward pass
     device: str = "auto"  # auto | cpu | cuda
@@ -41,8 +44,8 @@ class EvalSettings:
             raise ValueError(f"--test-cases must be >= 1, got {self.test_cases}")
         if self.crop is not None and (self.crop < 16 or self.crop % 16):
             raise ValueError(f"--crop {self.crop} must be a positive multiple of 16 (UNETR's patch size)")
-        if self.probe_steps < 1 or self.probe_tokens < 1 or self.feature_size < 1 or self.batch_windows < 1:
-            raise ValueError("probe steps, probe tokens, feature size and batch windows must be >= 1")
+        if min(self.probe_steps, self.probe_tokens, self.probe_draws, self.feature_size, self.batch_windows) < 1:
+            raise ValueError("probe steps, probe tokens, probe draws, feature size and batch windows must be >= 1")
 
     @property
     def max_shots(self) -> int:

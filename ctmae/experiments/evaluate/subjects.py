@@ -129,7 +129,8 @@ def plan_units(subjects: Sequence[Subject], settings: EvalSettings, n_train: int
     """The units of every protocol, probe first (fast), then recon, then few-shot (slow)."""
     units: list[Unit] = []
     if "probe" in settings.protocols:
-        units += [Unit(f"probe/{s.slug}", "probe", s, n_train + n_test) for s in subjects]
+        draws = {"scratch": settings.probe_draws}  # a scratch probe fits one probe per random encoder
+        units += [Unit(f"probe/{s.slug}", "probe", s, (n_train + n_test) * draws.get(s.kind, 1)) for s in subjects]
     if "recon" in settings.protocols:
         units += [Unit(f"recon/{s.slug}", "recon", s, n_test) for s in subjects if s.kind == "pretrained"]
     if "fewshot" in settings.protocols:
