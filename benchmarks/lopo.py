@@ -74,6 +74,8 @@ LEVERS: dict[str, dict] = {
         "the base with a plain decoder (no fill residual)", model={"fill_sigma": 0.0, "fill_queries": False}
     ),
     "mask60": _lever("the base hiding 60% of the tokens", mask={"ratio": 0.6, "predict_ratio": 0.6}),
+    "block1": _lever("the base hiding single tokens (random masking; the score hides 48 mm blocks)", mask={"block": 1}),
+    "block3": _lever("the base hiding cubes of 3 tokens (72 mm) instead of 2 (48 mm)", mask={"block": 3}),
     "steps2000": _lever("the base for 2000 steps", train={"steps": 2000}),
     "context16": _lever(
         "contrast25 with fills that read 16 voxels of the scan around each crop (model.fill_context)",
