@@ -1,7 +1,8 @@
 """``ctmae evaluate``: what pretraining buys, measured three ways on a labelled dataset.
 
 - ``probe`` (``probe.py``): a linear classifier per token on frozen features; Dice on fixed test cases, for each
-  checkpoint, a randomly initialised encoder of the same size and the raw intensity of each patch (the floor).
+  checkpoint, randomly initialised encoders of the same size (the mean of ``EvalSettings.probe_draws``) and the
+  raw intensity of each patch (the floor).
 - ``fewshot`` (``fewshot.py``): fine-tuning with k labelled cases, pretrained and from scratch, repeated.
 - ``recon`` (``recon.py``): masked-voxel PSNR of the MAE next to trivial fills under the same block / random masks.
 

@@ -145,8 +145,8 @@ HOW_TO_READ = """## How to read this study
 - **masked PSNR** is the MAE's PSNR on hidden voxels under block masks; **gain over fill** subtracts the better of
   the gaussian and mean fills. Above 0, the model infers hidden anatomy better than smoothing does.
 - **probe Dice** is a linear probe on the frozen encoder; **probe floor** is the same probe on the raw intensity of
-  each patch; **probe scratch** the probe on a randomly initialised encoder of the same size. What counts is the
-  probe's margin over the floor and over scratch, compared between points.
+  each patch; **probe scratch** the mean probe over three randomly initialised encoders of the same size. What
+  counts is the probe's margin over the floor and over scratch, compared between points.
 - **Ranking** compares the best probe Dice of each corruption with the expected block > random > none/noise.
   With few steps, few scans or few test cases the differences are within noise: repeat with other seeds before
   trusting an order.
