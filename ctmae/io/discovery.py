@@ -237,19 +237,15 @@ def _add_dicom_file(path: str, found: list[_Found], problems: list[str]) -> None
     """A DICOM file named on its own: a multi-frame file (an enhanced CT export: the whole volume in one file) is
     read as a series of that one file, as when its folder is scanned; a slice of a series is refused with the way
     to read the whole series."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(path)
-    try:
-        with itk_warnings_off():
-            reader.ReadImageInformation()
-    except RuntimeError as e:
-        problems.append(f"{path}: {condense_sitk_error(e)}")
+    header = _header(path)
+    if isinstance(header, str):
+        problems.append(f"{path}: {header}")
         return
-    size = reader.GetSize()
+    size, components = header
     if len(size) < 3 or size[2] < 2:
         problems.append(f"{path}: a single DICOM file; pass its folder to read the whole series")
         return
-    problem = shape_problem(tuple(size), reader.GetNumberOfComponents())
+    problem = shape_problem(size, components)
     if problem:
         problems.append(f"{path}: {problem}")
         return
@@ -357,6 +353,17 @@ def _header_problem(path: str, slices: int | None = None) -> str | None:
     """
     if os.path.getsize(path) == 0:
         return "empty file (0 bytes)"
+    header = _header(path)
+    if isinstance(header, str):
+        return header
+    size, components = header
+    if slices is not None and slices > 1 and len(size) == 3:
+        size = (*size[:2], slices)
+    return shape_problem(size, components)
+
+
+def _header(path: str) -> tuple[tuple[int, ...], int] | str:
+    """(size, components per voxel) from `path`'s header alone, or why it cannot be read."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
     try:
@@ -364,10 +371,7 @@ def _header_problem(path: str, slices: int | None = None) -> str | None:
             reader.ReadImageInformation()
     except RuntimeError as e:
         return condense_sitk_error(e)
-    size = list(reader.GetSize())
-    if slices is not None and slices > 1 and len(size) == 3:
-        size[2] = slices
-    return shape_problem(tuple(size), reader.GetNumberOfComponents())
+    return tuple(reader.GetSize()), reader.GetNumberOfComponents()
 
 
 def ensure_not_inputs(paths: Sequence[str | os.PathLike], sources: Sequence[VolumeSource]) -> None:
