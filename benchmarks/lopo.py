@@ -75,6 +75,9 @@ LEVERS: dict[str, dict] = {
     ),
     "mask60": _lever("the base hiding 60% of the tokens", mask={"ratio": 0.6, "predict_ratio": 0.6}),
     "block1": _lever("the base hiding single tokens (random masking; the score hides 48 mm blocks)", mask={"block": 1}),
+    "block1-contrast25": _lever(
+        "block1 with contrast25's intensity augmentation", mask={"block": 1}, data={"contrast": 0.25}
+    ),
     "block3": _lever("the base hiding cubes of 3 tokens (72 mm) instead of 2 (48 mm)", mask={"block": 3}),
     "steps2000": _lever("the base for 2000 steps", train={"steps": 2000}),
     "context16": _lever(
@@ -87,6 +90,10 @@ LEVERS: dict[str, dict] = {
         data={"contrast": 0.25},
         model={"fill_context": 32},
     ),
+    "demo-block1": {
+        "why": "the demo hiding single tokens (random masking; block1, the best base lever without test-time training)",
+        "config": _merged(DEMO, {"mask": {"block": 1}}),
+    },
     "demo-zoom50": {
         "why": "the demo with crops scaled by 1/1.5 to 1.5 (zoom50, the best base lever without the context)",
         "config": _merged(DEMO, {"data": {"zoom": 0.5}}),
