@@ -19,7 +19,11 @@ def reconstruct(
         Path, typer.Argument(help="A checkpoint written by ctmae pretrain (.pt).", show_default=False)
     ],
     input: Annotated[
-        Path, typer.Argument(help="One scan: a NIfTI/NRRD/MHA file, a DICOM series folder or a multi-frame DICOM file.", show_default=False)
+        Path,
+        typer.Argument(
+            help="One scan: a NIfTI/NRRD/MHA file, a DICOM series folder or a multi-frame DICOM file.",
+            show_default=False,
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the NIfTIs, preview.png, metrics.json.")] = ...,
     mask: Annotated[Optional[str], typer.Option(help=f"{'|'.join(MASKS)} (default: the checkpoint's)")] = None,

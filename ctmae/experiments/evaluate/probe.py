@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from statistics import fmean
 
 import torch
 import torch.nn.functional as F
@@ -192,8 +193,7 @@ def mean_of_draws(results: Sequence[ProbeResult]) -> ProbeResult:
     them, and ``draws`` each one's mean Dice; a single result is returned as it is."""
     if len(results) == 1:
         return results[0]
-    mean = lambda values: sum(values) / len(values)  # noqa: E731
-    per_class = [mean(c) for c in zip(*(r.dice_per_class for r in results))]
-    per_case = {case: [mean(c) for c in zip(*(r.per_case[case] for r in results))] for case in results[0].per_case}
+    per_class = [fmean(c) for c in zip(*(r.dice_per_class for r in results))]
+    per_case = {case: [fmean(c) for c in zip(*(r.per_case[case] for r in results))] for case in results[0].per_case}
     first = results[0]
-    return ProbeResult(mean(per_class), per_class, per_case, first.tokens, first.features, [r.dice for r in results])
+    return ProbeResult(fmean(per_class), per_class, per_case, first.tokens, first.features, [r.dice for r in results])

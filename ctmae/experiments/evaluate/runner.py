@@ -19,7 +19,14 @@ import torch
 from ctmae.experiments.evaluate.cases import EvalCases, PreparedCases, shot_subset
 from ctmae.experiments.evaluate.fewshot import drop_checkpoints, run_fewshot, seg_config
 from ctmae.experiments.evaluate.journal import Journal
-from ctmae.experiments.evaluate.probe import encoder_featurizer, intensity_featurizer, mean_of_draws, run_probe
+from ctmae.experiments.evaluate.probe import (
+    Featurizer,
+    ProbeResult,
+    encoder_featurizer,
+    intensity_featurizer,
+    mean_of_draws,
+    run_probe,
+)
 from ctmae.experiments.evaluate.recon import run_recon
 from ctmae.experiments.evaluate.report import write_report
 from ctmae.experiments.evaluate.settings import EvalSettings
@@ -135,9 +142,12 @@ class _Worker:
         s, data = self.settings, subject.cfg.preprocess
         train, test = self.prepared.get(data, self.cases.pool), self.prepared.get(data, self.cases.test)
         p, classes = subject.cfg.model.patch, self.cases.classes
-        fit = lambda featurize: run_probe(  # noqa: E731
-            featurize, train, test, classes, p, s.probe_steps, s.probe_lr, s.seed, s.probe_tokens, on_case
-        )
+
+        def fit(featurize: Featurizer) -> ProbeResult:
+            return run_probe(
+                featurize, train, test, classes, p, s.probe_steps, s.probe_lr, s.seed, s.probe_tokens, on_case
+            )
+
         if subject.kind == "intensity":
             return fit(intensity_featurizer(p)).to_dict()
         results = []
