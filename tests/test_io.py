@@ -235,6 +235,9 @@ def _bad_find_inputs(tmp_path: Path, ct_array: np.ndarray) -> dict[str, tuple[Pa
     rgb = sitk.GetImageFromArray(np.zeros((4, 5, 6, 3), np.uint8), isVector=True)
     sitk.WriteImage(rgb, str(tmp_path / "rgb.mha"))
     write_volume(tmp_path / "thin.mha", ct_array[:, :, :1])
+    sheared = np.diag([0.7, 0.9, 2.5, 1.0])
+    sheared[0, 2] = 0.8  # x moves with z: the slices of a gantry-tilted scan, left uncorrected
+    nib.save(nib.Nifti1Image(ct_array, sheared), tmp_path / "tilted.nii.gz")
     return {
         "missing": (tmp_path / "nope.nii.gz", "does not exist"),
         "empty folder": (tmp_path / "empty", "empty folder"),
@@ -248,6 +251,7 @@ def _bad_find_inputs(tmp_path: Path, ct_array: np.ndarray) -> dict[str, tuple[Pa
         "4D": (tmp_path / "time.nii.gz", "4D image"),
         "RGB": (tmp_path / "rgb.mha", "3 components per voxel"),
         "one slice": (tmp_path / "thin.mha", "dimension smaller than 2 (shape 20x18x1)"),
+        "sheared affine": (tmp_path / "tilted.nii.gz", "its affine is sheared (axes not at right angles"),
     }
 
 

@@ -28,4 +28,9 @@ def condense_sitk_error(error: RuntimeError) -> str:
         return "not a readable image (unknown format or corrupt header)"
     if "does not exist" in text:
         return "does not exist"
+    if "orthonormal direction cosines" in text:  # ITK's NIfTI reader refuses a sheared affine
+        return (
+            "its affine is sheared (axes not at right angles, as an uncorrected gantry tilt leaves them), which ITK "
+            "cannot read; resample it onto an orthogonal grid or export it again with tilt correction"
+        )
     return "truncated or corrupt image data"
