@@ -279,6 +279,23 @@ def test_an_entry_of_an_older_ctmae_is_rebuilt_and_said_once(tmp_path):
     assert sorted(p.suffix for p in cache.dir.iterdir()) == [".b2nd", ".b2nd", ".json", ".json"]
 
 
+def test_a_dicom_series_read_by_an_older_ctmae_is_read_again_and_its_entry_replaced(tmp_path):
+    # series are read anew when their reading changes (a gantry-tilted one now lies where its slices do)
+    source = _dicom(tmp_path / "series")
+    cfg = _cfg(tmp_path)
+    build_cache([source], cfg)
+    cache = VolumeCache(cfg)
+    new = cache.dir / cache.key(source)
+    older = cache.dir / cache.key(source, cache_module.SERIES_READING - 1)
+    assert new != older
+    for suffix in (".b2nd", ".json"):  # as the older ctmae left it: the same entry under the older key
+        new.with_suffix(suffix).rename(older.with_suffix(suffix))
+    notes = []
+    assert build_cache([source], cfg, on_note=notes.append) == ([source], []) and notes == [OLD_CACHE_NOTE]
+    assert new.with_suffix(".json").exists() and not older.with_suffix(".b2nd").exists()
+    assert not older.with_suffix(".json").exists()
+
+
 def test_a_full_disk_is_one_line_and_earlier_entries_stay_intact(tmp_path, monkeypatch):
     sources = [_nifti(tmp_path / f"s{i}.nii.gz", LPS) for i in range(3)]
     cfg = _cfg(tmp_path)

@@ -19,6 +19,7 @@ from benchmarks.common import peak_read_bytes
 from conftest import expected_affine, write_dicom_series, write_volume
 from ctmae.io.checks import InputError
 from ctmae.io.dicom import has_dicom_magic
+from ctmae.io.dicom_writer import deterministic_uid, write_series
 from ctmae.io.discovery import Note, VolumeSource, find_volumes, skipped_only
 from ctmae.io.volume import CTReader, read_volume, write_nifti
 from ctmae.preprocess.build_cache import build_cache
@@ -95,6 +96,45 @@ def test_a_multi_frame_dicom_file_named_on_its_own_is_read_as_the_volume_it_hold
     cfg = PreprocessConfig(cache_dir=str(tmp_path / "cache"))
     assert build_cache([source], cfg) == ([source], [])
     assert inventory([source], VolumeCache(cfg))[0][0]["kind"] == "DICOM multi-frame file"
+
+
+def _tilted_series(folder: Path, degrees: float, dz: float = 2.0, slices: int = 24) -> list[Path]:
+    """A box of tissue in air scanned with the gantry tilted by ``degrees`` about the row axis: image planes along
+    (1, 0, 0) and (0, cos t, sin t), the table (each slice's ImagePositionPatient) stepping ``dz`` mm along z."""
+    t = np.radians(degrees)
+    c, s = np.cos(t), np.sin(t)
+    array = np.full((slices, 40, 40), -1000, np.int16)  # (Z, Y, X)
+    array[:, 12:28, 12:28] = 40
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((1.0, 1.0, dz * c))
+    image.SetDirection((1, 0, 0, 0, c, -s, 0, s, c))  # columns: row, column, normal
+    files = write_series(image, folder, deterministic_uid(f"tilt:{degrees}"), "Anon^Test", "ANON")
+    for k, path in enumerate(files):  # each slice where the table put it: k·dz along z, not along the normal
+        one = sitk.ReadImage(str(path))
+        one.EraseMetaData("0020|0032")  # or the writer keeps the position it read
+        one.SetOrigin((0.0, 0.0, k * dz))
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(path))
+        writer.Execute(one)
+    return files
+
+
+@pytest.mark.parametrize("degrees", [0.0, 20.0])
+def test_a_gantry_tilted_series_is_read_where_its_slices_lie(tmp_path, degrees):
+    # ITK alone stacks the slices along their normal: over 24 slices the box's last slice lands 16 mm off in y
+    # and 3 mm in z at 20 degrees; read as they lie, each slice's box centre is where its DICOM header puts it
+    _tilted_series(tmp_path / "head", degrees)
+    array, affine = read_volume(_only([tmp_path / "head"]))
+    t = np.radians(degrees)
+    for k in (0, 23):
+        lps = [19.5, 19.5 * np.cos(t), 2.0 * k + 19.5 * np.sin(t)]  # the slice's position plus the box's centre
+        truth = np.multiply(lps, [-1, -1, 1])  # LPS -> RAS
+        inside = np.argwhere(array > -500)  # (M, 3) voxel indices of the box
+        centres = inside @ affine[:3, :3].T + affine[:3, 3]  # their RAS positions
+        near = centres[np.abs((centres - truth) @ np.array([0.0, np.sin(t), np.cos(t)])) < 0.5]  # that slice's plane
+        np.testing.assert_allclose(near.mean(0), truth, atol=0.5)
+    assert array.shape == ((40, 40, 24) if degrees == 0 else (40, 40 + 16, 24))  # 23 shifts of 0.68 voxels
 
 
 @pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32, np.int64])

@@ -22,7 +22,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
 from ctmae.io.checks import IMAGE_SUFFIXES, InputError, condense_sitk_error, shape_problem
-from ctmae.io.dicom import itk_warnings_off, read_series, series_geometry_problem
+from ctmae.io.dicom import itk_warnings_off, read_series, series_geometry_problem, slice_geometry
 from ctmae.io.discovery import VolumeSource, files_label, find_volumes
 from ctmae.runtime.files import atomic_path
 
@@ -153,8 +153,9 @@ def _read_image(files: Sequence[str]) -> sitk.Image:
     try:
         with itk_warnings_off():
             if len(files) > 1:
-                problem = series_geometry_problem(files)
-                image = None if problem else read_series(files)
+                positions, directions = slice_geometry(files)
+                problem = series_geometry_problem(files, positions, directions)
+                image = None if problem else read_series(files, positions)
             elif files[0].lower().endswith((".nii", ".nii.gz")):
                 image = _read_nifti(files[0])
             else:

@@ -57,6 +57,9 @@ from ctmae.preprocess.transforms import ras_grid
 from ctmae.runtime.files import atomic_path, atomic_write_text
 
 CACHE_VERSION = 2  # bump when the preprocessing code or the format changes what an entry holds
+# DICOM series entries only: bumped when the reading of a series changes what an entry holds (2: a gantry-tilted
+# series resampled where its slices lie); the previous revision's entry of a series is removed when it is rebuilt
+SERIES_READING = 2
 CHUNKS = (64, 64, 64)  # (X, Y, Z) voxels per chunk
 BLOCKS = (16, 16, 16)  # voxels per block, the unit a crop decompresses
 # One blosc2 thread everywhere: its thread pools do not survive fork (a DataLoader worker or a process forked while
@@ -157,8 +160,9 @@ class VolumeCache:
         )
         self.stale = 0
 
-    def key(self, source: VolumeSource) -> str:
-        return hashlib.sha256(f"{source.identity()}|{self.settings}".encode()).hexdigest()[:32]
+    def key(self, source: VolumeSource, series_reading: int = SERIES_READING) -> str:
+        reading = f"|series{series_reading}" if source.is_dicom and series_reading > 1 else ""
+        return hashlib.sha256(f"{source.identity()}|{self.settings}{reading}".encode()).hexdigest()[:32]
 
     def label_key(self, source: VolumeSource, label: VolumeSource) -> str:
         """The key of ``label``'s entry on the grid of ``source``'s image entry."""
@@ -205,6 +209,11 @@ class VolumeCache:
                 self.stale += 1
                 old.with_suffix(".npy").unlink(missing_ok=True)
                 old.with_suffix(".json").unlink(missing_ok=True)
+            previous = self.dir / self.key(source, SERIES_READING - 1)
+            if source.is_dicom and previous.with_suffix(".b2nd").exists():  # the series as an older ctmae read it
+                self.stale += 1
+                previous.with_suffix(".b2nd").unlink(missing_ok=True)
+                previous.with_suffix(".json").unlink(missing_ok=True)
         if min(meta["body"]) < self.min_edge:
             raise InputError(
                 f"{source.label}: body region is {'x'.join(map(str, meta['body']))} voxels after resampling, smaller "
