@@ -98,6 +98,18 @@ def test_a_multi_frame_dicom_file_named_on_its_own_is_read_as_the_volume_it_hold
     assert inventory([source], VolumeCache(cfg))[0][0]["kind"] == "DICOM multi-frame file"
 
 
+def test_the_slices_of_a_series_named_one_by_one_are_read_as_that_series(tmp_path, ct_array):
+    # `ctmae pretrain scans/*.dcm`: one volume, not a skip line per slice; one slice alone still gets the hint
+    files = write_dicom_series(tmp_path / "lung", ct_array)
+    whole = _only([tmp_path / "lung"])
+    assert _only([*files, files[3]]) == whole  # every slice, one of them twice
+    part = _only(files[2:9])
+    assert part.files == tuple(str(f) for f in files[2:9]) and part.id == whole.id
+    np.testing.assert_array_equal(read_volume(part)[0], ct_array[:, :, 2:9])
+    sources, problems = find_volumes([files[5]])
+    assert sources == [] and problems == [f"{files[5]}: a single DICOM file; pass its folder to read the whole series"]
+
+
 def _tilted_series(folder: Path, degrees: float, dz: float = 2.0, slices: int = 24) -> list[Path]:
     """A box of tissue in air scanned with the gantry tilted by ``degrees`` about the row axis: image planes along
     (1, 0, 0) and (0, cos t, sin t), the table (each slice's ImagePositionPatient) stepping ``dz`` mm along z."""

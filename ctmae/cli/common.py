@@ -30,8 +30,8 @@ from ctmae.runtime.resources import Resources, plan_resources
 from ctmae.runtime.signals import Stopped
 
 INPUTS_HELP = (
-    "Scans: NIfTI/NRRD/MHA files, DICOM series folders, multi-frame DICOM files, folders (searched recursively) or"
-    " .txt/.csv lists."
+    "Scans: NIfTI/NRRD/MHA files, DICOM series (a folder, or the files of one), multi-frame DICOM files, folders"
+    " (searched recursively) or .txt/.csv lists."
 )
 THREADS_HELP = (
     "CPU cores this command may keep busy (default: its budget: the affinity mask, cgroup CPU quota, "

@@ -115,6 +115,7 @@ class _Search:
     found: list[_Found] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # files in scanned folders that are not scans, as given
+    slices: list[str] = field(default_factory=list)  # DICOM slice files named one by one, read as their series
 
 
 def find_volumes(inputs: Sequence[str | os.PathLike], skip_labels: bool = True) -> tuple[list[VolumeSource], list[str]]:
@@ -135,6 +136,7 @@ def find_volumes(inputs: Sequence[str | os.PathLike], skip_labels: bool = True) 
     search = _Search(skip_labels)
     for item in inputs:  # absolute: every message names a file the same way, whichever check refuses it
         _expand(os.path.abspath(os.fspath(item)), search, allow_lists=True)
+    _add_named_slices(search)
     unique: dict[tuple[str, ...], _Found] = {}
     for f in search.found:
         unique.setdefault(tuple(os.path.realpath(p) for p in f.files), f)
@@ -172,7 +174,7 @@ def _expand(path: str, search: _Search, allow_lists: bool) -> None:
     elif lower.endswith(IMAGE_SUFFIXES):
         _add_image_file(path, search.found, problems)
     elif has_dicom_magic(path):
-        _add_dicom_file(path, search.found, problems)
+        _add_dicom_file(path, search)
     else:
         problems.append(f"{path}: not an image (expected .nii(.gz), .nrrd, .mha, .mhd, a folder or a .txt/.csv list)")
 
@@ -233,28 +235,39 @@ def _add_image_file(path: str, found: list[_Found], problems: list[str]) -> None
     found.append(_Found((absolute,), False, os.path.dirname(absolute), absolute))
 
 
-def _add_dicom_file(path: str, found: list[_Found], problems: list[str]) -> None:
+def _add_dicom_file(path: str, search: _Search) -> None:
     """A DICOM file named on its own: a multi-frame file (an enhanced CT export: the whole volume in one file) is
-    read as a series of that one file, as when its folder is scanned; a slice of a series is refused with the way
-    to read the whole series."""
+    read as a series of that one file, as when its folder is scanned; a slice waits for ``_add_named_slices``."""
     header = _header(path)
     if isinstance(header, str):
-        problems.append(f"{path}: {header}")
+        search.problems.append(f"{path}: {header}")
         return
     size, components = header
     if len(size) < 3 or size[2] < 2:
-        problems.append(f"{path}: a single DICOM file; pass its folder to read the whole series")
+        search.slices.append(path)
         return
     problem = shape_problem(size, components)
     if problem:
-        problems.append(f"{path}: {problem}")
+        search.problems.append(f"{path}: {problem}")
         return
-    absolute = os.path.abspath(path)
-    found.append(_Found((absolute,), True, os.path.dirname(absolute), absolute, series_modality(absolute)))
+    found = _Found((path,), True, os.path.dirname(path), path, series_modality(path))
+    search.found.append(found)
 
 
-def _add_dicom_folder(folder: str, found: list[_Found], problems: list[str]) -> set[str]:
-    """Add the image series whose files lie directly in `folder`; report DICOM files that hold none.
+def _add_named_slices(search: _Search) -> None:
+    """DICOM slices named one by one (``ctmae pretrain series/*.dcm``) are read as the series they belong to, each
+    series from the files of it that were named; a series named by one slice alone is refused with the way to read
+    it whole."""
+    folders: dict[str, set[str]] = {}
+    for path in search.slices:
+        folders.setdefault(os.path.dirname(path), set()).add(path)
+    for folder, named in folders.items():
+        _add_dicom_folder(folder, search.found, search.problems, named)
+
+
+def _add_dicom_folder(folder: str, found: list[_Found], problems: list[str], named: set[str] | None = None) -> set[str]:
+    """Add the image series whose files lie directly in `folder`, or only those of its files in `named`; report
+    DICOM files that hold none.
 
     Returns:
         The names of the files that belong to an image series (empty when there is none).
@@ -265,13 +278,17 @@ def _add_dicom_folder(folder: str, found: list[_Found], problems: list[str]) -> 
             problems.append(f"{folder}: DICOM files here hold no image series")
         return set()
     for s in series:
-        problem = _header_problem(s.files[0], slices=len(s.files))
+        files = s.files if named is None else tuple(f for f in s.files if f in named)
+        if len(files) == 1 and named is not None:
+            problems.append(f"{files[0]}: a single DICOM file; pass its folder to read the whole series")
+            continue
+        problem = _header_problem(files[0], slices=len(files)) if files else None
         if problem:
             where = f"{folder}#{s.uid_hash}" if len(series) > 1 else folder
             problems.append(f"{where}: {problem}")
-            continue
-        name, modality = f"{s.folder}#{s.uid_hash}", series_modality(s.files[0])
-        found.append(_Found(s.files, True, os.path.dirname(s.folder), name, modality, len(series) > 1))
+        elif files:
+            name, modality = f"{s.folder}#{s.uid_hash}", series_modality(files[0])
+            found.append(_Found(files, True, os.path.dirname(s.folder), name, modality, len(series) > 1))
     return {os.path.basename(f) for s in series for f in s.files}
 
 
