@@ -37,8 +37,8 @@ from ctmae.infer.sliding import (
     window_overlap,
     window_tokens,
 )
-from ctmae.io.checks import InputError
-from ctmae.io.discovery import VolumeSource, ensure_not_inputs, find_volumes
+from ctmae.io.checks import InputError, ensure_not_inputs
+from ctmae.io.discovery import VolumeSource, find_volumes
 from ctmae.io.volume import read_volume, write_nifti
 from ctmae.mae.config import MaskConfig
 from ctmae.mae.fill_context import cells_to_voxels, pool_factor
@@ -137,7 +137,7 @@ def reconstruct(
     if window_step is not None and not (0 < window_step <= cfg.model.img_size and window_step % cfg.model.patch == 0):
         raise ValueError(f"window step {window_step} must be a multiple of the patch size, at most the crop")
     source = _one_volume(input_path)
-    ensure_not_inputs([Path(out_dir) / name for name in (*OUTPUTS, "preview.png", "metrics.json")], [source])
+    ensure_not_inputs([Path(out_dir) / name for name in (*OUTPUTS, "preview.png", "metrics.json")], source.files)
     transform = preprocess_transforms(cfg.preprocess, pad=False)  # _predict pads at the far end only
     image = preprocess(source, transform)  # (1, X, Y, Z) in 0..1, RAS, cropped to the body
     array, affine = read_volume(source)  # (X0, Y0, Z0) HU, the geometry every output keeps

@@ -1,6 +1,10 @@
-"""What makes an input unusable, said in one line: the error type, the suffixes ctmae reads, shape checks."""
+"""What makes an input unusable, said in one line: the error type, the suffixes ctmae reads, shape checks, and
+outputs that would overwrite an input."""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Iterable
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
@@ -34,3 +38,16 @@ def condense_sitk_error(error: RuntimeError) -> str:
             "cannot read; resample it onto an orthogonal grid or export it again with tilt correction"
         )
     return "truncated or corrupt image data"
+
+
+def ensure_not_inputs(paths: Iterable[str | os.PathLike], inputs: Iterable[str | os.PathLike]) -> None:
+    """Refuse output ``paths`` that are among the ``inputs``' files (compared after resolving links): ctmae never
+    overwrites a scan.
+
+    Raises:
+        InputError: one line naming the clashing path.
+    """
+    scans = {os.path.realpath(f) for f in inputs}
+    for path in paths:
+        if os.path.realpath(path) in scans:
+            raise InputError(f"{path}: is one of the input scans; ctmae never overwrites inputs (choose another --out)")

@@ -389,15 +389,3 @@ def _header(path: str) -> tuple[tuple[int, ...], int] | str:
     except RuntimeError as e:
         return condense_sitk_error(e)
     return tuple(reader.GetSize()), reader.GetNumberOfComponents()
-
-
-def ensure_not_inputs(paths: Sequence[str | os.PathLike], sources: Sequence[VolumeSource]) -> None:
-    """Refuse output paths that are input files (compared after resolving links): ctmae never overwrites a scan.
-
-    Raises:
-        InputError: one line naming the clashing path.
-    """
-    inputs = {os.path.realpath(f) for s in sources for f in s.files}
-    for path in paths:
-        if os.path.realpath(path) in inputs:
-            raise InputError(f"{path}: is one of the input scans; ctmae never overwrites inputs (choose another --out)")

@@ -18,8 +18,8 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Invertd
 
-from ctmae.io.checks import IMAGE_SUFFIXES, InputError
-from ctmae.io.discovery import VolumeSource, ensure_not_inputs
+from ctmae.io.checks import IMAGE_SUFFIXES, InputError, ensure_not_inputs
+from ctmae.io.discovery import VolumeSource
 from ctmae.io.volume import write_nifti
 from ctmae.preprocess.transforms import preprocess_transforms
 from ctmae.runtime.device import resolve_device, resolve_precision
@@ -122,7 +122,7 @@ def predict(
         array = np.rint(restored.numpy()[0]).astype(np.uint8 if cfg.net.num_classes <= 256 else np.int32)
         affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
         path = out_dir / output_name(source.id, taken)
-        ensure_not_inputs([path], sources)
+        ensure_not_inputs([path], (f for s in sources for f in s.files))
         write_nifti(array, affine, path)
         write_sidecar(path, classes_of(cfg), os.fspath(checkpoint))
         written.append(path)
