@@ -172,11 +172,13 @@ def untilt(image: sitk.Image, positions: np.ndarray) -> sitk.Image:
         positions: (N, 3) each slice's ImagePositionPatient (LPS mm), in the image's slice order.
     """
     n = len(positions)
+    if n < 2:
+        return image
     direction = np.asarray(image.GetDirection()).reshape(3, 3)  # columns: row, column, normal
     spacing = np.asarray(image.GetSpacing())
-    step = direction.T @ (positions[-1] - positions[0]) / max(n - 1, 1)  # (row, column, normal) mm per slice
+    step = direction.T @ (positions[-1] - positions[0]) / (n - 1)  # (row, column, normal) mm per slice
     shift = np.array([step[0] / spacing[0], step[1] / spacing[1], 0.0])  # in-plane voxels per slice
-    if n < 2 or step[2] <= 0 or np.abs(shift).max() * (n - 1) < 0.1:
+    if step[2] <= 0 or np.abs(shift).max() * (n - 1) < 0.1:
         return image
     true_spacing = np.array([spacing[0], spacing[1], step[2]])
     lo = np.minimum(0.0, shift * (n - 1))  # (3,) index box of the slices as they lie

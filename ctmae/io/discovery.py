@@ -279,16 +279,18 @@ def _add_dicom_folder(folder: str, found: list[_Found], problems: list[str], nam
         return set()
     for s in series:
         files = s.files if named is None else tuple(f for f in s.files if f in named)
+        if not files:
+            continue
         if len(files) == 1 and named is not None:
             problems.append(f"{files[0]}: a single DICOM file; pass its folder to read the whole series")
             continue
-        problem = _header_problem(files[0], slices=len(files)) if files else None
+        problem = _header_problem(files[0], slices=len(files))
         if problem:
             where = f"{folder}#{s.uid_hash}" if len(series) > 1 else folder
             problems.append(f"{where}: {problem}")
-        elif files:
-            name, modality = f"{s.folder}#{s.uid_hash}", series_modality(files[0])
-            found.append(_Found(files, True, os.path.dirname(s.folder), name, modality, len(series) > 1))
+            continue
+        name, modality = f"{s.folder}#{s.uid_hash}", series_modality(files[0])
+        found.append(_Found(files, True, os.path.dirname(s.folder), name, modality, len(series) > 1))
     return {os.path.basename(f) for s in series for f in s.files}
 
 

@@ -205,15 +205,13 @@ class VolumeCache:
                 "source": facts,
             }
             meta = self._write(path, encode(padded.numpy()[0], self.window), meta)
-            if old.with_suffix(".npy").exists():  # an entry of the float32 .npy format (CACHE_VERSION 1)
+            replaced = [old.with_suffix(".npy")]  # an entry of the float32 .npy format (CACHE_VERSION 1)
+            if source.is_dicom:  # the series as an older ctmae read it
+                replaced.append((self.dir / self.key(source, SERIES_READING - 1)).with_suffix(".b2nd"))
+            for array in (p for p in replaced if p.exists()):
                 self.stale += 1
-                old.with_suffix(".npy").unlink(missing_ok=True)
-                old.with_suffix(".json").unlink(missing_ok=True)
-            previous = self.dir / self.key(source, SERIES_READING - 1)
-            if source.is_dicom and previous.with_suffix(".b2nd").exists():  # the series as an older ctmae read it
-                self.stale += 1
-                previous.with_suffix(".b2nd").unlink(missing_ok=True)
-                previous.with_suffix(".json").unlink(missing_ok=True)
+                array.unlink(missing_ok=True)
+                array.with_suffix(".json").unlink(missing_ok=True)
         if min(meta["body"]) < self.min_edge:
             raise InputError(
                 f"{source.label}: body region is {'x'.join(map(str, meta['body']))} voxels after resampling, smaller "
